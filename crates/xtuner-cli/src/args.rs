@@ -1,0 +1,147 @@
+//! Command-line arguments (clap only; no logic here). The commands and their flags
+//! mirror XTuner's `xtuner` entry point.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Fine-tune InternLM2 and LLaVA models, XTuner-compatible, in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "xtuner", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the built-in configs.
+    ListCfg {
+        /// Only names containing this (case-insensitive).
+        #[arg(short, long)]
+        pattern: Option<String>,
+    },
+    /// Copy a built-in config to DIR/<name>_copy.toml to edit it.
+    CopyCfg {
+        /// A built-in config name (see list-cfg).
+        name: String,
+        /// The destination folder.
+        dir: PathBuf,
+    },
+    /// List the data formats (XTuner's dataset map functions).
+    ListDatasetFormat,
+    /// Read a config's data through every stage and report the first bad record.
+    CheckCustomDataset(ConfigArgs),
+    /// Print the first samples of a config's processed data set.
+    LogDataset {
+        /// The config.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// What to show.
+        #[arg(long, value_enum, default_value_t = Show::Text)]
+        show: Show,
+        /// How many rows to show.
+        #[arg(short = 'n', long, default_value_t = 1)]
+        num: usize,
+    },
+    /// Data-processing tools.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// Print the ids and pieces of a text (encoded without special tokens).
+    Tokenize {
+        /// Model or tokenizer directory, or a tokenizer.json / tokenizer.model file.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Print `{"ids": [...], "pieces": [...]}`.
+        #[arg(long)]
+        json: bool,
+        /// The text (after `--`).
+        #[arg(last = true, required = true)]
+        text: Vec<String>,
+    },
+}
+
+/// A config file (or built-in name) with overrides.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// A config file, or the name of a built-in config.
+    pub config: String,
+    /// Override config keys: key=value (dotted keys, TOML values), repeatable.
+    #[arg(long = "cfg-options", num_args = 1.., value_name = "KEY=VALUE")]
+    pub cfg_options: Vec<String>,
+}
+
+/// What log-dataset prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Show {
+    /// The decoded tokens.
+    Text,
+    /// Untrained spans as [-100], trained spans decoded.
+    MaskedText,
+    /// The ids.
+    InputIds,
+    /// The labels.
+    Labels,
+    /// All of the above.
+    All,
+}
+
+/// `xtuner dataset ...`
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// Encode raw records into one `{"input_ids", "labels"}` JSON line per kept sample.
+    Encode {
+        /// Model or tokenizer directory, or a tokenizer file.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Record format (see list-dataset-format).
+        #[arg(long)]
+        format: String,
+        /// Prompt template (none: turns are encoded as they are).
+        #[arg(long)]
+        template: Option<String>,
+        /// Samples are right-truncated to this many tokens.
+        #[arg(long)]
+        max_length: usize,
+        /// Output JSON Lines file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Data files or folders.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Pack encoded rows into rows of exactly max-length tokens (the whole file as one batch).
+    Pack {
+        /// Row length.
+        #[arg(long)]
+        max_length: usize,
+        /// Also write `cumulative_len` and `position_ids` (varlen attention).
+        #[arg(long)]
+        varlen: bool,
+        /// Output JSON Lines file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Encoded rows (`xtuner dataset encode` output).
+        encoded: PathBuf,
+    },
+    /// Process a config's data set (or load it from the cache) and report counts and timing.
+    Build {
+        /// The config.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Ignore the cache: always process, store nothing.
+        #[arg(long)]
+        no_cache: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}

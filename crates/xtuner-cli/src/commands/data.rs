@@ -1,0 +1,279 @@
+//! Data commands: `check-custom-dataset`, `log-dataset`, `dataset encode|pack|build`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use xtuner_dataset::format::DataFormat;
+use xtuner_dataset::pack::pack;
+use xtuner_dataset::pipeline::{DataSpec, encode_records, load_records, process, trace_record};
+use xtuner_dataset::{CacheOutcome, EncodedSample, IGNORE_INDEX, PackedRow, Tokenizer, load_or_process};
+use xtuner_engine::LoadedConfig;
+use xtuner_template::PromptTemplate;
+
+use crate::args::{ConfigArgs, Show};
+use crate::configs;
+
+fn load_config(args: &ConfigArgs) -> Result<LoadedConfig> {
+    configs::load(&args.config, &args.cfg_options)
+}
+
+fn tokenizer_of(config: &LoadedConfig) -> Result<Tokenizer> {
+    let path = config.config.tokenizer_path().context("the config names no tokenizer")?;
+    Ok(Tokenizer::from_path(path)?)
+}
+
+/// Reads every record through map → template → encode; the first bad record stops the
+/// check with its file and line. Then prints the first sample at every stage.
+pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
+    let config = load_config(args)?;
+    let spec = config.config.data_spec()?;
+    let tokenizer = tokenizer_of(&config)?;
+    let records = load_records(&spec)?;
+    let (kept, stats) = encode_records(&spec, &tokenizer, &records)?;
+    if let Some(first) = records.first() {
+        let trace = trace_record(&spec, &tokenizer, first.clone())?;
+        println!("=== first record ({}:{}) ===", first.path.display(), first.line);
+        println!("{}", serde_json::to_string_pretty(&first.value)?);
+        println!("=== after the `{}` format ===", spec.format);
+        println!("{}", serde_json::to_string_pretty(&trace.conversation)?);
+        println!("=== after the template ===");
+        println!("{}", serde_json::to_string_pretty(&trace.templated)?);
+        println!("=== encoded ===");
+        println!("input_ids: {:?}", trace.encoded.input_ids);
+        println!("labels:    {:?}", trace.encoded.labels);
+    }
+    if spec.pack_to_max_length {
+        let samples: Vec<EncodedSample> = kept.into_iter().map(|(s, _)| s).collect();
+        let rows = pack(&samples, spec.max_length);
+        println!("=== packed: {} rows of {} tokens ===", rows.len(), spec.max_length);
+    }
+    println!(
+        "OK: {} records; {} kept, {} empty after the format, {} with nothing to train, {} bad (skipped)",
+        stats.records, stats.samples, stats.dropped_empty, stats.dropped_untrained, stats.bad_records
+    );
+    if stats.samples == 0 {
+        bail!("no sample has a trained label: the data set is empty");
+    }
+    Ok(())
+}
+
+/// Prints the first rows of the processed (cached) data set.
+pub fn log_dataset(args: &ConfigArgs, show: Show, num: usize) -> Result<()> {
+    let config = load_config(args)?;
+    let spec = config.config.data_spec()?;
+    let tokenizer = tokenizer_of(&config)?;
+    let (dataset, _) = load_or_process(&spec, &tokenizer, &config.config.data.cache_dir)?;
+    let s = &dataset.stats;
+    println!(
+        "{} rows ({} samples from {} records, {} tokens, {} trained)",
+        s.rows, s.samples, s.records, s.tokens, s.trained_tokens
+    );
+    for (i, row) in dataset.rows.iter().take(num).enumerate() {
+        println!("=== row {i} ({} tokens) ===", row.len());
+        if matches!(show, Show::Text | Show::All) {
+            println!("[text]\n{}", decode(&tokenizer, &row.input_ids)?);
+        }
+        if matches!(show, Show::MaskedText | Show::All) {
+            println!("[masked_text]\n{}", masked_text(&tokenizer, &row.labels)?);
+        }
+        if matches!(show, Show::InputIds | Show::All) {
+            println!("[input_ids]\n{:?}", row.input_ids);
+        }
+        if matches!(show, Show::Labels | Show::All) {
+            println!("[labels]\n{:?}", row.labels);
+        }
+    }
+    Ok(())
+}
+
+/// Decodes ids, writing `<image>` where an image goes.
+fn decode(tokenizer: &Tokenizer, ids: &[i64]) -> Result<String> {
+    let mut out = String::new();
+    for (is_image, run) in runs(ids, |&id| id < 0) {
+        if is_image {
+            out.push_str(&"<image>".repeat(run.len()));
+        } else {
+            let run: Vec<u32> = run.iter().filter_map(|&id| u32::try_from(id).ok()).collect();
+            out.push_str(&tokenizer.decode(&run)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Trained spans decoded, each untrained span shown as one `[-100]`.
+fn masked_text(tokenizer: &Tokenizer, labels: &[i64]) -> Result<String> {
+    let mut out = String::new();
+    for (ignored, run) in runs(labels, |&l| l == IGNORE_INDEX) {
+        if ignored {
+            out.push_str("[-100]");
+        } else {
+            out.push_str(&decode(tokenizer, run)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Splits a slice into maximal runs with the same value of `key`.
+fn runs<T>(items: &[T], key: impl Fn(&T) -> bool) -> Vec<(bool, &[T])> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=items.len() {
+        if i == items.len() || key(&items[i]) != key(&items[start]) {
+            out.push((key(&items[start]), &items[start..i]));
+            start = i;
+        }
+    }
+    out
+}
+
+/// `xtuner dataset encode`.
+pub fn encode(
+    tokenizer: &Path,
+    format: &str,
+    template: Option<&str>,
+    max_length: usize,
+    out: &Path,
+    inputs: &[PathBuf],
+) -> Result<()> {
+    let format: DataFormat = format.parse()?;
+    let template = template.map(|t| t.parse::<PromptTemplate>().map(PromptTemplate::template)).transpose()?;
+    let spec = DataSpec {
+        files: inputs.to_vec(),
+        format,
+        columns: Default::default(),
+        template,
+        max_length,
+        pack_to_max_length: false,
+        shuffle_before_pack: false,
+        seed: 0,
+        max_dataset_length: None,
+        skip_bad_records: false,
+    };
+    spec.validate()?;
+    let tokenizer = Tokenizer::from_path(tokenizer)?;
+    let records = load_records(&spec)?;
+    let (kept, stats) = encode_records(&spec, &tokenizer, &records)?;
+    let mut writer = create(out)?;
+    for (sample, _) in &kept {
+        serde_json::to_writer(&mut writer, sample)?;
+        writer.write_all(b"\n")?;
+    }
+    writer.flush().with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "{} records: {} written, {} dropped (empty conversation), {} dropped (nothing to train)",
+        stats.records, stats.samples, stats.dropped_empty, stats.dropped_untrained
+    );
+    Ok(())
+}
+
+/// `xtuner dataset pack`.
+pub fn pack_file(max_length: usize, varlen: bool, out: &Path, encoded: &Path) -> Result<()> {
+    if max_length == 0 {
+        bail!("--max-length must be at least 1");
+    }
+    let file = File::open(encoded).with_context(|| format!("opening {}", encoded.display()))?;
+    let mut samples = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", encoded.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let sample: EncodedSample = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: expected {{\"input_ids\": [...], \"labels\": [...]}}", encoded.display(), i + 1))?;
+        if sample.input_ids.len() != sample.labels.len() {
+            bail!("{}:{}: input_ids and labels differ in length", encoded.display(), i + 1);
+        }
+        samples.push(sample);
+    }
+    let rows = pack(&samples, max_length);
+    let mut writer = create(out)?;
+    for row in &rows {
+        serde_json::to_writer(&mut writer, &packed_json(row, varlen))?;
+        writer.write_all(b"\n")?;
+    }
+    writer.flush().with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("{} samples packed into {} rows", samples.len(), rows.len());
+    Ok(())
+}
+
+fn packed_json(row: &PackedRow, varlen: bool) -> serde_json::Value {
+    if varlen {
+        json!({
+            "input_ids": row.input_ids,
+            "labels": row.labels,
+            "cumulative_len": row.cumulative_len,
+            "position_ids": row.position_ids(),
+        })
+    } else {
+        json!({ "input_ids": row.input_ids, "labels": row.labels })
+    }
+}
+
+fn create(path: &Path) -> Result<BufWriter<File>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(BufWriter::new(file))
+}
+
+/// `xtuner dataset build`: process (or load from the cache) and report.
+pub fn build(args: &ConfigArgs, threads: Option<usize>, no_cache: bool, as_json: bool) -> Result<()> {
+    let config = load_config(args)?;
+    let spec = config.config.data_spec()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build()?;
+    let started = Instant::now();
+    let tokenizer = tokenizer_of(&config)?;
+    let (dataset, outcome) = pool.install(|| -> Result<_> {
+        Ok(if no_cache {
+            (process(&spec, &tokenizer)?, None)
+        } else {
+            let (d, o) = load_or_process(&spec, &tokenizer, &config.config.data.cache_dir)?;
+            (d, Some(o))
+        })
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let s = &dataset.stats;
+    let (cache, cache_path) = match &outcome {
+        None => ("off", None),
+        Some(CacheOutcome::Hit(p)) => ("hit", Some(p)),
+        Some(CacheOutcome::Built(p)) => ("built", Some(p)),
+    };
+    if as_json {
+        let report = json!({
+            "config": config.name,
+            "threads": pool.current_num_threads(),
+            "cache": cache,
+            "seconds": seconds,
+            "records": s.records,
+            "samples": s.samples,
+            "rows": s.rows,
+            "tokens": s.tokens,
+            "trained_tokens": s.trained_tokens,
+            "dropped_empty": s.dropped_empty,
+            "dropped_untrained": s.dropped_untrained,
+            "bad_records": s.bad_records,
+        });
+        println!("{report}");
+    } else {
+        println!("config      {}", config.name);
+        println!("records     {}", s.records);
+        println!(
+            "samples     {} kept ({} empty, {} nothing to train, {} bad)",
+            s.samples, s.dropped_empty, s.dropped_untrained, s.bad_records
+        );
+        println!("tokens      {} ({} trained)", s.tokens, s.trained_tokens);
+        let packing = if spec.pack_to_max_length { "packed" } else { "one sample each" };
+        println!("rows        {} ({packing}, max_length {})", s.rows, spec.max_length);
+        match cache_path {
+            Some(p) => println!("cache       {cache} ({})", p.display()),
+            None => println!("cache       off"),
+        }
+        println!("time        {seconds:.3} s on {} threads", pool.current_num_threads());
+    }
+    Ok(())
+}

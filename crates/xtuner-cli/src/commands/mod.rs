@@ -1,0 +1,5 @@
+//! One module per group of commands; each takes parsed arguments and prints its output.
+
+pub mod cfg;
+pub mod data;
+pub mod tokenize;

@@ -1,0 +1,96 @@
+//! The `xtuner` binary: parses the command line, installs logging, runs a command and
+//! maps failures to exit codes (0 ok, 1 the run failed, 2 bad usage or config).
+
+mod args;
+mod commands;
+mod configs;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command, DatasetCommand};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::ListCfg { pattern } => commands::cfg::list_cfg(pattern.as_deref()),
+        Command::CopyCfg { name, dir } => commands::cfg::copy_cfg(&name, &dir)?,
+        Command::ListDatasetFormat => commands::cfg::list_dataset_format(),
+        Command::CheckCustomDataset(config) => commands::data::check_custom_dataset(&config)?,
+        Command::LogDataset { config, show, num } => commands::data::log_dataset(&config, show, num)?,
+        Command::Dataset(DatasetCommand::Encode { tokenizer, format, template, max_length, out, inputs }) => {
+            commands::data::encode(&tokenizer, &format, template.as_deref(), max_length, &out, &inputs)?
+        }
+        Command::Dataset(DatasetCommand::Pack { max_length, varlen, out, encoded }) => {
+            commands::data::pack_file(max_length, varlen, &out, &encoded)?
+        }
+        Command::Dataset(DatasetCommand::Build { config, threads, no_cache, json }) => {
+            commands::data::build(&config, threads, no_cache, json)?
+        }
+        Command::Tokenize { tokenizer, json, text } => {
+            commands::tokenize::tokenize(&tokenizer, &text.join(" "), json)?
+        }
+    }
+    Ok(())
+}
+
+/// The error and its causes, joined by ": ", leaving out a cause whose text the
+/// message before it already includes (our errors name their cause in their message).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// 2 for mistakes in what the user asked for (config, names, settings), 1 otherwise.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    use xtuner_dataset::Error as D;
+    let usage = error.chain().any(|cause| {
+        cause.downcast_ref::<xtuner_engine::Error>().is_some_and(|e| matches!(e, xtuner_engine::Error::Config { .. }))
+            || cause.downcast_ref::<xtuner_template::Error>().is_some_and(|e| {
+                !matches!(e, xtuner_template::Error::NoSystemField { .. })
+            })
+            || cause
+                .downcast_ref::<D>()
+                .is_some_and(|e| matches!(e, D::UnknownFormat { .. } | D::InvalidSetting { .. }))
+    });
+    if usage { 2 } else { 1 }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,26 @@
+//! Turning raw data into trained tokens exactly as XTuner (v0.2) does.
+//!
+//! The pipeline, one module per stage:
+//! [`reader`] (JSON, JSON Lines, Parquet) → [`format`] (XTuner's dataset map functions, onto
+//! the standard conversation format) → template ([`xtuner_template`]) → [`encode`]
+//! (ids and labels) → [`pack`] (packing to `max_length`) → [`collate`] (batches).
+//! [`tokenizer`] loads `tokenizer.json` or SentencePiece `tokenizer.model`, and [`cache`]
+//! keeps processed data sets so that a second run skips all of it.
+
+pub mod cache;
+pub mod collate;
+pub mod encode;
+pub mod error;
+pub mod format;
+pub mod pack;
+pub mod pipeline;
+pub mod reader;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use cache::{CacheOutcome, load_or_process};
+pub use encode::{EncodedSample, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
+pub use error::{Error, Result};
+pub use pack::PackedRow;
+pub use pipeline::{DataSpec, DatasetStats, ProcessedDataset};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,275 @@
+//! The whole data pipeline of XTuner's `process_hf_dataset`, on all cores:
+//! read → map (format) → template → encode → drop untrainable → shuffle → pack.
+//!
+//! Records are processed in parallel and collected in input order, so the result is the
+//! same with one thread or many. A bad record stops the run with its file and line,
+//! unless [`DataSpec::skip_bad_records`] is set; then it is counted and logged.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use xtuner_template::{ChatTemplate, Conversation, Turn};
+
+use crate::encode::{EncodeOptions, EncodedSample, encode};
+use crate::format::{ColumnMap, DataFormat, Sample};
+use crate::pack::{PackedRow, pack};
+use crate::reader::{Record, read_records};
+use crate::sampler::shuffled;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// Everything that decides what the processed data set holds (and so keys the cache).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    /// Data files or folders.
+    pub files: Vec<PathBuf>,
+    /// The records' format (XTuner's map function).
+    pub format: DataFormat,
+    /// Field renames: format field → column in the data.
+    pub columns: ColumnMap,
+    /// The prompt template; `None` for pre-training text and pre-tokenized rows.
+    pub template: Option<ChatTemplate>,
+    /// Samples are truncated to this many tokens; packed rows have this length.
+    pub max_length: usize,
+    /// Concatenate samples into rows of `max_length` tokens.
+    pub pack_to_max_length: bool,
+    /// Shuffle samples (seeded) before packing.
+    pub shuffle_before_pack: bool,
+    /// Seed of that shuffle.
+    pub seed: u64,
+    /// Keep only this many records (a seeded random subset, as XTuner's option).
+    pub max_dataset_length: Option<usize>,
+    /// Count and skip records that do not fit the format instead of stopping.
+    pub skip_bad_records: bool,
+}
+
+impl DataSpec {
+    /// Checks the settings that do not need the data.
+    ///
+    /// # Errors
+    /// `max_length` 0, or no data file given.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_length == 0 {
+            return Err(Error::InvalidSetting {
+                key: "max_length",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.files.is_empty() {
+            return Err(Error::InvalidSetting { key: "files", message: "no data file given".into() });
+        }
+        if let Some(template) = &self.template {
+            template.validate().map_err(|e| Error::InvalidSetting {
+                key: "template",
+                message: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn encode_options(&self) -> EncodeOptions {
+        EncodeOptions {
+            max_length: self.max_length,
+            with_image_token: matches!(self.format, DataFormat::Llava | DataFormat::LlavaImageOnly),
+        }
+    }
+}
+
+/// Counts of what happened to the records.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetStats {
+    /// Records read from the files.
+    pub records: usize,
+    /// Records skipped as bad (only with `skip_bad_records`).
+    pub bad_records: usize,
+    /// Records whose conversation was empty (e.g. alpaca's `<nooutput>`).
+    pub dropped_empty: usize,
+    /// Samples with no trained label after truncation.
+    pub dropped_untrained: usize,
+    /// Samples kept.
+    pub samples: usize,
+    /// Tokens in the kept samples.
+    pub tokens: usize,
+    /// Trained labels in the kept samples.
+    pub trained_tokens: usize,
+    /// Rows of the training set (packed rows, or samples when not packing).
+    pub rows: usize,
+}
+
+/// The processed data set: training rows (packed or one sample each).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessedDataset {
+    /// The rows, in training-set order.
+    pub rows: Vec<PackedRow>,
+    /// Image file of each row (unpacked LLaVA data; empty otherwise).
+    pub images: Vec<Option<String>>,
+    /// What happened on the way.
+    pub stats: DatasetStats,
+}
+
+/// One record through every stage, for inspection tools.
+#[derive(Debug, Clone)]
+pub struct SampleTrace {
+    /// Where the record came from.
+    pub record: Record,
+    /// After the format's map function.
+    pub conversation: Conversation,
+    /// After the template.
+    pub templated: Vec<Turn>,
+    /// The encoded sample (dropped samples have no trained label).
+    pub encoded: EncodedSample,
+    /// The record's image, if any.
+    pub image: Option<String>,
+}
+
+/// What became of one record.
+enum Outcome {
+    Kept(EncodedSample, Option<String>),
+    Empty,
+    Untrained,
+    Bad,
+}
+
+/// Runs one record through map → template → encode.
+///
+/// # Errors
+/// A record that does not fit the format or the template (naming its file and line),
+/// or a tokenizer failure.
+pub fn trace_record(spec: &DataSpec, tokenizer: &Tokenizer, record: Record) -> Result<SampleTrace> {
+    let bad = |source| Error::BadRecord { path: record.path.to_path_buf(), line: record.line, source };
+    let (conversation, image, encoded, templated) = match spec.format.map(&record.value, &spec.columns).map_err(bad)? {
+        Sample::Tokenized { input_ids, labels } => {
+            let mut encoded = EncodedSample { input_ids, labels };
+            encoded.input_ids.truncate(spec.max_length);
+            encoded.labels.truncate(spec.max_length);
+            (Conversation::default(), None, encoded, Vec::new())
+        }
+        Sample::Conversation { conversation, image } => {
+            let templated = match &spec.template {
+                Some(t) => t.render(&conversation.conversation).map_err(|source| Error::Template {
+                    path: record.path.to_path_buf(),
+                    line: record.line,
+                    source,
+                })?,
+                None => conversation.conversation.clone(),
+            };
+            let encoded = encode(tokenizer, &templated, spec.encode_options())?;
+            (conversation, image, encoded, templated)
+        }
+    };
+    Ok(SampleTrace { record, conversation, templated, encoded, image })
+}
+
+fn process_record(spec: &DataSpec, tokenizer: &Tokenizer, record: &Record) -> Result<Outcome> {
+    let trace = match trace_record(spec, tokenizer, record.clone()) {
+        Ok(trace) => trace,
+        Err(e @ (Error::BadRecord { .. } | Error::Template { .. })) if spec.skip_bad_records => {
+            tracing::warn!("skipping bad record: {e}");
+            return Ok(Outcome::Bad);
+        }
+        Err(e) => return Err(e),
+    };
+    let is_tokenized = matches!(spec.format, DataFormat::Tokenized);
+    Ok(if !is_tokenized && trace.templated.is_empty() {
+        Outcome::Empty
+    } else if !trace.encoded.has_trained_label() {
+        Outcome::Untrained
+    } else {
+        Outcome::Kept(trace.encoded, trace.image)
+    })
+}
+
+/// Reads and encodes every record (no shuffling or packing): the kept samples in input
+/// order, with their images, and the counts.
+///
+/// # Errors
+/// See [`trace_record`]; also unreadable files.
+pub fn encode_records(
+    spec: &DataSpec,
+    tokenizer: &Tokenizer,
+    records: &[Record],
+) -> Result<(Vec<(EncodedSample, Option<String>)>, DatasetStats)> {
+    use rayon::prelude::*;
+    let outcomes: Vec<Result<Outcome>> =
+        records.par_iter().map(|r| process_record(spec, tokenizer, r)).collect();
+    let mut stats = DatasetStats { records: records.len(), ..DatasetStats::default() };
+    let mut kept = Vec::with_capacity(records.len());
+    // Sequential scan: the first bad record in file order is the one reported.
+    for outcome in outcomes {
+        match outcome? {
+            Outcome::Kept(sample, image) => {
+                stats.tokens += sample.len();
+                stats.trained_tokens += sample.trained_tokens();
+                kept.push((sample, image));
+            }
+            Outcome::Empty => stats.dropped_empty += 1,
+            Outcome::Untrained => stats.dropped_untrained += 1,
+            Outcome::Bad => stats.bad_records += 1,
+        }
+    }
+    stats.samples = kept.len();
+    Ok((kept, stats))
+}
+
+/// Reads the records of a spec, subsampled to `max_dataset_length` if set.
+///
+/// # Errors
+/// Unreadable or malformed files.
+pub fn load_records(spec: &DataSpec) -> Result<Vec<Record>> {
+    let mut records = read_records(&spec.files)?;
+    if let Some(max) = spec.max_dataset_length
+        && max < records.len()
+    {
+        let mut keep = shuffled(records.len(), spec.seed);
+        keep.truncate(max);
+        keep.sort_unstable();
+        records = keep.into_iter().filter_map(|i| records.get(i).cloned()).collect();
+    }
+    Ok(records)
+}
+
+/// Runs the whole pipeline (no cache).
+///
+/// # Errors
+/// Bad settings, unreadable files, bad records, or an empty result.
+pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDataset> {
+    spec.validate()?;
+    let records = load_records(spec)?;
+    let (mut kept, mut stats) = encode_records(spec, tokenizer, &records)?;
+    if kept.is_empty() {
+        return Err(Error::EmptyDataset {
+            reason: format!(
+                "{} records read; {} empty after the format, {} with nothing to train, {} bad",
+                stats.records, stats.dropped_empty, stats.dropped_untrained, stats.bad_records
+            ),
+        });
+    }
+    let dataset = if spec.pack_to_max_length {
+        if spec.shuffle_before_pack {
+            let order = shuffled(kept.len(), spec.seed);
+            let mut slots: Vec<Option<(EncodedSample, Option<String>)>> = kept.into_iter().map(Some).collect();
+            kept = order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect();
+        }
+        let samples: Vec<EncodedSample> = kept.into_iter().map(|(s, _)| s).collect();
+        let rows = pack(&samples, spec.max_length);
+        ProcessedDataset { rows, images: Vec::new(), stats: DatasetStats::default() }
+    } else {
+        let (rows, images) = kept
+            .into_iter()
+            .map(|(s, image)| {
+                let len = s.len();
+                (PackedRow { input_ids: s.input_ids, labels: s.labels, cumulative_len: vec![0, len] }, image)
+            })
+            .unzip();
+        ProcessedDataset { rows, images, stats: DatasetStats::default() }
+    };
+    stats.rows = dataset.rows.len();
+    tracing::info!(
+        records = stats.records,
+        samples = stats.samples,
+        rows = stats.rows,
+        tokens = stats.tokens,
+        "dataset processed"
+    );
+    Ok(ProcessedDataset { stats, ..dataset })
+}

@@ -1,0 +1,16 @@
+//! XTuner's prompt templates and system templates, and the step that applies them.
+//!
+//! A [`ChatTemplate`] holds the fields XTuner defines (SYSTEM, INSTRUCTION, SUFFIX,
+//! SUFFIX_AS_EOS, SEP, STOP_WORDS). [`PromptTemplate`] names every template XTuner ships,
+//! [`SystemTemplate`] every system prompt. [`ChatTemplate::render`] is XTuner's
+//! `template_map_fn`: it wraps each [`Turn`] of a [`Conversation`] with the template.
+
+pub mod builtin;
+pub mod error;
+pub mod message;
+pub mod template;
+
+pub use builtin::{PromptTemplate, SystemTemplate};
+pub use error::{Error, Result};
+pub use message::{Conversation, Turn};
+pub use template::ChatTemplate;

@@ -1,0 +1,63 @@
+//! `cargo xtask`: project chores that are not part of the `xtuner` binary.
+//!
+//! - `demo-data`: generate the demo data set, tokenizer and config under `configs/`;
+//! - `bench data`: time the data pipeline through the release `xtuner` binary.
+//!
+//! xtask imports no workspace crate: it drives `xtuner` as a subprocess, so it builds
+//! and runs whatever state the library crates are in. Every path is relative to the
+//! repository root, which becomes the working directory.
+
+mod bench;
+mod corpus;
+mod demo;
+mod tokenizer;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Project chores: demo data and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Generate configs/demo/ (data, tokenizer) and configs/demo_tiny_lora.toml.
+    DemoData,
+    /// Run a benchmark.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// The data pipeline (read, map, template, encode, pack) via `xtuner dataset build`.
+    Data(bench::DataArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent directory")?;
+    std::env::set_current_dir(root).with_context(|| format!("entering {}", root.display()))?;
+    match &cli.command {
+        Task::DemoData => demo::run(),
+        Task::Bench { bench: Bench::Data(args) } => bench::data(args),
+    }
+}
