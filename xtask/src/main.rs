@@ -19,7 +19,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Project chores: demo data and benchmarks")]
+#[command(
+    name = "cargo xtask",
+    about = "Project chores: demo data and benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -54,10 +57,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent directory")?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
     std::env::set_current_dir(root).with_context(|| format!("entering {}", root.display()))?;
     match &cli.command {
         Task::DemoData => demo::run(),
-        Task::Bench { bench: Bench::Data(args) } => bench::data(args),
+        Task::Bench {
+            bench: Bench::Data(args),
+        } => bench::data(args),
     }
 }

@@ -52,6 +52,8 @@ pub enum Command {
     /// Data-processing tools.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Chat with a model (one-shot with --prompt, else an interactive session).
+    Chat(ChatCli),
     /// Print the ids and pieces of a text (encoded without special tokens).
     Tokenize {
         /// Model or tokenizer directory, or a tokenizer.json / tokenizer.model file.
@@ -144,4 +146,56 @@ pub enum DatasetCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `xtuner chat` flags (XTuner's names and defaults).
+#[derive(Debug, Clone, Args)]
+pub struct ChatCli {
+    /// The LLM: a Hugging Face model directory.
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory, merged into the model at load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Prompt template (without one, the input is the raw prompt).
+    #[arg(long)]
+    pub prompt_template: Option<String>,
+    /// System prompt text.
+    #[arg(long, conflicts_with = "system_template")]
+    pub system: Option<String>,
+    /// One of XTuner's system templates (alpaca, coder, ...).
+    #[arg(long)]
+    pub system_template: Option<String>,
+    /// Extra stop words.
+    #[arg(long, num_args = 1..)]
+    pub stop_words: Vec<String>,
+    /// Tokens per answer at most.
+    #[arg(long, default_value_t = 2048)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.1)]
+    pub temperature: f32,
+    /// Top-k sampling (0: off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Top-p sampling.
+    #[arg(long, default_value_t = 0.75)]
+    pub top_p: f32,
+    /// Repetition penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print each answer when complete instead of token by token.
+    #[arg(long)]
+    pub no_streamer: bool,
+    /// Answer this prompt and exit.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
+    pub device: crate::backend::Device,
+    /// The bot's name in system templates that use it.
+    #[arg(long, default_value = "BOT")]
+    pub bot_name: String,
 }

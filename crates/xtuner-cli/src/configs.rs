@@ -8,6 +8,7 @@ use xtuner_engine::LoadedConfig;
 
 /// Name and text of every built-in config.
 pub const BUILTIN: &[(&str, &str)] = &[
+    ("demo_tiny_lora", include_str!("../../../configs/demo_tiny_lora.toml")),
     ("internlm2_1_8b_full_custom_pretrain_e1", include_str!("../../../configs/internlm2_1_8b_full_custom_pretrain_e1.toml")),
     ("internlm2_chat_1_8b_full_alpaca_e3", include_str!("../../../configs/internlm2_chat_1_8b_full_alpaca_e3.toml")),
     ("internlm2_chat_1_8b_lora_alpaca_e3", include_str!("../../../configs/internlm2_chat_1_8b_lora_alpaca_e3.toml")),
@@ -45,6 +46,19 @@ pub fn builtin(name: &str) -> Result<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_config_file_is_built_in() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".toml").map(str::to_string))
+            .collect();
+        files.sort();
+        let mut names: Vec<String> = BUILTIN.iter().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        assert_eq!(files, names, "add new configs/*.toml files to BUILTIN");
+    }
 
     #[test]
     fn every_builtin_config_parses_and_validates() {

@@ -2,6 +2,7 @@
 //! maps failures to exit codes (0 ok, 1 the run failed, 2 bad usage or config).
 
 mod args;
+mod backend;
 mod commands;
 mod configs;
 
@@ -45,6 +46,26 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Dataset(DatasetCommand::Build { config, threads, no_cache, json }) => {
             commands::data::build(&config, threads, no_cache, json)?
         }
+        Command::Chat(c) => commands::chat::chat(&commands::chat::ChatArgs {
+            model: c.model,
+            adapter: c.adapter,
+            prompt_template: c.prompt_template,
+            system: c.system,
+            system_template: c.system_template,
+            stop_words: c.stop_words,
+            max_new_tokens: c.max_new_tokens,
+            sampling: xtuner_model::sampling::SamplingConfig {
+                temperature: c.temperature,
+                top_k: c.top_k,
+                top_p: c.top_p,
+                repetition_penalty: c.repetition_penalty,
+                seed: c.seed,
+            },
+            no_streamer: c.no_streamer,
+            prompt: c.prompt,
+            device: c.device,
+            bot_name: c.bot_name,
+        })?,
         Command::Tokenize { tokenizer, json, text } => {
             commands::tokenize::tokenize(&tokenizer, &text.join(" "), json)?
         }

@@ -277,3 +277,54 @@ fn dataset_build_caches_and_check_custom_dataset_reports() {
     let out = ok(&xtuner(&["log-dataset", cfg, "--show", "all"], dir.path()));
     assert!(out.contains("[masked_text]") && out.contains("[-100]") && out.contains("Count to"), "{out}");
 }
+
+#[test]
+fn chat_one_shot_prints_the_golden_greedy_continuation() {
+    use xtuner_model::checkpoint::Checkpoint;
+    let model = fixtures().join("internlm2-tiny");
+    let golden = Checkpoint::open(&model.join("golden.safetensors")).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        golden.int_data(key).unwrap().convert::<i64>().to_vec::<i64>().unwrap().into_iter().map(|i| i as u32).collect()
+    };
+    let (prompt, greedy) = (ids("generate_prompt"), ids("generate_greedy"));
+    let tokenizer = xtuner_dataset::Tokenizer::from_path(&model).unwrap();
+    // The prompt text is the golden prompt without its BOS; chat adds the BOS back.
+    let text = tokenizer.decode(&prompt[1..]).unwrap();
+    assert_eq!(tokenizer.encode(&text).unwrap(), prompt[1..]);
+    let continuation: Vec<u32> = greedy[prompt.len()..].iter().copied().filter(|&id| id != 2).collect();
+    let expected = tokenizer.decode(&continuation).unwrap();
+    let out = ok(&xtuner(
+        &["chat", model.to_str().unwrap(), "--prompt", &text, "--temperature", "0", "--max-new-tokens", "8", "--no-streamer"],
+        &repo(),
+    ));
+    assert_eq!(out, format!("{expected}\n"));
+    // Streaming prints the same text.
+    let out = ok(&xtuner(&["chat", model.to_str().unwrap(), "--prompt", &text, "--temperature", "0", "--max-new-tokens", "8"], &repo()));
+    assert_eq!(out, format!("{expected}\n"));
+}
+
+#[test]
+fn chat_session_reads_turns_until_exit_and_applies_the_adapter() {
+    use std::io::Write;
+    let model = fixtures().join("internlm2-tiny");
+    let adapter = model.join("lora");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .args(["chat", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompt-template", "internlm2_chat",
+               "--system", "Be brief.", "--max-new-tokens", "4", "--no-streamer", "--seed", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello\n\nRESET\n\nHi again\nsecond line\n\nEXIT\n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = ok(&out);
+    assert_eq!(stdout.lines().count(), 2, "two answers: {stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("History responses have been removed"));
+    // A missing adapter directory is an error naming it.
+    let err = failed(&xtuner(&["chat", model.to_str().unwrap(), "--adapter", "no_adapter", "--prompt", "x"], &repo()), 1);
+    assert!(err.contains("no_adapter"), "{err}");
+    // A system prompt needs a template that has a SYSTEM field.
+    let err = failed(&xtuner(&["chat", model.to_str().unwrap(), "--system", "x", "--prompt", "x"], &repo()), 1);
+    assert!(err.contains("--prompt-template"), "{err}");
+}

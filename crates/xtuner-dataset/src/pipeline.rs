@@ -273,3 +273,107 @@ pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDatase
     );
     Ok(ProcessedDataset { stats, ..dataset })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::path::Path;
+    use xtuner_template::PromptTemplate;
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"))
+            .unwrap()
+    }
+
+    fn spec(dir: &Path, lines: &[String]) -> DataSpec {
+        let data = dir.join("data.jsonl");
+        fs::write(&data, lines.join("\n")).unwrap();
+        DataSpec {
+            files: vec![data],
+            format: DataFormat::Alpaca,
+            columns: Default::default(),
+            template: Some(PromptTemplate::Internlm2Chat.template()),
+            max_length: 48,
+            pack_to_max_length: true,
+            shuffle_before_pack: true,
+            seed: 3,
+            max_dataset_length: None,
+            skip_bad_records: false,
+        }
+    }
+
+    fn alpaca(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let output = if i % 7 == 0 { "<nooutput>".to_string() } else { format!("answer {i}") };
+                format!(r#"{{"instruction": "question {i}", "input": "", "output": "{output}"}}"#)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_thread_and_many_give_the_same_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path(), &alpaca(300));
+        let tok = tokenizer();
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| process(&spec, &tok).unwrap())
+        };
+        let one = run(1);
+        assert_eq!(one, run(4));
+        assert_eq!(one.stats.records, 300);
+        assert_eq!(one.stats.dropped_empty, 43);
+        assert_eq!(one.stats.samples, 257);
+        assert!(one.rows.iter().all(|r| r.len() == 48));
+        // The seed decides the order; the same seed gives the same rows.
+        let other = process(&DataSpec { seed: 4, ..spec.clone() }, &tok).unwrap();
+        assert_ne!(one.rows, other.rows);
+    }
+
+    #[test]
+    fn unpacked_rows_keep_sample_order_and_untrainable_samples_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = spec(dir.path(), &alpaca(20));
+        let spec = DataSpec { pack_to_max_length: false, max_length: 4096, ..base.clone() };
+        let data = process(&spec, &tokenizer()).unwrap();
+        assert_eq!(data.rows.len(), 17);
+        assert_eq!(data.images.len(), 17);
+        assert!(data.rows.iter().all(|r| r.cumulative_len == vec![0, r.len()]));
+        // So short that the answer is cut away: nothing to train, dropped.
+        let spec = DataSpec { pack_to_max_length: false, max_length: 5, ..base };
+        let err = process(&spec, &tokenizer()).unwrap_err().to_string();
+        assert!(err.contains("empty") && err.contains("17 with nothing to train"), "{err}");
+    }
+
+    #[test]
+    fn bad_records_stop_the_run_unless_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = alpaca(5);
+        lines.insert(2, r#"{"instruction": "q"}"#.to_string());
+        let spec = spec(dir.path(), &lines);
+        let err = process(&spec, &tokenizer()).unwrap_err().to_string();
+        assert!(err.contains("data.jsonl:3"), "{err}");
+        let skipped = process(&DataSpec { skip_bad_records: true, ..spec }, &tokenizer()).unwrap();
+        assert_eq!(skipped.stats.bad_records, 1);
+        assert_eq!(skipped.stats.records, 6);
+    }
+
+    #[test]
+    fn max_dataset_length_takes_a_seeded_subset() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = DataSpec { max_dataset_length: Some(10), ..spec(dir.path(), &alpaca(50)) };
+        let records = load_records(&spec).unwrap();
+        assert_eq!(records.len(), 10);
+        assert!(records.windows(2).all(|w| w[0].line < w[1].line), "file order kept");
+        assert_eq!(records, load_records(&spec).unwrap());
+    }
+
+    #[test]
+    fn zero_max_length_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = DataSpec { max_length: 0, ..spec(dir.path(), &alpaca(3)) };
+        assert!(matches!(process(&spec, &tokenizer()), Err(Error::InvalidSetting { key: "max_length", .. })));
+    }
+}

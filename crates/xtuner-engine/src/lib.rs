@@ -1,11 +1,12 @@
 //! Training policy and the run configuration.
 //!
 //! [`config`] is the TOML schema of a run, with XTuner's defaults. [`schedule`] is the
-//! learning-rate schedule of XTuner's recipes. The engine's other parts (LoRA policy,
+//! learning-rate schedule of XTuner's recipes; [`loss`] the causal LM loss. The engine's other parts (LoRA policy,
 //! optimizer, training loop, checkpoints, export) build on these.
 
 pub mod config;
 pub mod error;
+pub mod loss;
 pub mod schedule;
 
 pub use config::{LoadedConfig, TrainConfig};

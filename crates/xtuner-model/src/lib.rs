@@ -1,13 +1,21 @@
-//! Models in Burn, generic over the backend: the building blocks of InternLM2 (and the
-//! Llama/Qwen2 decoders that share its arithmetic), starting with the layers every
-//! decoder uses.
+//! Models in Burn, generic over the backend.
 //!
-//! [`nn::rms_norm`] is RMSNorm computed in f32; [`nn::rope`] is rotary position
-//! embedding in the rotate-half convention of InternLM2 and Hugging Face Llama, with
-//! linear and dynamic-NTK scaling.
+//! - [`internlm2`]: the InternLM2 decoder, which also serves Llama and Qwen2 checkpoints;
+//! - [`nn`]: the layers it is built from (the [`nn::linear`] matmul seam, RMSNorm,
+//!   rotate-half RoPE, grouped-query attention, SwiGLU, the KV cache);
+//! - [`checkpoint`]: Hugging Face safetensors I/O, key names, PEFT adapters;
+//! - [`generate`] and [`sampling`]: decoding with a KV cache.
 
+pub mod checkpoint;
+pub mod clip_vit;
 pub mod error;
+pub mod generate;
+pub mod image;
+pub mod internlm2;
+pub mod llava;
 pub mod nn;
+pub mod projector;
+pub mod sampling;
 
 pub use error::{Error, Result};
 

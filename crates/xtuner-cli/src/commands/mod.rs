@@ -1,5 +1,6 @@
 //! One module per group of commands; each takes parsed arguments and prints its output.
 
 pub mod cfg;
+pub mod chat;
 pub mod data;
 pub mod tokenize;

@@ -41,6 +41,10 @@ const SPACE_SYMBOL: &str = "\u{2581}";
 const DEFAULT_UNK_SURFACE: &str = " \u{2047} ";
 /// `TrainerSpec.model_type` of a BPE model.
 const MODEL_TYPE_BPE: i32 = 2;
+/// sentencepiece refuses pieces of this many bytes or more.
+const MAX_PIECE_LEN: usize = 8000;
+/// How deep an UNUSED piece is split back into the pieces that formed it.
+const MAX_RESEGMENT_DEPTH: usize = 100;
 
 /// Why a `tokenizer.model` file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -91,9 +95,23 @@ pub enum SentencePieceError {
         /// The earlier id.
         first: u32,
     },
-    /// No piece has type `UNKNOWN`.
-    #[error("SentencePiece model has no <unk> piece (type UNKNOWN)")]
+    /// No piece has type `UNKNOWN` and there is no byte fallback.
+    #[error("SentencePiece model has no <unk> piece (type UNKNOWN) and no byte_fallback")]
     MissingUnknown,
+    /// A piece of 8000 bytes or more.
+    #[error("SentencePiece piece {id} is {len} bytes long")]
+    PieceTooLong {
+        /// Its id.
+        id: u32,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A piece holding a NUL character (other than a lone `"\0"` piece, which is ignored).
+    #[error("SentencePiece piece {id} holds a NUL character")]
+    PieceWithNul {
+        /// Its id.
+        id: u32,
+    },
     /// More than one piece has type `UNKNOWN`.
     #[error("SentencePiece pieces {first} and {second} are both of type UNKNOWN")]
     DuplicateUnknown {
@@ -222,6 +240,13 @@ enum PieceKind {
     Byte(u8),
 }
 
+impl PieceKind {
+    /// Whether BPE may form this piece by merging (`pieces_` in sentencepiece).
+    fn is_mergeable(self) -> bool {
+        matches!(self, PieceKind::Normal | PieceKind::UserDefined | PieceKind::Unused)
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Piece {
     text: String,
@@ -237,16 +262,15 @@ struct Piece {
 #[derive(Clone)]
 pub struct SentencePieceBpe {
     pieces: Vec<Piece>,
-    /// Normal, user-defined and unused pieces: what merges may form.
-    normal_ids: HashMap<String, u32>,
-    /// Control, unknown and byte pieces: looked up first, never formed by merges.
-    reserved_ids: HashMap<String, u32>,
+    /// Every piece's text → id (one map for all types, so texts are unique).
+    ids: HashMap<String, u32>,
     /// The id of `<0xNN>` for each byte, when the model has `byte_fallback`.
     byte_ids: Option<Box<[u32; 256]>>,
     user_defined: PrefixTrie,
-    /// Longest text (bytes) in `normal_ids`; longer merges are not looked up.
+    /// Longest text (bytes) of a piece merges may form; longer joins are not looked up.
     max_piece_len: usize,
-    unk_id: u32,
+    /// The `UNKNOWN` piece (optional when the model has `byte_fallback`).
+    unk_id: Option<u32>,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     unk_surface: String,
@@ -283,8 +307,9 @@ impl SentencePieceBpe {
     ///
     /// # Errors
     /// Corrupt or truncated protobuf, a model that is not BPE, and the vocabulary defects
-    /// sentencepiece itself refuses: empty or duplicate pieces, no or two `<unk>`, byte
-    /// pieces that are malformed, missing, or present without `byte_fallback`.
+    /// sentencepiece itself refuses: empty, over-long, NUL-holding or duplicate pieces,
+    /// two `<unk>` (or none without byte fallback), byte pieces that are malformed,
+    /// missing, or present without `byte_fallback`, a malformed character map.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, SentencePieceError> {
         let model = proto::ModelProto::decode(bytes)?;
         if model.pieces.is_empty() {
@@ -302,8 +327,7 @@ impl SentencePieceBpe {
         let byte_fallback = trainer.byte_fallback.unwrap_or(false);
 
         let mut pieces = Vec::with_capacity(count);
-        let mut normal_ids = HashMap::with_capacity(count);
-        let mut reserved_ids = HashMap::new();
+        let mut ids = HashMap::with_capacity(count);
         let mut byte_slots: [Option<u32>; 256] = [None; 256];
         let mut user_defined = PrefixTrie::default();
         let mut unk_id = None;
@@ -313,12 +337,37 @@ impl SentencePieceBpe {
             if text.is_empty() {
                 return Err(SentencePieceError::EmptyPiece { id });
             }
-            let kind = match raw.r#type.unwrap_or(1) {
+            if text.len() >= MAX_PIECE_LEN {
+                return Err(SentencePieceError::PieceTooLong { id, len: text.len() });
+            }
+            let mut kind = match raw.r#type.unwrap_or(1) {
                 2 => PieceKind::Unknown,
                 3 => PieceKind::Control,
                 4 => PieceKind::UserDefined,
                 5 => PieceKind::Unused,
-                6 => {
+                6 => PieceKind::Byte(0),
+                _ => PieceKind::Normal,
+            };
+            // Conversion scripts sometimes add a raw "\0" piece; sentencepiece ignores it.
+            if text == "\0" && (byte_fallback || kind == PieceKind::Unused) {
+                pieces.push(Piece { text, score: 0.0, kind: PieceKind::Unused });
+                continue;
+            }
+            if text.contains('\0') {
+                return Err(SentencePieceError::PieceWithNul { id });
+            }
+            if let Some(&first) = ids.get(&text) {
+                return Err(SentencePieceError::DuplicatePiece { id, piece: text, first });
+            }
+            match kind {
+                PieceKind::UserDefined => user_defined.insert(text.as_bytes()),
+                PieceKind::Unknown => {
+                    if let Some(first) = unk_id {
+                        return Err(SentencePieceError::DuplicateUnknown { first, second: id });
+                    }
+                    unk_id = Some(id);
+                }
+                PieceKind::Byte(_) => {
                     if !byte_fallback {
                         return Err(SentencePieceError::UnexpectedBytePiece { id, piece: text });
                     }
@@ -326,39 +375,19 @@ impl SentencePieceBpe {
                         return Err(SentencePieceError::InvalidBytePiece { id, piece: text });
                     };
                     byte_slots[usize::from(byte)] = Some(id);
-                    PieceKind::Byte(byte)
+                    kind = PieceKind::Byte(byte);
                 }
-                _ => PieceKind::Normal,
-            };
-            match kind {
-                PieceKind::Unknown => match unk_id {
-                    Some(first) => {
-                        return Err(SentencePieceError::DuplicateUnknown { first, second: id })
-                    }
-                    None => unk_id = Some(id),
-                },
-                PieceKind::UserDefined => user_defined.insert(text.as_bytes()),
                 _ => {}
             }
-            let is_normal =
-                matches!(kind, PieceKind::Normal | PieceKind::UserDefined | PieceKind::Unused);
-            if is_normal {
+            if kind.is_mergeable() {
                 max_piece_len = max_piece_len.max(text.len());
             }
-            let map = if is_normal { &mut normal_ids } else { &mut reserved_ids };
-            if let Some(&first) = map.get(&text) {
-                return Err(SentencePieceError::DuplicatePiece { id, piece: text, first });
-            }
-            map.insert(text.clone(), id);
-            // NaN scores would make the merge order undefined; they rank last instead.
-            let score = match raw.score {
-                None => 0.0,
-                Some(s) if s.is_nan() => f32::NEG_INFINITY,
-                Some(s) => s,
-            };
-            pieces.push(Piece { text, score, kind });
+            ids.insert(text.clone(), id);
+            pieces.push(Piece { text, score: raw.score.unwrap_or(0.0), kind });
         }
-        let unk_id = unk_id.ok_or(SentencePieceError::MissingUnknown)?;
+        if unk_id.is_none() && !byte_fallback {
+            return Err(SentencePieceError::MissingUnknown);
+        }
         let byte_ids = if byte_fallback {
             let mut ids = Box::new([0u32; 256]);
             for ((slot, found), byte) in ids.iter_mut().zip(byte_slots).zip(0u8..=255) {
@@ -382,8 +411,7 @@ impl SentencePieceBpe {
 
         let mut tokenizer = SentencePieceBpe {
             pieces,
-            normal_ids,
-            reserved_ids,
+            ids,
             byte_ids,
             user_defined,
             max_piece_len,
@@ -398,7 +426,7 @@ impl SentencePieceBpe {
         // control piece. A trainer_spec with `bos_id: -1` creates no `<s>`, so it is None.
         let control = |name: Option<String>, default: &str| {
             let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| default.to_string());
-            tokenizer.piece_to_id(&name).filter(|&id| tokenizer.kind(id) == PieceKind::Control)
+            tokenizer.piece_to_id(&name).filter(|&id| tokenizer.kind(id) == Some(PieceKind::Control))
         };
         let bos_id = control(trainer.bos_piece, "<s>");
         let eos_id = control(trainer.eos_piece, "</s>");
@@ -420,15 +448,15 @@ impl SentencePieceBpe {
     }
 
     /// Encodes text to ids with their pieces, as `encode(text, out_type=str)` spells
-    /// them: vocabulary text for known and byte pieces, the original (normalized) text
-    /// for `<unk>`.
+    /// them: vocabulary text for known and byte pieces, the normalized text itself for
+    /// `<unk>`.
     pub fn encode_pieces(&self, text: &str) -> Vec<(u32, String)> {
         let (normalized, tokens) = self.tokenize(text);
         tokens
             .into_iter()
             .map(|t| {
                 let piece = match self.kind(t.id) {
-                    PieceKind::Byte(_) => self.id_to_piece(t.id).unwrap_or_default(),
+                    Some(PieceKind::Byte(_)) => self.id_to_piece(t.id).unwrap_or_default(),
                     _ => normalized.get(t.start..t.end).unwrap_or_default(),
                 };
                 (t.id, piece.to_string())
@@ -450,9 +478,10 @@ impl SentencePieceBpe {
             self.normalizer.add_dummy_prefix || self.normalizer.remove_extra_whitespaces;
         for &id in ids {
             let Some(piece) = self.id_to_piece(id) else { continue };
-            // sentencepiece decodes pieces, mapping each back through its text.
-            let id = self.piece_to_id(piece).unwrap_or(id);
-            if let PieceKind::Byte(byte) = self.kind(id) {
+            // sentencepiece decodes pieces, mapping each back through its text; only the
+            // ignored "\0" piece has no id, and it is written as it is.
+            let kind = self.piece_to_id(piece).and_then(|id| self.kind(id));
+            if let Some(PieceKind::Byte(byte)) = kind {
                 bytes.push(byte);
                 continue;
             }
@@ -462,10 +491,11 @@ impl SentencePieceBpe {
                 is_bos_ws = false;
             }
             bos_ws_seen = false;
-            match self.kind(id) {
-                PieceKind::Control => {}
-                PieceKind::Unknown => text.push_str(&self.unk_surface),
-                _ => {
+            match kind {
+                Some(PieceKind::Control) => {}
+                Some(PieceKind::Unknown) => text.push_str(&self.unk_surface),
+                None => text.push_str(piece),
+                Some(_) => {
                     let mut piece = piece;
                     if is_bos_ws && strip_dummy {
                         if let Some(rest) = piece.strip_prefix(SPACE_SYMBOL) {
@@ -493,7 +523,7 @@ impl SentencePieceBpe {
     /// The id of a piece's exact text, of any type (`None` when absent; unlike
     /// sentencepiece, which answers `<unk>`'s id).
     pub fn piece_to_id(&self, piece: &str) -> Option<u32> {
-        self.reserved_ids.get(piece).or_else(|| self.normal_ids.get(piece)).copied()
+        self.ids.get(piece).copied()
     }
 
     /// Number of pieces (ids run from 0 to `vocab_size() - 1`).
@@ -511,61 +541,67 @@ impl SentencePieceBpe {
         self.eos_id
     }
 
-    /// The id of the `UNKNOWN` piece (every loaded model has exactly one).
+    /// The id of the `UNKNOWN` piece (`<unk>`); only a model with byte fallback may lack
+    /// one.
     pub fn unk_id(&self) -> Option<u32> {
-        Some(self.unk_id)
+        self.unk_id
     }
 
     /// Whether an id is a control piece (`<s>`, `</s>`) or a user-defined piece
     /// (`<|im_start|>`): the ids a chat template inserts rather than text produces.
     pub fn is_special(&self, id: u32) -> bool {
-        matches!(self.kind(id), PieceKind::Control | PieceKind::UserDefined)
+        matches!(self.kind(id), Some(PieceKind::Control | PieceKind::UserDefined))
     }
 
     fn piece(&self, id: u32) -> Option<&Piece> {
         self.pieces.get(usize::try_from(id).ok()?)
     }
 
-    fn kind(&self, id: u32) -> PieceKind {
-        self.piece(id).map_or(PieceKind::Unknown, |p| p.kind)
+    fn kind(&self, id: u32) -> Option<PieceKind> {
+        self.piece(id).map(|p| p.kind)
     }
 
-    /// Normalizes `text`, runs BPE and the unknown fallback; returns the normalized text
-    /// and the tokens as spans of it.
+    /// Normalizes `text`, runs BPE and the unknown fallback
+    /// (`PopulateSentencePieceText`); returns the normalized text and the tokens as
+    /// spans of it.
     fn tokenize(&self, text: &str) -> (String, Vec<Token>) {
         let normalized = self.normalizer.normalize(text, Some(&self.user_defined));
         let segments = self.bpe(&normalized);
         let mut tokens = Vec::with_capacity(segments.len());
         let mut prev_unknown = false;
-        for token in segments {
-            // Control pieces have no surface; sentencepiece fails on such a model, here
-            // the text falls back like any unknown symbol.
-            let unknown = matches!(self.kind(token.id), PieceKind::Unknown | PieceKind::Control);
-            match (&self.byte_ids, unknown) {
-                (Some(byte_ids), true) => {
-                    let span = normalized.get(token.start..token.end).unwrap_or_default();
+        for segment in segments {
+            let Segment { id, start, end } = segment;
+            match (id, &self.byte_ids) {
+                (Some(id), _) => tokens.push(Token { id, start, end }),
+                (None, Some(byte_ids)) => {
+                    let span = normalized.get(start..end).unwrap_or_default();
                     tokens.extend(span.bytes().map(|b| Token {
                         id: byte_ids[usize::from(b)],
-                        start: token.start,
-                        end: token.end,
+                        start,
+                        end,
                     }));
                 }
-                (None, true) if prev_unknown => {
+                // A run of unknown symbols is one `<unk>`.
+                (None, None) if prev_unknown => {
                     if let Some(last) = tokens.last_mut() {
-                        last.end = token.end;
+                        last.end = end;
                     }
                 }
-                (None, true) => tokens.push(Token { id: self.unk_id, ..token }),
-                (_, false) => tokens.push(token),
+                (None, None) => {
+                    // Loading guarantees an `<unk>` when there is no byte fallback.
+                    if let Some(unk) = self.unk_id {
+                        tokens.push(Token { id: unk, start, end });
+                    }
+                }
             }
-            prev_unknown = unknown;
+            prev_unknown = id.is_none();
         }
         (normalized, tokens)
     }
 
     /// Splits normalized text into characters (user-defined pieces whole and frozen) and
-    /// merges them best-score-first, exactly as `bpe::Model::SampleEncode` without dropout.
-    fn bpe(&self, normalized: &str) -> Vec<Token> {
+    /// merges them best-score-first, as `bpe::Model::SampleEncode` without dropout.
+    fn bpe<'a>(&self, normalized: &'a str) -> Vec<Segment> {
         let mut symbols: Vec<Symbol> = Vec::with_capacity(normalized.len());
         let mut pos = 0;
         while let Some(rest) = normalized.get(pos..).filter(|r| !r.is_empty()) {
@@ -584,7 +620,8 @@ impl SentencePieceBpe {
             pos += len;
         }
 
-        let mut merges = Merges { heap: BinaryHeap::new(), unused_splits: HashMap::new() };
+        let mut merges: Merges<'a> =
+            Merges { heap: BinaryHeap::new(), unused_splits: HashMap::new() };
         for right in 1..symbols.len() {
             self.push_pair(normalized, &symbols, Some(right - 1), Some(right), &mut merges);
         }
@@ -611,28 +648,35 @@ impl SentencePieceBpe {
             self.push_pair(normalized, &symbols, Some(top.left), right.next, &mut merges);
         }
 
-        // Walk the surviving symbols; an UNUSED piece is split back into the two
-        // symbols that formed it, recursively.
-        let mut tokens = Vec::new();
+        // Walk the surviving symbols. An UNUSED piece is split back into the two symbols
+        // that formed it, recursively (at most MAX_RESEGMENT_DEPTH deep, as the C++).
+        let mut segments = Vec::with_capacity(symbols.len());
         let mut stack = Vec::new();
         let mut cursor = if symbols.is_empty() { None } else { Some(0) };
         while let Some(symbol) = cursor.and_then(|i| symbols.get(i)) {
-            stack.push((symbol.start, symbol.len));
-            while let Some((start, len)) = stack.pop() {
+            stack.push((symbol.start, symbol.len, 0));
+            while let Some((start, len, depth)) = stack.pop() {
                 let text = normalized.get(start..start + len).unwrap_or_default();
-                let id = self.piece_to_id(text).unwrap_or(self.unk_id);
-                if self.kind(id) == PieceKind::Unused {
-                    if let Some(&left_len) = merges.unused_splits.get(text) {
-                        stack.push((start + left_len, len - left_len));
-                        stack.push((start, left_len));
-                        continue;
-                    }
-                }
-                tokens.push(Token { id, start, end: start + len });
+                let found = self.piece_to_id(text).and_then(|id| Some((id, self.kind(id)?)));
+                let id = match found {
+                    Some((id, PieceKind::Unused)) if depth > MAX_RESEGMENT_DEPTH => Some(id),
+                    Some((_, PieceKind::Unused)) => match merges.unused_splits.get(text) {
+                        Some(&left_len) => {
+                            stack.push((start + left_len, len - left_len, depth + 1));
+                            stack.push((start, left_len, depth + 1));
+                            continue;
+                        }
+                        None => None,
+                    },
+                    Some((id, kind)) if kind.is_mergeable() => Some(id),
+                    // Not in the vocabulary, or a control/unknown/byte piece.
+                    _ => None,
+                };
+                segments.push(Segment { id, start, end: start + len });
             }
             cursor = symbol.next;
         }
-        tokens
+        segments
     }
 
     /// Queues the merge of two neighbouring symbols if their joined text is a piece.
@@ -654,18 +698,29 @@ impl SentencePieceBpe {
             return;
         }
         let Some(text) = normalized.get(l.start..l.start + len) else { return };
-        let Some(piece) = self.normal_ids.get(text).and_then(|&id| self.piece(id)) else {
+        let Some(piece) = self.piece_to_id(text).and_then(|id| self.piece(id)) else {
             return;
         };
+        if !piece.kind.is_mergeable() {
+            return;
+        }
         merges.heap.push(Candidate { score: piece.score, left, right, len });
         if piece.kind == PieceKind::Unused {
-            // The C++ keeps the split of the last queued pair with this text.
+            // As the C++: the split of the last queued pair with this text wins.
             merges.unused_splits.insert(text, l.len);
         }
     }
 }
 
-/// A piece of the output: its id and its span in the normalized text.
+/// A span of the normalized text and its piece; `None` for an unknown symbol.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    id: Option<u32>,
+    start: usize,
+    end: usize,
+}
+
+/// An output id and its span in the normalized text.
 #[derive(Clone, Copy, Debug)]
 struct Token {
     id: u32,
@@ -702,13 +757,10 @@ struct Candidate {
 }
 
 impl Ord for Candidate {
-    /// Higher score first, then the leftmost pair (scores are never NaN, and -0.0 ties
-    /// with 0.0 as in C++).
+    /// Higher score first, then the leftmost pair. Scores compare by IEEE total order,
+    /// as sentencepiece 0.2.1+ does by comparing their bit patterns (so -0.0 < 0.0).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .partial_cmp(&other.score)
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| other.left.cmp(&self.left))
+        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -849,7 +901,8 @@ struct CharsMap {
 }
 
 impl CharsMap {
-    /// Layout: little-endian `u32` trie size in bytes, the trie units, the string pool.
+    /// Layout: little-endian `u32` trie size in bytes, the trie units, the string pool
+    /// (NUL-terminated replacements). Checked as `DecodePrecompiledCharsMap` checks it.
     fn parse(blob: &[u8]) -> Result<Self, SentencePieceError> {
         let corrupt = |reason| SentencePieceError::CorruptCharsMap { reason };
         let Some((size, rest)) = blob.split_first_chunk::<4>().filter(|(_, r)| !r.is_empty())
@@ -858,12 +911,16 @@ impl CharsMap {
         };
         let trie_size = usize::try_from(u32::from_le_bytes(*size))
             .map_err(|_| corrupt("trie size does not fit in memory"))?;
-        if trie_size % 4 != 0 {
-            return Err(corrupt("trie size is not a whole number of units"));
-        }
-        let (Some(trie), Some(pool)) = (rest.get(..trie_size), rest.get(trie_size..)) else {
+        if trie_size >= rest.len() {
             return Err(corrupt("trie size exceeds the blob"));
-        };
+        }
+        if trie_size < 1024 || trie_size % 1024 != 0 {
+            return Err(corrupt("trie size is not a multiple of 1024"));
+        }
+        let (trie, pool) = rest.split_at(trie_size);
+        if pool.last() != Some(&0) {
+            return Err(corrupt("replacement strings are not NUL-terminated"));
+        }
         let units = trie
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -1110,14 +1167,36 @@ mod tests {
         assert!(matches!(missing_byte, Err(SentencePieceError::MissingBytePiece { byte: 0 })));
         let duplicate = edited(|m| m.pieces[300].piece = Some("▁a".into()));
         assert!(matches!(duplicate, Err(SentencePieceError::DuplicatePiece { first: 265, .. })));
-        let no_unk = edited(|m| m.pieces[0].r#type = Some(3));
+        let no_unk = edited(|m| {
+            m.pieces[0].r#type = Some(3);
+            m.trainer_spec.as_mut().unwrap().byte_fallback = Some(false);
+            for piece in m.pieces.iter_mut().filter(|p| p.r#type == Some(6)) {
+                piece.r#type = Some(1);
+            }
+        });
         assert!(matches!(no_unk, Err(SentencePieceError::MissingUnknown)));
+        let clash = edited(|m| m.pieces[300].piece = Some("<s>".into()));
+        assert!(matches!(clash, Err(SentencePieceError::DuplicatePiece { first: 1, .. })));
+        let nul = edited(|m| m.pieces[300].piece = Some("a\0b".into()));
+        assert!(matches!(nul, Err(SentencePieceError::PieceWithNul { id: 300 })));
         let empty = edited(|m| m.pieces[400].piece = Some(String::new()));
         assert!(matches!(empty, Err(SentencePieceError::EmptyPiece { id: 400 })));
         let bad_map = edited(|m| {
             m.normalizer_spec.as_mut().unwrap().precompiled_charsmap = Some(vec![9, 0, 0, 0, 1])
         });
         assert!(matches!(bad_map, Err(SentencePieceError::CorruptCharsMap { .. })));
+    }
+
+    #[test]
+    fn byte_fallback_models_may_lack_unk_and_ignore_a_nul_piece() {
+        // sentencepiece 0.2.3 loads both; ids and decodes below are what it gives.
+        let no_unk = edited(|m| m.pieces[0].r#type = Some(3)).unwrap();
+        assert_eq!(no_unk.unk_id(), None);
+        assert_eq!(no_unk.encode("Hello wörld"), [498, 81, 291, 333, 274, 204, 191, 505, 332]);
+        assert_eq!(no_unk.decode(&[0, 100]), "[");
+        let nul = edited(|m| m.pieces[300].piece = Some("\0".into())).unwrap();
+        assert_eq!(nul.decode(&[300, 100]), "\0[");
+        assert_eq!(nul.piece_to_id("\0"), None);
     }
 
     #[test]
@@ -1135,6 +1214,59 @@ mod tests {
         let pieces: Vec<String> = no_prefix.encode_pieces("a b").into_iter().map(|p| p.1).collect();
         assert_eq!(pieces, ["a", "▁b"]);
         assert_eq!(no_prefix.decode(&no_prefix.encode(" a")), " a");
+    }
+
+    /// A precompiled charsmap as sentencepiece's builder lays it out: 256 double-array
+    /// units (free ones linked as `i ^ 1`) with the given used units, then the pool.
+    fn charsmap(used: &[(usize, u32)], pool: &[u8]) -> Vec<u8> {
+        let mut units: Vec<u32> = (0..256u32).map(|i| i ^ 1).collect();
+        for &(i, unit) in used {
+            units[i] = unit;
+        }
+        let mut blob = 1024u32.to_le_bytes().to_vec();
+        blob.extend(units.iter().flat_map(|u| u.to_le_bytes()));
+        blob.extend_from_slice(pool);
+        blob
+    }
+
+    #[test]
+    fn precompiled_charsmaps_normalize_and_denormalize() {
+        // Built by sentencepiece from the rules "ab" → "AB" (normalizer) and "A" → "a",
+        // "BC" → "xyz", "あ" → "A B" (denormalizer); ids from sentencepiece 0.2.3.
+        let spm = edited(|m| {
+            let rules = [(0, 98304), (1, 98401), (2, 2147483648), (3, 1378)];
+            m.normalizer_spec.as_mut().unwrap().precompiled_charsmap =
+                Some(charsmap(&rules, b"AB\0"));
+            let rules = [
+                (0, 65536), (1, 2369), (2, 70722), (3, 2147483652), (4, 1347),
+                (5, 2147483654), (6, 134273), (7, 15746), (8, 2147483648), (163, 37091),
+            ];
+            m.denormalizer_spec = Some(proto::NormalizerSpec {
+                precompiled_charsmap: Some(charsmap(&rules, b"A B\0a\0xyz\0")),
+                add_dummy_prefix: Some(false),
+                remove_extra_whitespaces: Some(false),
+                escape_whitespaces: Some(false),
+                ..Default::default()
+            });
+        })
+        .unwrap();
+        let ids = spm.encode("abc cab");
+        assert_eq!(ids, [498, 518, 75, 522, 498, 522, 518, 75]);
+        assert_eq!(spm.decode(&ids), "aBc caB");
+        assert_eq!(spm.decode(&[498, 74, 75, 76, 236, 138, 139]), "axyzA B");
+    }
+
+    #[test]
+    fn unused_pieces_are_split_back_or_fall_back_to_bytes() {
+        // "lo", "▁w", "orld" and "y" marked UNUSED; ids from sentencepiece 0.2.3.
+        let spm = edited(|m| {
+            for id in [333, 274, 435, 520] {
+                m.pieces[id].r#type = Some(5);
+            }
+        })
+        .unwrap();
+        assert_eq!(spm.encode("Hello world"), [498, 81, 291, 507, 506, 498, 512, 297, 332]);
+        assert_eq!(spm.encode("yellow"), [498, 130, 291, 401]);
     }
 
     #[test]
@@ -1160,7 +1292,7 @@ mod tests {
     #[test]
     fn tempfuzz_against_python() {
         let mut failures = 0;
-        for name in ["tiny", "collapse", "noprefix", "noescape", "unused", "nfkc_nofb", "suffix_fb", "nfkc_cf"] {
+        for name in ["unused_multi", "unused_multi_tiny", "nounk", "custom", "tiny", "collapse", "noprefix", "noescape", "unused", "nfkc_nofb", "suffix_fb", "nfkc_cf"] {
             let spm = SentencePieceBpe::from_file(Path::new(&format!("/tmp/spmfuzz/{name}.model"))).unwrap();
             let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("/tmp/spmfuzz/{name}.json")).unwrap()).unwrap();
             let mut ok = 0;
@@ -1188,6 +1320,24 @@ mod tests {
             eprintln!("{name}: {ok} ok");
         }
         assert_eq!(failures, 0);
+    }
+    #[test]
+    fn tempbench() {
+        let spm = SentencePieceBpe::from_file(Path::new("/tmp/spmfuzz/nfkc_cf.model")).unwrap();
+        let tiny = tiny();
+        let corpus = std::fs::read_to_string("/tmp/spmfuzz/corpus.txt").unwrap();
+        let lines: Vec<&str> = corpus.lines().collect();
+        let records: Vec<String> = (0..10_000).map(|i| lines[i % lines.len()..].iter().take(8).cloned().collect::<Vec<_>>().join(" ")).collect();
+        let bytes: usize = records.iter().map(|r| r.len()).sum();
+        for (name, m) in [("nfkc_cf", &spm), ("tiny", &tiny)] {
+            let t = std::time::Instant::now();
+            let n: usize = records.iter().map(|r| m.encode(r).len()).sum();
+            eprintln!("{name}: {} records, {bytes} bytes, {n} ids in {:?}", records.len(), t.elapsed());
+        }
+        let big = records.join(" ");
+        let t = std::time::Instant::now();
+        let n = tiny.encode(&big).len();
+        eprintln!("one text of {} bytes -> {n} ids in {:?}", big.len(), t.elapsed());
     }
     // TEMPFUZZ-END
 }

@@ -1,4 +1,9 @@
-//! Layers shared by every decoder family.
+//! Layers shared by every model: the linear seam, norms, rotary embedding, attention,
+//! the gated MLP and the KV cache.
 
+pub mod attention;
+pub mod kv_cache;
+pub mod linear;
+pub mod mlp;
 pub mod rms_norm;
 pub mod rope;

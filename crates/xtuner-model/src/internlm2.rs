@@ -1,0 +1,533 @@
+//! InternLM2 (Cai et al., 2024, "InternLM2 Technical Report"), mirroring Hugging Face's
+//! `modeling_internlm2.py`; the same decoder serves Llama and Qwen2 checkpoints, whose
+//! arithmetic is identical (pre-norm residual blocks, RMSNorm, rotate-half RoPE,
+//! grouped-query attention, SwiGLU), through their own key names ([`Family`]).
+//!
+//! ```text
+//! h = embed(ids)
+//! for each layer:  h = h + wo(attention(attention_norm(h)))
+//!                  h = h + w2(silu(w1(z)) ⊙ w3(z)),  z = ffn_norm(h)
+//! logits = output(norm(h))
+//! ```
+//!
+//! Checkpoint keys: `model.tok_embeddings`, `model.layers.N.{attention_norm,
+//! attention.wqkv, attention.wo, ffn_norm, feed_forward.w1|w2|w3}`, `model.norm`,
+//! `output` (see [`crate::checkpoint::keys`] for the other families).
+//!
+//! Dimension legend: B batch, T tokens, C hidden, H heads, K KV heads, D head dim,
+//! I intermediate, V vocabulary.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::Deserialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::checkpoint::keys::{Family, QkvKeys, internlm2_qkv_rows};
+use crate::checkpoint::peft::PeftAdapter;
+use crate::nn::attention::Attention;
+use crate::nn::kv_cache::KvCache;
+use crate::nn::linear::Linear;
+use crate::nn::mlp::FeedForward;
+use crate::nn::rms_norm::RmsNorm;
+use crate::nn::rope::{Rope, RopeScaling};
+use crate::{Error, Result};
+
+/// `config.json` as Hugging Face writes it for InternLM2, Llama and Qwen2 (only the
+/// fields the arithmetic needs).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfDecoderConfig {
+    /// `internlm2`, `llama` or `qwen2`.
+    pub model_type: String,
+    /// V.
+    pub vocab_size: usize,
+    /// C.
+    pub hidden_size: usize,
+    /// I.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// H.
+    pub num_attention_heads: usize,
+    /// K (defaults to H).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// D (defaults to C / H).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm ε.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE θ (older configs; transformers 5 writes it in `rope_parameters`).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// transformers 5's RoPE settings.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// `{"type"|"rope_type": "linear"|"dynamic", "factor": f}`.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Trained context length.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// InternLM2: biases on every linear layer.
+    #[serde(default)]
+    pub bias: Option<bool>,
+    /// Llama: biases on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    /// Llama: biases on the MLP.
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    /// The LM head shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    /// `silu` for every supported family.
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_positions() -> usize {
+    2048
+}
+
+/// The validated architecture of a decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    /// Which key names the checkpoint uses.
+    pub family: Family,
+    /// V.
+    pub vocab_size: usize,
+    /// C.
+    pub hidden_size: usize,
+    /// I.
+    pub intermediate_size: usize,
+    /// Number of layers.
+    pub n_layers: usize,
+    /// H.
+    pub n_heads: usize,
+    /// K.
+    pub n_kv_heads: usize,
+    /// D.
+    pub head_dim: usize,
+    /// RMSNorm ε.
+    pub rms_norm_eps: f64,
+    /// Rotary embedding.
+    pub rope: Rope,
+    /// Biases on q/k/v.
+    pub qkv_bias: bool,
+    /// Bias on the attention output.
+    pub o_bias: bool,
+    /// Biases on the MLP.
+    pub mlp_bias: bool,
+    /// The LM head is the embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+impl DecoderConfig {
+    /// Reads and validates a `config.json`.
+    ///
+    /// # Errors
+    /// An unreadable file, an unsupported `model_type` or activation, or shapes that do
+    /// not fit together.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        let hf: HfDecoderConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
+        Self::try_from(hf).map_err(|e| match e {
+            Error::InvalidConfig { key, message } => Error::BadConfig { path: path.to_path_buf(), message: format!("`{key}`: {message}") },
+            other => other,
+        })
+    }
+
+    /// Parameters of the matrix products (embeddings excluded, LM head included).
+    pub fn matmul_params(&self) -> usize {
+        let (c, h, k, d, i) = (self.hidden_size, self.n_heads, self.n_kv_heads, self.head_dim, self.intermediate_size);
+        self.n_layers * (c * (h + 2 * k) * d + h * d * c + 3 * c * i) + c * self.vocab_size
+    }
+}
+
+impl TryFrom<HfDecoderConfig> for DecoderConfig {
+    type Error = Error;
+
+    fn try_from(hf: HfDecoderConfig) -> Result<Self> {
+        let invalid = |key: &'static str, message: String| Error::InvalidConfig { key, message };
+        let family = match hf.model_type.as_str() {
+            "internlm2" => Family::InternLm2,
+            "llama" | "mistral" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            other => return Err(invalid("model_type", format!("`{other}` is not supported (internlm2, llama, qwen2)"))),
+        };
+        if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(invalid("hidden_act", format!("`{act}` is not supported (silu)")));
+        }
+        let n_heads = hf.num_attention_heads;
+        let n_kv_heads = hf.num_key_value_heads.unwrap_or(n_heads);
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(invalid("num_key_value_heads", format!("{n_kv_heads} must divide num_attention_heads {n_heads}")));
+        }
+        let head_dim = match hf.head_dim {
+            Some(d) => d,
+            None if hf.hidden_size % n_heads == 0 => hf.hidden_size / n_heads,
+            None => return Err(invalid("hidden_size", format!("{} is not a multiple of {n_heads} heads", hf.hidden_size))),
+        };
+        for (key, value) in [("vocab_size", hf.vocab_size), ("hidden_size", hf.hidden_size), ("intermediate_size", hf.intermediate_size), ("num_hidden_layers", hf.num_hidden_layers)] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive".into()));
+            }
+        }
+        let theta = hf
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(serde_json::Value::as_f64)
+            .or(hf.rope_theta)
+            .unwrap_or(10_000.0);
+        let scaling = match &hf.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(s) => {
+                let kind = s.get("type").or_else(|| s.get("rope_type")).and_then(serde_json::Value::as_str).unwrap_or("");
+                let factor = s.get("factor").and_then(serde_json::Value::as_f64).unwrap_or(1.0);
+                match kind {
+                    "linear" => Some(RopeScaling::Linear { factor }),
+                    "dynamic" => Some(RopeScaling::Dynamic { factor }),
+                    "default" | "" => None,
+                    other => return Err(invalid("rope_scaling", format!("type `{other}` is not supported (linear, dynamic)"))),
+                }
+            }
+        };
+        let rope = Rope::new(head_dim, theta, hf.max_position_embeddings, scaling)?;
+        let (qkv_bias, o_bias, mlp_bias) = match family {
+            Family::InternLm2 => {
+                let b = hf.bias.unwrap_or(true);
+                (b, b, b)
+            }
+            Family::Llama => {
+                let b = hf.attention_bias.unwrap_or(false);
+                (b, b, hf.mlp_bias.unwrap_or(false))
+            }
+            Family::Qwen2 => (true, false, false),
+        };
+        Ok(Self {
+            family,
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            n_layers: hf.num_hidden_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rms_norm_eps: hf.rms_norm_eps,
+            rope,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        })
+    }
+}
+
+/// The decoder.
+#[derive(Module, Debug)]
+pub struct InternLm2<B: Backend> {
+    /// Token embeddings `[V, C]`.
+    pub tok_embeddings: Param<Tensor<B, 2>>,
+    /// The decoder layers.
+    pub layers: Vec<Block<B>>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm<B>,
+    /// LM head `[C, V]`; `None` when tied to the embeddings.
+    pub output: Option<Linear<B>>,
+    /// Rotary embedding settings.
+    pub rope: Rope,
+}
+
+/// Inputs besides the embeddings: positions and the attention mask.
+#[derive(Debug, Clone)]
+pub struct DecoderInput<B: Backend> {
+    /// Position of each token `[B, T]` (restarting per packed sample).
+    pub positions: Tensor<B, 2, Int>,
+    /// Additive attention mask `[B, 1, T, S]` (see [`crate::nn::attention::attention_bias`]).
+    pub bias: Tensor<B, 4>,
+}
+
+impl<B: Backend> InternLm2<B> {
+    /// Embeds token ids.
+    ///
+    /// # Shapes
+    /// `ids`: `[B, T]` → `[B, T, C]`.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.tok_embeddings.val(), ids)
+    }
+
+    /// Logits for every position of token ids.
+    ///
+    /// # Shapes
+    /// `ids`: `[B, T]` → `[B, T, V]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, input: &DecoderInput<B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        self.forward_embeds(self.embed(ids), input, cache)
+    }
+
+    /// Logits for every position of input embeddings (LLaVA splices image features
+    /// into them).
+    ///
+    /// # Shapes
+    /// `embeds`: `[B, T, C]` → `[B, T, V]`.
+    pub fn forward_embeds(&self, embeds: Tensor<B, 3>, input: &DecoderInput<B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let h = self.hidden_states(embeds, input, cache);
+        self.lm_head(h)
+    }
+
+    /// The final normed hidden states (before the LM head).
+    ///
+    /// # Shapes
+    /// `embeds`: `[B, T, C]` → `[B, T, C]`.
+    pub fn hidden_states(&self, embeds: Tensor<B, 3>, input: &DecoderInput<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let (cos, sin) = self.rope.cos_sin(input.positions.clone());
+        let mut h = embeds;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
+            h = layer.forward(h, &cos, &sin, &input.bias, layer_cache);
+        }
+        self.norm.forward(h)
+    }
+
+    /// Logits from normed hidden states.
+    ///
+    /// # Shapes
+    /// `h`: `[B, T, C]` → `[B, T, V]`.
+    pub fn lm_head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.output {
+            Some(output) => output.forward(h),
+            None => h.matmul(self.tok_embeddings.val().transpose().unsqueeze::<3>()),
+        }
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// RMSNorm before attention.
+    pub attention_norm: RmsNorm<B>,
+    /// Self-attention.
+    pub attention: Attention<B>,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: RmsNorm<B>,
+    /// SwiGLU MLP.
+    pub feed_forward: FeedForward<B>,
+}
+
+impl<B: Backend> Block<B> {
+    /// # Shapes
+    /// `x`: `[B, T, C]` → `[B, T, C]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+        bias: &Tensor<B, 4>,
+        cache: Option<&mut crate::nn::kv_cache::LayerCache<B>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.attention.forward(self.attention_norm.forward(x), cos, sin, bias, cache);
+        h.clone() + self.feed_forward.forward(self.ffn_norm.forward(h))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Construction: random init (demos, benchmarks) and loading a Hugging Face checkpoint.
+
+impl<B: Backend> InternLm2<B> {
+    /// A model of the given shape with random weights (embeddings N(0, 0.02²), linear
+    /// layers as PyTorch initialises them).
+    ///
+    /// # Errors
+    /// A config that cannot build layers.
+    pub fn random(config: &DecoderConfig, device: &B::Device) -> Result<Self> {
+        let c = config;
+        let qkv_out = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+        let layers = (0..c.n_layers)
+            .map(|_| {
+                Ok(Block {
+                    attention_norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?,
+                    attention: Attention {
+                        wqkv: Linear::new(c.hidden_size, qkv_out, c.qkv_bias, device),
+                        wo: Linear::new(c.n_heads * c.head_dim, c.hidden_size, c.o_bias, device),
+                        n_heads: c.n_heads,
+                        n_kv_heads: c.n_kv_heads,
+                        head_dim: c.head_dim,
+                    },
+                    ffn_norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?,
+                    feed_forward: FeedForward {
+                        w1: Linear::new(c.hidden_size, c.intermediate_size, c.mlp_bias, device),
+                        w2: Linear::new(c.intermediate_size, c.hidden_size, c.mlp_bias, device),
+                        w3: Linear::new(c.hidden_size, c.intermediate_size, c.mlp_bias, device),
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embeddings = Tensor::random([c.vocab_size, c.hidden_size], burn::tensor::Distribution::Normal(0.0, 0.02), device);
+        Ok(Self {
+            tok_embeddings: Param::from_tensor(embeddings),
+            layers,
+            norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?,
+            output: (!c.tie_word_embeddings).then(|| Linear::new(c.hidden_size, c.vocab_size, false, device)),
+            rope: c.rope,
+        })
+    }
+
+    /// Loads a Hugging Face model directory (`config.json` + safetensors), optionally
+    /// merging a PEFT LoRA adapter into the weights as they load.
+    ///
+    /// # Errors
+    /// A bad config, a missing or mis-shaped tensor (named), tensors the model does not
+    /// use, or an adapter for another model.
+    pub fn load(dir: &Path, adapter: Option<&PeftAdapter>, device: &B::Device) -> Result<(Self, DecoderConfig)> {
+        let config = DecoderConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let model = Self::load_from(&ckpt, &config, adapter, device)?;
+        Ok((model, config))
+    }
+
+    /// Loads from an opened checkpoint with a known config.
+    ///
+    /// # Errors
+    /// See [`InternLm2::load`].
+    pub fn load_from(ckpt: &Checkpoint, config: &DecoderConfig, adapter: Option<&PeftAdapter>, device: &B::Device) -> Result<Self> {
+        let c = config;
+        let src = Source { ckpt, adapter };
+        let family = c.family;
+        let (h, k, d, hidden) = (c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size);
+        let qkv_out = (h + 2 * k) * d;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let keys = family.layer(i);
+            let (qkv_rows, qkv_bias) = match &keys.qkv {
+                QkvKeys::Fused(module) => {
+                    let rows = src.linear_rows(module, qkv_out, hidden)?;
+                    let bias = c.qkv_bias.then(|| src.vector(&format!("{module}.bias"), qkv_out)).transpose()?;
+                    let order = internlm2_qkv_rows(h, k, d);
+                    (permute_rows(&rows, &order, hidden), bias.map(|b| order.iter().map(|&r| b[r]).collect()))
+                }
+                QkvKeys::Separate { q, k: key, v } => {
+                    let mut rows = src.linear_rows(q, h * d, hidden)?;
+                    rows.extend(src.linear_rows(key, k * d, hidden)?);
+                    rows.extend(src.linear_rows(v, k * d, hidden)?);
+                    let bias = if c.qkv_bias {
+                        let mut b = src.vector(&format!("{q}.bias"), h * d)?;
+                        b.extend(src.vector(&format!("{key}.bias"), k * d)?);
+                        b.extend(src.vector(&format!("{v}.bias"), k * d)?);
+                        Some(b)
+                    } else {
+                        None
+                    };
+                    (rows, bias)
+                }
+            };
+            layers.push(Block {
+                attention_norm: norm(src.vector(&format!("{}.weight", keys.attention_norm), hidden)?, c.rms_norm_eps, device)?,
+                attention: Attention {
+                    wqkv: linear(qkv_rows, qkv_out, hidden, qkv_bias, device),
+                    wo: src.linear(&keys.wo, h * d, hidden, c.o_bias, device)?,
+                    n_heads: h,
+                    n_kv_heads: k,
+                    head_dim: d,
+                },
+                ffn_norm: norm(src.vector(&format!("{}.weight", keys.ffn_norm), hidden)?, c.rms_norm_eps, device)?,
+                feed_forward: FeedForward {
+                    w1: src.linear(&keys.w1, hidden, c.intermediate_size, c.mlp_bias, device)?,
+                    w2: src.linear(&keys.w2, c.intermediate_size, hidden, c.mlp_bias, device)?,
+                    w3: src.linear(&keys.w3, hidden, c.intermediate_size, c.mlp_bias, device)?,
+                },
+            });
+        }
+        let embeddings = ckpt.tensor::<B, 2>(&format!("{}.weight", family.embed()), [c.vocab_size, hidden], device)?;
+        let output_key = format!("{}.weight", family.output());
+        let output = if c.tie_word_embeddings && !ckpt.contains(&output_key) {
+            None
+        } else {
+            Some(src.linear(family.output(), hidden, c.vocab_size, false, device)?)
+        };
+        let model = Self {
+            tok_embeddings: Param::from_tensor(embeddings),
+            layers,
+            norm: norm(src.vector(&format!("{}.weight", family.norm()), hidden)?, c.rms_norm_eps, device)?,
+            output,
+            rope: c.rope,
+        };
+        let unused: Vec<String> = ckpt.unused_keys().into_iter().filter(|k| !k.ends_with("rotary_emb.inv_freq")).collect();
+        if !unused.is_empty() {
+            return Err(Error::UnexpectedTensors { keys: unused });
+        }
+        if let Some(adapter) = adapter {
+            let unused = adapter.unused_modules();
+            if !unused.is_empty() {
+                return Err(Error::BadAdapter {
+                    path: adapter.dir().to_path_buf(),
+                    message: format!("adapts modules this model does not have: {}", unused.join(", ")),
+                });
+            }
+        }
+        Ok(model)
+    }
+}
+
+/// Reads HF tensors as row-major `[out, in]` data, with an adapter merged in.
+struct Source<'a> {
+    ckpt: &'a Checkpoint,
+    adapter: Option<&'a PeftAdapter>,
+}
+
+impl Source<'_> {
+    fn vector(&self, key: &str, n: usize) -> Result<Vec<f32>> {
+        self.data(key, vec![n])
+    }
+
+    fn data(&self, key: &str, shape: Vec<usize>) -> Result<Vec<f32>> {
+        let found = self.ckpt.shape(key).ok_or_else(|| Error::MissingTensor { key: key.to_string(), path: self.ckpt.path().to_path_buf() })?;
+        if found != shape {
+            return Err(Error::ShapeMismatch { key: key.to_string(), expected: shape, found });
+        }
+        let data = self.ckpt.float_data(key)?;
+        self.ckpt.mark_used(key);
+        data.to_vec::<f32>().map_err(|e| Error::Safetensors { path: self.ckpt.path().to_path_buf(), message: format!("{key}: {e:?}") })
+    }
+
+    /// `module.weight` as `[out, in]` rows, plus the adapter's `scale·B·A`.
+    fn linear_rows(&self, module: &str, out: usize, inp: usize) -> Result<Vec<f32>> {
+        let mut rows = self.data(&format!("{module}.weight"), vec![out, inp])?;
+        if let Some(delta) = self.adapter.map(|a| a.delta(module, out, inp)).transpose()?.flatten() {
+            rows.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+        }
+        Ok(rows)
+    }
+
+    fn linear<B: Backend>(&self, module: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Linear<B>> {
+        let rows = self.linear_rows(module, d_out, d_in)?;
+        let bias = bias.then(|| self.vector(&format!("{module}.bias"), d_out)).transpose()?;
+        Ok(linear(rows, d_out, d_in, bias, device))
+    }
+}
+
+/// A linear layer from PyTorch `[out, in]` rows (transposed to Burn's `[in, out]`).
+fn linear<B: Backend>(rows: Vec<f32>, out: usize, inp: usize, bias: Option<Vec<f32>>, device: &B::Device) -> Linear<B> {
+    let weight = Tensor::<B, 2>::from_data(TensorData::new(rows, [out, inp]), device).transpose();
+    let bias = bias.map(|b| Tensor::<B, 1>::from_data(TensorData::new(b, [out]), device));
+    Linear::from_tensors(weight, bias)
+}
+
+fn norm<B: Backend>(weight: Vec<f32>, eps: f64, device: &B::Device) -> Result<RmsNorm<B>> {
+    let mut norm = RmsNorm::new(weight.len(), eps, device)?;
+    let n = weight.len();
+    norm.weight = Param::from_tensor(Tensor::from_data(TensorData::new(weight, [n]), device));
+    Ok(norm)
+}
+
+/// Rows of a row-major `[rows, width]` matrix in the given order.
+fn permute_rows(data: &[f32], order: &[usize], width: usize) -> Vec<f32> {
+    order.iter().flat_map(|&r| data[r * width..(r + 1) * width].iter().copied()).collect()
+}
