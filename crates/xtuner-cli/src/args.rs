@@ -198,4 +198,16 @@ pub struct ChatCli {
     /// The bot's name in system templates that use it.
     #[arg(long, default_value = "BOT")]
     pub bot_name: String,
+    /// A LLaVA directory from `xtuner convert pth_to_hf` (projector/, llm_adapter/, ...).
+    #[arg(long, conflicts_with = "adapter")]
+    pub llava: Option<PathBuf>,
+    /// The CLIP vision tower (a Hugging Face CLIP directory).
+    #[arg(long)]
+    pub visual_encoder: Option<PathBuf>,
+    /// The vision tower's hidden state fed to the projector.
+    #[arg(long, default_value_t = -2, allow_hyphen_values = true)]
+    pub visual_select_layer: i64,
+    /// The image (LLaVA).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
 }

@@ -65,6 +65,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             prompt: c.prompt,
             device: c.device,
             bot_name: c.bot_name,
+            llava: c.llava,
+            visual_encoder: c.visual_encoder,
+            visual_select_layer: c.visual_select_layer,
+            image: c.image,
         })?,
         Command::Tokenize { tokenizer, json, text } => {
             commands::tokenize::tokenize(&tokenizer, &text.join(" "), json)?

@@ -328,3 +328,27 @@ fn chat_session_reads_turns_until_exit_and_applies_the_adapter() {
     let err = failed(&xtuner(&["chat", model.to_str().unwrap(), "--system", "x", "--prompt", "x"], &repo()), 1);
     assert!(err.contains("--prompt-template"), "{err}");
 }
+
+#[test]
+fn llava_chat_about_an_image() {
+    let f = fixtures();
+    let (llm, llava, clip) = (f.join("internlm2-tiny"), f.join("llava-tiny"), f.join("clip-vit-tiny"));
+    let image = clip.join("image.png");
+    let args = [
+        "chat", llm.to_str().unwrap(), "--llava", llava.to_str().unwrap(), "--visual-encoder", clip.to_str().unwrap(),
+        "--image", image.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", "What is this?",
+        "--temperature", "0", "--max-new-tokens", "6", "--no-streamer",
+    ];
+    let first = ok(&xtuner(&args, &repo()));
+    assert!(!first.trim().is_empty());
+    assert_eq!(first, ok(&xtuner(&args, &repo())), "greedy decoding is deterministic");
+    // A missing image, projector or vision tower is a clear error.
+    let mut missing = args.to_vec();
+    missing[7] = "missing.png";
+    let err = failed(&xtuner(&missing, &repo()), 1);
+    assert!(err.contains("missing.png"), "{err}");
+    let err = failed(&xtuner(&["chat", llm.to_str().unwrap(), "--image", image.to_str().unwrap(), "--prompt", "x"], &repo()), 1);
+    assert!(err.contains("--llava"), "{err}");
+    let err = failed(&xtuner(&["chat", llm.to_str().unwrap(), "--llava", llava.to_str().unwrap(), "--image", image.to_str().unwrap(), "--prompt", "x"], &repo()), 1);
+    assert!(err.contains("--visual-encoder"), "{err}");
+}

@@ -476,6 +476,76 @@ impl<B: Backend> InternLm2<B> {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Writing back the Hugging Face layout (the inverse of loading).
+
+impl<B: Backend> InternLm2<B> {
+    /// Every weight under its Hugging Face key, in PyTorch's `[out, in]` layout (and
+    /// InternLM2's interleaved `wqkv`), ready for [`crate::checkpoint::save_safetensors`].
+    /// Loading and saving round-trips a checkpoint exactly.
+    pub fn to_hf_tensors(&self, config: &DecoderConfig) -> Vec<(String, TensorData)> {
+        let c = config;
+        let (h, k, d, hidden) = (c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size);
+        let mut out = Vec::new();
+        let family = c.family;
+        out.push((format!("{}.weight", family.embed()), self.tok_embeddings.val().into_data()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let keys = family.layer(i);
+            let (rows, bias) = hf_rows(&layer.attention.wqkv);
+            match &keys.qkv {
+                QkvKeys::Fused(module) => {
+                    let order = internlm2_qkv_rows(h, k, d);
+                    let mut inverse = vec![0; order.len()];
+                    for (ours, &theirs) in order.iter().enumerate() {
+                        inverse[theirs] = ours;
+                    }
+                    let n = order.len();
+                    out.push((format!("{module}.weight"), TensorData::new(permute_rows(&rows, &inverse, hidden), [n, hidden])));
+                    if let Some(b) = bias {
+                        out.push((format!("{module}.bias"), TensorData::new(inverse.iter().map(|&r| b[r]).collect::<Vec<f32>>(), [n])));
+                    }
+                }
+                QkvKeys::Separate { q, k: key, v } => {
+                    let parts = [(q, 0, h * d), (key, h * d, k * d), (v, (h + k) * d, k * d)];
+                    for (module, start, n) in parts {
+                        out.push((format!("{module}.weight"), TensorData::new(rows[start * hidden..(start + n) * hidden].to_vec(), [n, hidden])));
+                        if let Some(b) = &bias {
+                            out.push((format!("{module}.bias"), TensorData::new(b[start..start + n].to_vec(), [n])));
+                        }
+                    }
+                }
+            }
+            let mut linear = |module: &str, l: &Linear<B>| {
+                let [d_in, d_out] = l.dims();
+                let (rows, bias) = hf_rows(l);
+                out.push((format!("{module}.weight"), TensorData::new(rows, [d_out, d_in])));
+                if let Some(b) = bias {
+                    out.push((format!("{module}.bias"), TensorData::new(b, [d_out])));
+                }
+            };
+            linear(&keys.wo, &layer.attention.wo);
+            linear(&keys.w1, &layer.feed_forward.w1);
+            linear(&keys.w2, &layer.feed_forward.w2);
+            linear(&keys.w3, &layer.feed_forward.w3);
+            out.push((format!("{}.weight", keys.attention_norm), layer.attention_norm.weight.val().into_data()));
+            out.push((format!("{}.weight", keys.ffn_norm), layer.ffn_norm.weight.val().into_data()));
+        }
+        out.push((format!("{}.weight", family.norm()), self.norm.weight.val().into_data()));
+        if let Some(output) = &self.output {
+            let [d_in, d_out] = output.dims();
+            out.push((format!("{}.weight", family.output()), TensorData::new(hf_rows(output).0, [d_out, d_in])));
+        }
+        out
+    }
+}
+
+/// A linear layer's weight as PyTorch `[out, in]` rows, and its bias.
+fn hf_rows<B: Backend>(linear: &Linear<B>) -> (Vec<f32>, Option<Vec<f32>>) {
+    let rows = linear.weight.val().transpose().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    let bias = linear.bias.as_ref().map(|b| b.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default());
+    (rows, bias)
+}
+
 /// Reads HF tensors as row-major `[out, in]` data, with an adapter merged in.
 struct Source<'a> {
     ckpt: &'a Checkpoint,

@@ -179,3 +179,21 @@ fn a_wrong_adapter_or_checkpoint_is_an_error_naming_the_tensor() {
     let err = InternLm2::<B>::load(dir.path(), None, &Default::default()).unwrap_err().to_string();
     assert!(err.contains("feed_forward.w1.weight") && err.contains("96"), "{err}");
 }
+
+#[test]
+fn save_and_load_round_trip_every_family_exactly() {
+    use xtuner_model::checkpoint::{SaveDtype, save_safetensors};
+    use xtuner_model::internlm2::DecoderConfig;
+    for dir in ["internlm2-tiny", "llama-tiny", "qwen2-tiny"] {
+        let config = DecoderConfig::from_file(&fixture(&format!("{dir}/config.json"))).unwrap();
+        let model = load(dir, None);
+        let out = tempfile::tempdir().unwrap();
+        save_safetensors(out.path(), "model", model.to_hf_tensors(&config), SaveDtype::F32, Some(20_000)).unwrap();
+        let original = Checkpoint::open(&fixture(&format!("{dir}/model.safetensors"))).unwrap();
+        let written = Checkpoint::open(out.path()).unwrap();
+        assert_eq!(written.keys(), original.keys(), "{dir}");
+        for key in original.keys() {
+            assert_eq!(written.float_data(&key).unwrap(), original.float_data(&key).unwrap(), "{dir} {key}");
+        }
+    }
+}

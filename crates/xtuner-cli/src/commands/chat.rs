@@ -6,6 +6,11 @@
 //! encoded with BOS; each answer is followed by the template's SEP. History is kept as
 //! token ids and reset when an answer reaches `--max-new-tokens`. Generation stops at
 //! the tokenizer's EOS or at a stop word (the template's STOP_WORDS plus `--stop-words`).
+//!
+//! With `--llava DIR --image FILE` the image (padded to square, preprocessed as CLIP
+//! wants) goes through the vision tower (`DIR/visual_encoder` or `--visual-encoder`)
+//! and `DIR/projector`; `<image>\n` opens the first user message and its features are
+//! spliced in at that token. `DIR/llm_adapter` is merged into the LLM when present.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -15,6 +20,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use xtuner_dataset::Tokenizer;
 use xtuner_model::checkpoint::peft::PeftAdapter;
+use xtuner_model::clip_vit::ClipVisionTower;
+use xtuner_model::image::ImageProcessor;
+use xtuner_model::llava::{IMAGE_TOKEN_INDEX, image_features, prepare_inputs_labels_for_multimodal};
+use xtuner_model::projector::Projector;
 use xtuner_model::generate::{GenerationConfig, StopReason, generate};
 use xtuner_model::internlm2::InternLm2;
 use xtuner_model::sampling::SamplingConfig;
@@ -49,6 +58,14 @@ pub struct ChatArgs {
     pub device: Device,
     /// Name used for `{bot_name}` in system templates.
     pub bot_name: String,
+    /// A LLaVA directory (projector/, optional llm_adapter/ and visual_encoder/).
+    pub llava: Option<PathBuf>,
+    /// The CLIP vision tower directory (when `llava/visual_encoder` is absent).
+    pub visual_encoder: Option<PathBuf>,
+    /// Which hidden state of the vision tower feeds the projector.
+    pub visual_select_layer: i64,
+    /// The image to talk about.
+    pub image: Option<PathBuf>,
 }
 
 /// Runs the chat on the chosen device.
@@ -74,9 +91,20 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
     if !system.is_empty() && template.as_ref().is_none_or(|t| t.system.is_none()) {
         bail!("a system prompt needs a --prompt-template with a SYSTEM field");
     }
-    let adapter = args.adapter.as_deref().map(PeftAdapter::open).transpose()?;
+    let adapter_dir = match (&args.adapter, &args.llava) {
+        (Some(_), Some(_)) => bail!("--adapter and --llava are exclusive (a LLaVA dir brings its llm_adapter/)"),
+        (Some(dir), None) => Some(dir.clone()),
+        (None, Some(llava)) => Some(llava.join("llm_adapter")).filter(|d| d.is_dir()),
+        (None, None) => None,
+    };
+    let adapter = adapter_dir.as_deref().map(PeftAdapter::open).transpose()?;
     let (model, _) = InternLm2::<B>::load(&args.model, adapter.as_ref(), &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
+    let image = match &args.llava {
+        Some(llava) => Some(load_image_features::<B>(args, llava, &device)?),
+        None if args.image.is_some() => bail!("--image needs --llava DIR (the projector)"),
+        None => None,
+    };
     let mut stop_words: Vec<String> = template.as_ref().map(|t| t.stop_words.clone()).unwrap_or_default();
     stop_words.extend(args.stop_words.iter().cloned());
     let mut session = Session {
@@ -93,6 +121,7 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         history: Vec::new(),
         stream: !args.no_streamer,
         device,
+        image,
     };
     if let Some(prompt) = &args.prompt {
         let answer = session.turn(prompt)?;
@@ -144,6 +173,24 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
     }
 }
 
+/// Runs the image through the vision tower and projector: `[1, P, C]` features.
+fn load_image_features<B: Backend>(args: &ChatArgs, llava: &std::path::Path, device: &B::Device) -> Result<Tensor<B, 3>> {
+    let image = args.image.as_deref().context("--llava needs --image FILE")?;
+    let tower_dir = Some(llava.join("visual_encoder"))
+        .filter(|d| d.is_dir())
+        .or_else(|| args.visual_encoder.clone())
+        .context("no visual encoder: give --visual-encoder DIR (or put one in LLAVA_DIR/visual_encoder)")?;
+    if llava.join("visual_encoder_adapter").is_dir() {
+        bail!("{}: LoRA adapters on the vision tower are not supported yet", llava.join("visual_encoder_adapter").display());
+    }
+    let (tower, _) = ClipVisionTower::<B>::load(&tower_dir, device).with_context(|| format!("loading {}", tower_dir.display()))?;
+    let (projector, _) = Projector::<B>::load(&llava.join("projector"), device)?;
+    // XTuner's chat always pads the image to a square.
+    let processor = ImageProcessor::from_file(tower_dir.join("preprocessor_config.json"), true)?;
+    let pixels = processor.preprocess_file::<B>(image, device)?;
+    Ok(image_features(&tower, &projector, pixels.unsqueeze::<4>(), args.visual_select_layer)?)
+}
+
 fn system_prompt(args: &ChatArgs) -> Result<String> {
     Ok(match (&args.system, &args.system_template) {
         (Some(_), Some(_)) => bail!("give --system or --system-template, not both"),
@@ -161,36 +208,46 @@ struct Session<'a, B: Backend> {
     system: String,
     stop_words: Vec<String>,
     config: GenerationConfig,
-    /// Ids of the conversation so far (prompts, answers, separators).
-    history: Vec<u32>,
+    /// Ids of the conversation so far (prompts, answers, separators; the image as -200).
+    history: Vec<i64>,
     stream: bool,
     device: B::Device,
+    /// Projected image features `[1, P, C]` (LLaVA).
+    image: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> Session<'_, B> {
     /// Answers one user input; returns the answer text (stop word removed).
     fn turn(&mut self, input: &str) -> Result<String> {
         let first = self.history.is_empty();
+        // LLaVA: the image opens the first user message, as XTuner's chat puts it.
+        let with_image = first && self.image.is_some();
+        let input = if with_image { format!("<image>\n{input}") } else { input.to_string() };
         let text = match self.template {
             Some(t) => {
                 let system = if first { self.system.as_str() } else { "" };
-                t.prompt(system, input, 1)?
+                t.prompt(system, &input, 1)?
             }
-            None => input.to_string(),
+            None => input,
         };
         if first {
-            self.history.extend_from_slice(self.tokenizer.bos_ids());
+            self.history.extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
         }
-        self.history.extend(self.tokenizer.encode(&text)?);
-        let ids: Vec<i64> = self.history.iter().map(|&i| i64::from(i)).collect();
-        let embeds = self.model.embed(Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &self.device));
+        if with_image {
+            self.push_image_prompt(&text)?;
+        } else {
+            self.push_text(&text)?;
+        }
+        let ids = self.history.clone();
+        let embeds = self.embeds(&ids)?;
+        let prompt_ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
         let mut printed = 0;
         let mut stdout = std::io::stdout();
         let mut generated: Vec<u32> = Vec::new();
         let tokenizer = self.tokenizer;
         let stop_words = &self.stop_words;
         let stream = self.stream;
-        let (new, reason) = generate(self.model, embeds, &self.history, &self.config, |id| {
+        let (new, reason) = generate(self.model, embeds, &prompt_ids, &self.config, |id| {
             generated.push(id);
             let text = tokenizer.decode(&generated).unwrap_or_default();
             // Print what is new once it decodes to whole characters.
@@ -212,15 +269,42 @@ impl<B: Backend> Session<'_, B> {
             let cut = answer.trim_end().len() - word.len();
             answer.truncate(cut);
         }
-        self.history.extend(&new);
+        self.history.extend(new.iter().map(|&i| i64::from(i)));
         if reason == StopReason::Eos {
-            self.history.extend_from_slice(self.tokenizer.eos_ids());
+            self.history.extend(self.tokenizer.eos_ids().iter().map(|&i| i64::from(i)));
         }
         if reason == StopReason::Length {
             self.history.clear();
         } else if let Some(t) = self.template {
-            self.history.extend(self.tokenizer.encode(&t.sep)?);
+            self.push_text(&t.sep)?;
         }
         Ok(answer)
+    }
+
+    fn push_text(&mut self, text: &str) -> Result<()> {
+        self.history.extend(self.tokenizer.encode(text)?.into_iter().map(i64::from));
+        Ok(())
+    }
+
+    /// The first prompt of a LLaVA chat: `<image>` marks where the features go.
+    fn push_image_prompt(&mut self, text: &str) -> Result<()> {
+        let (before, after) = text.split_once("<image>").unwrap_or(("", text));
+        self.push_text(before)?;
+        self.history.push(IMAGE_TOKEN_INDEX);
+        self.push_text(after)
+    }
+
+    /// Embeddings of the history, with the image's features spliced in.
+    fn embeds(&self, ids: &[i64]) -> Result<Tensor<B, 3>> {
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &self.device);
+        match &self.image {
+            Some(features) if ids.contains(&IMAGE_TOKEN_INDEX) => {
+                let spliced = prepare_inputs_labels_for_multimodal(tokens, None, None, features.clone(), |text| {
+                    self.model.embed(text.unsqueeze::<2>()).squeeze_dim::<2>(0)
+                })?;
+                Ok(spliced.inputs_embeds)
+            }
+            _ => Ok(self.model.embed(tokens)),
+        }
     }
 }

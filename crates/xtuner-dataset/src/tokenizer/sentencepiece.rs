@@ -25,12 +25,16 @@
 //!
 //! The algorithm follows sentencepiece's `normalizer.cc`, `bpe_model.cc` and
 //! `sentencepiece_processor.cc`; the golden ids in `shared/fixtures/spm-bpe-tiny` come from
-//! the library itself. Only BPE models are accepted: Unigram, word and char models give
+//! the library itself. Where its versions differ on odd vocabularies this follows 0.2.3:
+//! an UNUSED piece that no merge explains falls back like an unknown symbol, BPE never
+//! outputs a control or byte piece, and merge scores compare in IEEE total order
+//! (`-0.0 < 0.0`). Only BPE models are accepted: Unigram, word and char models give
 //! [`SentencePieceError::UnsupportedModel`].
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -64,6 +68,11 @@ pub enum SentencePieceError {
     /// The model has no `trainer_spec`, so its type is unknown (usually a truncated file).
     #[error("SentencePiece model has no trainer_spec (truncated file?)")]
     MissingTrainerSpec,
+    /// The model has no `normalizer_spec`. sentencepiece would fall back to defaults
+    /// (extra whitespace removed), but every trained model has one, so its absence means
+    /// a file cut short just before it.
+    #[error("SentencePiece model has no normalizer_spec (truncated file?)")]
+    MissingNormalizerSpec,
     /// The model is not BPE (Unigram, word or char models are not supported).
     #[error("SentencePiece model type {} is not supported, only BPE", model_type_name(*model_type))]
     UnsupportedModel {
@@ -263,7 +272,7 @@ struct Piece {
 pub struct SentencePieceBpe {
     pieces: Vec<Piece>,
     /// Every piece's text → id (one map for all types, so texts are unique).
-    ids: HashMap<String, u32>,
+    ids: HashMap<String, u32, BuildHasherDefault<FxHasher>>,
     /// The id of `<0xNN>` for each byte, when the model has `byte_fallback`.
     byte_ids: Option<Box<[u32; 256]>>,
     user_defined: PrefixTrie,
@@ -327,7 +336,7 @@ impl SentencePieceBpe {
         let byte_fallback = trainer.byte_fallback.unwrap_or(false);
 
         let mut pieces = Vec::with_capacity(count);
-        let mut ids = HashMap::with_capacity(count);
+        let mut ids = HashMap::with_capacity_and_hasher(count, BuildHasherDefault::default());
         let mut byte_slots: [Option<u32>; 256] = [None; 256];
         let mut user_defined = PrefixTrie::default();
         let mut unk_id = None;
@@ -399,7 +408,7 @@ impl SentencePieceBpe {
         };
 
         let normalizer = Normalizer::from_spec(
-            model.normalizer_spec.unwrap_or_default(),
+            model.normalizer_spec.ok_or(SentencePieceError::MissingNormalizerSpec)?,
             trainer.treat_whitespace_as_suffix.unwrap_or(false),
         )?;
         let denormalizer = match model.denormalizer_spec {
@@ -426,7 +435,9 @@ impl SentencePieceBpe {
         // control piece. A trainer_spec with `bos_id: -1` creates no `<s>`, so it is None.
         let control = |name: Option<String>, default: &str| {
             let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| default.to_string());
-            tokenizer.piece_to_id(&name).filter(|&id| tokenizer.kind(id) == Some(PieceKind::Control))
+            tokenizer
+                .piece_to_id(&name)
+                .filter(|&id| tokenizer.kind(id) == Some(PieceKind::Control))
         };
         let bos_id = control(trainer.bos_piece, "<s>");
         let eos_id = control(trainer.eos_piece, "</s>");
@@ -497,12 +508,13 @@ impl SentencePieceBpe {
                 None => text.push_str(piece),
                 Some(_) => {
                     let mut piece = piece;
-                    if is_bos_ws && strip_dummy {
-                        if let Some(rest) = piece.strip_prefix(SPACE_SYMBOL) {
-                            piece = rest;
-                            // With remove_extra_whitespaces every leading space goes.
-                            bos_ws_seen = !self.normalizer.remove_extra_whitespaces;
-                        }
+                    if is_bos_ws
+                        && strip_dummy
+                        && let Some(rest) = piece.strip_prefix(SPACE_SYMBOL)
+                    {
+                        piece = rest;
+                        // With remove_extra_whitespaces every leading space goes.
+                        bos_ws_seen = !self.normalizer.remove_extra_whitespaces;
                     }
                     text.push_str(&piece.replace(SPACE_SYMBOL, " "));
                 }
@@ -569,8 +581,7 @@ impl SentencePieceBpe {
         let segments = self.bpe(&normalized);
         let mut tokens = Vec::with_capacity(segments.len());
         let mut prev_unknown = false;
-        for segment in segments {
-            let Segment { id, start, end } = segment;
+        for Segment { id, start, end } in segments {
             match (id, &self.byte_ids) {
                 (Some(id), _) => tokens.push(Token { id, start, end }),
                 (None, Some(byte_ids)) => {
@@ -601,7 +612,7 @@ impl SentencePieceBpe {
 
     /// Splits normalized text into characters (user-defined pieces whole and frozen) and
     /// merges them best-score-first, as `bpe::Model::SampleEncode` without dropout.
-    fn bpe<'a>(&self, normalized: &'a str) -> Vec<Segment> {
+    fn bpe(&self, normalized: &str) -> Vec<Segment> {
         let mut symbols: Vec<Symbol> = Vec::with_capacity(normalized.len());
         let mut pos = 0;
         while let Some(rest) = normalized.get(pos..).filter(|r| !r.is_empty()) {
@@ -620,8 +631,7 @@ impl SentencePieceBpe {
             pos += len;
         }
 
-        let mut merges: Merges<'a> =
-            Merges { heap: BinaryHeap::new(), unused_splits: HashMap::new() };
+        let mut merges = Merges { heap: BinaryHeap::new(), unused_splits: HashMap::new() };
         for right in 1..symbols.len() {
             self.push_pair(normalized, &symbols, Some(right - 1), Some(right), &mut merges);
         }
@@ -757,8 +767,8 @@ struct Candidate {
 }
 
 impl Ord for Candidate {
-    /// Higher score first, then the leftmost pair. Scores compare by IEEE total order,
-    /// as sentencepiece 0.2.1+ does by comparing their bit patterns (so -0.0 < 0.0).
+    /// Higher score first, then the leftmost pair. Scores compare in IEEE total order,
+    /// as sentencepiece 0.2.3 does by comparing their bit patterns (so -0.0 < 0.0).
     fn cmp(&self, other: &Self) -> Ordering {
         self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
     }
@@ -849,7 +859,12 @@ impl Normalizer {
             }
             if !piece.is_empty() {
                 if self.escape_whitespaces {
-                    out.push_str(&piece.replace(' ', SPACE_SYMBOL));
+                    for c in piece.chars() {
+                        match c {
+                            ' ' => out.push_str(SPACE_SYMBOL),
+                            c => out.push(c),
+                        }
+                    }
                 } else {
                     out.push_str(piece);
                 }
@@ -879,10 +894,10 @@ impl Normalizer {
         input: &'a str,
         user_defined: Option<&PrefixTrie>,
     ) -> (&'a str, usize) {
-        if let Some(len) = user_defined.and_then(|t| t.longest_match(input.as_bytes())) {
-            if let Some(piece) = input.get(..len) {
-                return (piece, len);
-            }
+        if let Some(len) = user_defined.and_then(|t| t.longest_match(input.as_bytes()))
+            && let Some(piece) = input.get(..len)
+        {
+            return (piece, len);
         }
         if let Some((len, replacement)) = self.charsmap.as_ref().and_then(|m| m.rule(input)) {
             return (replacement, len);
@@ -914,23 +929,21 @@ impl CharsMap {
         if trie_size >= rest.len() {
             return Err(corrupt("trie size exceeds the blob"));
         }
-        if trie_size < 1024 || trie_size % 1024 != 0 {
+        if trie_size < 1024 || !trie_size.is_multiple_of(1024) {
             return Err(corrupt("trie size is not a multiple of 1024"));
         }
         let (trie, pool) = rest.split_at(trie_size);
         if pool.last() != Some(&0) {
             return Err(corrupt("replacement strings are not NUL-terminated"));
         }
-        let units = trie
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let units =
+            trie.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Ok(CharsMap { units, pool: pool.to_vec() })
     }
 
     /// The longest rule matching a prefix of `input` that ends on a character boundary:
     /// (bytes matched, replacement). A replacement that is not UTF-8 reads as U+FFFD.
-    fn rule<'a>(&'a self, input: &str) -> Option<(usize, &'a str)> {
+    fn rule(&self, input: &str) -> Option<(usize, &str)> {
         let label = |unit: u32| unit & ((1 << 31) | 0xFF);
         let offset = |unit: u32| -> usize {
             let shifted = (unit >> 10) << ((unit & (1 << 9)) >> 6);
@@ -948,10 +961,13 @@ impl CharsMap {
                 break;
             }
             node ^= offset(unit);
-            if has_leaf(unit) && input.is_char_boundary(i + 1) {
-                if let Some(&leaf) = self.units.get(node) {
-                    best = Some((i + 1, value(leaf)));
-                }
+            // A rule ending inside a character is skipped (sentencepiece would apply it
+            // and then see broken UTF-8; maps built from code points have none).
+            if has_leaf(unit)
+                && input.is_char_boundary(i + 1)
+                && let Some(&leaf) = self.units.get(node)
+            {
+                best = Some((i + 1, value(leaf)));
             }
         }
         let (len, at) = best?;
@@ -977,8 +993,6 @@ struct TrieNode {
 
 impl PrefixTrie {
     fn insert(&mut self, key: &[u8]) {
-        // darts-clone keys are C strings: a NUL ends the key.
-        let key = key.split(|&b| b == 0).next().unwrap_or_default();
         if key.is_empty() {
             return;
         }
@@ -1021,15 +1035,51 @@ impl PrefixTrie {
     }
 }
 
+/// The Fx hash (rustc's): a multiply-rotate over 8-byte words, several times faster than
+/// SipHash on the short strings BPE looks up. The keys come from the model file, so
+/// flooding resistance buys nothing here.
+#[derive(Clone, Copy, Default)]
+struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
 /// The byte of a piece spelled exactly `<0xNN>` with upper-case hex digits.
 fn parse_byte_piece(piece: &str) -> Option<u8> {
     let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    let upper = hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
-    if upper {
-        u8::from_str_radix(hex, 16).ok()
-    } else {
-        None
-    }
+    let upper =
+        hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+    if upper { u8::from_str_radix(hex, 16).ok() } else { None }
 }
 
 /// Appends bytes as UTF-8, one U+FFFD for each byte that starts no valid character (as
@@ -1055,7 +1105,8 @@ fn push_utf8_lossy(out: &mut String, mut bytes: &[u8]) {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/spm-bpe-tiny");
+    const FIXTURE: &str =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/spm-bpe-tiny");
 
     fn model_bytes() -> Vec<u8> {
         std::fs::read(format!("{FIXTURE}/tokenizer.model")).unwrap()
@@ -1078,8 +1129,12 @@ mod tests {
         assert!(!cases.is_empty());
         for case in cases {
             let text = case["text"].as_str().unwrap();
-            let ids: Vec<u32> =
-                case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let ids: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let pieces: Vec<&str> =
                 case["pieces"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
             assert_eq!(spm.encode(text), ids, "ids of {text:?}");
@@ -1133,7 +1188,7 @@ mod tests {
     fn truncated_and_corrupt_files_are_errors() {
         let bytes = model_bytes();
         // Every cut: either a protobuf error or a model missing its specs or pieces.
-        for len in (0..bytes.len()).step_by(7).chain([bytes.len() - 1, 1, 2, 3]) {
+        for len in 0..bytes.len() {
             assert!(SentencePieceBpe::from_bytes(&bytes[..len]).is_err(), "cut at {len}");
         }
         assert!(SentencePieceBpe::from_bytes(&[0xff; 64]).is_err());
@@ -1143,7 +1198,9 @@ mod tests {
     }
 
     /// The fixture with one edit applied to its decoded protobuf.
-    fn edited(edit: impl FnOnce(&mut proto::ModelProto)) -> Result<SentencePieceBpe, SentencePieceError> {
+    fn edited(
+        edit: impl FnOnce(&mut proto::ModelProto),
+    ) -> Result<SentencePieceBpe, SentencePieceError> {
         let mut model = proto::ModelProto::decode(model_bytes().as_slice()).unwrap();
         edit(&mut model);
         SentencePieceBpe::from_bytes(&model.encode_to_vec())
@@ -1201,16 +1258,17 @@ mod tests {
 
     #[test]
     fn normalizer_flags_are_honoured() {
-        // Ids from sentencepiece 0.2 on the fixture with the same normalizer_spec edits.
-        let collapse = edited(|m| {
-            m.normalizer_spec.as_mut().unwrap().remove_extra_whitespaces = Some(true)
-        })
-        .unwrap();
-        assert_eq!(collapse.encode_pieces("  two  spaces ").len(), collapse.encode("two spaces").len());
+        // Pieces from sentencepiece 0.2.3 on the fixture with the same normalizer_spec edits.
+        let collapse =
+            edited(|m| m.normalizer_spec.as_mut().unwrap().remove_extra_whitespaces = Some(true))
+                .unwrap();
+        let pieces: Vec<String> =
+            collapse.encode_pieces("  two  spaces ").into_iter().map(|p| p.1).collect();
+        assert_eq!(pieces, ["▁t", "w", "o", "▁s", "p", "a", "ces"]);
         assert_eq!(collapse.encode("  two  spaces "), collapse.encode("two spaces"));
         assert_eq!(collapse.encode("   "), Vec::<u32>::new());
-        let no_prefix = edited(|m| m.normalizer_spec.as_mut().unwrap().add_dummy_prefix = Some(false))
-            .unwrap();
+        let no_prefix =
+            edited(|m| m.normalizer_spec.as_mut().unwrap().add_dummy_prefix = Some(false)).unwrap();
         let pieces: Vec<String> = no_prefix.encode_pieces("a b").into_iter().map(|p| p.1).collect();
         assert_eq!(pieces, ["a", "▁b"]);
         assert_eq!(no_prefix.decode(&no_prefix.encode(" a")), " a");
@@ -1238,8 +1296,16 @@ mod tests {
             m.normalizer_spec.as_mut().unwrap().precompiled_charsmap =
                 Some(charsmap(&rules, b"AB\0"));
             let rules = [
-                (0, 65536), (1, 2369), (2, 70722), (3, 2147483652), (4, 1347),
-                (5, 2147483654), (6, 134273), (7, 15746), (8, 2147483648), (163, 37091),
+                (0, 65536),
+                (1, 2369),
+                (2, 70722),
+                (3, 2147483652),
+                (4, 1347),
+                (5, 2147483654),
+                (6, 134273),
+                (7, 15746),
+                (8, 2147483648),
+                (163, 37091),
             ];
             m.denormalizer_spec = Some(proto::NormalizerSpec {
                 precompiled_charsmap: Some(charsmap(&rules, b"A B\0a\0xyz\0")),
@@ -1288,7 +1354,6 @@ mod tests {
         assert_eq!(spm.decode(&ids), text);
     }
 
-    // TEMPFUZZ-BEGIN
     #[test]
     fn tempfuzz_against_python() {
         let mut failures = 0;
@@ -1303,41 +1368,14 @@ mod tests {
                 let got = spm.encode_pieces(text);
                 let gi: Vec<u32> = got.iter().map(|p| p.0).collect();
                 let gp: Vec<String> = got.iter().map(|p| p.1.clone()).collect();
-                let dec = spm.decode(&ids);
-                if gi != ids || gp != pieces || dec != case["decoded"].as_str().unwrap() {
-                    failures += 1;
-                    if failures < 15 { eprintln!("{name}: {text:?}\n  want {pieces:?} {ids:?} {:?}\n  got  {gp:?} {gi:?} {dec:?}", case["decoded"]); }
-                } else { ok += 1; }
+                if gi != ids || gp != pieces || spm.encode(text) != ids || spm.decode(&ids) != case["decoded"].as_str().unwrap() { failures += 1; eprintln!("{name}: {text:?}"); } else { ok += 1; }
             }
             for case in g["random_decode"].as_array().unwrap() {
                 let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-                let dec = spm.decode(&ids);
-                if dec != case["decoded"].as_str().unwrap() {
-                    failures += 1;
-                    if failures < 15 { eprintln!("{name}: decode {ids:?} want {:?} got {dec:?}", case["decoded"]); }
-                } else { ok += 1; }
+                if spm.decode(&ids) != case["decoded"].as_str().unwrap() { failures += 1; eprintln!("{name}: decode {ids:?}"); } else { ok += 1; }
             }
             eprintln!("{name}: {ok} ok");
         }
         assert_eq!(failures, 0);
     }
-    #[test]
-    fn tempbench() {
-        let spm = SentencePieceBpe::from_file(Path::new("/tmp/spmfuzz/nfkc_cf.model")).unwrap();
-        let tiny = tiny();
-        let corpus = std::fs::read_to_string("/tmp/spmfuzz/corpus.txt").unwrap();
-        let lines: Vec<&str> = corpus.lines().collect();
-        let records: Vec<String> = (0..10_000).map(|i| lines[i % lines.len()..].iter().take(8).cloned().collect::<Vec<_>>().join(" ")).collect();
-        let bytes: usize = records.iter().map(|r| r.len()).sum();
-        for (name, m) in [("nfkc_cf", &spm), ("tiny", &tiny)] {
-            let t = std::time::Instant::now();
-            let n: usize = records.iter().map(|r| m.encode(r).len()).sum();
-            eprintln!("{name}: {} records, {bytes} bytes, {n} ids in {:?}", records.len(), t.elapsed());
-        }
-        let big = records.join(" ");
-        let t = std::time::Instant::now();
-        let n = tiny.encode(&big).len();
-        eprintln!("one text of {} bytes -> {n} ids in {:?}", big.len(), t.elapsed());
-    }
-    // TEMPFUZZ-END
 }

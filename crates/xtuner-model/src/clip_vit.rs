@@ -1,0 +1,881 @@
+//! The CLIP vision tower (Radford et al., 2021, "Learning Transferable Visual Models
+//! From Natural Language Supervision"), mirroring Hugging Face's `modeling_clip.py`
+//! (`CLIPVisionTransformer`), as XTuner's LLaVA uses it: run with
+//! `output_hidden_states=True`, take `hidden_states[visual_select_layer]` (-2) and drop
+//! the CLS token.
+//!
+//! ```text
+//! x = [class_embedding; patch_embedding(patches)] + position_embedding    [B, N+1, C]
+//! hidden_states[0] = x = pre_layrnorm(x)
+//! for each layer i:  x = x + out_proj(attention(layer_norm1(x)))
+//!                    x = x + fc2(act(fc1(layer_norm2(x))))
+//!                    hidden_states[i + 1] = x
+//! last_hidden_state = x            (post_layernorm only feeds the pooled CLS output)
+//! ```
+//!
+//! Checkpoint keys (under `vision_model.`): `embeddings.{patch_embedding.weight,
+//! class_embedding, position_embedding.weight}`, `pre_layrnorm` (sic, HF's spelling),
+//! `encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
+//! mlp.{fc1,fc2}}`, `post_layernorm`. A whole `CLIPModel` checkpoint also holds the text
+//! tower (`text_model.*`, `text_projection`, `visual_projection`, `logit_scale`), which
+//! the loader skips. The convolutional patch embedding (kernel = stride = P, no bias) is
+//! a linear layer over flattened `(channel, y, x)` patches.
+//!
+//! Dimension legend: B batch, N patches (`(image_size / P)²`), C hidden, H heads,
+//! D head dim, I intermediate, P patch size.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use serde::Deserialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::nn::attention::scaled_dot_product;
+use crate::nn::linear::Linear;
+use crate::{Error, Result};
+
+/// The key prefix of the vision tower in CLIP checkpoints.
+const PREFIX: &str = "vision_model";
+
+/// `CLIPVisionConfig` as written in `config.json` (the `vision_config` object of a
+/// `CLIPModel` config, or a bare vision config). Defaults are transformers' class
+/// defaults (ViT-B/32).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfClipVisionConfig {
+    /// C.
+    #[serde(default = "default_hidden")]
+    pub hidden_size: usize,
+    /// I.
+    #[serde(default = "default_intermediate")]
+    pub intermediate_size: usize,
+    /// Number of encoder layers.
+    #[serde(default = "default_layers")]
+    pub num_hidden_layers: usize,
+    /// H.
+    #[serde(default = "default_heads")]
+    pub num_attention_heads: usize,
+    /// Input channels (3).
+    #[serde(default = "default_channels")]
+    pub num_channels: usize,
+    /// Input side in pixels.
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// P.
+    #[serde(default = "default_patch_size")]
+    pub patch_size: usize,
+    /// The MLP activation (`quick_gelu` for OpenAI CLIP).
+    #[serde(default)]
+    pub hidden_act: HiddenAct,
+    /// LayerNorm ε.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_hidden() -> usize {
+    768
+}
+fn default_intermediate() -> usize {
+    3072
+}
+fn default_layers() -> usize {
+    12
+}
+fn default_heads() -> usize {
+    12
+}
+fn default_channels() -> usize {
+    3
+}
+fn default_image_size() -> usize {
+    224
+}
+fn default_patch_size() -> usize {
+    32
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+/// The validated vision-tower architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipVisionConfig {
+    /// C.
+    pub hidden_size: usize,
+    /// I.
+    pub intermediate_size: usize,
+    /// Number of encoder layers.
+    pub n_layers: usize,
+    /// H.
+    pub n_heads: usize,
+    /// D = C / H.
+    pub head_dim: usize,
+    /// Input channels.
+    pub num_channels: usize,
+    /// Input side in pixels (inputs must be `image_size × image_size`).
+    pub image_size: usize,
+    /// P.
+    pub patch_size: usize,
+    /// N = `(image_size / P)²`.
+    pub num_patches: usize,
+    /// The MLP activation.
+    pub hidden_act: HiddenAct,
+    /// LayerNorm ε.
+    pub layer_norm_eps: f64,
+}
+
+impl ClipVisionConfig {
+    /// Reads a CLIP `config.json`: its `vision_config` object when there is one (a whole
+    /// `CLIPModel`), else the file itself (a bare `CLIPVisionConfig`).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when unreadable; [`Error::BadConfig`] naming the file and key.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |message: String| Error::BadConfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let vision = match json.get_mut("vision_config") {
+            Some(v) => v.take(),
+            None => json,
+        };
+        let hf: HfClipVisionConfig =
+            serde_json::from_value(vision).map_err(|e| bad(e.to_string()))?;
+        Self::try_from(hf).map_err(|e| match e {
+            Error::InvalidConfig { key, message } => bad(format!("`{key}`: {message}")),
+            other => other,
+        })
+    }
+}
+
+impl TryFrom<HfClipVisionConfig> for ClipVisionConfig {
+    type Error = Error;
+
+    fn try_from(hf: HfClipVisionConfig) -> Result<Self> {
+        let invalid =
+            |key: &'static str, message: String| Err(Error::InvalidConfig { key, message });
+        let positive = [
+            ("hidden_size", hf.hidden_size),
+            ("intermediate_size", hf.intermediate_size),
+            ("num_attention_heads", hf.num_attention_heads),
+            ("num_channels", hf.num_channels),
+            ("patch_size", hf.patch_size),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return invalid(key, "must be positive".into());
+            }
+        }
+        if hf.hidden_size % hf.num_attention_heads != 0 {
+            return invalid(
+                "num_attention_heads",
+                format!(
+                    "hidden_size {} is not divisible by {} heads",
+                    hf.hidden_size, hf.num_attention_heads
+                ),
+            );
+        }
+        if hf.image_size < hf.patch_size {
+            return invalid(
+                "image_size",
+                format!(
+                    "{} is smaller than patch_size {}",
+                    hf.image_size, hf.patch_size
+                ),
+            );
+        }
+        if hf.layer_norm_eps.is_nan() || hf.layer_norm_eps <= 0.0 {
+            return invalid(
+                "layer_norm_eps",
+                format!("must be positive, got {}", hf.layer_norm_eps),
+            );
+        }
+        let grid = hf.image_size / hf.patch_size;
+        Ok(Self {
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            n_layers: hf.num_hidden_layers,
+            n_heads: hf.num_attention_heads,
+            head_dim: hf.hidden_size / hf.num_attention_heads,
+            num_channels: hf.num_channels,
+            image_size: hf.image_size,
+            patch_size: hf.patch_size,
+            num_patches: grid * grid,
+            hidden_act: hf.hidden_act,
+            layer_norm_eps: hf.layer_norm_eps,
+        })
+    }
+}
+
+/// A transformers activation (`ACT2FN` key), shared by the CLIP MLP and XTuner's
+/// projector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum HiddenAct {
+    /// `x · sigmoid(1.702 x)`, OpenAI CLIP's.
+    #[default]
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// Exact GELU, `x · Φ(x)` with the erf (PyTorch `nn.GELU()`).
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// The tanh approximation of GELU.
+    #[serde(rename = "gelu_pytorch_tanh", alias = "gelu_new", alias = "gelu_fast")]
+    GeluTanh,
+}
+
+impl HiddenAct {
+    /// Applies the activation element-wise.
+    ///
+    /// # Shapes
+    /// Any shape → same shape.
+    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
+            Self::Gelu => gelu(x),
+            Self::GeluTanh => {
+                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715)
+                    * (2.0 / std::f64::consts::PI).sqrt();
+                x * (inner.tanh() + 1.0) * 0.5
+            }
+        }
+    }
+}
+
+/// CLIP's vision transformer (`CLIPVisionModel.vision_model`). Field names are the key
+/// segments under `vision_model.`.
+#[derive(Module, Debug)]
+pub struct ClipVisionTower<B: Backend> {
+    /// Patch, class and position embeddings.
+    pub embeddings: ClipVisionEmbeddings<B>,
+    /// LayerNorm before the encoder (HF spells it `pre_layrnorm`).
+    pub pre_layrnorm: LayerNorm<B>,
+    /// The transformer layers.
+    pub encoder: ClipEncoder<B>,
+    /// LayerNorm of the pooled CLS output (not applied to the hidden states).
+    pub post_layernorm: LayerNorm<B>,
+}
+
+impl<B: Backend> ClipVisionTower<B> {
+    /// A randomly initialised tower (norms at identity), for tests and training from
+    /// scratch.
+    pub fn new(config: &ClipVisionConfig, device: &B::Device) -> Self {
+        let c = config;
+        let patch_dim = c.num_channels * c.patch_size * c.patch_size;
+        let normal = burn::tensor::Distribution::Normal(0.0, 0.02);
+        let layers = (0..c.n_layers)
+            .map(|_| ClipEncoderLayer {
+                layer_norm1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, device),
+                self_attn: ClipAttention {
+                    q_proj: Linear::new(c.hidden_size, c.hidden_size, true, device),
+                    k_proj: Linear::new(c.hidden_size, c.hidden_size, true, device),
+                    v_proj: Linear::new(c.hidden_size, c.hidden_size, true, device),
+                    out_proj: Linear::new(c.hidden_size, c.hidden_size, true, device),
+                    n_heads: c.n_heads,
+                },
+                layer_norm2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, device),
+                mlp: ClipMlp {
+                    fc1: Linear::new(c.hidden_size, c.intermediate_size, true, device),
+                    fc2: Linear::new(c.intermediate_size, c.hidden_size, true, device),
+                    activation: c.hidden_act,
+                },
+            })
+            .collect();
+        Self {
+            embeddings: ClipVisionEmbeddings {
+                patch_embedding: Linear::new(patch_dim, c.hidden_size, false, device),
+                class_embedding: Param::from_tensor(Tensor::random(
+                    [c.hidden_size],
+                    normal,
+                    device,
+                )),
+                position_embedding: Param::from_tensor(Tensor::random(
+                    [c.num_patches + 1, c.hidden_size],
+                    normal,
+                    device,
+                )),
+                num_channels: c.num_channels,
+                image_size: c.image_size,
+                patch_size: c.patch_size,
+            },
+            pre_layrnorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, device),
+            encoder: ClipEncoder { layers },
+            post_layernorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, device),
+        }
+    }
+
+    /// Loads a CLIP model directory (`config.json` + safetensors).
+    ///
+    /// # Errors
+    /// As [`ClipVisionConfig::from_file`] and [`ClipVisionTower::load_from`].
+    pub fn load(dir: &Path, device: &B::Device) -> Result<(Self, ClipVisionConfig)> {
+        let config = ClipVisionConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let tower = Self::load_from(&ckpt, &config, device)?;
+        Ok((tower, config))
+    }
+
+    /// Loads the `vision_model.*` tensors of an opened CLIP checkpoint. The text tower
+    /// (`text_model.*`, `text_projection`, `visual_projection`, `logit_scale`) and the
+    /// `position_ids` buffer of older checkpoints are skipped.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor;
+    /// [`Error::UnexpectedTensors`] for any other key the tower does not use.
+    pub fn load_from(
+        ckpt: &Checkpoint,
+        config: &ClipVisionConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let c = config;
+        let (hidden, p) = (c.hidden_size, c.patch_size);
+        let key = |name: &str| format!("{PREFIX}.{name}");
+        let linear = |name: &str, d_in: usize, d_out: usize| {
+            Linear::load(ckpt, &key(name), d_in, d_out, true, device)
+        };
+        let layer_norm = |name: &str| -> Result<LayerNorm<B>> {
+            Ok(LayerNorm {
+                weight: Param::from_tensor(ckpt.tensor::<B, 1>(
+                    &key(&format!("{name}.weight")),
+                    [hidden],
+                    device,
+                )?),
+                bias: Param::from_tensor(ckpt.tensor::<B, 1>(
+                    &key(&format!("{name}.bias")),
+                    [hidden],
+                    device,
+                )?),
+                eps: c.layer_norm_eps,
+            })
+        };
+
+        // [C, channels, P, P] → [C, channels·P·P] → [channels·P·P, C]
+        let patch_weight = ckpt
+            .tensor::<B, 4>(
+                &key("embeddings.patch_embedding.weight"),
+                [hidden, c.num_channels, p, p],
+                device,
+            )?
+            .reshape([hidden, c.num_channels * p * p])
+            .transpose();
+        let embeddings = ClipVisionEmbeddings {
+            patch_embedding: Linear::from_tensors(patch_weight, None),
+            class_embedding: Param::from_tensor(ckpt.tensor::<B, 1>(
+                &key("embeddings.class_embedding"),
+                [hidden],
+                device,
+            )?),
+            position_embedding: Param::from_tensor(ckpt.tensor::<B, 2>(
+                &key("embeddings.position_embedding.weight"),
+                [c.num_patches + 1, hidden],
+                device,
+            )?),
+            num_channels: c.num_channels,
+            image_size: c.image_size,
+            patch_size: p,
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let l = format!("encoder.layers.{i}");
+            layers.push(ClipEncoderLayer {
+                layer_norm1: layer_norm(&format!("{l}.layer_norm1"))?,
+                self_attn: ClipAttention {
+                    q_proj: linear(&format!("{l}.self_attn.q_proj"), hidden, hidden)?,
+                    k_proj: linear(&format!("{l}.self_attn.k_proj"), hidden, hidden)?,
+                    v_proj: linear(&format!("{l}.self_attn.v_proj"), hidden, hidden)?,
+                    out_proj: linear(&format!("{l}.self_attn.out_proj"), hidden, hidden)?,
+                    n_heads: c.n_heads,
+                },
+                layer_norm2: layer_norm(&format!("{l}.layer_norm2"))?,
+                mlp: ClipMlp {
+                    fc1: linear(&format!("{l}.mlp.fc1"), hidden, c.intermediate_size)?,
+                    fc2: linear(&format!("{l}.mlp.fc2"), c.intermediate_size, hidden)?,
+                    activation: c.hidden_act,
+                },
+            });
+        }
+        let tower = Self {
+            embeddings,
+            pre_layrnorm: layer_norm("pre_layrnorm")?,
+            encoder: ClipEncoder { layers },
+            post_layernorm: layer_norm("post_layernorm")?,
+        };
+        let unexpected: Vec<String> = ckpt
+            .unused_keys()
+            .into_iter()
+            .filter(|k| !is_skipped_key(k))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(Error::UnexpectedTensors { keys: unexpected });
+        }
+        Ok(tower)
+    }
+
+    /// All hidden states, as HF's `output_hidden_states=True`: index 0 is the embeddings
+    /// after `pre_layrnorm`, index `i` the output of layer `i`; the last one is
+    /// `last_hidden_state`.
+    ///
+    /// # Shapes
+    /// `pixel_values`: `[B, channels, image_size, image_size]` → `n_layers + 1` ×
+    /// `[B, N + 1, C]` (CLS first).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the image size or channel count does not match.
+    pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Result<Vec<Tensor<B, 3>>> {
+        let mut x = self
+            .pre_layrnorm
+            .forward(self.embeddings.forward(pixel_values)?);
+        let mut hidden_states = Vec::with_capacity(self.encoder.layers.len() + 1);
+        hidden_states.push(x.clone());
+        for layer in &self.encoder.layers {
+            x = layer.forward(x);
+            hidden_states.push(x.clone());
+        }
+        Ok(hidden_states)
+    }
+
+    /// XTuner's LLaVA features: `hidden_states[layer]` (negative counts from the end,
+    /// -2 = the penultimate layer) without the CLS token. Only the layers needed are
+    /// run.
+    ///
+    /// # Shapes
+    /// `pixel_values`: `[B, channels, image_size, image_size]` → `[B, N, C]`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad image size or a layer out of range.
+    pub fn forward_features(&self, pixel_values: Tensor<B, 4>, layer: i64) -> Result<Tensor<B, 3>> {
+        let index = hidden_state_index(self.encoder.layers.len() + 1, layer)?;
+        let mut x = self
+            .pre_layrnorm
+            .forward(self.embeddings.forward(pixel_values)?);
+        for block in self.encoder.layers.iter().take(index) {
+            x = block.forward(x);
+        }
+        Ok(drop_cls(x))
+    }
+
+    /// HF's `pooler_output`: `post_layernorm` of the CLS token of `last_hidden_state`.
+    ///
+    /// # Shapes
+    /// `last_hidden_state`: `[B, N + 1, C]` → `[B, C]`.
+    pub fn pooled_output(&self, last_hidden_state: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, _, c] = last_hidden_state.dims();
+        let cls = last_hidden_state.narrow(1, 0, 1).reshape([b, c]); // [B, 1, C] → [B, C]
+        self.post_layernorm.forward(cls)
+    }
+}
+
+/// Keys of a `CLIPModel` checkpoint that the vision tower does not use by design.
+fn is_skipped_key(key: &str) -> bool {
+    key.starts_with("text_model.")
+        || key.starts_with("text_projection.")
+        || key.starts_with("visual_projection.")
+        || key == "logit_scale"
+        || key == "vision_model.embeddings.position_ids"
+}
+
+/// Python-style index into `len` hidden states.
+fn hidden_state_index(len: usize, layer: i64) -> Result<usize> {
+    let len_i = i64::try_from(len).unwrap_or(i64::MAX);
+    let index = if layer < 0 { len_i + layer } else { layer };
+    if index < 0 || index >= len_i {
+        return Err(Error::InvalidInput {
+            name: "visual_select_layer",
+            message: format!("{layer} is out of range for {len} hidden states"),
+        });
+    }
+    Ok(index as usize)
+}
+
+/// Drops the CLS token (position 0).
+fn drop_cls<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let n = x.dims()[1];
+    x.narrow(1, 1, n.saturating_sub(1))
+}
+
+/// XTuner's LLaVA feature selection on precomputed hidden states:
+/// `hidden_states[layer][:, 1:]` (negative `layer` counts from the end).
+///
+/// # Shapes
+/// `hidden_states`: L × `[B, N + 1, C]` → `[B, N, C]`.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when `layer` is out of range.
+pub fn select_features<B: Backend>(
+    hidden_states: &[Tensor<B, 3>],
+    layer: i64,
+) -> Result<Tensor<B, 3>> {
+    let index = hidden_state_index(hidden_states.len(), layer)?;
+    hidden_states
+        .get(index)
+        .cloned()
+        .map(drop_cls)
+        .ok_or_else(|| Error::InvalidInput {
+            name: "visual_select_layer",
+            message: format!("{layer} is out of range"),
+        })
+}
+
+/// `CLIPVisionEmbeddings`.
+#[derive(Module, Debug)]
+pub struct ClipVisionEmbeddings<B: Backend> {
+    /// The P×P stride-P convolution as a linear layer over flattened patches,
+    /// `[channels·P·P, C]` (key `patch_embedding.weight`, `[C, channels, P, P]`).
+    pub patch_embedding: Linear<B>,
+    /// The CLS token embedding, `[C]`.
+    pub class_embedding: Param<Tensor<B, 1>>,
+    /// Learned positions, `[N + 1, C]` (key `position_embedding.weight`).
+    pub position_embedding: Param<Tensor<B, 2>>,
+    /// Input channels.
+    pub num_channels: usize,
+    /// Input side in pixels.
+    pub image_size: usize,
+    /// P.
+    pub patch_size: usize,
+}
+
+impl<B: Backend> ClipVisionEmbeddings<B> {
+    /// # Shapes
+    /// `pixel_values`: `[B, channels, image_size, image_size]` → `[B, N + 1, C]`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the channels or size differ from the config.
+    pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Result<Tensor<B, 3>> {
+        let [b, ch, h, w] = pixel_values.dims();
+        let (p, size) = (self.patch_size, self.image_size);
+        if ch != self.num_channels || h != size || w != size {
+            return Err(Error::InvalidInput {
+                name: "pixel_values",
+                message: format!(
+                    "got [{b}, {ch}, {h}, {w}], the tower takes [B, {}, {size}, {size}]",
+                    self.num_channels
+                ),
+            });
+        }
+        let g = size / p;
+        // The stride-P convolution ignores trailing pixels when P does not divide the size.
+        let x = pixel_values.narrow(2, 0, g * p).narrow(3, 0, g * p);
+        let patches = x
+            .reshape([b, ch, g, p, g, p]) // [B, ch, gy, P, gx, P]
+            .permute([0, 2, 4, 1, 3, 5]) // [B, gy, gx, ch, P, P]
+            .reshape([b, g * g, ch * p * p]); // [B, N, ch·P·P]
+        let patch_embeds = self.patch_embedding.forward(patches); // [B, N, C]
+        let c = patch_embeds.dims()[2];
+        let class_embeds = self
+            .class_embedding
+            .val()
+            .reshape([1, 1, c])
+            .expand([b, 1, c]); // [B, 1, C]
+        let embeddings = Tensor::cat(vec![class_embeds, patch_embeds], 1); // [B, N + 1, C]
+        Ok(embeddings + self.position_embedding.val().unsqueeze::<3>())
+    }
+}
+
+/// `CLIPEncoder`: the stack of layers (key segment `encoder.layers`).
+#[derive(Module, Debug)]
+pub struct ClipEncoder<B: Backend> {
+    /// The layers, key `encoder.layers.N`.
+    pub layers: Vec<ClipEncoderLayer<B>>,
+}
+
+/// `CLIPEncoderLayer`: pre-norm attention and MLP residual blocks.
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub layer_norm1: LayerNorm<B>,
+    /// Bidirectional multi-head self-attention.
+    pub self_attn: ClipAttention<B>,
+    /// Norm before the MLP.
+    pub layer_norm2: LayerNorm<B>,
+    /// The two-layer MLP.
+    pub mlp: ClipMlp<B>,
+}
+
+impl<B: Backend> ClipEncoderLayer<B> {
+    /// # Shapes
+    /// `x`: `[B, T, C]` → `[B, T, C]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        h.clone() + self.mlp.forward(self.layer_norm2.forward(h))
+    }
+}
+
+/// `CLIPAttention`: plain softmax attention over all tokens (no mask), biased
+/// projections.
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: Backend> {
+    /// Query projection, `[C, C]`.
+    pub q_proj: Linear<B>,
+    /// Key projection, `[C, C]`.
+    pub k_proj: Linear<B>,
+    /// Value projection, `[C, C]`.
+    pub v_proj: Linear<B>,
+    /// Output projection, `[C, C]`.
+    pub out_proj: Linear<B>,
+    /// H.
+    pub n_heads: usize,
+}
+
+impl<B: Backend> ClipAttention<B> {
+    /// # Shapes
+    /// `x`: `[B, T, C]` → `[B, T, C]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, c] = x.dims();
+        let h = self.n_heads;
+        let d = c / h.max(1);
+        let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d]).swap_dims(1, 2); // [B, H, T, D]
+        let q = heads(self.q_proj.forward(x.clone()));
+        let k = heads(self.k_proj.forward(x.clone()));
+        let v = heads(self.v_proj.forward(x));
+        let no_mask = Tensor::<B, 4>::zeros([1, 1, t, t], &q.device()); // broadcast over B and H
+        let out = scaled_dot_product(q, k, v, &no_mask); // [B, H, T, D]
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, c])) // [B, T, C]
+    }
+}
+
+/// `CLIPMLP`: `fc2(act(fc1(x)))`.
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: Backend> {
+    /// `[C, I]`.
+    pub fc1: Linear<B>,
+    /// `[I, C]`.
+    pub fc2: Linear<B>,
+    /// The activation between them.
+    pub activation: HiddenAct,
+}
+
+impl<B: Backend> ClipMlp<B> {
+    /// # Shapes
+    /// `x`: `[B, T, C]` → `[B, T, C]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc2
+            .forward(self.activation.forward(self.fc1.forward(x)))
+    }
+}
+
+/// LayerNorm over the last axis, `(x − mean) / √(var + ε) · weight + bias` (biased
+/// variance), computed in f32. Fields are the checkpoint key segments.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// Scale, `[C]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Shift, `[C]`.
+    pub bias: Param<Tensor<B, 1>>,
+    /// ε.
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// An identity-initialised norm (weight 1, bias 0).
+    pub fn new(d_model: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([d_model], device)),
+            bias: Param::from_tensor(Tensor::zeros([d_model], device)),
+            eps,
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `[..., C]` → same shape.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let mean = x.clone().mean_dim(D - 1);
+        let centered = x - mean;
+        let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = centered / (var + self.eps).sqrt();
+        let weight = self.weight.val().cast(DType::F32).unsqueeze::<D>();
+        let bias = self.bias.val().cast(DType::F32).unsqueeze::<D>();
+        (normed * weight + bias).cast(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend;
+    use burn::tensor::TensorData;
+    use std::path::PathBuf;
+
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/clip-vit-tiny")
+    }
+
+    fn golden<const D: usize>(key: &str) -> Tensor<TestBackend, D> {
+        let ckpt = Checkpoint::open(&fixture_dir().join("golden.safetensors")).unwrap();
+        let shape = ckpt.shape(key).unwrap();
+        ckpt.tensor::<TestBackend, D>(key, shape.try_into().unwrap(), &Default::default())
+            .unwrap()
+    }
+
+    fn max_abs<const D: usize>(a: Tensor<TestBackend, D>, b: Tensor<TestBackend, D>) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn reads_the_vision_config_of_a_clip_model() {
+        let config = ClipVisionConfig::from_file(&fixture_dir().join("config.json")).unwrap();
+        assert_eq!(
+            (
+                config.hidden_size,
+                config.n_layers,
+                config.n_heads,
+                config.head_dim
+            ),
+            (32, 3, 4, 8)
+        );
+        assert_eq!(
+            (config.image_size, config.patch_size, config.num_patches),
+            (28, 14, 4)
+        );
+        assert_eq!(config.hidden_act, HiddenAct::QuickGelu);
+        let bare: HfClipVisionConfig = serde_json::from_str(
+            r#"{"hidden_act": "gelu", "hidden_size": 10, "num_attention_heads": 3}"#,
+        )
+        .unwrap();
+        assert!(ClipVisionConfig::try_from(bare).is_err());
+        assert!(serde_json::from_str::<HfClipVisionConfig>(r#"{"hidden_act": "relu6"}"#).is_err());
+    }
+
+    #[test]
+    fn matches_the_reference_hidden_states() {
+        let device = Default::default();
+        let (tower, config) =
+            ClipVisionTower::<TestBackend>::load(&fixture_dir(), &device).unwrap();
+        let pixel_values = golden::<4>("pixel_values");
+        let hidden_states = tower.forward(pixel_values.clone()).unwrap();
+        assert_eq!(hidden_states.len(), config.n_layers + 1);
+        let last = hidden_states.last().unwrap().clone();
+        let err_last = max_abs(last, golden::<3>("last_hidden_state"));
+        let select = hidden_states[hidden_states.len() - 2].clone();
+        let err_select = max_abs(select, golden::<3>("hidden_states_select_-2"));
+        assert!(
+            err_last < 1e-4 && err_select < 1e-4,
+            "last {err_last}, select -2 {err_select}"
+        );
+
+        let features = tower.forward_features(pixel_values, -2).unwrap();
+        let expected = golden::<3>("hidden_states_select_-2").narrow(1, 1, config.num_patches);
+        assert!(max_abs(features, expected.clone()) < 1e-4);
+        assert!(max_abs(select_features(&hidden_states, -2).unwrap(), expected) < 1e-4);
+    }
+
+    #[test]
+    fn rejects_bad_inputs_and_layers() {
+        let device = Default::default();
+        let (tower, _) = ClipVisionTower::<TestBackend>::load(&fixture_dir(), &device).unwrap();
+        let wrong = Tensor::<TestBackend, 4>::zeros([1, 3, 14, 28], &device);
+        assert!(matches!(
+            tower.forward(wrong),
+            Err(Error::InvalidInput { .. })
+        ));
+        let pixels = Tensor::<TestBackend, 4>::zeros([1, 3, 28, 28], &device);
+        assert!(tower.forward_features(pixels.clone(), -5).is_err());
+        assert!(tower.forward_features(pixels.clone(), 4).is_err());
+        assert_eq!(
+            tower.forward_features(pixels.clone(), 0).unwrap().dims(),
+            [1, 4, 32]
+        );
+        assert_eq!(
+            tower
+                .pooled_output(tower.forward(pixels).unwrap().pop().unwrap())
+                .dims(),
+            [1, 32]
+        );
+    }
+
+    #[test]
+    fn unexpected_vision_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::read(fixture_dir().join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&src).unwrap();
+        let extra = [0u8; 4];
+        let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(k, _)| k != "vision_model.post_layernorm.bias")
+            .collect();
+        tensors.push((
+            "vision_model.extra".into(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &extra).unwrap(),
+        ));
+        let config = ClipVisionConfig::from_file(&fixture_dir().join("config.json")).unwrap();
+        let device = Default::default();
+
+        let path = dir.path().join("model.safetensors");
+        safetensors::serialize_to_file(tensors.clone(), None, &path).unwrap();
+        let err = ClipVisionTower::<TestBackend>::load_from(
+            &Checkpoint::open(&path).unwrap(),
+            &config,
+            &device,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("vision_model.post_layernorm.bias"),
+            "{err}"
+        );
+
+        let src_bias = st.tensor("vision_model.post_layernorm.bias").unwrap();
+        tensors.push(("vision_model.post_layernorm.bias".into(), src_bias));
+        safetensors::serialize_to_file(tensors, None, &path).unwrap();
+        let err = ClipVisionTower::<TestBackend>::load_from(
+            &Checkpoint::open(&path).unwrap(),
+            &config,
+            &device,
+        )
+        .unwrap_err();
+        let expected = vec!["vision_model.extra".to_string()];
+        assert!(
+            matches!(&err, Error::UnexpectedTensors { keys } if *keys == expected),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn activations_and_layer_norm() {
+        let device = Default::default();
+        let x = Tensor::<TestBackend, 1>::from_floats([-1.0, 0.0, 2.0], &device);
+        let quick = HiddenAct::QuickGelu.forward(x.clone());
+        let expected: Vec<f32> = [-1.0f32, 0.0, 2.0]
+            .iter()
+            .map(|v| v / (1.0 + (-1.702 * v).exp()))
+            .collect();
+        quick.into_data().assert_approx_eq::<f32>(
+            &TensorData::new(expected, [3]),
+            burn::tensor::Tolerance::absolute(1e-6),
+        );
+        let exact = HiddenAct::Gelu
+            .forward(x.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let tanh = HiddenAct::GeluTanh
+            .forward(x)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert!(
+            (exact[2] - 1.9544997).abs() < 1e-5 && (tanh[2] - 1.9545977).abs() < 1e-5,
+            "{exact:?} {tanh:?}"
+        );
+
+        let norm = LayerNorm::<TestBackend>::new(4, 1e-5, &device);
+        let y = norm.forward(Tensor::<TestBackend, 2>::from_floats(
+            [[1.0, 2.0, 3.0, 4.0]],
+            &device,
+        ));
+        let s = (1.25f32 + 1e-5).sqrt();
+        let expected = TensorData::from([[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]]);
+        y.into_data()
+            .assert_approx_eq::<f32>(&expected, burn::tensor::Tolerance::absolute(1e-5));
+    }
+}
