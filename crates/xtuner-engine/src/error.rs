@@ -25,6 +25,9 @@ pub enum Error {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// A model could not be built or loaded.
+    #[error(transparent)]
+    Model(#[from] xtuner_model::Error),
     /// The data pipeline failed.
     #[error(transparent)]
     Data(#[from] xtuner_dataset::Error),

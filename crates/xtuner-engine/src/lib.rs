@@ -6,7 +6,9 @@
 
 pub mod config;
 pub mod error;
+pub mod lora;
 pub mod loss;
+pub mod optim;
 pub mod schedule;
 
 pub use config::{LoadedConfig, TrainConfig};

@@ -539,6 +539,85 @@ impl<B: Backend> InternLm2<B> {
     }
 }
 
+/// Where a linear layer of the decoder sits: what adapters, quantization and export
+/// need to know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearSite {
+    /// The Hugging Face module name (`model.layers.0.attention.wqkv`), which PEFT keys use.
+    pub module: String,
+    /// The last name component (`wqkv`, `wo`, `w1`, `w2`, `w3`, `output`; Llama names
+    /// for the other families), which LoRA `target_modules` match.
+    pub name: String,
+    /// For the fused q/k/v layer, the checkpoint row of each of our output columns
+    /// (InternLM2's interleaved layout); `None` when they are in checkpoint order.
+    pub out_rows: Option<Vec<usize>>,
+}
+
+/// Every linear layer of a decoder with its site, in checkpoint order.
+pub fn linear_sites(config: &DecoderConfig) -> Vec<LinearSite> {
+    let c = config;
+    let site = |module: &str, out_rows: Option<Vec<usize>>| LinearSite {
+        module: module.to_string(),
+        name: module.rsplit('.').next().unwrap_or(module).to_string(),
+        out_rows,
+    };
+    let mut sites = Vec::new();
+    for i in 0..c.n_layers {
+        let keys = c.family.layer(i);
+        match &keys.qkv {
+            QkvKeys::Fused(module) => sites.push(site(module, Some(internlm2_qkv_rows(c.n_heads, c.n_kv_heads, c.head_dim)))),
+            // Fused here from three checkpoint modules: named after the query one.
+            QkvKeys::Separate { q, .. } => sites.push(site(q, None)),
+        }
+        sites.push(site(&keys.wo, None));
+        sites.push(site(&keys.w1, None));
+        sites.push(site(&keys.w2, None));
+        sites.push(site(&keys.w3, None));
+    }
+    sites.push(site(c.family.output(), None));
+    sites
+}
+
+impl<B: Backend> InternLm2<B> {
+    /// Rebuilds every linear layer through `f` (attach or remove adapters, freeze...),
+    /// in the order of [`linear_sites`]. The tied LM head (no layer) is skipped.
+    ///
+    /// # Errors
+    /// Whatever `f` returns.
+    pub fn map_linears<E>(mut self, config: &DecoderConfig, mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E> {
+        let sites = linear_sites(config);
+        let mut sites = sites.iter();
+        let mut next = |linear: Linear<B>, f: &mut dyn FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>| match sites.next() {
+            Some(site) => f(site, linear),
+            None => Ok(linear),
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for mut layer in std::mem::take(&mut self.layers) {
+            layer.attention.wqkv = next(layer.attention.wqkv, &mut f)?;
+            layer.attention.wo = next(layer.attention.wo, &mut f)?;
+            layer.feed_forward.w1 = next(layer.feed_forward.w1, &mut f)?;
+            layer.feed_forward.w2 = next(layer.feed_forward.w2, &mut f)?;
+            layer.feed_forward.w3 = next(layer.feed_forward.w3, &mut f)?;
+            layers.push(layer);
+        }
+        self.layers = layers;
+        if let Some(output) = self.output.take() {
+            self.output = Some(next(output, &mut f)?);
+        }
+        Ok(self)
+    }
+
+    /// Every linear layer with its site (the tied LM head is absent).
+    pub fn linears<'a>(&'a self, config: &DecoderConfig) -> Vec<(LinearSite, &'a Linear<B>)> {
+        let mut layers = Vec::new();
+        for layer in &self.layers {
+            layers.extend([&layer.attention.wqkv, &layer.attention.wo, &layer.feed_forward.w1, &layer.feed_forward.w2, &layer.feed_forward.w3]);
+        }
+        layers.extend(self.output.as_ref());
+        linear_sites(config).into_iter().zip(layers).collect()
+    }
+}
+
 /// A linear layer's weight as PyTorch `[out, in]` rows, and its bias.
 fn hf_rows<B: Backend>(linear: &Linear<B>) -> (Vec<f32>, Option<Vec<f32>>) {
     let rows = linear.weight.val().transpose().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();

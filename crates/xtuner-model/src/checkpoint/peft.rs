@@ -127,21 +127,8 @@ impl PeftAdapter {
     /// # Errors
     /// A/B shapes that do not fit `[out, in]` with the adapter's rank.
     pub fn delta(&self, module: &str, out: usize, inp: usize) -> Result<Option<Vec<f32>>> {
-        let Some((a_key, b_key)) = self.modules.get(module) else { return Ok(None) };
+        let Some((a, b)) = self.pair(module, out, inp)? else { return Ok(None) };
         let r = self.config.r;
-        let shape_err = |key: &str, expected: Vec<usize>| -> Error {
-            Error::ShapeMismatch { key: key.to_string(), expected, found: self.weights.shape(key).unwrap_or_default() }
-        };
-        if self.weights.shape(a_key) != Some(vec![r, inp]) {
-            return Err(shape_err(a_key, vec![r, inp]));
-        }
-        if self.weights.shape(b_key) != Some(vec![out, r]) {
-            return Err(shape_err(b_key, vec![out, r]));
-        }
-        let a = self.weights.float_data(a_key)?.to_vec::<f32>().map_err(|e| Error::BadAdapter { path: self.dir.clone(), message: format!("{e:?}") })?;
-        let b = self.weights.float_data(b_key)?.to_vec::<f32>().map_err(|e| Error::BadAdapter { path: self.dir.clone(), message: format!("{e:?}") })?;
-        self.weights.mark_used(a_key);
-        self.weights.mark_used(b_key);
         let scale = self.scale() as f32;
         let mut delta = vec![0f32; out * inp];
         for (o, row) in delta.chunks_exact_mut(inp).enumerate() {
@@ -156,6 +143,30 @@ impl PeftAdapter {
             }
         }
         Ok(Some(delta))
+    }
+
+    /// The raw pair for `module`: `A` as `[r, in]` and `B` as `[out, r]` row-major data
+    /// (PEFT's layout), or `None` if the module is not adapted.
+    ///
+    /// # Errors
+    /// Shapes that do not fit `[out, in]` with the adapter's rank.
+    pub fn pair(&self, module: &str, out: usize, inp: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let Some((a_key, b_key)) = self.modules.get(module) else { return Ok(None) };
+        let r = self.config.r;
+        for (key, expected) in [(a_key, vec![r, inp]), (b_key, vec![out, r])] {
+            let found = self.weights.shape(key).unwrap_or_default();
+            if found != expected {
+                return Err(Error::ShapeMismatch { key: key.clone(), expected, found });
+            }
+        }
+        let read = |key: &str| -> Result<Vec<f32>> {
+            self.weights.mark_used(key);
+            self.weights
+                .float_data(key)?
+                .to_vec::<f32>()
+                .map_err(|e| Error::BadAdapter { path: self.dir.clone(), message: format!("{key}: {e:?}") })
+        };
+        Ok(Some((read(a_key)?, read(b_key)?)))
     }
 
     /// Adapted modules that the base model never asked for (an adapter for another

@@ -1,0 +1,134 @@
+//! LoRA policy: which layers get adapters (XTuner's rule), how they start (PEFT's
+//! initialisation, or a PEFT adapter directory), freezing the base, merging, and the
+//! PEFT export layout (`base_model.model.<module>.lora_A.weight` `[r, in]`,
+//! `.lora_B.weight` `[out, r]`, with the fused q/k/v rows back in checkpoint order).
+
+use std::collections::BTreeSet;
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use xtuner_model::checkpoint::peft::PeftAdapter;
+use xtuner_model::internlm2::{DecoderConfig, InternLm2, LinearSite, linear_sites};
+use xtuner_model::nn::linear::{Linear, Lora};
+
+use crate::config::LoraConfig;
+use crate::{Error, Result};
+
+/// The module names that LoRA targets: the given ones (checked), or XTuner's default,
+/// the last name of every linear layer of the model (`find_all_linear_names`, which
+/// for InternLM2 includes the LM head `output`).
+///
+/// # Errors
+/// A target that names no linear layer of the model (the valid names are listed).
+pub fn resolve_targets(config: &DecoderConfig, targets: &[String]) -> Result<BTreeSet<String>> {
+    let names: BTreeSet<String> = linear_sites(config).into_iter().map(|s| s.name).collect();
+    if targets.is_empty() {
+        return Ok(names);
+    }
+    for target in targets {
+        if !names.contains(target) {
+            return Err(Error::Config {
+                path: Default::default(),
+                message: format!(
+                    "`lora.target_modules`: `{target}` is not a linear layer of this model; valid: {}",
+                    names.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+    }
+    Ok(targets.iter().cloned().collect())
+}
+
+/// Freezes the whole model and attaches fresh adapters (PEFT's init) to the targets.
+///
+/// # Errors
+/// An unknown target.
+pub fn attach<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, lora: &LoraConfig, device: &B::Device) -> Result<InternLm2<B>> {
+    let targets = resolve_targets(config, &lora.target_modules)?;
+    model.no_grad().map_linears(config, |site, mut linear: Linear<B>| {
+        if targets.contains(&site.name) {
+            let [d_in, d_out] = linear.dims();
+            linear.lora = Some(Lora::init(d_in, d_out, lora.r, lora.alpha, lora.dropout, device));
+        }
+        Ok(linear)
+    })
+}
+
+/// Freezes the model and attaches the adapters of a PEFT directory (trainable), to
+/// continue training them.
+///
+/// # Errors
+/// An adapter whose shapes or modules do not fit the model.
+pub fn attach_peft<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, adapter: &PeftAdapter, dropout: f64, device: &B::Device) -> Result<InternLm2<B>> {
+    let scale = adapter.scale();
+    let model = model.no_grad().map_linears(config, |site, mut linear: Linear<B>| -> Result<Linear<B>> {
+        let [d_in, d_out] = linear.dims();
+        if let Some((a, b)) = adapter.pair(&site.module, d_out, d_in)? {
+            let r = a.len() / d_in.max(1);
+            let a = Tensor::<B, 2>::from_data(TensorData::new(a, [r, d_in]), device).transpose(); // [in, r]
+            let b = permute_out_rows(b, site, r); // [out, r] in our column order
+            let b = Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, r]), device).transpose(); // [r, out]
+            linear.lora = Some(Lora::from_tensors(a, b, scale, dropout));
+        }
+        Ok(linear)
+    })?;
+    let unused = adapter.unused_modules();
+    if !unused.is_empty() {
+        return Err(Error::Model(xtuner_model::Error::BadAdapter {
+            path: adapter.dir().to_path_buf(),
+            message: format!("adapts modules this model does not have: {}", unused.join(", ")),
+        }));
+    }
+    Ok(model)
+}
+
+/// `B`'s rows (`[out, r]`, checkpoint order) rearranged into the layer's column order.
+fn permute_out_rows(b: Vec<f32>, site: &LinearSite, r: usize) -> Vec<f32> {
+    match &site.out_rows {
+        Some(order) => order.iter().flat_map(|&row| b[row * r..(row + 1) * r].iter().copied()).collect(),
+        None => b,
+    }
+}
+
+/// The adapters as PEFT tensors (`base_model.model.<module>.lora_A.weight` `[r, in]`,
+/// `lora_B.weight` `[out, r]`), ready for `adapter_model.safetensors`.
+pub fn peft_tensors<B: Backend>(model: &InternLm2<B>, config: &DecoderConfig) -> Vec<(String, TensorData)> {
+    let mut out = Vec::new();
+    for (site, linear) in model.linears(config) {
+        let Some(lora) = &linear.lora else { continue };
+        let [d_in, d_out] = linear.dims();
+        let r = lora.rank();
+        let a = lora.lora_a.val().transpose().into_data(); // [r, in]
+        let b_ours: Vec<f32> = lora.lora_b.val().transpose().into_data().convert::<f32>().to_vec().unwrap_or_default(); // [out, r]
+        let b = match &site.out_rows {
+            Some(order) => {
+                let mut b = vec![0f32; d_out * r];
+                for (ours, &theirs) in order.iter().enumerate() {
+                    b[theirs * r..(theirs + 1) * r].copy_from_slice(&b_ours[ours * r..(ours + 1) * r]);
+                }
+                b
+            }
+            None => b_ours,
+        };
+        let prefix = format!("base_model.model.{}", site.module);
+        out.push((format!("{prefix}.lora_A.weight"), a));
+        out.push((format!("{prefix}.lora_B.weight"), TensorData::new(b, [d_out, r])));
+        let _ = d_in;
+    }
+    out
+}
+
+/// Folds every adapter into its base weight (`W + scale·A·B`) and removes it.
+pub fn merge<B: Backend>(model: InternLm2<B>, config: &DecoderConfig) -> InternLm2<B> {
+    let merged: std::result::Result<_, std::convert::Infallible> = model.map_linears(config, |_, mut linear: Linear<B>| {
+        if let Some(lora) = linear.lora.take() {
+            linear.weight = Param::from_tensor(linear.weight.val() + lora.delta());
+        }
+        Ok(linear)
+    });
+    match merged {
+        Ok(model) => model,
+        Err(never) => match never {},
+    }
+}
