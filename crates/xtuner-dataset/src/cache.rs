@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::pack::PackedRow;
 use crate::pipeline::{DataSpec, DatasetStats, ProcessedDataset, process};
 use crate::reader::data_files;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{self, Tokenizer};
 use crate::{Error, Result};
 
 /// Bumped whenever the pipeline's output or this file layout changes.
@@ -30,11 +30,12 @@ pub enum CacheOutcome {
     Built(PathBuf),
 }
 
-/// The cache key of a spec with a tokenizer: a hex digest.
+/// The cache key of a spec with a tokenizer (given by its [`tokenizer::fingerprint`]):
+/// a hex digest.
 ///
 /// # Errors
 /// A data file that cannot be read.
-pub fn cache_key(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<String> {
+pub fn cache_key(spec: &DataSpec, tokenizer_fingerprint: &str) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     hasher.update(&CACHE_VERSION.to_le_bytes());
     let spec_json = serde_json::to_vec(spec).map_err(|e| Error::Cache {
@@ -42,27 +43,28 @@ pub fn cache_key(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<String> {
         message: format!("cannot serialise the data spec: {e}"),
     })?;
     hasher.update(&spec_json);
-    hasher.update(tokenizer.fingerprint().as_bytes());
+    hasher.update(tokenizer_fingerprint.as_bytes());
     for file in data_files(&spec.files)? {
-        let mut f = fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
         hasher.update(file.to_string_lossy().as_bytes());
-        hasher.update_reader(&mut f).map_err(|e| Error::io(&file, e))?;
+        // Memory-mapped and hashed on all cores: the whole cost of a cache hit is this.
+        hasher.update_mmap_rayon(&file).map_err(|e| Error::io(&file, e))?;
     }
     Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// Loads the processed dataset from `cache_dir` when an entry for these exact inputs
-/// exists, else processes it and stores it there.
+/// exists, else loads the tokenizer at `tokenizer_path`, processes the data and stores
+/// the result there (a hit never parses the tokenizer).
 ///
 /// # Errors
 /// Those of [`process`], and a cache directory that cannot be written.
 pub fn load_or_process(
     spec: &DataSpec,
-    tokenizer: &Tokenizer,
+    tokenizer_path: &Path,
     cache_dir: &Path,
 ) -> Result<(ProcessedDataset, CacheOutcome)> {
     spec.validate()?;
-    let key = cache_key(spec, tokenizer)?;
+    let key = cache_key(spec, &tokenizer::fingerprint(tokenizer_path)?)?;
     let path = cache_dir.join(format!("{key}.bin"));
     match read_entry(&path) {
         Ok(Some(dataset)) => {
@@ -72,7 +74,7 @@ pub fn load_or_process(
         Ok(None) => {}
         Err(e) => tracing::warn!("ignoring unreadable dataset cache entry: {e}"),
     }
-    let dataset = process(spec, tokenizer)?;
+    let dataset = process(spec, &Tokenizer::from_path(tokenizer_path)?)?;
     write_entry(&path, &dataset)?;
     tracing::info!(path = %path.display(), "dataset cached");
     Ok((dataset, CacheOutcome::Built(path)))
@@ -223,9 +225,12 @@ mod tests {
     use crate::format::DataFormat;
     use xtuner_template::PromptTemplate;
 
+    fn tokenizer_path() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer")
+    }
+
     fn tokenizer() -> Tokenizer {
-        Tokenizer::from_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"))
-            .unwrap()
+        Tokenizer::from_path(&tokenizer_path()).unwrap()
     }
 
     fn spec(dir: &Path) -> DataSpec {
@@ -253,21 +258,21 @@ mod tests {
     fn second_run_hits_and_equals_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(dir.path());
-        let tok = tokenizer();
         let cache = dir.path().join("cache");
-        let (first, outcome) = load_or_process(&spec, &tok, &cache).unwrap();
+        let (first, outcome) = load_or_process(&spec, &tokenizer_path(), &cache).unwrap();
         assert!(matches!(outcome, CacheOutcome::Built(_)));
-        let (second, outcome) = load_or_process(&spec, &tok, &cache).unwrap();
+        let (second, outcome) = load_or_process(&spec, &tokenizer_path(), &cache).unwrap();
         assert!(matches!(outcome, CacheOutcome::Hit(_)));
         assert_eq!(first, second);
-        assert_eq!(first, process(&spec, &tok).unwrap());
+        assert_eq!(first, process(&spec, &tokenizer()).unwrap());
+        assert_eq!(tokenizer().fingerprint(), tokenizer::fingerprint(&tokenizer_path()).unwrap());
     }
 
     #[test]
     fn any_input_change_rebuilds() {
         let dir = tempfile::tempdir().unwrap();
         let base = spec(dir.path());
-        let tok = tokenizer();
+        let tok = tokenizer::fingerprint(&tokenizer_path()).unwrap();
         let key = cache_key(&base, &tok).unwrap();
         let variants = [
             DataSpec { max_length: 65, ..base.clone() },
@@ -289,15 +294,14 @@ mod tests {
     fn corrupt_entries_are_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(dir.path());
-        let tok = tokenizer();
         let cache = dir.path().join("cache");
-        let (first, outcome) = load_or_process(&spec, &tok, &cache).unwrap();
+        let (first, outcome) = load_or_process(&spec, &tokenizer_path(), &cache).unwrap();
         let CacheOutcome::Built(path) = outcome else { panic!("expected a build") };
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
-        let (again, outcome) = load_or_process(&spec, &tok, &cache).unwrap();
+        let (again, outcome) = load_or_process(&spec, &tokenizer_path(), &cache).unwrap();
         assert!(matches!(outcome, CacheOutcome::Built(_)));
         assert_eq!(first, again);
         fs::write(&path, &bytes[..20]).unwrap();

@@ -21,9 +21,12 @@ fn load_config(args: &ConfigArgs) -> Result<LoadedConfig> {
     configs::load(&args.config, &args.cfg_options)
 }
 
+fn tokenizer_path(config: &LoadedConfig) -> Result<&Path> {
+    config.config.tokenizer_path().context("the config names no tokenizer")
+}
+
 fn tokenizer_of(config: &LoadedConfig) -> Result<Tokenizer> {
-    let path = config.config.tokenizer_path().context("the config names no tokenizer")?;
-    Ok(Tokenizer::from_path(path)?)
+    Ok(Tokenizer::from_path(tokenizer_path(config)?)?)
 }
 
 /// Reads every record through map → template → encode; the first bad record stops the
@@ -65,8 +68,8 @@ pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
 pub fn log_dataset(args: &ConfigArgs, show: Show, num: usize) -> Result<()> {
     let config = load_config(args)?;
     let spec = config.config.data_spec()?;
+    let (dataset, _) = load_or_process(&spec, tokenizer_path(&config)?, &config.config.data.cache_dir)?;
     let tokenizer = tokenizer_of(&config)?;
-    let (dataset, _) = load_or_process(&spec, &tokenizer, &config.config.data.cache_dir)?;
     let s = &dataset.stats;
     println!(
         "{} rows ({} samples from {} records, {} tokens, {} trained)",
@@ -227,12 +230,11 @@ pub fn build(args: &ConfigArgs, threads: Option<usize>, no_cache: bool, as_json:
     let spec = config.config.data_spec()?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build()?;
     let started = Instant::now();
-    let tokenizer = tokenizer_of(&config)?;
     let (dataset, outcome) = pool.install(|| -> Result<_> {
         Ok(if no_cache {
-            (process(&spec, &tokenizer)?, None)
+            (process(&spec, &tokenizer_of(&config)?)?, None)
         } else {
-            let (d, o) = load_or_process(&spec, &tokenizer, &config.config.data.cache_dir)?;
+            let (d, o) = load_or_process(&spec, tokenizer_path(&config)?, &config.config.data.cache_dir)?;
             (d, Some(o))
         })
     })?;

@@ -53,22 +53,7 @@ impl Tokenizer {
     /// A missing directory or tokenizer file, a corrupt file, or a BOS/EOS token the
     /// vocabulary does not hold.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let (dir, file) = if path.is_dir() {
-            let json = path.join("tokenizer.json");
-            let spm = path.join("tokenizer.model");
-            let file = if json.is_file() {
-                json
-            } else if spm.is_file() {
-                spm
-            } else {
-                return Err(tokenizer_error(path, "neither tokenizer.json nor tokenizer.model here"));
-            };
-            (path.to_path_buf(), file)
-        } else if path.is_file() {
-            (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
-        } else {
-            return Err(tokenizer_error(path, "no such file or directory"));
-        };
+        let (dir, file) = tokenizer_file(path)?;
         let bytes = fs::read(&file).map_err(|e| Error::io(&file, e))?;
         let backend = if file.extension().is_some_and(|e| e == "model") {
             Backend::SentencePiece(
@@ -81,16 +66,11 @@ impl Tokenizer {
         };
         let tokenizer_config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
         let model_config = read_json_if_present(&dir.join("config.json"))?;
-        let mut fingerprint = blake3::Hasher::new();
-        fingerprint.update(&bytes);
-        if let Some(config) = &tokenizer_config {
-            fingerprint.update(config.to_string().as_bytes());
-        }
         let mut tokenizer = Tokenizer {
             backend,
             bos: Vec::new(),
             eos: Vec::new(),
-            fingerprint: String::new(),
+            fingerprint: fingerprint_files(&bytes, &dir)?,
             source: file.clone(),
         };
         let class = tokenizer_config
@@ -111,8 +91,6 @@ impl Tokenizer {
             bos.into_iter().collect()
         };
         tokenizer.eos = eos.into_iter().collect();
-        fingerprint.update(format!("{:?}{:?}", tokenizer.bos, tokenizer.eos).as_bytes());
-        tokenizer.fingerprint = fingerprint.finalize().to_hex().to_string();
         tracing::debug!(file = %file.display(), bos = ?tokenizer.bos, eos = ?tokenizer.eos, "tokenizer loaded");
         Ok(tokenizer)
     }
@@ -229,10 +207,57 @@ impl Tokenizer {
         &self.source
     }
 
-    /// A hash of everything that decides how text is encoded (the tokenizer file, its
-    /// config and the special ids); the dataset cache keys on it.
+    /// A hash of everything that decides how text is encoded (the tokenizer file and
+    /// the configs that set the special ids); equal to [`fingerprint`] of its path.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+}
+
+/// The fingerprint of the tokenizer at `path` without loading it: the dataset cache
+/// checks it before deciding whether the tokenizer is needed at all.
+///
+/// # Errors
+/// A missing or unreadable tokenizer file.
+pub fn fingerprint(path: &Path) -> Result<String> {
+    let (dir, file) = tokenizer_file(path)?;
+    let bytes = fs::read(&file).map_err(|e| Error::io(&file, e))?;
+    fingerprint_files(&bytes, &dir)
+}
+
+/// blake3 of the tokenizer file and of the configs beside it that decide BOS/EOS.
+fn fingerprint_files(tokenizer_bytes: &[u8], dir: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(tokenizer_bytes);
+    for name in ["tokenizer_config.json", "config.json"] {
+        let path = dir.join(name);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                hasher.update(name.as_bytes());
+                hasher.update(&bytes);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// The directory and the tokenizer file of a path: a directory holding
+/// `tokenizer.json` (preferred) or `tokenizer.model`, or one of those files.
+fn tokenizer_file(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    if path.is_dir() {
+        for name in ["tokenizer.json", "tokenizer.model"] {
+            let file = path.join(name);
+            if file.is_file() {
+                return Ok((path.to_path_buf(), file));
+            }
+        }
+        Err(tokenizer_error(path, "neither tokenizer.json nor tokenizer.model here"))
+    } else if path.is_file() {
+        Ok((path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf()))
+    } else {
+        Err(tokenizer_error(path, "no such file or directory"))
     }
 }
 
