@@ -52,6 +52,44 @@ pub enum Command {
     /// Data-processing tools.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Train (LoRA, QLoRA, full fine-tune or pre-training) as a config describes.
+    Train {
+        /// The config.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Where checkpoints and logs go (default: work_dirs/<config name>).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Resume: `auto` (the newest checkpoint of the work dir) or a checkpoint directory.
+        #[arg(long, num_args = 0..=1, default_missing_value = "auto")]
+        resume: Option<String>,
+        /// Where to run.
+        #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
+        device: crate::backend::Device,
+    },
+    /// Convert checkpoints to Hugging Face formats.
+    #[command(subcommand)]
+    Convert(ConvertCommand),
+    /// Mean loss and perplexity of a model over a data set.
+    Eval {
+        /// The model directory.
+        model: PathBuf,
+        /// A PEFT adapter merged at load.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Data files or folders.
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// Record format.
+        #[arg(long, default_value = "alpaca")]
+        format: String,
+        /// Prompt template.
+        #[arg(long)]
+        template: Option<String>,
+        /// Samples are truncated to this many tokens.
+        #[arg(long, default_value_t = 2048)]
+        max_length: usize,
+    },
     /// Chat with a model (one-shot with --prompt, else an interactive session).
     Chat(ChatCli),
     /// Print the ids and pieces of a text (encoded without special tokens).
@@ -210,4 +248,43 @@ pub struct ChatCli {
     /// The image (LLaVA).
     #[arg(long)]
     pub image: Option<PathBuf>,
+}
+
+/// `xtuner convert ...`
+#[derive(Debug, Subcommand)]
+pub enum ConvertCommand {
+    /// A training checkpoint to a PEFT adapter (LoRA) or a Hugging Face model (full).
+    #[command(name = "pth_to_hf")]
+    PthToHf {
+        /// The config the checkpoint was trained with.
+        config: String,
+        /// The checkpoint directory (work_dirs/<config>/iter_N).
+        checkpoint: PathBuf,
+        /// Output directory.
+        out: PathBuf,
+        /// Save in f32 (default: 16-bit).
+        #[arg(long)]
+        fp32: bool,
+        /// Largest shard of a full model.
+        #[arg(long, default_value = "2GB")]
+        max_shard_size: String,
+        /// Override config keys.
+        #[arg(long = "cfg-options", num_args = 1..)]
+        cfg_options: Vec<String>,
+    },
+    /// Merge a PEFT LoRA adapter into its base model.
+    Merge {
+        /// The base model directory.
+        base: PathBuf,
+        /// The adapter directory.
+        adapter: PathBuf,
+        /// Output directory.
+        out: PathBuf,
+        /// Largest shard.
+        #[arg(long, default_value = "2GB")]
+        max_shard_size: String,
+        /// Save in f32 (default: 16-bit).
+        #[arg(long)]
+        fp32: bool,
+    },
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use args::{Cli, Command, DatasetCommand};
+use args::{Cli, Command, ConvertCommand, DatasetCommand};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -45,6 +45,18 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Dataset(DatasetCommand::Build { config, threads, no_cache, json }) => {
             commands::data::build(&config, threads, no_cache, json)?
+        }
+        Command::Train { config, work_dir, resume, device } => {
+            commands::train::run_train(&config.config, &config.cfg_options, work_dir, resume, device)?
+        }
+        Command::Convert(ConvertCommand::PthToHf { config, checkpoint, out, fp32, max_shard_size, cfg_options }) => {
+            commands::train::pth_to_hf(&config, &cfg_options, &checkpoint, &out, fp32, &max_shard_size)?
+        }
+        Command::Convert(ConvertCommand::Merge { base, adapter, out, max_shard_size, fp32 }) => {
+            commands::train::merge(&base, &adapter, &out, &max_shard_size, fp32)?
+        }
+        Command::Eval { model, adapter, data, format, template, max_length } => {
+            commands::train::eval(&model, adapter.as_deref(), &data, &format, template.as_deref(), max_length)?
         }
         Command::Chat(c) => commands::chat::chat(&commands::chat::ChatArgs {
             model: c.model,

@@ -28,6 +28,16 @@ pub enum Error {
     /// A model could not be built or loaded.
     #[error(transparent)]
     Model(#[from] xtuner_model::Error),
+    /// The loss stopped being a number.
+    #[error("the loss became {loss} at iteration {iter}; training stopped{}", match checkpoint { Some(p) => format!(" (the last good checkpoint is {})", p.display()), None => " (no checkpoint was written yet)".to_string() })]
+    Diverged {
+        /// The iteration (1-based).
+        iter: usize,
+        /// The loss value.
+        loss: f64,
+        /// The last good checkpoint.
+        checkpoint: Option<PathBuf>,
+    },
     /// The data pipeline failed.
     #[error(transparent)]
     Data(#[from] xtuner_dataset::Error),

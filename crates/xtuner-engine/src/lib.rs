@@ -4,12 +4,14 @@
 //! learning-rate schedule of XTuner's recipes; [`loss`] the causal LM loss. The engine's other parts (LoRA policy,
 //! optimizer, training loop, checkpoints, export) build on these.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod lora;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod train;
 
 pub use config::{LoadedConfig, TrainConfig};
 pub use error::{Error, Result};

@@ -152,6 +152,81 @@ impl DecoderConfig {
     }
 }
 
+impl DecoderConfig {
+    /// Named shapes for random initialisation (demos and benchmarks); the vocabulary
+    /// comes from the tokenizer. `internlm2-tiny`: 4 layers × hidden 128 (trains on a
+    /// CPU in minutes); `internlm2-1.8b`: InternLM2-Chat-1.8B's shape.
+    pub fn preset(name: &str, vocab_size: usize) -> Option<Self> {
+        let (hidden, intermediate, layers, heads, kv_heads) = match name {
+            "internlm2-tiny" => (128, 384, 4, 4, 2),
+            "internlm2-small" => (512, 1536, 4, 8, 4),
+            "internlm2-1.8b" => (2048, 8192, 24, 16, 8),
+            _ => return None,
+        };
+        let head_dim = hidden / heads;
+        Some(Self {
+            family: Family::InternLm2,
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            n_layers: layers,
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: 1e-5,
+            rope: Rope { head_dim, theta: 1e6, max_position_embeddings: 32768, scaling: None },
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: false,
+        })
+    }
+
+    /// The names [`DecoderConfig::preset`] knows.
+    pub const PRESETS: &'static [&'static str] = &["internlm2-tiny", "internlm2-small", "internlm2-1.8b"];
+
+    /// A `config.json` for this shape (what `save_pretrained` writes for InternLM2).
+    pub fn to_hf_json(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
+        let model_type = match self.family {
+            Family::InternLm2 => "internlm2",
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+        };
+        let architectures = match self.family {
+            Family::InternLm2 => "InternLM2ForCausalLM",
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+        };
+        let scaling = match self.rope.scaling {
+            Some(RopeScaling::Linear { factor }) => serde_json::json!({"type": "linear", "factor": factor}),
+            Some(RopeScaling::Dynamic { factor }) => serde_json::json!({"type": "dynamic", "factor": factor}),
+            None => serde_json::Value::Null,
+        };
+        serde_json::json!({
+            "architectures": [architectures],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.rope.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": scaling,
+            "bias": self.qkv_bias,
+            "attention_bias": self.qkv_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
 impl TryFrom<HfDecoderConfig> for DecoderConfig {
     type Error = Error;
 

@@ -4,3 +4,4 @@ pub mod cfg;
 pub mod chat;
 pub mod data;
 pub mod tokenize;
+pub mod train;

@@ -16,6 +16,7 @@
 pub mod keys;
 pub mod peft;
 mod safetensors;
+mod save;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -25,7 +26,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use self::safetensors::{SafetensorsFile, ShardIndex};
-pub use self::safetensors::{SaveDtype, parse_size, save_safetensors};
+pub use self::save::{SaveDtype, parse_size, save_safetensors};
 use crate::{Error, Result};
 
 /// The single-file name transformers writes and looks for first.

@@ -13,6 +13,7 @@ use burn::tensor::{Distribution, Tensor};
 
 use crate::Result;
 use crate::checkpoint::Checkpoint;
+use crate::nn::nf4::{Nf4Tensor, Nf4Weight};
 
 /// A linear layer. Field names are the checkpoint's key segments (`weight`, `bias`).
 #[derive(Module, Debug)]
@@ -23,6 +24,9 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A low-rank adapter, when one is attached.
     pub lora: Option<Lora<B>>,
+    /// QLoRA's 4-bit storage of the base weight, when quantized
+    /// ([`Linear::quantize_nf4`]); `weight` is then an empty `[0, 0]` placeholder.
+    pub nf4: Option<Nf4Weight<B>>,
 }
 
 /// A LoRA adapter: `ΔW = scale · A·B` with `A: [d_in, r]`, `B: [r, d_out]` (PEFT stores
@@ -91,6 +95,7 @@ impl<B: Backend> Linear<B> {
             weight: Param::from_tensor(Tensor::random([d_in, d_out], dist, device)),
             bias: bias.then(|| Param::from_tensor(Tensor::random([d_out], dist, device))),
             lora: None,
+            nf4: None,
         }
     }
 
@@ -101,23 +106,62 @@ impl<B: Backend> Linear<B> {
     pub fn load(ckpt: &Checkpoint, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Self> {
         let weight = ckpt.linear_weight::<B>(&format!("{prefix}.weight"), d_out, d_in, device)?;
         let bias = if bias { Some(Param::from_tensor(ckpt.tensor::<B, 1>(&format!("{prefix}.bias"), [d_out], device)?)) } else { None };
-        Ok(Self { weight: Param::from_tensor(weight), bias, lora: None })
+        Ok(Self { weight: Param::from_tensor(weight), bias, lora: None, nf4: None })
     }
 
     /// A layer from a `[d_in, d_out]` weight and optional bias.
     pub fn from_tensors(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None }
+        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None, nf4: None }
     }
 
     /// `[d_in, d_out]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.val().dims()
+        match &self.nf4 {
+            Some(nf4) => nf4.dims(),
+            None => self.weight.val().dims(),
+        }
+    }
+
+    /// The base weight as a dense `[d_in, d_out]` matrix: `weight`, or the NF4 storage
+    /// dequantized. Code that reads or rewrites the base weight (export, merging) must
+    /// use this, not `weight`, which is an empty placeholder for an NF4 layer.
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match &self.nf4 {
+            Some(nf4) => nf4.dequantize(),
+            None => self.weight.val(),
+        }
+    }
+
+    /// Replaces the dense base weight by QLoRA's NF4 storage (bitsandbytes'
+    /// `quantize_4bit` of the PyTorch `[out, in]` matrix, blocks of `block_size`, with
+    /// `double_quant` compressing the absmax); forward dequantizes it on the fly. Bias
+    /// and adapter are kept.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] for a layer that is already NF4, an empty weight,
+    /// a block size that is 0 or odd, or a non-finite weight.
+    pub fn quantize_nf4(self, block_size: usize, double_quant: bool) -> Result<Self> {
+        if self.nf4.is_some() {
+            return Err(crate::Error::InvalidInput { name: "linear", message: "the layer is already NF4-quantized".into() });
+        }
+        let weight = self.weight.val();
+        let device = weight.device();
+        let [d_in, d_out] = weight.dims();
+        let rows = weight.transpose().into_data().convert::<f32>().to_vec::<f32>(); // [out, in]
+        let rows = rows.map_err(|e| crate::Error::InvalidInput { name: "linear", message: format!("weight data: {e:?}") })?;
+        let nf4 = Nf4Tensor::quantize(&rows, [d_out, d_in], block_size, double_quant)?;
+        Ok(Self {
+            weight: Param::from_tensor(Tensor::zeros([0, 0], &device)).set_require_grad(false),
+            bias: self.bias,
+            lora: self.lora,
+            nf4: Some(Nf4Weight::from_tensor(&nf4, &device)),
+        })
     }
 
     /// # Shapes
     /// `x`: `[..., d_in]` → `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let mut y = x.clone().matmul(self.weight.val().unsqueeze::<D>());
+        let mut y = x.clone().matmul(self.dense_weight().unsqueeze::<D>());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<D>();
         }
@@ -162,6 +206,51 @@ mod tests {
         lora.delta().into_data().assert_approx_eq::<f32>(&TensorData::from([[1.0, -2.0], [1.0, -2.0]]), Tolerance::absolute(1e-6));
         linear.lora = Some(lora);
         linear.forward(x).into_data().assert_approx_eq::<f32>(&TensorData::from([[10.0, -10.0]]), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn nf4_layer_with_lora_is_the_dequantized_dense_layer_plus_the_adapter() {
+        let device = Default::default();
+        let base = Linear::<TestBackend>::new(64, 24, true, &device);
+        let a = Tensor::<TestBackend, 2>::random([64, 4], Distribution::Uniform(-0.1, 0.1), &device);
+        let b = Tensor::<TestBackend, 2>::random([4, 24], Distribution::Uniform(-0.1, 0.1), &device);
+        let mut linear = base.clone();
+        linear.lora = Some(Lora::from_tensors(a.clone(), b.clone(), 2.0, 0.0));
+        for double_quant in [false, true] {
+            let q = linear.clone().quantize_nf4(64, double_quant).unwrap();
+            assert_eq!(q.dims(), [64, 24]);
+            assert_eq!(q.weight.val().dims(), [0, 0]);
+            assert!(q.clone().quantize_nf4(64, double_quant).is_err());
+            // The reference: a dense layer holding the dequantized weight, plus the adapter.
+            let rows = base.weight.val().transpose().into_data().to_vec::<f32>().unwrap();
+            let deq = Nf4Tensor::quantize(&rows, [24, 64], 64, double_quant).unwrap().dequantize();
+            let w = Tensor::<TestBackend, 2>::from_data(TensorData::new(deq, [24, 64]), &device).transpose();
+            let mut dense = Linear::from_tensors(w, base.bias.as_ref().map(|b| b.val()));
+            dense.lora = Some(Lora::from_tensors(a.clone(), b.clone(), 2.0, 0.0));
+            let x = Tensor::<TestBackend, 3>::random([2, 3, 64], Distribution::Uniform(-1.0, 1.0), &device);
+            let expected = dense.forward(x.clone()).into_data();
+            q.forward(x).into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+            let dequantized = q.dense_weight().into_data().to_vec::<f32>().unwrap();
+            assert_eq!(dequantized, dense.weight.val().into_data().to_vec::<f32>().unwrap());
+        }
+        assert!(Linear::<TestBackend>::new(4, 4, false, &device).quantize_nf4(3, false).is_err());
+    }
+
+    #[test]
+    fn nf4_layer_trains_only_its_adapter() {
+        type Ad = burn::backend::Autodiff<TestBackend>;
+        let device = Default::default();
+        let mut linear = Linear::<Ad>::new(8, 4, false, &device).quantize_nf4(4, true).unwrap();
+        let a = Tensor::<Ad, 2>::ones([8, 2], &device);
+        linear.lora = Some(Lora::from_tensors(a, Tensor::ones([2, 4], &device), 1.0, 0.0));
+        let x = Tensor::<Ad, 2>::ones([3, 8], &device).require_grad();
+        let grads = linear.forward(x.clone()).sum().backward();
+        let lora = linear.lora.as_ref().unwrap();
+        assert!(lora.lora_a.grad(&grads).is_some() && lora.lora_b.grad(&grads).is_some());
+        assert!(x.grad(&grads).is_some());
+        assert!(linear.weight.grad(&grads).is_none());
+        // The NF4 tensors are constants: the only parameters left are the placeholder and the adapter.
+        assert_eq!(linear.num_params(), 8 * 2 + 2 * 4);
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub mod attention;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
+pub mod nf4;
 pub mod rms_norm;
 pub mod rope;

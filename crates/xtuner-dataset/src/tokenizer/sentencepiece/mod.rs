@@ -31,13 +31,19 @@
 //! (`-0.0 < 0.0`). Only BPE models are accepted: Unigram, word and char models give
 //! [`SentencePieceError::UnsupportedModel`].
 
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+mod bpe;
+mod normalizer;
+mod proto;
+
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+
+use self::bpe::Segment;
+use self::normalizer::{Normalizer, PrefixTrie};
 
 /// The meta symbol SentencePiece writes for a space (U+2581 LOWER ONE EIGHTH BLOCK).
 const SPACE_SYMBOL: &str = "\u{2581}";
@@ -47,8 +53,6 @@ const DEFAULT_UNK_SURFACE: &str = " \u{2047} ";
 const MODEL_TYPE_BPE: i32 = 2;
 /// sentencepiece refuses pieces of this many bytes or more.
 const MAX_PIECE_LEN: usize = 8000;
-/// How deep an UNUSED piece is split back into the pieces that formed it.
-const MAX_RESEGMENT_DEPTH: usize = 100;
 
 /// Why a `tokenizer.model` file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -166,74 +170,6 @@ fn model_type_name(model_type: i32) -> String {
         3 => "WORD".to_string(),
         4 => "CHAR".to_string(),
         other => format!("{other} (unknown)"),
-    }
-}
-
-/// The fields of `sentencepiece_model.proto` this loader reads; prost skips the rest.
-mod proto {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct ModelProto {
-        #[prost(message, repeated, tag = "1")]
-        pub pieces: Vec<SentencePiece>,
-        #[prost(message, optional, tag = "2")]
-        pub trainer_spec: Option<TrainerSpec>,
-        #[prost(message, optional, tag = "3")]
-        pub normalizer_spec: Option<NormalizerSpec>,
-        #[prost(message, optional, tag = "5")]
-        pub denormalizer_spec: Option<NormalizerSpec>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct SentencePiece {
-        #[prost(string, optional, tag = "1")]
-        pub piece: Option<String>,
-        #[prost(float, optional, tag = "2")]
-        pub score: Option<f32>,
-        /// An enum on the wire; read as a plain varint so unknown values cannot fail.
-        #[prost(int32, optional, tag = "3")]
-        pub r#type: Option<i32>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct TrainerSpec {
-        #[prost(int32, optional, tag = "3")]
-        pub model_type: Option<i32>,
-        #[prost(int32, optional, tag = "4")]
-        pub vocab_size: Option<i32>,
-        #[prost(bool, optional, tag = "24")]
-        pub treat_whitespace_as_suffix: Option<bool>,
-        #[prost(bool, optional, tag = "35")]
-        pub byte_fallback: Option<bool>,
-        #[prost(int32, optional, tag = "40")]
-        pub unk_id: Option<i32>,
-        #[prost(int32, optional, tag = "41")]
-        pub bos_id: Option<i32>,
-        #[prost(int32, optional, tag = "42")]
-        pub eos_id: Option<i32>,
-        #[prost(int32, optional, tag = "43")]
-        pub pad_id: Option<i32>,
-        #[prost(string, optional, tag = "44")]
-        pub unk_surface: Option<String>,
-        #[prost(string, optional, tag = "45")]
-        pub unk_piece: Option<String>,
-        #[prost(string, optional, tag = "46")]
-        pub bos_piece: Option<String>,
-        #[prost(string, optional, tag = "47")]
-        pub eos_piece: Option<String>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct NormalizerSpec {
-        #[prost(string, optional, tag = "1")]
-        pub name: Option<String>,
-        #[prost(bytes = "vec", optional, tag = "2")]
-        pub precompiled_charsmap: Option<Vec<u8>>,
-        #[prost(bool, optional, tag = "3")]
-        pub add_dummy_prefix: Option<bool>,
-        #[prost(bool, optional, tag = "4")]
-        pub remove_extra_whitespaces: Option<bool>,
-        #[prost(bool, optional, tag = "5")]
-        pub escape_whitespaces: Option<bool>,
     }
 }
 
@@ -609,125 +545,6 @@ impl SentencePieceBpe {
         }
         (normalized, tokens)
     }
-
-    /// Splits normalized text into characters (user-defined pieces whole and frozen) and
-    /// merges them best-score-first, as `bpe::Model::SampleEncode` without dropout.
-    fn bpe(&self, normalized: &str) -> Vec<Segment> {
-        let mut symbols: Vec<Symbol> = Vec::with_capacity(normalized.len());
-        let mut pos = 0;
-        while let Some(rest) = normalized.get(pos..).filter(|r| !r.is_empty()) {
-            let (len, frozen) = match self.user_defined.longest_match(rest.as_bytes()) {
-                Some(len) if rest.is_char_boundary(len) => (len, true),
-                _ => (rest.chars().next().map_or(rest.len(), char::len_utf8), false),
-            };
-            let index = symbols.len();
-            symbols.push(Symbol {
-                start: pos,
-                len,
-                prev: index.checked_sub(1),
-                next: Some(index + 1).filter(|_| pos + len < normalized.len()),
-                frozen,
-            });
-            pos += len;
-        }
-
-        let mut merges = Merges { heap: BinaryHeap::new(), unused_splits: HashMap::new() };
-        for right in 1..symbols.len() {
-            self.push_pair(normalized, &symbols, Some(right - 1), Some(right), &mut merges);
-        }
-        while let Some(top) = merges.heap.pop() {
-            let (Some(&left), Some(&right)) = (symbols.get(top.left), symbols.get(top.right))
-            else {
-                continue;
-            };
-            // Stale: one side was merged away or grew since this pair was queued.
-            if left.len == 0 || right.len == 0 || left.len + right.len != top.len {
-                continue;
-            }
-            if let Some(next) = right.next.and_then(|n| symbols.get_mut(n)) {
-                next.prev = Some(top.left);
-            }
-            if let Some(s) = symbols.get_mut(top.right) {
-                s.len = 0;
-            }
-            if let Some(s) = symbols.get_mut(top.left) {
-                s.len = top.len;
-                s.next = right.next;
-            }
-            self.push_pair(normalized, &symbols, left.prev, Some(top.left), &mut merges);
-            self.push_pair(normalized, &symbols, Some(top.left), right.next, &mut merges);
-        }
-
-        // Walk the surviving symbols. An UNUSED piece is split back into the two symbols
-        // that formed it, recursively (at most MAX_RESEGMENT_DEPTH deep, as the C++).
-        let mut segments = Vec::with_capacity(symbols.len());
-        let mut stack = Vec::new();
-        let mut cursor = if symbols.is_empty() { None } else { Some(0) };
-        while let Some(symbol) = cursor.and_then(|i| symbols.get(i)) {
-            stack.push((symbol.start, symbol.len, 0));
-            while let Some((start, len, depth)) = stack.pop() {
-                let text = normalized.get(start..start + len).unwrap_or_default();
-                let found = self.piece_to_id(text).and_then(|id| Some((id, self.kind(id)?)));
-                let id = match found {
-                    Some((id, PieceKind::Unused)) if depth > MAX_RESEGMENT_DEPTH => Some(id),
-                    Some((_, PieceKind::Unused)) => match merges.unused_splits.get(text) {
-                        Some(&left_len) => {
-                            stack.push((start + left_len, len - left_len, depth + 1));
-                            stack.push((start, left_len, depth + 1));
-                            continue;
-                        }
-                        None => None,
-                    },
-                    Some((id, kind)) if kind.is_mergeable() => Some(id),
-                    // Not in the vocabulary, or a control/unknown/byte piece.
-                    _ => None,
-                };
-                segments.push(Segment { id, start, end: start + len });
-            }
-            cursor = symbol.next;
-        }
-        segments
-    }
-
-    /// Queues the merge of two neighbouring symbols if their joined text is a piece.
-    fn push_pair<'a>(
-        &self,
-        normalized: &'a str,
-        symbols: &[Symbol],
-        left: Option<usize>,
-        right: Option<usize>,
-        merges: &mut Merges<'a>,
-    ) {
-        let (Some(left), Some(right)) = (left, right) else { return };
-        let (Some(l), Some(r)) = (symbols.get(left), symbols.get(right)) else { return };
-        if l.frozen || r.frozen {
-            return;
-        }
-        let len = l.len + r.len;
-        if len > self.max_piece_len {
-            return;
-        }
-        let Some(text) = normalized.get(l.start..l.start + len) else { return };
-        let Some(piece) = self.piece_to_id(text).and_then(|id| self.piece(id)) else {
-            return;
-        };
-        if !piece.kind.is_mergeable() {
-            return;
-        }
-        merges.heap.push(Candidate { score: piece.score, left, right, len });
-        if piece.kind == PieceKind::Unused {
-            // As the C++: the split of the last queued pair with this text wins.
-            merges.unused_splits.insert(text, l.len);
-        }
-    }
-}
-
-/// A span of the normalized text and its piece; `None` for an unknown symbol.
-#[derive(Clone, Copy, Debug)]
-struct Segment {
-    id: Option<u32>,
-    start: usize,
-    end: usize,
 }
 
 /// An output id and its span in the normalized text.
@@ -736,303 +553,6 @@ struct Token {
     id: u32,
     start: usize,
     end: usize,
-}
-
-/// One node of the doubly linked list of symbols the merge loop works on.
-#[derive(Clone, Copy, Debug)]
-struct Symbol {
-    start: usize,
-    /// Byte length; 0 once merged into its left neighbour.
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
-    /// A user-defined piece: never merged.
-    frozen: bool,
-}
-
-/// The state of one merge run.
-struct Merges<'a> {
-    heap: BinaryHeap<Candidate>,
-    /// Text of an UNUSED piece formed by a merge → byte length of its left part.
-    unused_splits: HashMap<&'a str, usize>,
-}
-
-/// A queued merge of symbols `left` and `right` whose joined text has `len` bytes.
-#[derive(Clone, Copy, Debug)]
-struct Candidate {
-    score: f32,
-    left: usize,
-    right: usize,
-    len: usize,
-}
-
-impl Ord for Candidate {
-    /// Higher score first, then the leftmost pair. Scores compare in IEEE total order,
-    /// as sentencepiece 0.2.3 does by comparing their bit patterns (so -0.0 < 0.0).
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
-    }
-}
-
-impl PartialOrd for Candidate {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl PartialEq for Candidate {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Candidate {}
-
-/// `NormalizerSpec`, ready to run (proto defaults applied).
-#[derive(Clone)]
-struct Normalizer {
-    name: String,
-    add_dummy_prefix: bool,
-    remove_extra_whitespaces: bool,
-    escape_whitespaces: bool,
-    treat_whitespace_as_suffix: bool,
-    charsmap: Option<CharsMap>,
-}
-
-impl fmt::Debug for Normalizer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Normalizer")
-            .field("name", &self.name)
-            .field("add_dummy_prefix", &self.add_dummy_prefix)
-            .field("remove_extra_whitespaces", &self.remove_extra_whitespaces)
-            .field("escape_whitespaces", &self.escape_whitespaces)
-            .field("treat_whitespace_as_suffix", &self.treat_whitespace_as_suffix)
-            .field("charsmap", &self.charsmap.is_some())
-            .finish()
-    }
-}
-
-impl Normalizer {
-    fn from_spec(
-        spec: proto::NormalizerSpec,
-        treat_whitespace_as_suffix: bool,
-    ) -> Result<Self, SentencePieceError> {
-        let charsmap = match spec.precompiled_charsmap {
-            Some(blob) if !blob.is_empty() => Some(CharsMap::parse(&blob)?),
-            _ => None,
-        };
-        Ok(Normalizer {
-            name: spec.name.unwrap_or_default(),
-            add_dummy_prefix: spec.add_dummy_prefix.unwrap_or(true),
-            remove_extra_whitespaces: spec.remove_extra_whitespaces.unwrap_or(true),
-            escape_whitespaces: spec.escape_whitespaces.unwrap_or(true),
-            treat_whitespace_as_suffix,
-            charsmap,
-        })
-    }
-
-    /// `Normalizer::Normalize`: the text the BPE model sees.
-    fn normalize(&self, input: &str, user_defined: Option<&PrefixTrie>) -> String {
-        let mut out = String::with_capacity(input.len() + input.len() / 2 + 3);
-        let mut rest = input;
-        if self.remove_extra_whitespaces {
-            while !rest.is_empty() {
-                let (piece, consumed) = self.normalize_prefix(rest, user_defined);
-                if piece != " " {
-                    break;
-                }
-                rest = rest.get(consumed..).unwrap_or_default();
-            }
-        }
-        if rest.is_empty() {
-            return out;
-        }
-        let space = if self.escape_whitespaces { SPACE_SYMBOL } else { " " };
-        if self.add_dummy_prefix && !self.treat_whitespace_as_suffix {
-            out.push_str(space);
-        }
-        let mut is_prev_space = self.remove_extra_whitespaces;
-        while !rest.is_empty() {
-            let (mut piece, consumed) = self.normalize_prefix(rest, user_defined);
-            if is_prev_space {
-                piece = piece.trim_start_matches(' ');
-            }
-            if !piece.is_empty() {
-                if self.escape_whitespaces {
-                    for c in piece.chars() {
-                        match c {
-                            ' ' => out.push_str(SPACE_SYMBOL),
-                            c => out.push(c),
-                        }
-                    }
-                } else {
-                    out.push_str(piece);
-                }
-                is_prev_space = piece.ends_with(' ');
-            }
-            rest = rest.get(consumed..).unwrap_or_default();
-            if !self.remove_extra_whitespaces {
-                is_prev_space = false;
-            }
-        }
-        if self.remove_extra_whitespaces {
-            while let Some(stripped) = out.strip_suffix(space) {
-                out.truncate(stripped.len());
-            }
-        }
-        if self.add_dummy_prefix && self.treat_whitespace_as_suffix {
-            out.push_str(space);
-        }
-        out
-    }
-
-    /// `Normalizer::NormalizePrefix`: the normalized form of the start of `input` and how
-    /// many bytes of it that consumed. A user-defined piece is kept as it is; else the
-    /// longest rule of the character map; else one character unchanged.
-    fn normalize_prefix<'a>(
-        &'a self,
-        input: &'a str,
-        user_defined: Option<&PrefixTrie>,
-    ) -> (&'a str, usize) {
-        if let Some(len) = user_defined.and_then(|t| t.longest_match(input.as_bytes()))
-            && let Some(piece) = input.get(..len)
-        {
-            return (piece, len);
-        }
-        if let Some((len, replacement)) = self.charsmap.as_ref().and_then(|m| m.rule(input)) {
-            return (replacement, len);
-        }
-        let len = input.chars().next().map_or(input.len(), char::len_utf8);
-        (input.get(..len).unwrap_or_default(), len)
-    }
-}
-
-/// A `precompiled_charsmap`: a darts-clone double-array trie over input bytes whose
-/// values are offsets of NUL-terminated replacements in a string pool.
-#[derive(Clone)]
-struct CharsMap {
-    units: Vec<u32>,
-    pool: Vec<u8>,
-}
-
-impl CharsMap {
-    /// Layout: little-endian `u32` trie size in bytes, the trie units, the string pool
-    /// (NUL-terminated replacements). Checked as `DecodePrecompiledCharsMap` checks it.
-    fn parse(blob: &[u8]) -> Result<Self, SentencePieceError> {
-        let corrupt = |reason| SentencePieceError::CorruptCharsMap { reason };
-        let Some((size, rest)) = blob.split_first_chunk::<4>().filter(|(_, r)| !r.is_empty())
-        else {
-            return Err(corrupt("shorter than its header"));
-        };
-        let trie_size = usize::try_from(u32::from_le_bytes(*size))
-            .map_err(|_| corrupt("trie size does not fit in memory"))?;
-        if trie_size >= rest.len() {
-            return Err(corrupt("trie size exceeds the blob"));
-        }
-        if trie_size < 1024 || !trie_size.is_multiple_of(1024) {
-            return Err(corrupt("trie size is not a multiple of 1024"));
-        }
-        let (trie, pool) = rest.split_at(trie_size);
-        if pool.last() != Some(&0) {
-            return Err(corrupt("replacement strings are not NUL-terminated"));
-        }
-        let units =
-            trie.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok(CharsMap { units, pool: pool.to_vec() })
-    }
-
-    /// The longest rule matching a prefix of `input` that ends on a character boundary:
-    /// (bytes matched, replacement). A replacement that is not UTF-8 reads as U+FFFD.
-    fn rule(&self, input: &str) -> Option<(usize, &str)> {
-        let label = |unit: u32| unit & ((1 << 31) | 0xFF);
-        let offset = |unit: u32| -> usize {
-            let shifted = (unit >> 10) << ((unit & (1 << 9)) >> 6);
-            usize::try_from(shifted).unwrap_or(usize::MAX)
-        };
-        let has_leaf = |unit: u32| (unit >> 8) & 1 == 1;
-        let value = |unit: u32| usize::try_from(unit & ((1 << 31) - 1)).unwrap_or(usize::MAX);
-
-        let mut best = None;
-        let mut node = offset(*self.units.first()?);
-        for (i, byte) in input.bytes().enumerate() {
-            node ^= usize::from(byte);
-            let Some(&unit) = self.units.get(node) else { break };
-            if label(unit) != u32::from(byte) {
-                break;
-            }
-            node ^= offset(unit);
-            // A rule ending inside a character is skipped (sentencepiece would apply it
-            // and then see broken UTF-8; maps built from code points have none).
-            if has_leaf(unit)
-                && input.is_char_boundary(i + 1)
-                && let Some(&leaf) = self.units.get(node)
-            {
-                best = Some((i + 1, value(leaf)));
-            }
-        }
-        let (len, at) = best?;
-        let tail = self.pool.get(at..)?;
-        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-        let replacement = tail.get(..end).and_then(|r| std::str::from_utf8(r).ok());
-        Some((len, replacement.unwrap_or("\u{FFFD}")))
-    }
-}
-
-/// A byte trie over the user-defined pieces, for the longest one starting a text.
-#[derive(Clone, Debug, Default)]
-struct PrefixTrie {
-    nodes: Vec<TrieNode>,
-}
-
-#[derive(Clone, Debug, Default)]
-struct TrieNode {
-    /// (byte, child index), sorted by byte.
-    children: Vec<(u8, usize)>,
-    terminal: bool,
-}
-
-impl PrefixTrie {
-    fn insert(&mut self, key: &[u8]) {
-        if key.is_empty() {
-            return;
-        }
-        if self.nodes.is_empty() {
-            self.nodes.push(TrieNode::default());
-        }
-        let mut node = 0;
-        for &byte in key {
-            let next_index = self.nodes.len();
-            let Some(current) = self.nodes.get_mut(node) else { return };
-            node = match current.children.binary_search_by_key(&byte, |c| c.0) {
-                Ok(k) => current.children.get(k).map_or(next_index, |c| c.1),
-                Err(k) => {
-                    current.children.insert(k, (byte, next_index));
-                    self.nodes.push(TrieNode::default());
-                    next_index
-                }
-            };
-        }
-        if let Some(last) = self.nodes.get_mut(node) {
-            last.terminal = true;
-        }
-    }
-
-    /// Byte length of the longest key that `text` starts with.
-    fn longest_match(&self, text: &[u8]) -> Option<usize> {
-        let mut node = self.nodes.first()?;
-        let mut best = None;
-        for (i, byte) in text.iter().enumerate() {
-            let Ok(k) = node.children.binary_search_by_key(byte, |c| c.0) else { break };
-            let Some(child) = node.children.get(k).and_then(|c| self.nodes.get(c.1)) else {
-                break;
-            };
-            node = child;
-            if node.terminal {
-                best = Some(i + 1);
-            }
-        }
-        best
-    }
 }
 
 /// The Fx hash (rustc's): a multiply-rotate over 8-byte words, several times faster than
@@ -1112,7 +632,7 @@ mod tests {
         std::fs::read(format!("{FIXTURE}/tokenizer.model")).unwrap()
     }
 
-    fn tiny() -> SentencePieceBpe {
+    pub(super) fn tiny() -> SentencePieceBpe {
         SentencePieceBpe::from_file(Path::new(&format!("{FIXTURE}/tokenizer.model"))).unwrap()
     }
 
@@ -1198,7 +718,7 @@ mod tests {
     }
 
     /// The fixture with one edit applied to its decoded protobuf.
-    fn edited(
+    pub(super) fn edited(
         edit: impl FnOnce(&mut proto::ModelProto),
     ) -> Result<SentencePieceBpe, SentencePieceError> {
         let mut model = proto::ModelProto::decode(model_bytes().as_slice()).unwrap();
@@ -1254,103 +774,5 @@ mod tests {
         let nul = edited(|m| m.pieces[300].piece = Some("\0".into())).unwrap();
         assert_eq!(nul.decode(&[300, 100]), "\0[");
         assert_eq!(nul.piece_to_id("\0"), None);
-    }
-
-    #[test]
-    fn normalizer_flags_are_honoured() {
-        // Pieces from sentencepiece 0.2.3 on the fixture with the same normalizer_spec edits.
-        let collapse =
-            edited(|m| m.normalizer_spec.as_mut().unwrap().remove_extra_whitespaces = Some(true))
-                .unwrap();
-        let pieces: Vec<String> =
-            collapse.encode_pieces("  two  spaces ").into_iter().map(|p| p.1).collect();
-        assert_eq!(pieces, ["▁t", "w", "o", "▁s", "p", "a", "ces"]);
-        assert_eq!(collapse.encode("  two  spaces "), collapse.encode("two spaces"));
-        assert_eq!(collapse.encode("   "), Vec::<u32>::new());
-        let no_prefix =
-            edited(|m| m.normalizer_spec.as_mut().unwrap().add_dummy_prefix = Some(false)).unwrap();
-        let pieces: Vec<String> = no_prefix.encode_pieces("a b").into_iter().map(|p| p.1).collect();
-        assert_eq!(pieces, ["a", "▁b"]);
-        assert_eq!(no_prefix.decode(&no_prefix.encode(" a")), " a");
-    }
-
-    /// A precompiled charsmap as sentencepiece's builder lays it out: 256 double-array
-    /// units (free ones linked as `i ^ 1`) with the given used units, then the pool.
-    fn charsmap(used: &[(usize, u32)], pool: &[u8]) -> Vec<u8> {
-        let mut units: Vec<u32> = (0..256u32).map(|i| i ^ 1).collect();
-        for &(i, unit) in used {
-            units[i] = unit;
-        }
-        let mut blob = 1024u32.to_le_bytes().to_vec();
-        blob.extend(units.iter().flat_map(|u| u.to_le_bytes()));
-        blob.extend_from_slice(pool);
-        blob
-    }
-
-    #[test]
-    fn precompiled_charsmaps_normalize_and_denormalize() {
-        // Built by sentencepiece from the rules "ab" → "AB" (normalizer) and "A" → "a",
-        // "BC" → "xyz", "あ" → "A B" (denormalizer); ids from sentencepiece 0.2.3.
-        let spm = edited(|m| {
-            let rules = [(0, 98304), (1, 98401), (2, 2147483648), (3, 1378)];
-            m.normalizer_spec.as_mut().unwrap().precompiled_charsmap =
-                Some(charsmap(&rules, b"AB\0"));
-            let rules = [
-                (0, 65536),
-                (1, 2369),
-                (2, 70722),
-                (3, 2147483652),
-                (4, 1347),
-                (5, 2147483654),
-                (6, 134273),
-                (7, 15746),
-                (8, 2147483648),
-                (163, 37091),
-            ];
-            m.denormalizer_spec = Some(proto::NormalizerSpec {
-                precompiled_charsmap: Some(charsmap(&rules, b"A B\0a\0xyz\0")),
-                add_dummy_prefix: Some(false),
-                remove_extra_whitespaces: Some(false),
-                escape_whitespaces: Some(false),
-                ..Default::default()
-            });
-        })
-        .unwrap();
-        let ids = spm.encode("abc cab");
-        assert_eq!(ids, [498, 518, 75, 522, 498, 522, 518, 75]);
-        assert_eq!(spm.decode(&ids), "aBc caB");
-        assert_eq!(spm.decode(&[498, 74, 75, 76, 236, 138, 139]), "axyzA B");
-    }
-
-    #[test]
-    fn unused_pieces_are_split_back_or_fall_back_to_bytes() {
-        // "lo", "▁w", "orld" and "y" marked UNUSED; ids from sentencepiece 0.2.3.
-        let spm = edited(|m| {
-            for id in [333, 274, 435, 520] {
-                m.pieces[id].r#type = Some(5);
-            }
-        })
-        .unwrap();
-        assert_eq!(spm.encode("Hello world"), [498, 81, 291, 507, 506, 498, 512, 297, 332]);
-        assert_eq!(spm.encode("yellow"), [498, 130, 291, 401]);
-    }
-
-    #[test]
-    fn user_defined_pieces_match_longest_first_and_never_merge() {
-        let spm = tiny();
-        let start = spm.piece_to_id("<|im_start|>").unwrap();
-        let end = spm.piece_to_id("<|im_end|>").unwrap();
-        assert_eq!(spm.encode("<|im_start|><|im_end|>")[1..], [start, end]);
-        // A broken tag is ordinary text.
-        assert!(!spm.encode("<|im_start").contains(&start));
-    }
-
-    #[test]
-    fn long_text_round_trips() {
-        let spm = tiny();
-        let text = "Mount Everest is the highest mountain. 世界第一高峰是什么峰? ".repeat(500);
-        let ids = spm.encode(&text);
-        assert!(!ids.is_empty());
-        assert_eq!(spm.decode(&ids), text);
     }
 }

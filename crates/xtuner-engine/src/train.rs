@@ -1,0 +1,532 @@
+//! The training loop of `xtuner train`: one loop for LoRA, full fine-tuning and
+//! incremental pre-training (the data decides: pre-training records have no template
+//! and every token trained).
+//!
+//! Per iteration (one micro-batch): the learning rate of the schedule, forward, the
+//! token-mean loss divided by `accumulative_counts`, backward into the accumulated
+//! gradients. Every `accumulative_counts` iterations: global-norm clipping, an AdamW
+//! step. The data order of epoch e is a permutation seeded by `seed + e`, and dropout
+//! is reseeded per iteration, so a run resumed from a checkpoint continues exactly as
+//! one that never stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::Serialize;
+use xtuner_dataset::collate::{Batch, collate};
+use xtuner_dataset::sampler::{length_grouped, shuffled};
+use xtuner_dataset::{PackedRow, Tokenizer, load_or_process};
+use xtuner_model::checkpoint::peft::PeftAdapter;
+use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
+use xtuner_model::generate::{GenerationConfig, generate};
+use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
+use xtuner_model::nn::attention::attention_bias;
+use xtuner_model::sampling::SamplingConfig;
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{LoadedConfig, TrainConfig};
+use crate::lora;
+use crate::loss::causal_lm_loss;
+use crate::optim::{adamw, clip_grad_norm};
+use crate::schedule::LrSchedule;
+use crate::{Error, Result};
+
+/// Where a run resumes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest checkpoint of the work dir, if any.
+    Auto,
+    /// This checkpoint directory.
+    Path(PathBuf),
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEvent {
+    /// The run starts (or resumes at `start_iter`).
+    Started {
+        /// Iterations in the whole run.
+        total_iters: usize,
+        /// The first iteration this process runs.
+        start_iter: usize,
+        /// Training rows.
+        rows: usize,
+        /// Trainable parameters.
+        trainable_params: usize,
+    },
+    /// An optimizer step was taken.
+    Step(StepStats),
+    /// The evaluate-chat hook ran.
+    Eval {
+        /// Iteration.
+        iter: usize,
+        /// (prompt, answer) pairs.
+        answers: Vec<(String, String)>,
+    },
+    /// A checkpoint was written.
+    Saved {
+        /// Iteration.
+        iter: usize,
+        /// Its directory.
+        path: PathBuf,
+    },
+}
+
+/// Numbers of one optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStats {
+    /// Iterations done (1-based).
+    pub iter: usize,
+    /// Iterations in the run.
+    pub total_iters: usize,
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Token-mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens per second (real tokens, this process).
+    pub tokens_per_s: f64,
+    /// Estimated seconds left.
+    pub eta_s: f64,
+}
+
+/// Receives [`TrainEvent`]s (the CLI draws a progress bar from them).
+pub trait Progress {
+    /// One event.
+    fn event(&mut self, event: &TrainEvent);
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Iterations done.
+    pub iters: usize,
+    /// The loss of the first and the last step.
+    pub first_loss: Option<f64>,
+    /// See `first_loss`.
+    pub last_loss: Option<f64>,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Stopped early by the caller (Ctrl-C).
+    pub interrupted: bool,
+}
+
+/// The model a config describes, before adapters: a Hugging Face directory, or a
+/// preset shape with random weights seeded by `train.seed`.
+///
+/// # Errors
+/// A missing or bad model directory, an unknown preset.
+pub fn build_model<B: Backend>(config: &TrainConfig, tokenizer: &Tokenizer, device: &B::Device) -> Result<(InternLm2<B>, DecoderConfig)> {
+    match (&config.model.path, &config.model.preset) {
+        (Some(path), _) => {
+            if !path.join("config.json").is_file() {
+                return Err(Error::Config { path: path.clone(), message: "`model.path`: no config.json here (not a Hugging Face model directory)".into() });
+            }
+            Ok(InternLm2::load(path, None, device)?)
+        }
+        (None, Some(name)) => {
+            let decoder = DecoderConfig::preset(name, tokenizer.vocab_size()).ok_or_else(|| Error::Config {
+                path: PathBuf::new(),
+                message: format!("`model.preset`: unknown preset `{name}`; known: {}", DecoderConfig::PRESETS.join(", ")),
+            })?;
+            B::seed(device, config.train.seed);
+            Ok((InternLm2::random(&decoder, device)?, decoder))
+        }
+        (None, None) => Err(Error::Config { path: PathBuf::new(), message: "`model`: give `path` or `preset`".into() }),
+    }
+}
+
+/// Gives every parameter an id derived from its module path, so that optimizer state
+/// saved by one process finds its parameters in the next.
+struct StableIds {
+    path: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for StableIds {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (_, tensor, mapper) = param.consume();
+        // FNV-1a of the dotted path.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.path.join(".").bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Param::from_mapped_value(ParamId::from(hash), tensor, mapper)
+    }
+}
+
+/// A fingerprint of the settings a resumed run must share with the checkpoint.
+fn config_fingerprint(config: &TrainConfig) -> String {
+    let relevant = serde_json::json!({
+        "model": config.model, "data": config.data, "template": config.template,
+        "lora": config.lora, "train": { "batch_size": config.train.batch_size, "seed": config.train.seed },
+    });
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in relevant.to_string().bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The rows of each epoch, in order.
+fn epoch_order(rows: &[PackedRow], config: &TrainConfig, epoch: usize) -> Vec<usize> {
+    let seed = config.train.seed.wrapping_add(epoch as u64);
+    if config.train.group_by_length && !config.data.pack_to_max_length {
+        let lengths: Vec<i64> = rows.iter().map(|r| r.len() as i64).collect();
+        length_grouped(&lengths, config.train.batch_size * config.train.accumulative_counts, seed)
+    } else {
+        shuffled(rows.len(), seed)
+    }
+}
+
+/// Token ids and decoder inputs (positions, attention mask) of a collated batch.
+pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>, DecoderInput<B>) {
+    let shape = [batch.batch_size, batch.seq_len];
+    let ids = Tensor::from_data(TensorData::new(batch.input_ids.clone(), shape), device);
+    let positions = Tensor::from_data(TensorData::new(batch.position_ids.clone(), shape), device);
+    // Packed rows with varlen attention keep their samples apart.
+    let segments: Option<Vec<i64>> = batch.cumulative_len.as_ref().map(|rows| {
+        rows.iter()
+            .flat_map(|cu| {
+                let mut seg = vec![-1i64; batch.seq_len];
+                for (s, w) in cu.windows(2).enumerate() {
+                    for slot in seg.iter_mut().take(w[1]).skip(w[0]) {
+                        *slot = s as i64;
+                    }
+                }
+                seg
+            })
+            .collect()
+    });
+    let bias = attention_bias(batch.batch_size, batch.seq_len, 0, &batch.attention_mask, segments.as_deref(), device);
+    (ids, DecoderInput { positions, bias })
+}
+
+/// Runs (or resumes) the training a config describes.
+///
+/// # Errors
+/// Bad settings, data or model; a loss that becomes NaN or infinite (the last good
+/// checkpoint is kept); an unwritable work dir.
+pub fn train<B: AutodiffBackend>(
+    loaded: &LoadedConfig,
+    work_dir: &Path,
+    resume: Option<Resume>,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+    stop: &AtomicBool,
+) -> Result<TrainSummary> {
+    let config = &loaded.config;
+    let spec = config.data_spec()?;
+    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config { path: loaded.path.clone(), message: "`tokenizer.path`: required".into() })?;
+    let (dataset, _) = load_or_process(&spec, tokenizer_path, &config.data.cache_dir)?;
+    let tokenizer = Tokenizer::from_path(tokenizer_path)?;
+    std::fs::create_dir_all(work_dir).map_err(|e| Error::Io { path: work_dir.to_path_buf(), source: e })?;
+
+    let (base, decoder) = build_model::<B>(config, &tokenizer, device)?;
+    let resume_from = match resume {
+        None => None,
+        Some(Resume::Auto) => checkpoint::latest(work_dir)?,
+        Some(Resume::Path(path)) => Some(path),
+    };
+    let fingerprint = config_fingerprint(config);
+    let mode = if config.lora.is_some() { "lora" } else { "full" };
+    let (model, start_iter) = match &resume_from {
+        Some(dir) => {
+            let state = checkpoint::read_state(dir)?;
+            if state.config_fingerprint != fingerprint || state.mode != mode {
+                return Err(Error::Config {
+                    path: dir.clone(),
+                    message: "this checkpoint comes from another config (model, data, LoRA or batch settings differ)".into(),
+                });
+            }
+            let model = match &config.lora {
+                Some(l) => lora::attach_peft(base, &decoder, &PeftAdapter::open(dir)?, l.dropout, device)?,
+                None => InternLm2::load_from(&Checkpoint::open(&dir.join("model.safetensors"))?, &decoder, None, device)?,
+            };
+            (model, state.iter)
+        }
+        None => {
+            let model = match &config.lora {
+                Some(l) => lora::attach(base, &decoder, l, device)?,
+                None => base,
+            };
+            (model, 0)
+        }
+    };
+    let mut model = model.map(&mut StableIds { path: Vec::new() });
+    let mut optimizer = adamw(&config.optimizer).init::<B, InternLm2<B>>();
+    if let Some(dir) = &resume_from {
+        let record = BinFileRecorder::<FullPrecisionSettings>::new()
+            .load(dir.join("optimizer"), device)
+            .map_err(|e| Error::Config { path: dir.clone(), message: format!("optimizer state: {e}") })?;
+        optimizer = optimizer.load_record(record);
+    }
+
+    let t = &config.train;
+    let rows = dataset.rows.len();
+    let batches_per_epoch = rows.div_ceil(t.batch_size);
+    let total_iters = t.max_iters.unwrap_or(batches_per_epoch * t.max_epochs);
+    let schedule = LrSchedule::new(&config.optimizer, &config.schedule, total_iters);
+    let trainable = count_trainable(&model);
+    progress.event(&TrainEvent::Started { total_iters, start_iter, rows, trainable_params: trainable });
+    let mut log = JsonLog::open(&work_dir.join("train_log.jsonl"))?;
+
+    let eval = |model: &InternLm2<B::InnerBackend>, iter: usize, progress: &mut dyn Progress, log: &mut JsonLog| -> Result<()> {
+        let answers = evaluate_chat(model, config, &tokenizer, device)?;
+        if !answers.is_empty() {
+            let event = TrainEvent::Eval { iter, answers };
+            progress.event(&event);
+            log.write(&event);
+        }
+        Ok(())
+    };
+    if start_iter == 0 {
+        eval(&model.valid(), 0, progress, &mut log)?;
+    }
+
+    let mut summary = TrainSummary { iters: start_iter, first_loss: None, last_loss: None, last_checkpoint: resume_from.clone(), interrupted: false };
+    let mut accumulator = GradientsAccumulator::<InternLm2<B>>::new();
+    let (mut step_loss, mut step_tokens, mut micro) = (0.0f64, 0usize, 0usize);
+    let started = Instant::now();
+    let mut tokens_seen = 0usize;
+    let mut order: Vec<usize> = Vec::new();
+    let mut order_epoch = usize::MAX;
+    for iter in start_iter..total_iters {
+        let epoch = iter / batches_per_epoch.max(1);
+        if epoch != order_epoch {
+            order = epoch_order(&dataset.rows, config, epoch);
+            order_epoch = epoch;
+        }
+        let first = (iter % batches_per_epoch.max(1)) * t.batch_size;
+        let rows_of_batch: Vec<&PackedRow> = order.iter().skip(first).take(t.batch_size).filter_map(|&i| dataset.rows.get(i)).collect();
+        let batch = collate(&rows_of_batch, config.data.use_varlen_attn);
+        B::seed(device, t.seed.wrapping_mul(1_000_003).wrapping_add(iter as u64));
+        let (ids, input) = batch_tensors::<B>(&batch, device);
+        let logits = model.forward(ids, &input, None);
+        let loss = causal_lm_loss(logits, &batch.labels);
+        let mean = loss.mean();
+        let value = f64::from(mean.clone().into_scalar().elem::<f32>());
+        if !value.is_finite() {
+            return Err(Error::Diverged { iter: iter + 1, loss: value, checkpoint: summary.last_checkpoint.clone() });
+        }
+        let grads = GradientsParams::from_grads((mean / t.accumulative_counts as f64).backward(), &model);
+        accumulator.accumulate(&model, grads);
+        step_loss += value * batch.trained_tokens() as f64;
+        step_tokens += batch.trained_tokens();
+        tokens_seen += batch.tokens();
+        micro += 1;
+        let done = iter + 1;
+        if micro == t.accumulative_counts || done == total_iters {
+            let lr = schedule.lr(iter);
+            let mut grads = accumulator.grads();
+            let grad_norm = clip_grad_norm(&model, &mut grads, config.optimizer.max_norm);
+            model = optimizer.step(lr, model, grads);
+            let loss = step_loss / step_tokens.max(1) as f64;
+            let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+            let per_iter = elapsed / (done - start_iter) as f64;
+            let stats = StepStats {
+                iter: done,
+                total_iters,
+                epoch,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_s: tokens_seen as f64 / elapsed,
+                eta_s: per_iter * (total_iters - done) as f64,
+            };
+            summary.first_loss.get_or_insert(loss);
+            summary.last_loss = Some(loss);
+            let event = TrainEvent::Step(stats);
+            log.write(&event);
+            progress.event(&event);
+            (step_loss, step_tokens, micro) = (0.0, 0, 0);
+        }
+        summary.iters = done;
+        let interrupted = stop.load(Ordering::SeqCst);
+        let at_save = done % config.checkpoint.save_steps == 0 || done == total_iters || interrupted;
+        if at_save && micro == 0 {
+            let path = save_checkpoint(&model, &optimizer, &decoder, config, work_dir, done, &fingerprint, mode, &tokenizer)?;
+            progress.event(&TrainEvent::Saved { iter: done, path: path.clone() });
+            summary.last_checkpoint = Some(path);
+        }
+        if done % config.evaluation.freq == 0 && done != total_iters {
+            eval(&model.valid(), done, progress, &mut log)?;
+        }
+        if interrupted && micro == 0 {
+            summary.interrupted = true;
+            return Ok(summary);
+        }
+    }
+    eval(&model.valid(), summary.iters, progress, &mut log)?;
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint<B: AutodiffBackend, O: Optimizer<InternLm2<B>, B>>(
+    model: &InternLm2<B>,
+    optimizer: &O,
+    decoder: &DecoderConfig,
+    config: &TrainConfig,
+    work_dir: &Path,
+    iter: usize,
+    fingerprint: &str,
+    mode: &str,
+    tokenizer: &Tokenizer,
+) -> Result<PathBuf> {
+    let state = TrainState { iter, config_fingerprint: fingerprint.to_string(), mode: mode.to_string() };
+    checkpoint::save(work_dir, &state, config.checkpoint.save_total_limit, |dir| {
+        let inner = model.valid();
+        write_weights(&inner, decoder, config, dir, SaveDtype::F32, tokenizer)?;
+        BinFileRecorder::<FullPrecisionSettings>::new()
+            .record(optimizer.to_record(), dir.join("optimizer"))
+            .map_err(|e| Error::Config { path: dir.to_path_buf(), message: format!("saving the optimizer state: {e}") })?;
+        Ok(())
+    })
+}
+
+/// Writes the trainable weights in Hugging Face formats: a PEFT adapter directory for
+/// LoRA, a model directory (config + safetensors + tokenizer files) for a full fine-tune.
+///
+/// # Errors
+/// An unwritable directory.
+pub fn write_weights<B: Backend>(
+    model: &InternLm2<B>,
+    decoder: &DecoderConfig,
+    config: &TrainConfig,
+    dir: &Path,
+    dtype: SaveDtype,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<PathBuf>> {
+    let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(value).unwrap_or_default();
+        std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })
+    };
+    match &config.lora {
+        Some(l) => {
+            let targets: Vec<String> = lora::resolve_targets(decoder, &l.target_modules)?.into_iter().collect();
+            write_json("adapter_config.json", &serde_json::json!({
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": l.r,
+                "lora_alpha": l.alpha,
+                "lora_dropout": l.dropout,
+                "bias": "none",
+                "target_modules": targets,
+                "fan_in_fan_out": false,
+                "use_rslora": false,
+                "use_dora": false,
+                "inference_mode": true,
+                "base_model_name_or_path": config.model.path.as_ref().map(|p| p.display().to_string()),
+            }))?;
+            Ok(save_safetensors(dir, "adapter_model", lora::peft_tensors(model, decoder), dtype, None)?)
+        }
+        None => {
+            let bos = tokenizer.bos_ids().first().copied();
+            let eos = tokenizer.eos_ids().first().copied();
+            write_json("config.json", &decoder.to_hf_json(bos, eos))?;
+            let files = save_safetensors(dir, "model", model.to_hf_tensors(decoder), dtype, Some(2_000_000_000))?;
+            copy_tokenizer_files(tokenizer, dir)?;
+            Ok(files)
+        }
+    }
+}
+
+/// Copies the tokenizer files beside a saved model, as `save_pretrained` does.
+///
+/// # Errors
+/// An unreadable or unwritable file.
+pub fn copy_tokenizer_files(tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+    let source_dir = tokenizer.source().parent().unwrap_or(Path::new("."));
+    for name in ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"] {
+        let from = source_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(name)).map_err(|e| Error::Io { path: from.clone(), source: e })?;
+        }
+    }
+    Ok(())
+}
+
+fn count_trainable<B: AutodiffBackend>(model: &InternLm2<B>) -> usize {
+    struct Count(usize);
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.is_require_grad() {
+                self.0 += param.shape().num_elements();
+            }
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
+}
+
+/// XTuner's evaluate-chat hook: answers the config's evaluation inputs with the
+/// template (temperature 0.1, top-k 40, top-p 0.75, as XTuner's hook samples).
+///
+/// # Errors
+/// A template that cannot render the system prompt, or a tokenizer failure.
+pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, config: &TrainConfig, tokenizer: &Tokenizer, device: &B::Device) -> Result<Vec<(String, String)>> {
+    let eval = &config.evaluation;
+    let template = config.template.as_ref().map(|t| t.resolve()).transpose().map_err(|message| Error::Config { path: PathBuf::new(), message })?;
+    let system = eval.system_prompt();
+    let mut answers = Vec::new();
+    for input in &eval.inputs {
+        let text = match &template {
+            Some(t) => t.prompt(&system, input, 1).map_err(|e| Error::Config { path: PathBuf::new(), message: e.to_string() })?,
+            None => input.clone(),
+        };
+        let mut ids: Vec<u32> = tokenizer.bos_ids().to_vec();
+        ids.extend(tokenizer.encode(&text)?);
+        let tensor = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(), [1, ids.len()]), device);
+        let mut stop_ids = tokenizer.eos_ids().to_vec();
+        if let Some(t) = &template {
+            stop_ids.extend(t.stop_words.iter().filter_map(|w| tokenizer.token_to_id(w)));
+        }
+        let generation = GenerationConfig {
+            max_new_tokens: eval.max_new_tokens,
+            eos_token_ids: stop_ids,
+            sampling: SamplingConfig { seed: config.train.seed, ..SamplingConfig::default() },
+        };
+        let (new, _) = generate(model, model.embed(tensor), &ids, &generation, |_| true);
+        answers.push((input.clone(), tokenizer.decode(&new)?));
+    }
+    Ok(answers)
+}
+
+/// The JSON Lines log in the work dir (one object per step/eval).
+struct JsonLog {
+    file: Option<std::fs::File>,
+}
+
+impl JsonLog {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        Ok(Self { file: Some(file) })
+    }
+
+    fn write(&mut self, event: &TrainEvent) {
+        if let (Some(file), Ok(line)) = (self.file.as_mut(), serde_json::to_string(event)) {
+            let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+use burn::tensor::ElementConversion as _;

@@ -1,0 +1,671 @@
+//! QLoRA's 4-bit NormalFloat (NF4) weight storage (Dettmers et al. 2023,
+//! <https://arxiv.org/abs/2305.14314>), bit-exact with bitsandbytes 0.50's
+//! `bnb.functional.quantize_4bit(w, blocksize, compress_statistics, quant_type="nf4")`.
+//!
+//! A weight matrix `[rows, cols]` (PyTorch's `[out, in]`) is flattened row-major and cut
+//! into blocks of `block_size` elements; each block stores its absolute maximum and,
+//! for every element, the index of the nearest of 16 levels ([`NF4_LEVELS`]) to
+//! `w / absmax`. Two indices share a byte, the first element in the high nibble.
+//! Dequantization is `NF4_LEVELS[code] · absmax`.
+//!
+//! Double quantization (`compress_statistics=True`) stores the per-block absmax
+//! themselves in 8 bits: their mean is subtracted (the `offset`), and the centred
+//! values are quantized to the signed dynamic 8-bit code ([`dynamic_map_8bit`]) in
+//! blocks of 256, each with its own f32 absmax (`scales`).
+//!
+//! The arithmetic follows the code paths bitsandbytes 0.50 takes on the CPU, where the
+//! reference fixture was made (the CUDA kernels agree except where noted):
+//! - 4-bit (`backends/default/ops.py`): full blocks scale by the f32 reciprocal,
+//!   `w · (1 / max(absmax, 1e-38))`; a partial last block divides, `w / max(absmax, 1e-38)`
+//!   (and stores the clamped absmax; full blocks store it unclamped). The scaled value is
+//!   clamped to ±1 and gets the number of f32 midpoints `(l[i] + l[i+1]) / 2` strictly
+//!   below it (`torch.bucketize`, so a value on a midpoint takes the lower level, as in
+//!   the CUDA kernel's decision tree). An odd element count pads the last byte's low
+//!   nibble with the code of 0.
+//! - offset: `torch.mean` in f32, summed the way PyTorch's CPU kernel sums (see
+//!   [`torch_mean`]).
+//! - 8-bit (`csrc/cpu_ops.cpp`, `quantize_cpu`): absmax per 256 block, `x · (1/absmax)`,
+//!   clamped, mapped to one of 65536 bins by `trunc(fma((v + 1)·0.5, 65535, 0.5))`, each
+//!   bin holding the code whose midpoint interval contains the bin's centre; an all-zero
+//!   block gets code 0. (CUDA searches the code table directly, which differs on a few
+//!   values.)
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+
+use crate::{Error, Result};
+
+/// The 16 NF4 levels (bitsandbytes' `get_4bit_type("nf4")`: quantiles of N(0, 1) scaled to
+/// ±1, with an exact zero), in code order.
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_800_998_687_7,
+    -0.525_073_051_452_636_7,
+    -0.394_917_488_098_144_53,
+    -0.284_441_381_692_886_35,
+    -0.184_773_430_228_233_34,
+    -0.091_050_036_251_544_95,
+    0.0,
+    0.079_580_299_556_255_34,
+    0.160_930_201_411_247_25,
+    0.246_112_301_945_686_34,
+    0.337_915_241_718_292_24,
+    0.440_709_829_330_444_34,
+    0.562_617_003_917_694_1,
+    0.722_956_836_223_602_3,
+    1.0,
+];
+
+/// The f32 midpoints between consecutive levels: the decision boundaries.
+const NF4_MIDPOINTS: [f32; 15] = {
+    let mut mids = [0.0; 15];
+    let mut i = 0;
+    while i < 15 {
+        mids[i] = (NF4_LEVELS[i] + NF4_LEVELS[i + 1]) / 2.0;
+        i += 1;
+    }
+    mids
+};
+
+/// The block size bitsandbytes uses to double-quantize the absmax.
+pub const DOUBLE_QUANT_BLOCK_SIZE: usize = 256;
+
+/// The code of 0.0, which pads an odd element count.
+const ZERO_CODE: u8 = 7;
+
+/// The smallest absmax a block is scaled by (bitsandbytes' `clamp(min=1e-38)`).
+const MIN_ABSMAX: f32 = 1e-38;
+
+/// Host-side NF4 storage of a `[rows, cols]` weight matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Tensor {
+    /// `[rows, cols]` of the quantized matrix (PyTorch's `[out, in]` for a linear layer).
+    pub shape: [usize; 2],
+    /// Elements per absmax block.
+    pub block_size: usize,
+    /// Two codes per byte, first element in the high nibble, row-major;
+    /// `ceil(rows·cols / 2)` bytes.
+    pub packed: Vec<u8>,
+    /// The per-block scales.
+    pub absmax: Absmax,
+}
+
+/// The per-block absmax of an [`Nf4Tensor`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    /// One f32 per block.
+    Plain(Vec<f32>),
+    /// Double quantization: block `i`'s absmax is
+    /// `dynamic_map_8bit()[codes[i]] · scales[i / block_size] + offset`.
+    DoubleQuant {
+        /// One 8-bit code per block.
+        codes: Vec<u8>,
+        /// The absmax of `absmax − offset` per `block_size` codes.
+        scales: Vec<f32>,
+        /// The mean of the absmax, subtracted before quantizing.
+        offset: f32,
+        /// Codes per scale ([`DOUBLE_QUANT_BLOCK_SIZE`]).
+        block_size: usize,
+    },
+}
+
+impl Nf4Tensor {
+    /// Quantizes a row-major `[rows, cols]` matrix as bitsandbytes does, with blocks of
+    /// `block_size` elements (64 for QLoRA) over the flattened matrix; the last block may
+    /// be partial. With `double_quant`, the absmax are stored in 8 bits as well.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when `values.len() != rows·cols`, the matrix is empty,
+    /// `block_size` is 0 or odd (blocks must fill whole bytes), or a value is NaN or
+    /// infinite.
+    pub fn quantize(values: &[f32], shape: [usize; 2], block_size: usize, double_quant: bool) -> Result<Self> {
+        let [rows, cols] = shape;
+        let numel = rows.checked_mul(cols).ok_or_else(|| invalid("shape", format!("{shape:?} overflows")))?;
+        if values.len() != numel {
+            return Err(invalid("values", format!("{} values for shape {shape:?} ({numel} elements)", values.len())));
+        }
+        if numel == 0 {
+            return Err(invalid("shape", format!("{shape:?} has no elements")));
+        }
+        if block_size == 0 || block_size % 2 != 0 {
+            return Err(invalid("block_size", format!("{block_size}: must be even and positive")));
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(invalid("values", format!("element {i} is {}", values[i])));
+        }
+
+        let mut packed = vec![0u8; numel.div_ceil(2)];
+        let mut absmax = Vec::with_capacity(numel.div_ceil(block_size));
+        let full_blocks = numel / block_size;
+        let blocks = values.chunks(block_size).zip(packed.chunks_mut(block_size / 2));
+        for (b, (block, out)) in blocks.enumerate() {
+            let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            if b < full_blocks {
+                absmax.push(max);
+                let inv = 1.0 / max.max(MIN_ABSMAX);
+                pack_codes(block, out, |v| v * inv);
+            } else {
+                // bitsandbytes' remainder path divides and keeps the clamped absmax.
+                let max = max.max(MIN_ABSMAX);
+                absmax.push(max);
+                pack_codes(block, out, |v| v / max);
+            }
+        }
+        let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::Plain(absmax) };
+        Ok(Self { shape, block_size, packed, absmax })
+    }
+
+    /// The `[rows, cols]` matrix back, row-major: `NF4_LEVELS[code] · absmax` in f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let numel = self.shape[0] * self.shape[1];
+        let absmax = self.absmax_values();
+        let mut out = vec![0.0f32; numel];
+        for (b, block) in out.chunks_mut(self.block_size.max(1)).enumerate() {
+            let scale = absmax.get(b).copied().unwrap_or(0.0);
+            let start = b * self.block_size;
+            for (j, v) in block.iter_mut().enumerate() {
+                let i = start + j;
+                let byte = self.packed.get(i / 2).copied().unwrap_or(0);
+                let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                *v = NF4_LEVELS[usize::from(code)] * scale;
+            }
+        }
+        out
+    }
+
+    /// The per-block absmax, decoded when double-quantized (`code · scale + offset` in f32).
+    pub fn absmax_values(&self) -> Vec<f32> {
+        match &self.absmax {
+            Absmax::Plain(values) => values.clone(),
+            Absmax::DoubleQuant { codes, scales, offset, block_size } => {
+                let map = dynamic_map_8bit();
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| {
+                        let scale = scales.get(i / (*block_size).max(1)).copied().unwrap_or(0.0);
+                        map[usize::from(c)] * scale + offset
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Resident bytes: the packed codes plus the absmax storage (the shared 8-bit code
+    /// table of double quantization is not counted).
+    pub fn bytes(&self) -> usize {
+        let absmax = match &self.absmax {
+            Absmax::Plain(values) => 4 * values.len(),
+            Absmax::DoubleQuant { codes, scales, .. } => codes.len() + 4 * scales.len() + 4,
+        };
+        self.packed.len() + absmax
+    }
+}
+
+/// Writes the codes of `block` (two per byte, first in the high nibble) into `out`,
+/// padding an odd tail with the code of 0.
+fn pack_codes(block: &[f32], out: &mut [u8], scale: impl Fn(f32) -> f32) {
+    for (pair, byte) in block.chunks(2).zip(out.iter_mut()) {
+        let hi = nf4_code(scale(pair[0]));
+        let lo = pair.get(1).map_or(ZERO_CODE, |&v| nf4_code(scale(v)));
+        *byte = (hi << 4) | lo;
+    }
+}
+
+/// The code of a scaled value: how many midpoints lie strictly below it (after clamping
+/// to ±1, which changes no code but mirrors bitsandbytes).
+fn nf4_code(x: f32) -> u8 {
+    let x = x.clamp(-1.0, 1.0);
+    NF4_MIDPOINTS.iter().map(|&m| u8::from(m < x)).sum()
+}
+
+/// bitsandbytes' `quantize_blockwise(absmax − mean, blocksize=256)` with the dynamic
+/// 8-bit code.
+fn double_quantize(absmax: &[f32]) -> Absmax {
+    let offset = torch_mean(absmax);
+    let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+    let (codes, scales) = quantize_8bit(&centred, DOUBLE_QUANT_BLOCK_SIZE);
+    Absmax::DoubleQuant { codes, scales, offset, block_size: DOUBLE_QUANT_BLOCK_SIZE }
+}
+
+/// Blockwise 8-bit quantization to [`dynamic_map_8bit`] as bitsandbytes' CPU kernel
+/// (`quantize_cpu`) computes it: the codes and the absmax of each block.
+fn quantize_8bit(values: &[f32], block_size: usize) -> (Vec<u8>, Vec<f32>) {
+    let map = dynamic_map_8bit();
+    let mut midpoints = [0.0f32; 255];
+    for (i, m) in midpoints.iter_mut().enumerate() {
+        *m = 0.5 * (map[i] + map[i + 1]);
+    }
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(values.len().div_ceil(block_size));
+    for block in values.chunks(block_size.max(1)) {
+        let scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        scales.push(scale);
+        if scale == 0.0 {
+            codes.extend(std::iter::repeat_n(0u8, block.len()));
+            continue;
+        }
+        let inv = 1.0 / scale;
+        codes.extend(block.iter().map(|&v| lut_code(&midpoints, v * inv)));
+    }
+    (codes, scales)
+}
+
+/// The code bitsandbytes' CPU lookup table gives a normalised value: its bin is
+/// `trunc(fma((v + 1)·0.5, 65535, 0.5))` (the compiled kernel fuses this multiply-add),
+/// and a bin holds the first code whose upper midpoint is not below the bin's centre
+/// `−1 + 2i/65535`.
+fn lut_code(midpoints: &[f32; 255], v: f32) -> u8 {
+    const LAST_BIN: f32 = 65535.0;
+    let v = v.clamp(-1.0, 1.0);
+    let bin = ((v + 1.0) * 0.5).mul_add(LAST_BIN, 0.5).trunc();
+    let centre = -1.0 + (2.0 * bin) / LAST_BIN;
+    // At most 255, the number of midpoints.
+    midpoints.partition_point(|&m| m < centre) as u8
+}
+
+/// bitsandbytes' `create_dynamic_map(signed=True)` (the default 8-bit code, used for double
+/// quantization): for each exponent `e = 0..7`, the midpoints of `linspace(0.1, 1, 2^e + 1)`
+/// times `±10^(e−6)`, plus 0 and 1, sorted. Computed in f32 the way PyTorch's CPU kernels
+/// do it (its `linspace` fuses `start + step·i` into one rounding).
+pub fn dynamic_map_8bit() -> [f32; 256] {
+    let mut data = Vec::with_capacity(256);
+    for e in 0..7 {
+        let steps = (1usize << e) + 1;
+        let bounds = torch_linspace(0.1f64 as f32, 1.0, steps);
+        let scale = 10f64.powi(e - 6) as f32;
+        for pair in bounds.windows(2) {
+            let mean = (pair[0] + pair[1]) / 2.0;
+            data.push(scale * mean);
+            data.push(-scale * mean);
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(f32::total_cmp);
+    let mut map = [0.0f32; 256];
+    for (m, v) in map.iter_mut().zip(data) {
+        *m = v;
+    }
+    map
+}
+
+/// `torch.linspace(start, end, steps, dtype=float32)` on the CPU: the first half counts up
+/// from `start`, the second half down from `end`, each a fused multiply-add.
+fn torch_linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    let step = (end - start) / (steps.saturating_sub(1).max(1)) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < halfway {
+                step.mul_add(i as f32, start)
+            } else {
+                (-step).mul_add((steps - i - 1) as f32, end)
+            }
+        })
+        .collect()
+}
+
+/// Lanes of PyTorch's `Vectorized<float>` in its AVX2 kernels.
+const LANES: usize = 8;
+
+/// `tensor.mean()` of f32 values as PyTorch's CPU kernel computes it: `sum / n`, the sum in
+/// f32 over 8-lane vectors (four interleaved accumulators, cascaded every 16 or more
+/// steps), the tail elements first, then the lanes in order. Exact for fewer than 32768
+/// values; beyond that PyTorch splits the sum over its threads, which can move the last
+/// bit.
+fn torch_mean(values: &[f32]) -> f32 {
+    let n = values.len();
+    if n == 0 {
+        return f32::NAN;
+    }
+    let sum = if n >= LANES {
+        let vectors = n / LANES;
+        let lanes = row_sum::<LANES>(vectors, |i| {
+            let mut v = [0.0; LANES];
+            v.copy_from_slice(&values[i * LANES..(i + 1) * LANES]);
+            v
+        });
+        let tail = values[vectors * LANES..].iter().fold(0.0f32, |acc, &v| acc + v);
+        lanes.iter().fold(tail, |acc, &v| acc + v)
+    } else {
+        row_sum::<1>(n, |i| [values[i]])[0]
+    };
+    // The output starts at 0 and the sum is added to it.
+    (0.0 + sum) / n as f32
+}
+
+/// PyTorch's `row_sum`: four interleaved partial sums, the leftover rows into the first,
+/// then the partials added in order.
+fn row_sum<const W: usize>(size: usize, load: impl Fn(usize) -> [f32; W]) -> [f32; W] {
+    const ILP: usize = 4;
+    let rows = size / ILP;
+    let mut partials = multi_row_sum::<W, ILP>(rows, |i, k| load(i * ILP + k));
+    for i in rows * ILP..size {
+        add(&mut partials[0], &load(i));
+    }
+    let mut sum = partials[0];
+    for partial in &partials[1..] {
+        add(&mut sum, partial);
+    }
+    sum
+}
+
+/// PyTorch's `multi_row_sum`: `R` running sums over `size` rows, with four cascade levels
+/// that fold every `2^p` rows (`p = max(4, ceil_log2(size) / 4)`) into the next level.
+fn multi_row_sum<const W: usize, const R: usize>(size: usize, load: impl Fn(usize, usize) -> [f32; W]) -> [[f32; W]; R] {
+    const LEVELS: usize = 4;
+    let power = (ceil_log2(size) / 4).max(4);
+    let step = 1usize << power;
+    let mask = step - 1;
+    let mut acc = [[[0.0f32; W]; R]; LEVELS];
+    let mut i = 0;
+    while i + step <= size {
+        for _ in 0..step {
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add(a, &load(i, k));
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..R {
+                let lower = acc[j - 1][k];
+                add(&mut acc[j][k], &lower);
+                acc[j - 1][k] = [0.0; W];
+            }
+            if i & (mask << (j * power)) != 0 {
+                break;
+            }
+        }
+    }
+    for row in i..size {
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            add(a, &load(row, k));
+        }
+    }
+    let mut out = acc[0];
+    for level in &acc[1..] {
+        for (o, l) in out.iter_mut().zip(level) {
+            add(o, l);
+        }
+    }
+    out
+}
+
+/// `ceil(log2(x))`, with 1 for `x <= 2` (PyTorch's `utils::CeilLog2`).
+fn ceil_log2(x: usize) -> usize {
+    if x <= 2 { 1 } else { (usize::BITS - (x - 1).leading_zeros()) as usize }
+}
+
+/// Lane-wise `a += b`.
+fn add<const W: usize>(a: &mut [f32; W], b: &[f32; W]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+fn invalid(name: &'static str, message: String) -> Error {
+    Error::InvalidInput { name, message }
+}
+
+/// Codes per element of [`Nf4Weight`]'s packed tensor: eight nibbles fill the 32 bits
+/// that every backend's integer type holds.
+const CODES_PER_WORD: usize = 8;
+
+/// An [`Nf4Tensor`] on a Burn device, dequantized on the fly: the only resident copy of
+/// the base weight is the 4-bit codes (plus the decoded f32 absmax per block). Its
+/// tensors are constants, not parameters: they take no gradient, optimizers never see
+/// them, and module records do not persist them.
+#[derive(Module, Debug)]
+pub struct Nf4Weight<B: Backend> {
+    /// The codes, eight per element, the first in the most significant nibble of the
+    /// low 32 bits, the tail padded with the code of 0.
+    packed: Tensor<B, 1, Int>,
+    /// The per-block absmax (decoded when double-quantized), `[n_blocks]`.
+    absmax: Tensor<B, 1>,
+    /// [`NF4_LEVELS`], `[16]`.
+    levels: Tensor<B, 1>,
+    /// `[rows, cols]` of the quantized matrix (`[d_out, d_in]`).
+    shape: [usize; 2],
+    /// Elements per absmax block.
+    block_size: usize,
+}
+
+impl<B: Backend> Nf4Weight<B> {
+    /// Uploads `nf4` to `device`.
+    pub fn from_tensor(nf4: &Nf4Tensor, device: &B::Device) -> Self {
+        let words: Vec<i32> = nf4
+            .packed
+            .chunks(CODES_PER_WORD / 2)
+            .map(|bytes| {
+                let mut word = [ZERO_CODE << 4 | ZERO_CODE; 4];
+                word[..bytes.len()].copy_from_slice(bytes);
+                // Bit pattern kept: a set top bit makes the word negative, and the
+                // arithmetic shift plus mask in `dequantize` still reads the nibble.
+                u32::from_be_bytes(word) as i32
+            })
+            .collect();
+        let n_words = words.len();
+        let absmax = nf4.absmax_values();
+        let n_blocks = absmax.len();
+        Self {
+            packed: Tensor::from_data(TensorData::new(words, [n_words]), device),
+            absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), device),
+            levels: Tensor::from_data(TensorData::new(NF4_LEVELS.to_vec(), [16]), device),
+            shape: nf4.shape,
+            block_size: nf4.block_size,
+        }
+    }
+
+    /// `[d_in, d_out]`: Burn's Linear layout, the transpose of the quantized matrix.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.shape[1], self.shape[0]]
+    }
+
+    /// Elements per absmax block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// The dense weight, `NF4_LEVELS[code] · absmax` in f32.
+    ///
+    /// # Shapes
+    /// → `[d_in, d_out]` (Burn's Linear layout: the transpose of the PyTorch `[out, in]`
+    /// matrix that was quantized).
+    pub fn dequantize(&self) -> Tensor<B, 2> {
+        let [rows, cols] = self.shape;
+        let numel = rows * cols;
+        let [n_words] = self.packed.dims();
+        let nibbles: Vec<Tensor<B, 2, Int>> = (0..CODES_PER_WORD)
+            .map(|s| {
+                let shift = (4 * (CODES_PER_WORD - 1 - s)) as i32;
+                self.packed
+                    .clone()
+                    .bitwise_right_shift_scalar(shift.elem())
+                    .bitwise_and_scalar(0x0f.elem())
+                    .unsqueeze_dim(1) // [n_words, 1]
+            })
+            .collect();
+        let codes = Tensor::cat(nibbles, 1) // [n_words, 8]
+            .reshape([n_words * CODES_PER_WORD])
+            .slice([0..numel]);
+        let values = self.levels.clone().select(0, codes); // [numel]
+        let [n_blocks] = self.absmax.dims();
+        let scales = self
+            .absmax
+            .clone()
+            .unsqueeze_dim::<2>(1) // [n_blocks, 1]
+            .repeat_dim(1, self.block_size) // [n_blocks, block_size]
+            .reshape([n_blocks * self.block_size])
+            .slice([0..numel]);
+        (values * scales).reshape([rows, cols]).transpose() // [cols, rows] = [d_in, d_out]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend;
+    use crate::checkpoint::Checkpoint;
+    use std::path::Path;
+
+    const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/nf4/golden.safetensors");
+
+    struct Golden {
+        ckpt: Checkpoint,
+    }
+
+    impl Golden {
+        fn open() -> Self {
+            Self { ckpt: Checkpoint::open(Path::new(GOLDEN)).unwrap() }
+        }
+        fn f32s(&self, key: &str) -> Vec<f32> {
+            self.ckpt.float_data(key).unwrap().to_vec::<f32>().unwrap()
+        }
+        fn u8s(&self, key: &str) -> Vec<u8> {
+            let ints = self.ckpt.int_data(key).unwrap().to_vec::<i64>().unwrap();
+            ints.into_iter().map(|v| u8::try_from(v).unwrap()).collect()
+        }
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn levels_and_dynamic_map_match_bitsandbytes() {
+        let golden = Golden::open();
+        assert_eq!(golden.f32s("nf4_code"), NF4_LEVELS.to_vec());
+        assert_eq!(golden.f32s("dq_state2_code"), dynamic_map_8bit().to_vec());
+    }
+
+    #[test]
+    fn quantize_matches_bitsandbytes_exactly() {
+        let golden = Golden::open();
+        let weight = golden.f32s("weight");
+        let nf4 = Nf4Tensor::quantize(&weight, [96, 128], 64, false).unwrap();
+        assert_eq!(nf4.packed, golden.u8s("packed"));
+        assert_eq!(nf4.absmax, Absmax::Plain(golden.f32s("absmax")));
+        let deq = nf4.dequantize();
+        assert!(max_abs_diff(&deq, &golden.f32s("dequantized")) <= 1e-6);
+        assert_eq!(nf4.bytes(), 96 * 128 / 2 + 4 * 192);
+    }
+
+    #[test]
+    fn double_quant_matches_bitsandbytes_exactly() {
+        let golden = Golden::open();
+        let weight = golden.f32s("weight");
+        let nf4 = Nf4Tensor::quantize(&weight, [96, 128], 64, true).unwrap();
+        assert_eq!(nf4.packed, golden.u8s("dq_packed"));
+        let Absmax::DoubleQuant { codes, scales, offset, block_size } = &nf4.absmax else {
+            panic!("expected double quantization");
+        };
+        assert_eq!(*codes, golden.u8s("dq_absmax_codes"));
+        assert_eq!(*scales, golden.f32s("dq_state2_absmax"));
+        assert_eq!(*offset, golden.f32s("dq_absmax_offset")[0]);
+        assert_eq!(*block_size, 256);
+        let deq = nf4.dequantize();
+        assert!(max_abs_diff(&deq, &golden.f32s("dq_dequantized")) <= 1e-6);
+        assert_eq!(nf4.bytes(), 96 * 128 / 2 + 192 + 4 + 4);
+    }
+
+    #[test]
+    fn dequantized_linear_matches_the_reference_output() {
+        let golden = Golden::open();
+        let nf4 = Nf4Tensor::quantize(&golden.f32s("weight"), [96, 128], 64, false).unwrap();
+        let device = Default::default();
+        let x = Tensor::<TestBackend, 2>::from_data(TensorData::new(golden.f32s("x"), [5, 128]), &device);
+        let w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device);
+        assert_eq!(w.dims(), [128, 96]);
+        let y = x.matmul(w.dequantize()).into_data().to_vec::<f32>().unwrap();
+        assert!(max_abs_diff(&y, &golden.f32s("y_dequantized_linear")) <= 1e-4);
+    }
+
+    #[test]
+    fn device_dequantize_is_the_host_dequantize_transposed() {
+        let golden = Golden::open();
+        let device = Default::default();
+        for double_quant in [false, true] {
+            let nf4 = Nf4Tensor::quantize(&golden.f32s("weight"), [96, 128], 64, double_quant).unwrap();
+            let host = Tensor::<TestBackend, 2>::from_data(TensorData::new(nf4.dequantize(), [96, 128]), &device);
+            let device_w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device).dequantize();
+            assert_eq!(device_w.into_data().to_vec::<f32>().unwrap(), host.transpose().into_data().to_vec::<f32>().unwrap());
+        }
+        // A partial last block and an odd element count (3·5 = 15, blocks of 4).
+        let values: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.37).collect();
+        let nf4 = Nf4Tensor::quantize(&values, [3, 5], 4, false).unwrap();
+        let host = Tensor::<TestBackend, 2>::from_data(TensorData::new(nf4.dequantize(), [3, 5]), &device);
+        let device_w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device).dequantize();
+        assert_eq!(device_w.into_data().to_vec::<f32>().unwrap(), host.transpose().into_data().to_vec::<f32>().unwrap());
+    }
+
+    #[test]
+    fn a_value_on_a_midpoint_takes_the_lower_level() {
+        // With absmax 1 the scaled value is the value itself.
+        let mid = NF4_MIDPOINTS[7]; // between 0 and 0.0796
+        let above = f32::from_bits(mid.to_bits() + 1);
+        let nf4 = Nf4Tensor::quantize(&[1.0, mid, above, -1.0], [1, 4], 4, false).unwrap();
+        assert_eq!(nf4.packed, vec![0xf7, 0x80]);
+    }
+
+    #[test]
+    fn a_partial_last_block_divides_where_full_blocks_multiply_by_the_reciprocal() {
+        // x / 3 lands exactly on the 0 | 0.0796 midpoint (code 7); x · (1/3) rounds above
+        // it (code 8). bitsandbytes scales full blocks by the reciprocal and the remainder
+        // block by division.
+        let x = f32::from_bits(1_039_431_807); // 0.11937045
+        assert_eq!(x / 3.0, NF4_MIDPOINTS[7]);
+        assert!(x * (1.0 / 3.0) > NF4_MIDPOINTS[7]);
+        let nf4 = Nf4Tensor::quantize(&[3.0, x, 0.0, 0.0, 3.0, x], [1, 6], 4, false).unwrap();
+        assert_eq!(nf4.packed, vec![0xf8, 0x77, 0xf7]);
+        assert_eq!(nf4.absmax, Absmax::Plain(vec![3.0, 3.0]));
+    }
+
+    #[test]
+    fn zero_blocks_keep_a_zero_absmax_and_dequantize_to_zero() {
+        let nf4 = Nf4Tensor::quantize(&[0.0; 6], [2, 3], 4, false).unwrap();
+        assert_eq!(nf4.packed, vec![0x77; 3]);
+        // The full block stores 0; the partial one the clamp 1e-38.
+        assert_eq!(nf4.absmax, Absmax::Plain(vec![0.0, MIN_ABSMAX]));
+        assert_eq!(nf4.dequantize(), vec![0.0; 6]);
+    }
+
+    #[test]
+    fn double_quant_of_equal_absmax_gives_zero_scale_and_code_zero() {
+        let nf4 = Nf4Tensor::quantize(&[2.0, -1.0, -2.0, 1.0], [2, 2], 2, true).unwrap();
+        let Absmax::DoubleQuant { codes, scales, offset, .. } = &nf4.absmax else { panic!() };
+        assert_eq!((codes.as_slice(), scales.as_slice(), *offset), (&[0u8, 0][..], &[0.0f32][..], 2.0));
+        assert_eq!(nf4.absmax_values(), vec![2.0, 2.0]);
+        let plain = Nf4Tensor::quantize(&[2.0, -1.0, -2.0, 1.0], [2, 2], 2, false).unwrap();
+        assert_eq!(nf4.packed, plain.packed);
+        assert_eq!(nf4.dequantize(), plain.dequantize());
+    }
+
+    #[test]
+    fn torch_mean_follows_the_cascade_order() {
+        // Eight lanes: [1e8, 1, 1, ..., -1e8, ...]; a running sum would lose the ones.
+        let mut values = vec![1.0f32; 16];
+        values[0] = 1e8;
+        values[8] = -1e8;
+        // Lane 0 holds 1e8 + (-1e8) = 0; the other lanes 2 each: 14 / 16.
+        assert_eq!(torch_mean(&values), 14.0 / 16.0);
+        assert_eq!(torch_mean(&[1.0, 2.0, 4.0]), 7.0 / 3.0);
+    }
+
+    #[test]
+    fn bad_shapes_and_block_sizes_are_errors() {
+        let values = vec![0.5f32; 12];
+        assert!(Nf4Tensor::quantize(&values, [3, 5], 4, false).is_err());
+        assert!(Nf4Tensor::quantize(&values, [0, 12], 4, false).is_err());
+        assert!(Nf4Tensor::quantize(&[], [0, 0], 4, false).is_err());
+        assert!(Nf4Tensor::quantize(&values, [3, 4], 0, false).is_err());
+        assert!(Nf4Tensor::quantize(&values, [3, 4], 3, false).is_err());
+        assert!(Nf4Tensor::quantize(&values, [usize::MAX, 2], 4, false).is_err());
+        let mut bad = values.clone();
+        bad[5] = f32::NAN;
+        assert!(Nf4Tensor::quantize(&bad, [3, 4], 4, false).is_err());
+        assert!(Nf4Tensor::quantize(&values, [3, 4], 4, true).is_ok());
+    }
+}
