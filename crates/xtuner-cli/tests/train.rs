@@ -142,3 +142,19 @@ fn merge_matches_peft() {
         assert!(diff < 1e-5, "{key}: {diff}");
     }
 }
+
+#[test]
+fn qlora_trains_on_an_nf4_base() {
+    let dir = setup(true);
+    let d = dir.path();
+    let config = fs::read_to_string(d.join("run.toml")).unwrap() + "[quantization]\nbits = 4\ndouble_quant = true\n";
+    fs::write(d.join("qlora.toml"), config).unwrap();
+    ok(&xtuner(&["train", "qlora.toml", "--cfg-options", "optimizer.lr=5e-3"], d));
+    let losses = losses(&d.join("work_dirs/qlora"));
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3].1 < losses[0].1, "the adapter learns on the 4-bit base: {losses:?}");
+    // The adapter exports like any LoRA adapter.
+    let ckpt = d.join("work_dirs/qlora/iter_8");
+    ok(&xtuner(&["convert", "pth_to_hf", "qlora.toml", ckpt.to_str().unwrap(), "hf"], d));
+    assert!(d.join("hf/adapter_model.safetensors").is_file());
+}

@@ -40,6 +40,23 @@ pub fn resolve_targets(config: &DecoderConfig, targets: &[String]) -> Result<BTr
     Ok(targets.iter().cloned().collect())
 }
 
+/// QLoRA: stores the frozen base weight of every decoder linear layer in NF4
+/// (bitsandbytes' 4-bit NormalFloat, optionally double-quantized), dequantized on the
+/// fly in forward; embeddings and the LM head stay dense, as in QLoRA.
+///
+/// # Errors
+/// A block size the quantizer refuses.
+pub fn quantize_base<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, block_size: usize, double_quant: bool) -> Result<InternLm2<B>> {
+    let head = config.family.output();
+    model.map_linears(config, |site, linear: Linear<B>| -> Result<Linear<B>> {
+        if site.module == head {
+            Ok(linear)
+        } else {
+            Ok(linear.quantize_nf4(block_size, double_quant)?)
+        }
+    })
+}
+
 /// Freezes the whole model and attaches fresh adapters (PEFT's init) to the targets.
 ///
 /// # Errors
@@ -123,7 +140,8 @@ pub fn peft_tensors<B: Backend>(model: &InternLm2<B>, config: &DecoderConfig) ->
 pub fn merge<B: Backend>(model: InternLm2<B>, config: &DecoderConfig) -> InternLm2<B> {
     let merged: std::result::Result<_, std::convert::Infallible> = model.map_linears(config, |_, mut linear: Linear<B>| {
         if let Some(lora) = linear.lora.take() {
-            linear.weight = Param::from_tensor(linear.weight.val() + lora.delta());
+            linear.weight = Param::from_tensor(linear.dense_weight() + lora.delta());
+            linear.nf4 = None;
         }
         Ok(linear)
     });

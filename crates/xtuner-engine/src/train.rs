@@ -240,6 +240,10 @@ pub fn train<B: AutodiffBackend>(
     std::fs::create_dir_all(work_dir).map_err(|e| Error::Io { path: work_dir.to_path_buf(), source: e })?;
 
     let (base, decoder) = build_model::<B>(config, &tokenizer, device)?;
+    let base = match &config.quantization {
+        Some(q) => lora::quantize_base(base, &decoder, q.block_size, q.double_quant)?,
+        None => base,
+    };
     let resume_from = match resume {
         None => None,
         Some(Resume::Auto) => checkpoint::latest(work_dir)?,

@@ -695,7 +695,7 @@ impl<B: Backend> InternLm2<B> {
 
 /// A linear layer's weight as PyTorch `[out, in]` rows, and its bias.
 fn hf_rows<B: Backend>(linear: &Linear<B>) -> (Vec<f32>, Option<Vec<f32>>) {
-    let rows = linear.weight.val().transpose().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    let rows = linear.dense_weight().transpose().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
     let bias = linear.bias.as_ref().map(|b| b.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default());
     (rows, bias)
 }

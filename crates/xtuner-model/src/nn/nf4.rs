@@ -17,13 +17,14 @@
 //! reference fixture was made (the CUDA kernels agree except where noted):
 //! - 4-bit (`backends/default/ops.py`): full blocks scale by the f32 reciprocal,
 //!   `w · (1 / max(absmax, 1e-38))`; a partial last block divides, `w / max(absmax, 1e-38)`
-//!   (and stores the clamped absmax; full blocks store it unclamped). The scaled value is
-//!   clamped to ±1 and gets the number of f32 midpoints `(l[i] + l[i+1]) / 2` strictly
-//!   below it (`torch.bucketize`, so a value on a midpoint takes the lower level, as in
-//!   the CUDA kernel's decision tree). An odd element count pads the last byte's low
-//!   nibble with the code of 0.
-//! - offset: `torch.mean` in f32, summed the way PyTorch's CPU kernel sums (see
-//!   [`torch_mean`]).
+//!   and stores the clamped absmax; full blocks store it unclamped. (The CUDA kernel uses
+//!   the reciprocal for every block, and codes an all-zero block 0, as 0·∞ is NaN.)
+//!   The scaled value is clamped to ±1 and gets the number of f32 midpoints
+//!   `(l[i] + l[i+1]) / 2` strictly below it (`torch.bucketize`, so a value on a midpoint
+//!   takes the lower level, as in the CUDA kernel's decision tree). An odd element count
+//!   pads the last byte's low nibble with the code of 0.
+//! - offset: `torch.mean` in f32, summed in the order of PyTorch's AVX2 CPU kernel
+//!   (8-lane vectors, four interleaved accumulators, cascaded levels).
 //! - 8-bit (`csrc/cpu_ops.cpp`, `quantize_cpu`): absmax per 256 block, `x · (1/absmax)`,
 //!   clamped, mapped to one of 65536 bins by `trunc(fma((v + 1)·0.5, 65535, 0.5))`, each
 //!   bin holding the code whose midpoint interval contains the bin's centre; an all-zero
@@ -40,20 +41,20 @@ use crate::{Error, Result};
 /// ±1, with an exact zero), in code order.
 pub const NF4_LEVELS: [f32; 16] = [
     -1.0,
-    -0.696_192_800_998_687_7,
-    -0.525_073_051_452_636_7,
-    -0.394_917_488_098_144_53,
-    -0.284_441_381_692_886_35,
-    -0.184_773_430_228_233_34,
-    -0.091_050_036_251_544_95,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
     0.0,
-    0.079_580_299_556_255_34,
-    0.160_930_201_411_247_25,
-    0.246_112_301_945_686_34,
-    0.337_915_241_718_292_24,
-    0.440_709_829_330_444_34,
-    0.562_617_003_917_694_1,
-    0.722_956_836_223_602_3,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
     1.0,
 ];
 
@@ -119,17 +120,33 @@ impl Nf4Tensor {
     /// [`Error::InvalidInput`] when `values.len() != rows·cols`, the matrix is empty,
     /// `block_size` is 0 or odd (blocks must fill whole bytes), or a value is NaN or
     /// infinite.
-    pub fn quantize(values: &[f32], shape: [usize; 2], block_size: usize, double_quant: bool) -> Result<Self> {
+    pub fn quantize(
+        values: &[f32],
+        shape: [usize; 2],
+        block_size: usize,
+        double_quant: bool,
+    ) -> Result<Self> {
         let [rows, cols] = shape;
-        let numel = rows.checked_mul(cols).ok_or_else(|| invalid("shape", format!("{shape:?} overflows")))?;
+        let numel = rows
+            .checked_mul(cols)
+            .ok_or_else(|| invalid("shape", format!("{shape:?} overflows")))?;
         if values.len() != numel {
-            return Err(invalid("values", format!("{} values for shape {shape:?} ({numel} elements)", values.len())));
+            return Err(invalid(
+                "values",
+                format!(
+                    "{} values for shape {shape:?} ({numel} elements)",
+                    values.len()
+                ),
+            ));
         }
         if numel == 0 {
             return Err(invalid("shape", format!("{shape:?} has no elements")));
         }
-        if block_size == 0 || block_size % 2 != 0 {
-            return Err(invalid("block_size", format!("{block_size}: must be even and positive")));
+        if block_size == 0 || !block_size.is_multiple_of(2) {
+            return Err(invalid(
+                "block_size",
+                format!("{block_size}: must be even and positive"),
+            ));
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(invalid("values", format!("element {i} is {}", values[i])));
@@ -138,7 +155,9 @@ impl Nf4Tensor {
         let mut packed = vec![0u8; numel.div_ceil(2)];
         let mut absmax = Vec::with_capacity(numel.div_ceil(block_size));
         let full_blocks = numel / block_size;
-        let blocks = values.chunks(block_size).zip(packed.chunks_mut(block_size / 2));
+        let blocks = values
+            .chunks(block_size)
+            .zip(packed.chunks_mut(block_size / 2));
         for (b, (block, out)) in blocks.enumerate() {
             let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             if b < full_blocks {
@@ -152,8 +171,17 @@ impl Nf4Tensor {
                 pack_codes(block, out, |v| v / max);
             }
         }
-        let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::Plain(absmax) };
-        Ok(Self { shape, block_size, packed, absmax })
+        let absmax = if double_quant {
+            double_quantize(&absmax)
+        } else {
+            Absmax::Plain(absmax)
+        };
+        Ok(Self {
+            shape,
+            block_size,
+            packed,
+            absmax,
+        })
     }
 
     /// The `[rows, cols]` matrix back, row-major: `NF4_LEVELS[code] · absmax` in f32.
@@ -167,7 +195,11 @@ impl Nf4Tensor {
             for (j, v) in block.iter_mut().enumerate() {
                 let i = start + j;
                 let byte = self.packed.get(i / 2).copied().unwrap_or(0);
-                let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                let code = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0x0f
+                };
                 *v = NF4_LEVELS[usize::from(code)] * scale;
             }
         }
@@ -178,7 +210,12 @@ impl Nf4Tensor {
     pub fn absmax_values(&self) -> Vec<f32> {
         match &self.absmax {
             Absmax::Plain(values) => values.clone(),
-            Absmax::DoubleQuant { codes, scales, offset, block_size } => {
+            Absmax::DoubleQuant {
+                codes,
+                scales,
+                offset,
+                block_size,
+            } => {
                 let map = dynamic_map_8bit();
                 codes
                     .iter()
@@ -226,7 +263,12 @@ fn double_quantize(absmax: &[f32]) -> Absmax {
     let offset = torch_mean(absmax);
     let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let (codes, scales) = quantize_8bit(&centred, DOUBLE_QUANT_BLOCK_SIZE);
-    Absmax::DoubleQuant { codes, scales, offset, block_size: DOUBLE_QUANT_BLOCK_SIZE }
+    Absmax::DoubleQuant {
+        codes,
+        scales,
+        offset,
+        block_size: DOUBLE_QUANT_BLOCK_SIZE,
+    }
 }
 
 /// Blockwise 8-bit quantization to [`dynamic_map_8bit`] as bitsandbytes' CPU kernel
@@ -274,7 +316,8 @@ pub fn dynamic_map_8bit() -> [f32; 256] {
     for e in 0..7 {
         let steps = (1usize << e) + 1;
         let bounds = torch_linspace(0.1f64 as f32, 1.0, steps);
-        let scale = 10f64.powi(e - 6) as f32;
+        // Python's `10 ** (e - 6)` (correctly rounded), then cast to f32 by the tensor op.
+        let scale = (1.0 / 10f64.powi(6 - e)) as f32;
         for pair in bounds.windows(2) {
             let mean = (pair[0] + pair[1]) / 2.0;
             data.push(scale * mean);
@@ -327,7 +370,9 @@ fn torch_mean(values: &[f32]) -> f32 {
             v.copy_from_slice(&values[i * LANES..(i + 1) * LANES]);
             v
         });
-        let tail = values[vectors * LANES..].iter().fold(0.0f32, |acc, &v| acc + v);
+        let tail = values[vectors * LANES..]
+            .iter()
+            .fold(0.0f32, |acc, &v| acc + v);
         lanes.iter().fold(tail, |acc, &v| acc + v)
     } else {
         row_sum::<1>(n, |i| [values[i]])[0]
@@ -354,7 +399,10 @@ fn row_sum<const W: usize>(size: usize, load: impl Fn(usize) -> [f32; W]) -> [f3
 
 /// PyTorch's `multi_row_sum`: `R` running sums over `size` rows, with four cascade levels
 /// that fold every `2^p` rows (`p = max(4, ceil_log2(size) / 4)`) into the next level.
-fn multi_row_sum<const W: usize, const R: usize>(size: usize, load: impl Fn(usize, usize) -> [f32; W]) -> [[f32; W]; R] {
+fn multi_row_sum<const W: usize, const R: usize>(
+    size: usize,
+    load: impl Fn(usize, usize) -> [f32; W],
+) -> [[f32; W]; R] {
     const LEVELS: usize = 4;
     let power = (ceil_log2(size) / 4).max(4);
     let step = 1usize << power;
@@ -369,10 +417,10 @@ fn multi_row_sum<const W: usize, const R: usize>(size: usize, load: impl Fn(usiz
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..R {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0.0; W];
+            let (below, above) = acc.split_at_mut(j);
+            for (lower, upper) in below[j - 1].iter_mut().zip(above[0].iter_mut()) {
+                add(upper, lower);
+                *lower = [0.0; W];
             }
             if i & (mask << (j * power)) != 0 {
                 break;
@@ -395,7 +443,11 @@ fn multi_row_sum<const W: usize, const R: usize>(size: usize, load: impl Fn(usiz
 
 /// `ceil(log2(x))`, with 1 for `x <= 2` (PyTorch's `utils::CeilLog2`).
 fn ceil_log2(x: usize) -> usize {
-    if x <= 2 { 1 } else { (usize::BITS - (x - 1).leading_zeros()) as usize }
+    if x <= 2 {
+        1
+    } else {
+        (usize::BITS - (x - 1).leading_zeros()) as usize
+    }
 }
 
 /// Lane-wise `a += b`.
@@ -409,18 +461,15 @@ fn invalid(name: &'static str, message: String) -> Error {
     Error::InvalidInput { name, message }
 }
 
-/// Codes per element of [`Nf4Weight`]'s packed tensor: eight nibbles fill the 32 bits
-/// that every backend's integer type holds.
-const CODES_PER_WORD: usize = 8;
-
 /// An [`Nf4Tensor`] on a Burn device, dequantized on the fly: the only resident copy of
-/// the base weight is the 4-bit codes (plus the decoded f32 absmax per block). Its
-/// tensors are constants, not parameters: they take no gradient, optimizers never see
-/// them, and module records do not persist them.
+/// the base weight is the 4-bit codes, packed into the backend's integer tensor (as many
+/// as fit below its sign bit: 7 per i32, 4.6 bits a weight; 15 per i64, 4.3 bits), plus
+/// the decoded f32 absmax per block. Its tensors are constants, not parameters: they
+/// take no gradient, optimizers never see them, and module records do not persist them.
 #[derive(Module, Debug)]
 pub struct Nf4Weight<B: Backend> {
-    /// The codes, eight per element, the first in the most significant nibble of the
-    /// low 32 bits, the tail padded with the code of 0.
+    /// The codes, `codes_per_word` per element, the first in the most significant
+    /// nibble, the tail padded with the code of 0; never negative.
     packed: Tensor<B, 1, Int>,
     /// The per-block absmax (decoded when double-quantized), `[n_blocks]`.
     absmax: Tensor<B, 1>,
@@ -430,23 +479,34 @@ pub struct Nf4Weight<B: Backend> {
     shape: [usize; 2],
     /// Elements per absmax block.
     block_size: usize,
+    /// Codes per element of `packed`.
+    codes_per_word: usize,
 }
 
 impl<B: Backend> Nf4Weight<B> {
     /// Uploads `nf4` to `device`.
     pub fn from_tensor(nf4: &Nf4Tensor, device: &B::Device) -> Self {
-        let words: Vec<i32> = nf4
-            .packed
-            .chunks(CODES_PER_WORD / 2)
-            .map(|bytes| {
-                let mut word = [ZERO_CODE << 4 | ZERO_CODE; 4];
-                word[..bytes.len()].copy_from_slice(bytes);
-                // Bit pattern kept: a set top bit makes the word negative, and the
-                // arithmetic shift plus mask in `dequantize` still reads the nibble.
-                u32::from_be_bytes(word) as i32
+        let int_bits = 8 * Tensor::<B, 1, Int>::zeros([1], device).dtype().size();
+        let codes_per_word = (int_bits.saturating_sub(1) / 4).clamp(1, 15);
+        let numel = nf4.shape[0] * nf4.shape[1];
+        let code = |i: usize| match nf4.packed.get(i / 2) {
+            Some(&byte) if i < numel => {
+                if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0x0f
+                }
+            }
+            _ => ZERO_CODE,
+        };
+        let n_words = numel.div_ceil(codes_per_word);
+        let words: Vec<i64> = (0..n_words)
+            .map(|w| {
+                let first = w * codes_per_word;
+                (first..first + codes_per_word)
+                    .fold(0i64, |word, i| (word << 4) | i64::from(code(i)))
             })
             .collect();
-        let n_words = words.len();
         let absmax = nf4.absmax_values();
         let n_blocks = absmax.len();
         Self {
@@ -455,6 +515,7 @@ impl<B: Backend> Nf4Weight<B> {
             levels: Tensor::from_data(TensorData::new(NF4_LEVELS.to_vec(), [16]), device),
             shape: nf4.shape,
             block_size: nf4.block_size,
+            codes_per_word,
         }
     }
 
@@ -477,9 +538,10 @@ impl<B: Backend> Nf4Weight<B> {
         let [rows, cols] = self.shape;
         let numel = rows * cols;
         let [n_words] = self.packed.dims();
-        let nibbles: Vec<Tensor<B, 2, Int>> = (0..CODES_PER_WORD)
+        let per_word = self.codes_per_word;
+        let nibbles: Vec<Tensor<B, 2, Int>> = (0..per_word)
             .map(|s| {
-                let shift = (4 * (CODES_PER_WORD - 1 - s)) as i32;
+                let shift = (4 * (per_word - 1 - s)) as i32;
                 self.packed
                     .clone()
                     .bitwise_right_shift_scalar(shift.elem())
@@ -487,9 +549,9 @@ impl<B: Backend> Nf4Weight<B> {
                     .unsqueeze_dim(1) // [n_words, 1]
             })
             .collect();
-        let codes = Tensor::cat(nibbles, 1) // [n_words, 8]
-            .reshape([n_words * CODES_PER_WORD])
-            .slice([0..numel]);
+        let codes = Tensor::cat(nibbles, 1) // [n_words, per_word]
+            .reshape([n_words * per_word])
+            .narrow(0, 0, numel);
         let values = self.levels.clone().select(0, codes); // [numel]
         let [n_blocks] = self.absmax.dims();
         let scales = self
@@ -498,7 +560,7 @@ impl<B: Backend> Nf4Weight<B> {
             .unsqueeze_dim::<2>(1) // [n_blocks, 1]
             .repeat_dim(1, self.block_size) // [n_blocks, block_size]
             .reshape([n_blocks * self.block_size])
-            .slice([0..numel]);
+            .narrow(0, 0, numel);
         (values * scales).reshape([rows, cols]).transpose() // [cols, rows] = [d_in, d_out]
     }
 }
@@ -510,7 +572,10 @@ mod tests {
     use crate::checkpoint::Checkpoint;
     use std::path::Path;
 
-    const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/nf4/golden.safetensors");
+    const GOLDEN: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/nf4/golden.safetensors"
+    );
 
     struct Golden {
         ckpt: Checkpoint,
@@ -518,7 +583,9 @@ mod tests {
 
     impl Golden {
         fn open() -> Self {
-            Self { ckpt: Checkpoint::open(Path::new(GOLDEN)).unwrap() }
+            Self {
+                ckpt: Checkpoint::open(Path::new(GOLDEN)).unwrap(),
+            }
         }
         fn f32s(&self, key: &str) -> Vec<f32> {
             self.ckpt.float_data(key).unwrap().to_vec::<f32>().unwrap()
@@ -531,7 +598,10 @@ mod tests {
 
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -559,7 +629,13 @@ mod tests {
         let weight = golden.f32s("weight");
         let nf4 = Nf4Tensor::quantize(&weight, [96, 128], 64, true).unwrap();
         assert_eq!(nf4.packed, golden.u8s("dq_packed"));
-        let Absmax::DoubleQuant { codes, scales, offset, block_size } = &nf4.absmax else {
+        let Absmax::DoubleQuant {
+            codes,
+            scales,
+            offset,
+            block_size,
+        } = &nf4.absmax
+        else {
             panic!("expected double quantization");
         };
         assert_eq!(*codes, golden.u8s("dq_absmax_codes"));
@@ -576,10 +652,17 @@ mod tests {
         let golden = Golden::open();
         let nf4 = Nf4Tensor::quantize(&golden.f32s("weight"), [96, 128], 64, false).unwrap();
         let device = Default::default();
-        let x = Tensor::<TestBackend, 2>::from_data(TensorData::new(golden.f32s("x"), [5, 128]), &device);
+        let x = Tensor::<TestBackend, 2>::from_data(
+            TensorData::new(golden.f32s("x"), [5, 128]),
+            &device,
+        );
         let w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device);
         assert_eq!(w.dims(), [128, 96]);
-        let y = x.matmul(w.dequantize()).into_data().to_vec::<f32>().unwrap();
+        let y = x
+            .matmul(w.dequantize())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         assert!(max_abs_diff(&y, &golden.f32s("y_dequantized_linear")) <= 1e-4);
     }
 
@@ -588,17 +671,31 @@ mod tests {
         let golden = Golden::open();
         let device = Default::default();
         for double_quant in [false, true] {
-            let nf4 = Nf4Tensor::quantize(&golden.f32s("weight"), [96, 128], 64, double_quant).unwrap();
-            let host = Tensor::<TestBackend, 2>::from_data(TensorData::new(nf4.dequantize(), [96, 128]), &device);
-            let device_w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device).dequantize();
-            assert_eq!(device_w.into_data().to_vec::<f32>().unwrap(), host.transpose().into_data().to_vec::<f32>().unwrap());
+            let nf4 =
+                Nf4Tensor::quantize(&golden.f32s("weight"), [96, 128], 64, double_quant).unwrap();
+            let host = Tensor::<TestBackend, 2>::from_data(
+                TensorData::new(nf4.dequantize(), [96, 128]),
+                &device,
+            );
+            let weight = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device);
+            // NdArray's i64 holds 15 codes: 4.3 bits a weight.
+            assert_eq!(weight.packed.dims(), [(96 * 128usize).div_ceil(15)]);
+            let device_w = weight.dequantize();
+            assert_eq!(
+                device_w.into_data().to_vec::<f32>().unwrap(),
+                host.transpose().into_data().to_vec::<f32>().unwrap()
+            );
         }
         // A partial last block and an odd element count (3·5 = 15, blocks of 4).
         let values: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.37).collect();
         let nf4 = Nf4Tensor::quantize(&values, [3, 5], 4, false).unwrap();
-        let host = Tensor::<TestBackend, 2>::from_data(TensorData::new(nf4.dequantize(), [3, 5]), &device);
+        let host =
+            Tensor::<TestBackend, 2>::from_data(TensorData::new(nf4.dequantize(), [3, 5]), &device);
         let device_w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device).dequantize();
-        assert_eq!(device_w.into_data().to_vec::<f32>().unwrap(), host.transpose().into_data().to_vec::<f32>().unwrap());
+        assert_eq!(
+            device_w.into_data().to_vec::<f32>().unwrap(),
+            host.transpose().into_data().to_vec::<f32>().unwrap()
+        );
     }
 
     #[test]
@@ -635,8 +732,19 @@ mod tests {
     #[test]
     fn double_quant_of_equal_absmax_gives_zero_scale_and_code_zero() {
         let nf4 = Nf4Tensor::quantize(&[2.0, -1.0, -2.0, 1.0], [2, 2], 2, true).unwrap();
-        let Absmax::DoubleQuant { codes, scales, offset, .. } = &nf4.absmax else { panic!() };
-        assert_eq!((codes.as_slice(), scales.as_slice(), *offset), (&[0u8, 0][..], &[0.0f32][..], 2.0));
+        let Absmax::DoubleQuant {
+            codes,
+            scales,
+            offset,
+            ..
+        } = &nf4.absmax
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (codes.as_slice(), scales.as_slice(), *offset),
+            (&[0u8, 0][..], &[0.0f32][..], 2.0)
+        );
         assert_eq!(nf4.absmax_values(), vec![2.0, 2.0]);
         let plain = Nf4Tensor::quantize(&[2.0, -1.0, -2.0, 1.0], [2, 2], 2, false).unwrap();
         assert_eq!(nf4.packed, plain.packed);
@@ -652,6 +760,12 @@ mod tests {
         // Lane 0 holds 1e8 + (-1e8) = 0; the other lanes 2 each: 14 / 16.
         assert_eq!(torch_mean(&values), 14.0 / 16.0);
         assert_eq!(torch_mean(&[1.0, 2.0, 4.0]), 7.0 / 3.0);
+        // Enough rows for the cascade levels to fold: still the mean.
+        let values: Vec<f32> = (0..100_003)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3)
+            .collect();
+        let exact = values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len() as f64;
+        assert!((f64::from(torch_mean(&values)) - exact).abs() < 1e-6 * exact);
     }
 
     #[test]
