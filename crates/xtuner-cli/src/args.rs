@@ -27,6 +27,7 @@ pub enum Command {
         pattern: Option<String>,
     },
     /// Copy a built-in config to DIR/<name>_copy.toml to edit it.
+    #[allow(rustdoc::invalid_html_tags)] // clap help text: `<...>` is a placeholder
     CopyCfg {
         /// A built-in config name (see list-cfg).
         name: String,
@@ -58,6 +59,7 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Where checkpoints and logs go (default: work_dirs/<config name>).
+        #[allow(rustdoc::invalid_html_tags)] // clap help text: `<...>` is a placeholder
         #[arg(long)]
         work_dir: Option<PathBuf>,
         /// Resume: `auto` (the newest checkpoint of the work dir) or a checkpoint directory.
@@ -259,6 +261,7 @@ pub enum ConvertCommand {
         /// The config the checkpoint was trained with.
         config: String,
         /// The checkpoint directory (work_dirs/<config>/iter_N).
+        #[allow(rustdoc::invalid_html_tags)] // clap help text: `<...>` is a placeholder
         checkpoint: PathBuf,
         /// Output directory.
         out: PathBuf,

@@ -70,6 +70,7 @@ fn lora_training_resumes_exactly_and_exports() {
     let full = losses(&work);
     assert_eq!(full.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![2, 4, 6, 8]);
     assert!(work.join("iter_4/adapter_model.safetensors").is_file() && work.join("iter_8/optimizer.bin").is_file());
+    assert!(work.join("loss_curve.png").is_file());
 
     // A run stopped after iteration 4 (as if killed) and resumed gives the same losses.
     let resumed = d.join("resumed");
@@ -157,4 +158,16 @@ fn qlora_trains_on_an_nf4_base() {
     let ckpt = d.join("work_dirs/qlora/iter_8");
     ok(&xtuner(&["convert", "pth_to_hf", "qlora.toml", ckpt.to_str().unwrap(), "hf"], d));
     assert!(d.join("hf/adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = setup(true);
+    let d = dir.path();
+    let err = failed(&xtuner(&["train", "run.toml", "--cfg-options", "optimizer.lr=1e30", "optimizer.max_norm=1e30", "checkpoint.save_steps=2"], d));
+    assert!(err.contains("the loss became") && err.contains("iter_2"), "{err}");
+    let work = d.join("work_dirs/run");
+    assert!(work.join("iter_2/adapter_model.safetensors").is_file());
+    let last = fs::read_to_string(work.join("last_checkpoint")).unwrap();
+    assert!(last.ends_with("iter_2"), "{last}");
 }

@@ -109,6 +109,9 @@ fn train_on<B: AutodiffBackend>(loaded: &LoadedConfig, work_dir: &Path, resume: 
     if let Some(bar) = &progress.bar {
         bar.finish();
     }
+    if let Some(png) = crate::report::loss_curve(work_dir)? {
+        eprintln!("loss curve: {}", png.display());
+    }
     println!(
         "{} after {} iterations in {:.1} s; loss {} -> {}; last checkpoint: {}",
         if summary.interrupted { "stopped" } else { "finished" },
