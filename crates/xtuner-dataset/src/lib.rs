@@ -1,7 +1,7 @@
 //! Turning raw data into trained tokens exactly as XTuner (v0.2) does.
 //!
 //! The pipeline, one module per stage:
-//! [`reader`] (JSON, JSON Lines, Parquet) → [`format`] (XTuner's dataset map functions, onto
+//! [`reader`] (JSON, JSON Lines, Parquet) → [`mod@format`] (XTuner's dataset map functions, onto
 //! the standard conversation format) → template ([`xtuner_template`]) → [`encode`]
 //! (ids and labels) → [`pack`] (packing to `max_length`) → [`collate`] (batches).
 //! [`tokenizer`] loads `tokenizer.json` or SentencePiece `tokenizer.model`, and [`cache`]

@@ -179,6 +179,9 @@ fn process_record(spec: &DataSpec, tokenizer: &Tokenizer, record: &Record) -> Re
     })
 }
 
+/// A kept sample and its record's image, if any.
+pub type KeptSample = (EncodedSample, Option<String>);
+
 /// Reads and encodes every record (no shuffling or packing): the kept samples in input
 /// order, with their images, and the counts.
 ///
@@ -188,7 +191,7 @@ pub fn encode_records(
     spec: &DataSpec,
     tokenizer: &Tokenizer,
     records: &[Record],
-) -> Result<(Vec<(EncodedSample, Option<String>)>, DatasetStats)> {
+) -> Result<(Vec<KeptSample>, DatasetStats)> {
     use rayon::prelude::*;
     let outcomes: Vec<Result<Outcome>> =
         records.par_iter().map(|r| process_record(spec, tokenizer, r)).collect();
@@ -247,7 +250,7 @@ pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDatase
     let dataset = if spec.pack_to_max_length {
         if spec.shuffle_before_pack {
             let order = shuffled(kept.len(), spec.seed);
-            let mut slots: Vec<Option<(EncodedSample, Option<String>)>> = kept.into_iter().map(Some).collect();
+            let mut slots: Vec<Option<KeptSample>> = kept.into_iter().map(Some).collect();
             kept = order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect();
         }
         let samples: Vec<EncodedSample> = kept.into_iter().map(|(s, _)| s).collect();

@@ -398,7 +398,8 @@ mod tests {
     #[test]
     fn json_files_give_each_record_its_line() {
         // (file name, content, (line, record) for every record)
-        let cases: Vec<(&str, &str, Vec<(usize, Value)>)> = vec![
+        type Case = (&'static str, &'static str, Vec<(usize, Value)>);
+        let cases: Vec<Case> = vec![
             (
                 "array.json",
                 "[\n  {\"a\": 1},\n  {\"a\": 2,\n   \"b\": [3]},\n\n  {\"a\": \"x\\ny\"}, {\"a\": 4}\n]\n",
@@ -443,7 +444,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (name, content, want) in cases {
             let path = write(dir.path(), name, content.as_bytes());
-            let records = read_records(&[path.clone()]).unwrap();
+            let records = read_records(std::slice::from_ref(&path)).unwrap();
             assert_eq!(lines_and_values(&records), want, "{name}");
             assert!(records.iter().all(|r| *r.path == *path), "{name}");
         }
@@ -495,7 +496,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (name, content, line, text) in cases {
             let path = write(dir.path(), name, content.as_bytes());
-            let err = read_records(&[path.clone()]).unwrap_err();
+            let err = read_records(std::slice::from_ref(&path)).unwrap_err();
             let Error::MalformedJson {
                 path: got_path,
                 line: got_line,
@@ -537,7 +538,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (name, content, line, found) in cases {
             let path = write(dir.path(), name, content.as_bytes());
-            let err = read_records(&[path.clone()]).unwrap_err();
+            let err = read_records(std::slice::from_ref(&path)).unwrap_err();
             let Error::BadRecord {
                 path: got,
                 line: got_line,
@@ -602,7 +603,7 @@ mod tests {
         fs::create_dir_all(snapshot.join("data")).unwrap();
         std::os::unix::fs::symlink(&blob, snapshot.join("data/train.jsonl")).unwrap();
         std::os::unix::fs::symlink(&snapshot, snapshot.join("data/loop")).unwrap();
-        let records = read_records(&[snapshot.clone()]).unwrap();
+        let records = read_records(std::slice::from_ref(&snapshot)).unwrap();
         assert_eq!(lines_and_values(&records), vec![(1, json!({"n": 1}))]);
     }
 
@@ -625,7 +626,7 @@ mod tests {
             );
         }
         let missing = dir.path().join("missing.jsonl");
-        let err = read_records(&[missing.clone()]).unwrap_err();
+        let err = read_records(std::slice::from_ref(&missing)).unwrap_err();
         assert!(
             matches!(&err, Error::Io { path, source } if *path == missing && source.kind() == std::io::ErrorKind::NotFound),
             "{err:?}"
@@ -706,7 +707,7 @@ mod tests {
         ];
         for (name, content) in cases {
             let path = write(dir.path(), name, content);
-            let err = read_records(&[path.clone()]).unwrap_err();
+            let err = read_records(std::slice::from_ref(&path)).unwrap_err();
             assert!(
                 matches!(&err, Error::Parquet { path: got, .. } if *got == path),
                 "{name}: {err:?}"

@@ -174,7 +174,7 @@ impl TryFrom<HfClipVisionConfig> for ClipVisionConfig {
                 return invalid(key, "must be positive".into());
             }
         }
-        if hf.hidden_size % hf.num_attention_heads != 0 {
+        if !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
             return invalid(
                 "num_attention_heads",
                 format!(

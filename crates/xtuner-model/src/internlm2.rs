@@ -243,12 +243,12 @@ impl TryFrom<HfDecoderConfig> for DecoderConfig {
         }
         let n_heads = hf.num_attention_heads;
         let n_kv_heads = hf.num_key_value_heads.unwrap_or(n_heads);
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(invalid("num_key_value_heads", format!("{n_kv_heads} must divide num_attention_heads {n_heads}")));
         }
         let head_dim = match hf.head_dim {
             Some(d) => d,
-            None if hf.hidden_size % n_heads == 0 => hf.hidden_size / n_heads,
+            None if hf.hidden_size.is_multiple_of(n_heads) => hf.hidden_size / n_heads,
             None => return Err(invalid("hidden_size", format!("{} is not a multiple of {n_heads} heads", hf.hidden_size))),
         };
         for (key, value) in [("vocab_size", hf.vocab_size), ("hidden_size", hf.hidden_size), ("intermediate_size", hf.intermediate_size), ("num_hidden_layers", hf.num_hidden_layers)] {
@@ -662,22 +662,22 @@ impl<B: Backend> InternLm2<B> {
     pub fn map_linears<E>(mut self, config: &DecoderConfig, mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E> {
         let sites = linear_sites(config);
         let mut sites = sites.iter();
-        let mut next = |linear: Linear<B>, f: &mut dyn FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>| match sites.next() {
+        let mut next = |linear: Linear<B>| match sites.next() {
             Some(site) => f(site, linear),
             None => Ok(linear),
         };
         let mut layers = Vec::with_capacity(self.layers.len());
         for mut layer in std::mem::take(&mut self.layers) {
-            layer.attention.wqkv = next(layer.attention.wqkv, &mut f)?;
-            layer.attention.wo = next(layer.attention.wo, &mut f)?;
-            layer.feed_forward.w1 = next(layer.feed_forward.w1, &mut f)?;
-            layer.feed_forward.w2 = next(layer.feed_forward.w2, &mut f)?;
-            layer.feed_forward.w3 = next(layer.feed_forward.w3, &mut f)?;
+            layer.attention.wqkv = next(layer.attention.wqkv)?;
+            layer.attention.wo = next(layer.attention.wo)?;
+            layer.feed_forward.w1 = next(layer.feed_forward.w1)?;
+            layer.feed_forward.w2 = next(layer.feed_forward.w2)?;
+            layer.feed_forward.w3 = next(layer.feed_forward.w3)?;
             layers.push(layer);
         }
         self.layers = layers;
         if let Some(output) = self.output.take() {
-            self.output = Some(next(output, &mut f)?);
+            self.output = Some(next(output)?);
         }
         Ok(self)
     }

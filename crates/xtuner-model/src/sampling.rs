@@ -141,7 +141,7 @@ mod tests {
     fn top_p_cuts_the_tail() {
         // p = [0.6, 0.3, 0.1]: top_p 0.5 keeps only the first.
         let mut s = Sampler::new(SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.5, repetition_penalty: 1.0, seed: 0 });
-        let mut logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
         assert!((0..100).all(|_| s.next(&mut logits.clone(), &[]) == 0));
     }
 }

@@ -22,7 +22,7 @@ const CHATGLM_BOS: &[u32] = &[64790, 64792];
 
 enum Backend {
     Hf(Box<tokenizers::Tokenizer>),
-    SentencePiece(SentencePieceBpe),
+    SentencePiece(Box<SentencePieceBpe>),
 }
 
 /// A loaded tokenizer with the special ids that encoding needs.
@@ -56,9 +56,9 @@ impl Tokenizer {
         let (dir, file) = tokenizer_file(path)?;
         let bytes = fs::read(&file).map_err(|e| Error::io(&file, e))?;
         let backend = if file.extension().is_some_and(|e| e == "model") {
-            Backend::SentencePiece(
+            Backend::SentencePiece(Box::new(
                 SentencePieceBpe::from_bytes(&bytes).map_err(|e| tokenizer_error(&file, e))?,
-            )
+            ))
         } else {
             let tok = tokenizers::Tokenizer::from_bytes(&bytes)
                 .map_err(|e| tokenizer_error(&file, e))?;

@@ -26,7 +26,7 @@ impl<B: Backend> RmsNorm<B> {
         if d_model == 0 {
             return Err(Error::InvalidConfig { key: "hidden_size", message: "must be positive".into() });
         }
-        if !(eps > 0.0) {
+        if eps.is_nan() || eps <= 0.0 {
             return Err(Error::InvalidConfig { key: "rms_norm_eps", message: format!("must be positive, got {eps}") });
         }
         Ok(Self { weight: Param::from_tensor(Tensor::ones([d_model], device)), eps })

@@ -48,14 +48,14 @@ impl Rope {
     /// # Errors
     /// An odd or zero head dimension, a non-positive θ, or a scaling factor below 1.
     pub fn new(head_dim: usize, theta: f64, max_position_embeddings: usize, scaling: Option<RopeScaling>) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig { key: "head_dim", message: format!("must be even and positive, got {head_dim}") });
         }
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err(Error::InvalidConfig { key: "rope_theta", message: format!("must be positive, got {theta}") });
         }
         if let Some(RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor }) = scaling
-            && !(factor >= 1.0)
+            && (factor.is_nan() || factor < 1.0)
         {
             return Err(Error::InvalidConfig { key: "rope_scaling.factor", message: format!("must be at least 1, got {factor}") });
         }
@@ -150,10 +150,10 @@ mod tests {
         let y = apply_rotary(x, &cos, &sin);
         let mut expected = Vec::new();
         for h in 0..2 {
-            for t in 0..3 {
+            for (t, &position) in positions[0].iter().enumerate() {
                 let start = (h * 3 + t) * d;
                 let row: Vec<f64> = values[start..start + d].iter().map(|&v| f64::from(v)).collect();
-                expected.extend(reference(&row, positions[0][t] as f64, &rope, 3).into_iter().map(|v| v as f32));
+                expected.extend(reference(&row, position as f64, &rope, 3).into_iter().map(|v| v as f32));
             }
         }
         y.into_data().assert_approx_eq::<f32>(&TensorData::new(expected, [1, 2, 3, d]), Tolerance::absolute(1e-5));
