@@ -171,3 +171,38 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let last = fs::read_to_string(work.join("last_checkpoint")).unwrap();
     assert!(last.ends_with("iter_2"), "{last}");
 }
+
+/// The README's demo flow, shortened: train the preset model, export the adapter, and
+/// chat with it on the saved random-init base; the merged model answers alike.
+#[test]
+fn demo_flow_on_a_preset_base() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let cache = dir.path().join("cache");
+    let opts = [
+        "--cfg-options", "train.max_iters=2", "train.batch_size=1", "checkpoint.save_steps=2", "evaluation.inputs=[]",
+        &format!("data.cache_dir={:?}", cache.to_str().unwrap()),
+    ];
+    let mut args = vec!["train", "configs/demo_tiny_lora.toml", "--work-dir", work.to_str().unwrap()];
+    args.extend(opts.iter().map(|s| -> &str { s }));
+    ok(&xtuner(&args, &repo));
+    let base = work.join("base_model");
+    assert!(base.join("config.json").is_file() && base.join("model.safetensors").is_file() && base.join("tokenizer.json").is_file());
+    let adapter = dir.path().join("adapter");
+    let mut args = vec!["convert", "pth_to_hf", "configs/demo_tiny_lora.toml", work.to_str().unwrap(), adapter.to_str().unwrap()];
+    let ckpt = work.join("iter_2");
+    args[3] = ckpt.to_str().unwrap();
+    args.extend(opts.iter().map(|s| -> &str { s }));
+    ok(&xtuner(&args, &repo));
+    let chat = |model: &Path, adapter: Option<&Path>| {
+        let mut args = vec!["chat", model.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", "Reverse the words: apple king", "--temperature", "0", "--max-new-tokens", "4", "--no-streamer"];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        ok(&xtuner(&args, &repo))
+    };
+    let merged = dir.path().join("merged");
+    ok(&xtuner(&["convert", "merge", base.to_str().unwrap(), adapter.to_str().unwrap(), merged.to_str().unwrap(), "--fp32"], &repo));
+    assert_eq!(chat(&base, Some(&adapter)), chat(&merged, None));
+}

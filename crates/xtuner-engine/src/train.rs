@@ -240,6 +240,9 @@ pub fn train<B: AutodiffBackend>(
     std::fs::create_dir_all(work_dir).map_err(|e| Error::Io { path: work_dir.to_path_buf(), source: e })?;
 
     let (base, decoder) = build_model::<B>(config, &tokenizer, device)?;
+    if config.model.path.is_none() {
+        save_base_model(&base, &decoder, &tokenizer, &work_dir.join("base_model"))?;
+    }
     let base = match &config.quantization {
         Some(q) => lora::quantize_base(base, &decoder, q.block_size, q.double_quant)?,
         None => base,
@@ -451,6 +454,27 @@ pub fn write_weights<B: Backend>(
             Ok(files)
         }
     }
+}
+
+/// A randomly initialised (preset) base is written once to `work_dir/base_model` as a
+/// Hugging Face model directory, so that its adapters can be chatted with, evaluated
+/// and merged like those of a downloaded model.
+fn save_base_model<B: Backend>(model: &InternLm2<B>, decoder: &DecoderConfig, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+    if dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    let tmp_parent = dir.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new().prefix(".base_model").tempdir_in(tmp_parent).map_err(|e| Error::Io { path: tmp_parent.to_path_buf(), source: e })?;
+    let bos = tokenizer.bos_ids().first().copied();
+    let eos = tokenizer.eos_ids().first().copied();
+    let config_path = tmp.path().join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&decoder.to_hf_json(bos, eos)).unwrap_or_default())
+        .map_err(|e| Error::Io { path: config_path, source: e })?;
+    save_safetensors(tmp.path(), "model", model.to_hf_tensors(decoder), SaveDtype::F32, Some(2_000_000_000))?;
+    copy_tokenizer_files(tokenizer, tmp.path())?;
+    let kept = tmp.keep();
+    std::fs::rename(&kept, dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    Ok(())
 }
 
 /// Copies the tokenizer files beside a saved model, as `save_pretrained` does.
