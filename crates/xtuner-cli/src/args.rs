@@ -124,8 +124,10 @@ pub enum Show {
     /// The decoded tokens.
     Text,
     /// Untrained spans as [-100], trained spans decoded.
+    #[value(name = "masked_text", alias = "masked-text")]
     MaskedText,
     /// The ids.
+    #[value(name = "input_ids", alias = "input-ids")]
     InputIds,
     /// The labels.
     Labels,

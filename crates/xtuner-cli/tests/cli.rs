@@ -274,6 +274,8 @@ fn dataset_build_caches_and_check_custom_dataset_reports() {
 
     let out = ok(&xtuner(&["check-custom-dataset", cfg], dir.path()));
     assert!(out.contains("OK: 40 records") && out.contains("<|im_start|>user"), "{out}");
+    let out = ok(&xtuner(&["log-dataset", cfg, "--show", "masked_text"], dir.path()));
+    assert!(out.contains("[masked_text]") && !out.contains("[text]"), "XTuner's spelling: {out}");
     let out = ok(&xtuner(&["log-dataset", cfg, "--show", "all"], dir.path()));
     assert!(out.contains("[masked_text]") && out.contains("[-100]") && out.contains("Count to"), "{out}");
 }
