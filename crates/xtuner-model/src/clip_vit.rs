@@ -133,26 +133,14 @@ impl ClipVisionConfig {
     /// # Errors
     /// [`Error::Io`] when unreadable; [`Error::BadConfig`] naming the file and key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let bad = |message: String| Error::BadConfig {
-            path: path.to_path_buf(),
-            message,
-        };
-        let mut json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut json: serde_json::Value = crate::error::read_json_file(path)?;
         let vision = match json.get_mut("vision_config") {
             Some(v) => v.take(),
             None => json,
         };
-        let hf: HfClipVisionConfig =
-            serde_json::from_value(vision).map_err(|e| bad(e.to_string()))?;
-        Self::try_from(hf).map_err(|e| match e {
-            Error::InvalidConfig { key, message } => bad(format!("`{key}`: {message}")),
-            other => other,
-        })
+        let hf: HfClipVisionConfig = serde_json::from_value(vision)
+            .map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
+        Self::try_from(hf).map_err(|e| crate::error::in_file(path, e))
     }
 }
 

@@ -149,3 +149,18 @@ fn list_keys(keys: &[String]) -> String {
     }
     text
 }
+
+/// Reads a JSON config file; a file that does not parse as `T` is a
+/// [`Error::BadConfig`] naming it.
+pub(crate) fn read_json_file<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// A validation error of a config read from `path`, restated to name the file.
+pub(crate) fn in_file(path: &std::path::Path, error: Error) -> Error {
+    match error {
+        Error::InvalidConfig { key, message } => Error::BadConfig { path: path.to_path_buf(), message: format!("`{key}`: {message}") },
+        other => other,
+    }
+}

@@ -136,13 +136,8 @@ impl DecoderConfig {
     /// An unreadable file, an unsupported `model_type` or activation, or shapes that do
     /// not fit together.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
-        let hf: HfDecoderConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
-        Self::try_from(hf).map_err(|e| match e {
-            Error::InvalidConfig { key, message } => Error::BadConfig { path: path.to_path_buf(), message: format!("`{key}`: {message}") },
-            other => other,
-        })
+        let hf: HfDecoderConfig = crate::error::read_json_file(path)?;
+        Self::try_from(hf).map_err(|e| crate::error::in_file(path, e))
     }
 
     /// Parameters of the matrix products (embeddings excluded, LM head included).

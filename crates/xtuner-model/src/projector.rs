@@ -73,19 +73,8 @@ impl ProjectorConfig {
     /// # Errors
     /// [`Error::Io`] when unreadable; [`Error::BadConfig`] naming the file and key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let bad = |message: String| Error::BadConfig {
-            path: path.to_path_buf(),
-            message,
-        };
-        let config: Self = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        config.validate().map_err(|e| match e {
-            Error::InvalidConfig { key, message } => bad(format!("`{key}`: {message}")),
-            other => other,
-        })?;
+        let config: Self = crate::error::read_json_file(path)?;
+        config.validate().map_err(|e| crate::error::in_file(path, e))?;
         Ok(config)
     }
 

@@ -142,20 +142,7 @@ pub fn encode(
     out: &Path,
     inputs: &[PathBuf],
 ) -> Result<()> {
-    let format: DataFormat = format.parse()?;
-    let template = template.map(|t| t.parse::<PromptTemplate>().map(PromptTemplate::template)).transpose()?;
-    let spec = DataSpec {
-        files: inputs.to_vec(),
-        format,
-        columns: Default::default(),
-        template,
-        max_length,
-        pack_to_max_length: false,
-        shuffle_before_pack: false,
-        seed: 0,
-        max_dataset_length: None,
-        skip_bad_records: false,
-    };
+    let spec = plain_spec(inputs, format, template, max_length)?;
     spec.validate()?;
     let tokenizer = Tokenizer::from_path(tokenizer)?;
     let records = load_records(&spec)?;
@@ -171,6 +158,25 @@ pub fn encode(
         stats.records, stats.samples, stats.dropped_empty, stats.dropped_untrained
     );
     Ok(())
+}
+
+/// The data spec of the command-line tools: files in a format, with an optional
+/// template, encoded sample by sample in input order (no packing, no shuffling).
+pub fn plain_spec(inputs: &[PathBuf], format: &str, template: Option<&str>, max_length: usize) -> Result<DataSpec> {
+    let format: DataFormat = format.parse()?;
+    let template = template.map(|t| t.parse::<PromptTemplate>().map(PromptTemplate::template)).transpose()?;
+    Ok(DataSpec {
+        files: inputs.to_vec(),
+        format,
+        columns: Default::default(),
+        template,
+        max_length,
+        pack_to_max_length: false,
+        shuffle_before_pack: false,
+        seed: 0,
+        max_dataset_length: None,
+        skip_bad_records: false,
+    })
 }
 
 /// `xtuner dataset pack`.

@@ -183,18 +183,7 @@ pub fn eval(model_dir: &Path, adapter: Option<&Path>, data: &[PathBuf], format: 
     let adapter = adapter.map(PeftAdapter::open).transpose()?;
     let (model, _) = InternLm2::<B>::load(model_dir, adapter.as_ref(), &device)?;
     let tokenizer = Tokenizer::from_path(model_dir)?;
-    let spec = xtuner_dataset::DataSpec {
-        files: data.to_vec(),
-        format: format.parse()?,
-        columns: Default::default(),
-        template: template.map(|t| t.parse::<xtuner_template::PromptTemplate>().map(|t| t.template())).transpose()?,
-        max_length,
-        pack_to_max_length: false,
-        shuffle_before_pack: false,
-        seed: 0,
-        max_dataset_length: None,
-        skip_bad_records: false,
-    };
+    let spec = crate::commands::data::plain_spec(data, format, template, max_length)?;
     let dataset = xtuner_dataset::pipeline::process(&spec, &tokenizer)?;
     let (mut sum, mut tokens) = (0f64, 0usize);
     for row in &dataset.rows {

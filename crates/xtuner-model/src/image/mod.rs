@@ -88,16 +88,8 @@ impl ImageProcessorConfig {
     /// when it cannot be parsed or holds an unusable value.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let bad = |message: String| Error::BadConfig {
-            path: path.to_path_buf(),
-            message,
-        };
-        let config: Self = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        config.validate().map_err(|e| bad(e.to_string()))?;
+        let config: Self = crate::error::read_json_file(path)?;
+        config.validate().map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(config)
     }
 
