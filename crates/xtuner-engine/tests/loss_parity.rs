@@ -10,7 +10,6 @@ use xtuner_engine::loss::causal_lm_loss;
 use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::internlm2::{DecoderInput, InternLm2};
-use xtuner_model::nn::attention::attention_bias;
 
 type B = NdArray<f32>;
 
@@ -24,11 +23,7 @@ fn loss_of(model: &InternLm2<B>, golden: &Checkpoint) -> f32 {
     let [b, t] = [data.shape[0], data.shape[1]];
     let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
     let labels = golden.int_data("labels").unwrap().convert::<i64>().to_vec::<i64>().unwrap();
-    let positions: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
-    let input = DecoderInput {
-        positions: Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device),
-        bias: attention_bias(b, t, 0, &vec![true; b * t], None, &device),
-    };
+    let input = DecoderInput::causal(b, t, &device);
     let logits = model.forward(Tensor::from_data(TensorData::new(ids, [b, t]), &device), &input, None);
     causal_lm_loss(logits, &labels).mean().into_scalar()
 }
@@ -94,13 +89,9 @@ fn llava_logits_and_loss_match_the_reference() {
     // LLaVA forward passes no position ids). With right padding, real tokens never see
     // the padding either way, so only the logits of padded positions depend on this;
     // the fixture's were computed so, and so are these.
-    let positions: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
     let real_tokens = valid.iter().filter(|&&v| v).count();
     assert_eq!(real_tokens, 25, "15 + 10 real positions");
-    let input = DecoderInput {
-        positions: Tensor::from_data(TensorData::new(positions, [b, t]), &device),
-        bias: attention_bias(b, t, 0, &vec![true; b * t], None, &device),
-    };
+    let input = DecoderInput::causal(b, t, &device);
     let logits = llm.forward_embeds(spliced.inputs_embeds, &input, None);
     logits.clone().into_data().assert_approx_eq::<f32>(&golden.float_data("logits").unwrap(), Tolerance::absolute(1e-4));
     let new_labels = spliced.labels.unwrap().into_data().convert::<i64>().to_vec::<i64>().unwrap();

@@ -18,7 +18,6 @@ use xtuner_engine::schedule::LrSchedule;
 use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::internlm2::{DecoderInput, InternLm2};
-use xtuner_model::nn::attention::attention_bias;
 
 type B = Autodiff<NdArray<f32>>;
 
@@ -56,11 +55,7 @@ fn six_lora_steps_follow_the_reference_trajectory() {
     let [b, t] = [data.shape[0], data.shape[1]];
     let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
     let labels = golden.int_data("labels").unwrap().convert::<i64>().to_vec::<i64>().unwrap();
-    let positions: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
-    let input = DecoderInput {
-        positions: Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device),
-        bias: attention_bias(b, t, 0, &vec![true; b * t], None, &device),
-    };
+    let input = DecoderInput::causal(b, t, &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
 
     let mut optimizer = adamw(&optimizer_config).init::<B, InternLm2<B>>();

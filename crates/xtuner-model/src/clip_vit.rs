@@ -688,6 +688,7 @@ impl<B: Backend> LayerNorm<B> {
 
 #[cfg(test)]
 mod tests {
+    use crate::test_util::max_abs_tensor;
     use super::*;
     use crate::TestBackend;
     use burn::tensor::TensorData;
@@ -702,11 +703,6 @@ mod tests {
         let shape = ckpt.shape(key).unwrap();
         ckpt.tensor::<TestBackend, D>(key, shape.try_into().unwrap(), &Default::default())
             .unwrap()
-    }
-
-    fn max_abs<const D: usize>(a: Tensor<TestBackend, D>, b: Tensor<TestBackend, D>) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b).abs().max().into_scalar()
     }
 
     #[test]
@@ -743,9 +739,9 @@ mod tests {
         let hidden_states = tower.forward(pixel_values.clone()).unwrap();
         assert_eq!(hidden_states.len(), config.n_layers + 1);
         let last = hidden_states.last().unwrap().clone();
-        let err_last = max_abs(last, golden::<3>("last_hidden_state"));
+        let err_last = max_abs_tensor(last, golden::<3>("last_hidden_state"));
         let select = hidden_states[hidden_states.len() - 2].clone();
-        let err_select = max_abs(select, golden::<3>("hidden_states_select_-2"));
+        let err_select = max_abs_tensor(select, golden::<3>("hidden_states_select_-2"));
         assert!(
             err_last < 1e-4 && err_select < 1e-4,
             "last {err_last}, select -2 {err_select}"
@@ -753,8 +749,8 @@ mod tests {
 
         let features = tower.forward_features(pixel_values, -2).unwrap();
         let expected = golden::<3>("hidden_states_select_-2").narrow(1, 1, config.num_patches);
-        assert!(max_abs(features, expected.clone()) < 1e-4);
-        assert!(max_abs(select_features(&hidden_states, -2).unwrap(), expected) < 1e-4);
+        assert!(max_abs_tensor(features, expected.clone()) < 1e-4);
+        assert!(max_abs_tensor(select_features(&hidden_states, -2).unwrap(), expected) < 1e-4);
     }
 
     #[test]

@@ -7,7 +7,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::internlm2::{DecoderInput, InternLm2};
-use crate::nn::attention::attention_bias;
 use crate::nn::kv_cache::KvCache;
 use crate::sampling::{Sampler, SamplingConfig};
 
@@ -53,8 +52,7 @@ pub fn generate<B: Backend>(
     let mut history: Vec<u32> = prompt_ids.to_vec();
     let mut generated = Vec::new();
 
-    let positions = Tensor::<B, 2, Int>::from_data(TensorData::new((0..t as i64).collect::<Vec<_>>(), [1, t]), &device);
-    let input = DecoderInput { positions, bias: attention_bias(1, t, 0, &vec![true; t], None, &device) };
+    let input = DecoderInput::causal(batch, t, &device);
     let mut logits = last_logits(model.forward_embeds(prompt, &input, Some(&mut cache)));
     for _ in 0..config.max_new_tokens {
         let id = sampler.next(&mut logits, &history);

@@ -326,6 +326,19 @@ pub struct DecoderInput<B: Backend> {
     pub bias: Tensor<B, 4>,
 }
 
+impl<B: Backend> DecoderInput<B> {
+    /// Rows of `t` tokens at positions `0..t` with a plain causal mask (no padding, no
+    /// packed samples): a prompt, or right-padded rows whose padding is never attended
+    /// by real tokens.
+    pub fn causal(batch: usize, t: usize, device: &B::Device) -> Self {
+        let positions: Vec<i64> = (0..batch).flat_map(|_| 0..t as i64).collect();
+        Self {
+            positions: Tensor::from_data(TensorData::new(positions, [batch, t]), device),
+            bias: crate::nn::attention::attention_bias(batch, t, 0, &vec![true; batch * t], None, device),
+        }
+    }
+}
+
 impl<B: Backend> InternLm2<B> {
     /// Embeds token ids.
     ///

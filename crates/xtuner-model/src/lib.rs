@@ -22,3 +22,23 @@ pub use error::{Error, Result};
 /// The backend the unit tests run on.
 #[cfg(test)]
 pub(crate) type TestBackend = burn::backend::NdArray<f32>;
+
+/// Comparisons shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use burn::tensor::Tensor;
+
+    use crate::TestBackend;
+
+    /// The largest absolute difference between two equally long slices.
+    pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// The largest absolute difference between two tensors of one shape.
+    pub fn max_abs_tensor<const D: usize>(a: Tensor<TestBackend, D>, b: Tensor<TestBackend, D>) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).abs().max().into_scalar()
+    }
+}

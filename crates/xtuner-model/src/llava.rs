@@ -269,6 +269,7 @@ fn check_dims(name: &'static str, found: [usize; 2], expected: [usize; 2]) -> Re
 
 #[cfg(test)]
 mod tests {
+    use crate::test_util::max_abs_tensor;
     use super::*;
     use crate::TestBackend;
     use crate::checkpoint::Checkpoint;
@@ -300,11 +301,6 @@ mod tests {
         t.into_data().convert::<i64>().to_vec::<i64>().unwrap()
     }
 
-    fn max_abs<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b).abs().max().into_scalar()
-    }
-
     fn embedding_table() -> Tensor<B, 2> {
         golden_float::<2>(
             "internlm2-tiny/model.safetensors",
@@ -321,7 +317,7 @@ mod tests {
             Projector::<B>::load(&fixtures().join("llava-tiny/projector"), &device).unwrap();
         let pixel_values = golden_float::<4>("clip-vit-tiny/golden.safetensors", "pixel_values");
         let features = image_features(&tower, &projector, pixel_values, -2).unwrap();
-        let err = max_abs(
+        let err = max_abs_tensor(
             features,
             golden_float::<3>("llava-tiny/golden.safetensors", "image_features"),
         );
@@ -340,7 +336,7 @@ mod tests {
             |ids| table.select(0, ids),
         )
         .unwrap();
-        let err = max_abs(
+        let err = max_abs_tensor(
             out.inputs_embeds,
             golden_float::<3>("llava-tiny/golden.safetensors", "inputs_embeds"),
         );

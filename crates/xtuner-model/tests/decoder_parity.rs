@@ -31,14 +31,8 @@ fn ids_tensor(ids: &[i64], shape: [usize; 2]) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(ids.to_vec(), shape), &Default::default())
 }
 
-/// Positions 0..T per row and a plain causal mask.
 fn causal_input(batch: usize, t: usize) -> DecoderInput<B> {
-    let device = Default::default();
-    let positions: Vec<i64> = (0..batch).flat_map(|_| 0..t as i64).collect();
-    DecoderInput {
-        positions: ids_tensor(&positions, [batch, t]),
-        bias: attention_bias(batch, t, 0, &vec![true; batch * t], None, &device),
-    }
+    DecoderInput::causal(batch, t, &Default::default())
 }
 
 fn assert_close(got: Tensor<B, 3>, ckpt: &Checkpoint, key: &str) {

@@ -501,6 +501,7 @@ pub fn center_crop(image: &RgbImage, height: usize, width: usize) -> RgbImage {
 
 #[cfg(test)]
 mod tests {
+    use crate::test_util::max_abs_diff;
     use super::*;
     use crate::TestBackend;
     use std::path::PathBuf;
@@ -523,14 +524,6 @@ mod tests {
         (values, view.shape().to_vec())
     }
 
-    fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
-
     #[test]
     fn fixture_image_matches_the_reference_pixel_values() {
         let processor =
@@ -542,7 +535,7 @@ mod tests {
         assert_eq!(shape, [1, 3, 28, 28]);
         assert_eq!(pixels.dims(), [3, 28, 28]);
         let got = pixels.into_data().to_vec::<f32>().unwrap();
-        let err = max_abs(&got, &expected);
+        let err = max_abs_diff(&got, &expected);
         // README tolerance is 2e-2; a faithful port of PIL's resampler is exact up to
         // f32 rounding of the normalisation.
         assert!(err < 1e-5, "max-abs {err}");

@@ -567,6 +567,7 @@ impl<B: Backend> Nf4Weight<B> {
 
 #[cfg(test)]
 mod tests {
+    use crate::test_util::max_abs_diff;
     use super::*;
     use crate::TestBackend;
     use crate::checkpoint::Checkpoint;
@@ -594,14 +595,6 @@ mod tests {
             let ints = self.ckpt.int_data(key).unwrap().to_vec::<i64>().unwrap();
             ints.into_iter().map(|v| u8::try_from(v).unwrap()).collect()
         }
-    }
-
-    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     #[test]
