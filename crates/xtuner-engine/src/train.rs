@@ -270,6 +270,9 @@ pub fn train<B: AutodiffBackend>(
             (model, state.iter)
         }
         None => {
+            // Fresh adapters draw their init from the seeded generator, so two runs of a
+            // config are the same run.
+            B::seed(device, config.train.seed.wrapping_add(1));
             let model = match &config.lora {
                 Some(l) => lora::attach(base, &decoder, l, device)?,
                 None => base,
