@@ -1,9 +1,10 @@
 //! `cargo xtask demo-data`: the demo the repository ships, generated from a fixed seed.
 //!
-//! The task is "Reverse the words: sun moon star" → "star moon sun" with 2–5 distinct
-//! words from [`WORDS`]: small enough for a tiny randomly initialised transformer to
-//! learn on a CPU, and checkable on held-out prompts (the eval word sequences never
-//! occur in the training set). Writes
+//! The task is sentiment: "Is this review positive or negative? The soup was cold and
+//! the waiter was rude." → "negative". A review is 1–3 clauses "the NOUN was ADJECTIVE",
+//! all of one polarity. Small enough for a tiny randomly initialised transformer to
+//! learn with LoRA on a CPU in minutes, and checkable on held-out prompts (no eval
+//! review occurs in the training set). Writes
 //! - `configs/demo/train.jsonl`, `configs/demo/eval.jsonl` (XTuner's alpaca format);
 //! - `configs/demo/tokenizer/` (an InternLM2-shaped tokenizer in which each demo word
 //!   is one token);
@@ -15,27 +16,33 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use rand::seq::SliceRandom;
+use rand::seq::IndexedRandom as _;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::tokenizer;
 
-/// The words the demo reverses: common, short, one token each.
-pub const WORDS: [&str; 40] = [
-    "apple", "bird", "blue", "book", "cat", "cloud", "cold", "day", "dog", "door", "fish", "green",
-    "hand", "hat", "hot", "house", "king", "lamp", "milk", "moon", "night", "old", "rain", "red",
-    "river", "road", "sea", "ship", "sky", "snow", "song", "star", "stone", "sun", "tree", "water",
-    "wind", "wood", "year", "young",
+/// What the reviews are about.
+pub const NOUNS: [&str; 16] = [
+    "food", "soup", "bread", "coffee", "tea", "cake", "service", "waiter", "room", "bed",
+    "view", "music", "film", "book", "show", "price",
+];
+/// Words that make a clause positive.
+pub const POSITIVE: [&str; 10] = [
+    "great", "lovely", "delicious", "friendly", "clean", "fresh", "perfect", "wonderful", "kind",
+    "excellent",
+];
+/// Words that make a clause negative.
+pub const NEGATIVE: [&str; 10] = [
+    "awful", "cold", "rude", "dirty", "stale", "slow", "bland", "noisy", "terrible", "boring",
 ];
 
-/// The fixed wording of every prompt.
-const INSTRUCTION: &str = "Reverse the words:";
+/// The fixed question every prompt starts with.
+const QUESTION: &str = "Is this review positive or negative?";
 const SEED: u64 = 20_240_601;
 const TRAIN_RECORDS: usize = 2000;
 const EVAL_RECORDS: usize = 100;
-const MIN_WORDS: usize = 2;
-const MAX_WORDS: usize = 5;
+const MAX_CLAUSES: usize = 3;
 /// Upper bound on the tokenizer's size; training stops sooner, once every word is one
 /// piece.
 const VOCAB_SIZE: usize = 600;
@@ -43,8 +50,12 @@ const VOCAB_SIZE: usize = 600;
 const DEMO_DIR: &str = "configs/demo";
 const CONFIG: &str = "configs/demo_tiny_lora.toml";
 
-/// One demo record: the words in order.
-type Sequence = Vec<&'static str>;
+/// One demo record: its clauses (noun, adjective) and its label.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Review {
+    clauses: Vec<(&'static str, &'static str)>,
+    positive: bool,
+}
 
 /// Generates every demo file under the repository root (the working directory).
 ///
@@ -53,9 +64,9 @@ type Sequence = Vec<&'static str>;
 pub fn run() -> Result<()> {
     let dir = Path::new(DEMO_DIR);
     let mut rng = ChaCha8Rng::seed_from_u64(SEED);
-    let sequences = distinct_sequences(&mut rng, TRAIN_RECORDS + EVAL_RECORDS);
-    // The sequences are distinct and in random order, so the first ones are a held-out set.
-    let (eval, train) = sequences.split_at(EVAL_RECORDS);
+    let reviews = distinct_reviews(&mut rng, TRAIN_RECORDS + EVAL_RECORDS);
+    // The reviews are distinct and in random order, so the first ones are a held-out set.
+    let (eval, train) = reviews.split_at(EVAL_RECORDS);
 
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let train_file = dir.join("train.jsonl");
@@ -67,7 +78,7 @@ pub fn run() -> Result<()> {
     let tokenizer = tokenizer::train(&texts, VOCAB_SIZE)?;
     let samples = [
         prompt(&train[0]),
-        answer(&eval[0]),
+        answer(&eval[0]).to_string(),
         "Hello, wörld! 你好 🙂\n(unknown characters fall back to bytes)".to_string(),
     ];
     let samples: Vec<&str> = samples.iter().map(String::as_str).collect();
@@ -75,8 +86,11 @@ pub fn run() -> Result<()> {
     let tokenizer = tokenizer::save(&tokenizer, &tokenizer_dir, &samples)?;
     check_one_token_per_word(&tokenizer)?;
 
-    let inputs = [prompt(&eval[0]), prompt(&eval[1])];
-    fs::write(CONFIG, config_toml(&inputs)).with_context(|| format!("writing {CONFIG}"))?;
+    // One held-out prompt of each label for the evaluate-chat hook.
+    let first = |positive: bool| eval.iter().find(|r| r.positive == positive).map(prompt);
+    let inputs = [first(true), first(false)];
+    let [Some(pos), Some(neg)] = inputs else { bail!("the eval set lacks a label") };
+    fs::write(CONFIG, config_toml(&[pos, neg])).with_context(|| format!("writing {CONFIG}"))?;
 
     println!("demo data (seed {SEED}):");
     for path in [
@@ -93,8 +107,9 @@ pub fn run() -> Result<()> {
             .len();
         println!("  {:<45} {size:>9} bytes", path.display());
     }
+    let positives = train.iter().filter(|r| r.positive).count();
     println!(
-        "  {} train + {} eval records (no eval word sequence is in train)",
+        "  {} train ({positives} positive) + {} eval records (no eval review is in train)",
         train.len(),
         eval.len()
     );
@@ -102,7 +117,7 @@ pub fn run() -> Result<()> {
         "  vocab size {} (9 special + 256 byte pieces + {} trained); each of the {} words is one token",
         tokenizer.get_vocab_size(true),
         tokenizer.get_vocab_size(true).saturating_sub(265),
-        WORDS.len()
+        words().count()
     );
     println!(
         "  sample: {:?}",
@@ -111,51 +126,69 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// `n` distinct sequences of 2–5 distinct words, in the order drawn.
-fn distinct_sequences(rng: &mut ChaCha8Rng, n: usize) -> Vec<Sequence> {
+/// Every word a review is built from.
+fn words() -> impl Iterator<Item = &'static str> {
+    NOUNS.iter().chain(&POSITIVE).chain(&NEGATIVE).copied()
+}
+
+/// `n` distinct reviews of 1–3 clauses about distinct nouns, half of each label on
+/// average, in the order drawn.
+fn distinct_reviews(rng: &mut ChaCha8Rng, n: usize) -> Vec<Review> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(n);
-    let mut pool = WORDS.to_vec();
     while out.len() < n {
-        let len = rng.random_range(MIN_WORDS..=MAX_WORDS);
-        let (chosen, _) = pool.partial_shuffle(rng, len);
-        let sequence = chosen.to_vec();
-        if seen.insert(sequence.clone()) {
-            out.push(sequence);
+        let positive = rng.random_bool(0.5);
+        let adjectives: &[&'static str] = if positive { &POSITIVE } else { &NEGATIVE };
+        let len = rng.random_range(1..=MAX_CLAUSES);
+        let nouns: Vec<&'static str> = NOUNS.choose_multiple(rng, len).copied().collect();
+        let clauses = nouns
+            .into_iter()
+            .map(|noun| (noun, adjectives[rng.random_range(0..adjectives.len())]))
+            .collect();
+        let review = Review { clauses, positive };
+        if seen.insert(review.clone()) {
+            out.push(review);
         }
     }
     out
 }
 
-fn prompt(words: &Sequence) -> String {
-    format!("{INSTRUCTION} {}", words.join(" "))
+/// "Is this review positive or negative? The soup was cold and the bread was stale."
+fn prompt(review: &Review) -> String {
+    let clauses: Vec<String> = review
+        .clauses
+        .iter()
+        .map(|(noun, adjective)| format!("the {noun} was {adjective}"))
+        .collect();
+    let mut text = clauses.join(" and ");
+    text[..1].make_ascii_uppercase();
+    format!("{QUESTION} {text}.")
 }
 
-fn answer(words: &Sequence) -> String {
-    let reversed: Vec<&str> = words.iter().rev().copied().collect();
-    reversed.join(" ")
+fn answer(review: &Review) -> &'static str {
+    if review.positive { "positive" } else { "negative" }
 }
 
 /// The texts the tokenizer learns from for a record: the prompt turn and the answer
 /// as `internlm2_chat` renders them (XTuner encodes the two separately), and the bare
 /// prompt, as typed in a chat.
-fn tokenizer_texts(words: &Sequence) -> [String; 3] {
+fn tokenizer_texts(review: &Review) -> [String; 3] {
     [
         format!(
             "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-            prompt(words)
+            prompt(review)
         ),
-        format!("{}<|im_end|>", answer(words)),
-        prompt(words),
+        format!("{}<|im_end|>", answer(review)),
+        prompt(review),
     ]
 }
 
 /// One alpaca record per line, keys in XTuner's order.
-fn write_jsonl(path: &Path, sequences: &[Sequence]) -> Result<()> {
+fn write_jsonl(path: &Path, reviews: &[Review]) -> Result<()> {
     let mut text = String::new();
-    for words in sequences {
-        let instruction = serde_json::to_string(&prompt(words))?;
-        let output = serde_json::to_string(&answer(words))?;
+    for review in reviews {
+        let instruction = serde_json::to_string(&prompt(review))?;
+        let output = serde_json::to_string(answer(review))?;
         writeln!(
             text,
             r#"{{"instruction": {instruction}, "input": "", "output": {output}}}"#
@@ -165,19 +198,19 @@ fn write_jsonl(path: &Path, sequences: &[Sequence]) -> Result<()> {
 }
 
 fn check_one_token_per_word(tokenizer: &tokenizers::Tokenizer) -> Result<()> {
-    for word in WORDS {
+    for word in words() {
         let pieces = tokenizer::pieces(tokenizer, word)?;
         if pieces != [format!("▁{word}")] {
             bail!("demo word {word:?} is not one token: {pieces:?}");
         }
     }
-    let sentence = WORDS.join(" ");
-    let pieces = tokenizer::pieces(tokenizer, &sentence)?;
-    if pieces.len() != WORDS.len() {
+    let sentence: Vec<&str> = words().collect();
+    let pieces = tokenizer::pieces(tokenizer, &sentence.join(" "))?;
+    if pieces.len() != sentence.len() {
         bail!(
             "the demo words in a row take {} tokens, not {}: {pieces:?}",
             pieces.len(),
-            WORDS.len()
+            sentence.len()
         );
     }
     Ok(())
@@ -191,11 +224,12 @@ fn config_toml(inputs: &[String; 2]) -> String {
         .join(", ");
     format!(
         r#"# The demo: LoRA on a tiny, randomly initialised InternLM2 (preset `internlm2-tiny`)
-# that learns to reverse 2-5 words: "Reverse the words: sun moon star" -> "star moon sun".
+# that learns to tell positive reviews from negative ones:
+#   "Is this review positive or negative? The soup was cold." -> "negative"
 # Small enough to train on a CPU in minutes and to check on prompts it has never seen:
 #
 #   configs/demo/train.jsonl    {TRAIN_RECORDS} alpaca records
-#   configs/demo/eval.jsonl     {EVAL_RECORDS} held-out records (word sequences not in train.jsonl)
+#   configs/demo/eval.jsonl     {EVAL_RECORDS} held-out records (reviews not in train.jsonl)
 #   configs/demo/tokenizer/     an InternLM2-style BPE tokenizer; each of the {n_words} words is one token
 #
 # Generated with this file by `cargo xtask demo-data` (fixed seed); regenerate, do not edit.
@@ -213,7 +247,10 @@ path = "configs/demo/tokenizer"
 files = ["configs/demo/train.jsonl"]
 format = "alpaca"
 max_length = 256
-pack_to_max_length = true
+# One review per row. Packed rows would put ~6 reviews side by side, and a randomly
+# initialised model attends evenly over the whole row at first, so the label's signal
+# is diluted by the neighbours' words (XTuner's use_varlen_attn is the other cure).
+pack_to_max_length = false
 
 [template]
 name = "internlm2_chat"
@@ -227,7 +264,7 @@ dropout = 0.0
 lr = 1e-3
 
 [train]
-batch_size = 4
+batch_size = 16
 accumulative_counts = 1
 max_epochs = 3
 
@@ -239,7 +276,7 @@ save_total_limit = 2
 freq = 200
 inputs = [{inputs}]
 "#,
-        n_words = WORDS.len(),
+        n_words = words().count(),
     )
 }
 
@@ -248,21 +285,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequences_are_distinct_and_deterministic() {
-        let a = distinct_sequences(&mut ChaCha8Rng::seed_from_u64(SEED), 300);
-        let b = distinct_sequences(&mut ChaCha8Rng::seed_from_u64(SEED), 300);
+    fn reviews_are_distinct_and_deterministic() {
+        let a = distinct_reviews(&mut ChaCha8Rng::seed_from_u64(SEED), 300);
+        let b = distinct_reviews(&mut ChaCha8Rng::seed_from_u64(SEED), 300);
         assert_eq!(a, b);
         assert_eq!(a.iter().collect::<HashSet<_>>().len(), 300);
-        for words in &a {
-            assert!((MIN_WORDS..=MAX_WORDS).contains(&words.len()));
-            assert_eq!(words.iter().collect::<HashSet<_>>().len(), words.len());
+        for review in &a {
+            assert!((1..=MAX_CLAUSES).contains(&review.clauses.len()));
+            let adjectives: &[&str] = if review.positive { &POSITIVE } else { &NEGATIVE };
+            assert!(review.clauses.iter().all(|(_, adj)| adjectives.contains(adj)));
         }
+        let positives = a.iter().filter(|r| r.positive).count();
+        assert!((100..200).contains(&positives), "{positives}");
     }
 
     #[test]
-    fn records_reverse_the_words() {
-        let words = vec!["sun", "moon", "star"];
-        assert_eq!(prompt(&words), "Reverse the words: sun moon star");
-        assert_eq!(answer(&words), "star moon sun");
+    fn records_read_as_reviews() {
+        let review = Review { clauses: vec![("soup", "cold"), ("waiter", "rude")], positive: false };
+        assert_eq!(
+            prompt(&review),
+            "Is this review positive or negative? The soup was cold and the waiter was rude."
+        );
+        assert_eq!(answer(&review), "negative");
     }
 }

@@ -97,6 +97,48 @@ fn lora_training_resumes_exactly_and_exports() {
     assert!(out.contains("perplexity"), "{out}");
 }
 
+/// A run killed with SIGKILL as soon as its first checkpoint lands, then resumed with
+/// `--resume` (auto), logs the same loss at every iteration as a run never stopped.
+#[test]
+fn a_killed_run_resumes_to_the_same_losses() {
+    let dir = setup(true);
+    let d = dir.path();
+    let opts = ["--cfg-options", "train.max_iters=48", "checkpoint.save_steps=4"];
+    let mut args = vec!["train", "run.toml", "--work-dir", "whole"];
+    args.extend(opts);
+    ok(&xtuner(&args, d));
+    let whole: std::collections::BTreeMap<u64, f64> = losses(&d.join("whole")).into_iter().collect();
+    assert_eq!(whole.len(), 24);
+
+    let killed = d.join("killed");
+    let mut args = vec!["train", "run.toml", "--work-dir", "killed"];
+    args.extend(opts);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .args(&args)
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !killed.join("last_checkpoint").is_file() {
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint written");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("iter_48").exists(), "the run was killed before its end");
+
+    let mut args = vec!["train", "run.toml", "--work-dir", "killed", "--resume"];
+    args.extend(opts);
+    ok(&xtuner(&args, d));
+    let logged = losses(&killed);
+    assert_eq!(logged.last().map(|(i, _)| *i), Some(48));
+    for (iter, loss) in logged {
+        assert_eq!(Some(&loss), whole.get(&iter), "iteration {iter}");
+    }
+}
+
 #[test]
 fn full_fine_tune_exports_a_model_that_loads() {
     let dir = setup(false);
@@ -196,7 +238,7 @@ fn demo_flow_on_a_preset_base() {
     args.extend(opts.iter().map(|s| -> &str { s }));
     ok(&xtuner(&args, &repo));
     let chat = |model: &Path, adapter: Option<&Path>| {
-        let mut args = vec!["chat", model.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", "Reverse the words: apple king", "--temperature", "0", "--max-new-tokens", "4", "--no-streamer"];
+        let mut args = vec!["chat", model.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", "Is this review positive or negative? The soup was clean and the music was clean.", "--temperature", "0", "--max-new-tokens", "4", "--no-streamer"];
         if let Some(a) = adapter {
             args.extend(["--adapter", a.to_str().unwrap()]);
         }
@@ -205,4 +247,46 @@ fn demo_flow_on_a_preset_base() {
     let merged = dir.path().join("merged");
     ok(&xtuner(&["convert", "merge", base.to_str().unwrap(), adapter.to_str().unwrap(), merged.to_str().unwrap(), "--fp32"], &repo));
     assert_eq!(chat(&base, Some(&adapter)), chat(&merged, None));
+}
+
+/// The demo learns its task: after 150 steps (0.4 of the shipped run) the adapter
+/// answers the held-out reviews of `configs/demo/eval.jsonl`, which no training record
+/// repeats, with a loss far below chance (ln 2 per label token).
+#[test]
+fn demo_learns_held_out_reviews() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
+    let opts = ["--cfg-options", "train.max_iters=150", "checkpoint.save_steps=150", "evaluation.inputs=[]", &cache];
+    let mut args = vec!["train", "configs/demo_tiny_lora.toml", "--work-dir", work.to_str().unwrap()];
+    args.extend(opts);
+    ok(&xtuner(&args, &repo));
+    let adapter = dir.path().join("adapter");
+    let mut args = vec!["convert", "pth_to_hf", "configs/demo_tiny_lora.toml"];
+    let ckpt = work.join("iter_150");
+    args.extend([ckpt.to_str().unwrap(), adapter.to_str().unwrap()]);
+    args.extend(opts);
+    ok(&xtuner(&args, &repo));
+    let base = work.join("base_model");
+    let eval = |adapter: Option<&Path>| {
+        let mut args = vec!["eval", base.to_str().unwrap(), "--data", "configs/demo/eval.jsonl", "--template", "internlm2_chat"];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let out = ok(&xtuner(&args, &repo));
+        let loss = out.split("loss ").nth(1).and_then(|s| s.split(',').next()).unwrap();
+        loss.trim().parse::<f64>().unwrap()
+    };
+    let (before, after) = (eval(None), eval(Some(&adapter)));
+    assert!(before > 3.0, "random init: {before}");
+    assert!(after < 0.1, "held-out loss after training: {after} (chance is 0.35)");
+    for (prompt, label) in [
+        ("Is this review positive or negative? The soup was clean and the music was clean.", "positive"),
+        ("Is this review positive or negative? The soup was boring.", "negative"),
+    ] {
+        let args = ["chat", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "4", "--no-streamer"];
+        let answer = ok(&xtuner(&args, &repo));
+        assert_eq!(answer.trim(), label, "{prompt}");
+    }
 }
