@@ -1,13 +1,15 @@
 //! `cargo xtask`: project chores that are not part of the `xtuner` binary.
 //!
 //! - `demo-data`: generate the demo data set, tokenizer and config under `configs/`;
-//! - `bench data`: time the data pipeline through the release `xtuner` binary.
+//! - `bench data`: time the data pipeline through the release `xtuner` binary;
+//! - `bench train`: time training steps on a GPU against PyTorch + PEFT.
 //!
 //! xtask imports no workspace crate: it drives `xtuner` as a subprocess, so it builds
 //! and runs whatever state the library crates are in. Every path is relative to the
 //! repository root, which becomes the working directory.
 
 mod bench;
+mod bench_train;
 mod corpus;
 mod demo;
 mod tokenizer;
@@ -43,6 +45,8 @@ enum Task {
 enum Bench {
     /// The data pipeline (read, map, template, encode, pack) via `xtuner dataset build`.
     Data(bench::DataArgs),
+    /// Training steps of InternLM2-1.8B's shape on a GPU, ours and PyTorch's side by side.
+    Train(bench_train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,11 +64,18 @@ fn run(cli: &Cli) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask has no parent directory")?;
-    std::env::set_current_dir(root).with_context(|| format!("entering {}", root.display()))?;
+    // A copy of the built binary on another machine runs where it is started: from
+    // the repository root of that machine's checkout.
+    if root.is_dir() {
+        std::env::set_current_dir(root).with_context(|| format!("entering {}", root.display()))?;
+    }
     match &cli.command {
         Task::DemoData => demo::run(),
         Task::Bench {
             bench: Bench::Data(args),
         } => bench::data(args),
+        Task::Bench {
+            bench: Bench::Train(args),
+        } => bench_train::train(args),
     }
 }

@@ -69,6 +69,37 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
         device: crate::backend::Device,
     },
+    /// Time training steps of a preset shape on random data (what `cargo xtask bench
+    /// train` runs): tokens/s and model TFLOP/s, as one JSON line.
+    Bench {
+        /// The model shape (a preset: internlm2-tiny, internlm2-small, internlm2-1.8b).
+        #[arg(long, default_value = "internlm2-1.8b")]
+        preset: String,
+        /// Vocabulary size (InternLM2's is 92544).
+        #[arg(long, default_value_t = 92_544)]
+        vocab_size: usize,
+        /// Tokens per packed row.
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        /// Rows per step.
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
+        /// What is trained.
+        #[arg(long, value_enum, default_value = "lora")]
+        mode: BenchModeArg,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 64)]
+        lora_r: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Where to run.
+        #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
+        device: crate::backend::Device,
+    },
     /// Convert checkpoints to Hugging Face formats.
     #[command(subcommand)]
     Convert(ConvertCommand),
@@ -292,4 +323,15 @@ pub enum ConvertCommand {
         #[arg(long)]
         fp32: bool,
     },
+}
+
+/// `xtuner bench --mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModeArg {
+    /// Every weight trained.
+    Full,
+    /// LoRA on every linear layer.
+    Lora,
+    /// LoRA on an NF4 base.
+    Qlora,
 }

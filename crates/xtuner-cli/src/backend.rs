@@ -6,9 +6,9 @@ use anyhow::{Result, bail};
 /// The CPU backend (burn-ndarray, f32).
 pub type Cpu = burn::backend::NdArray<f32>;
 
-/// The CUDA backend (burn-cuda, f32), with the `cuda` feature.
+/// The CUDA backend (burn-cuda, bf16 weights and activations), with the `cuda` feature.
 #[cfg(feature = "cuda")]
-pub type Cuda = burn::backend::Cuda<f32, i32>;
+pub type Cuda = burn::backend::Cuda<burn::tensor::bf16, i32>;
 
 /// Where a command runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -290,3 +290,17 @@ fn demo_learns_held_out_reviews() {
         assert_eq!(answer.trim(), label, "{prompt}");
     }
 }
+
+/// `xtuner bench` times real training steps and reports them as one JSON line.
+#[test]
+fn bench_reports_a_training_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["bench", "--preset", "internlm2-tiny", "--vocab-size", "300", "--seq-len", "32", "--mode", "qlora", "--lora-r", "4", "--warmup", "1", "--steps", "2"];
+    let out = ok(&xtuner(&args, dir.path()));
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["bench"]["mode"], "qlora");
+    assert_eq!(report["losses"].as_array().unwrap().len(), 3);
+    assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let err = failed(&xtuner(&["bench", "--preset", "internlm2-huge"], dir.path()));
+    assert!(err.contains("internlm2-huge") && err.contains("internlm2-tiny"), "{err}");
+}

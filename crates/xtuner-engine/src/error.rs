@@ -41,4 +41,7 @@ pub enum Error {
     /// The data pipeline failed.
     #[error(transparent)]
     Data(#[from] xtuner_dataset::Error),
+    /// The device failed to run the queued work.
+    #[error("the device failed: {0}")]
+    Device(String),
 }

@@ -4,6 +4,7 @@
 //! learning-rate schedule of XTuner's recipes; [`loss`] the causal LM loss. The engine's other parts (LoRA policy,
 //! optimizer, training loop, checkpoints, export) build on these.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

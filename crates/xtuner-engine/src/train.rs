@@ -219,6 +219,30 @@ pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B
     (ids, DecoderInput { positions, bias })
 }
 
+/// One micro-batch: forward, the token-mean loss, and the backward pass of the loss
+/// divided by `accumulative_counts`. Returns the loss and the gradients.
+pub fn forward_backward<B: AutodiffBackend>(model: &InternLm2<B>, batch: &Batch, accumulative_counts: usize, device: &B::Device) -> (f64, GradientsParams) {
+    let (ids, input) = batch_tensors::<B>(batch, device);
+    let logits = model.forward(ids, &input, None);
+    let mean = causal_lm_loss(logits, &batch.labels).mean();
+    let value = f64::from(mean.clone().into_scalar().elem::<f32>());
+    let grads = GradientsParams::from_grads((mean / accumulative_counts as f64).backward(), model);
+    (value, grads)
+}
+
+/// The optimizer step: global-norm clipping, then AdamW at `lr`. Returns the updated
+/// model and the gradient norm before clipping.
+pub fn optimizer_step<B: AutodiffBackend, O: Optimizer<InternLm2<B>, B>>(
+    model: InternLm2<B>,
+    optimizer: &mut O,
+    mut grads: GradientsParams,
+    lr: f64,
+    max_norm: f64,
+) -> (InternLm2<B>, f64) {
+    let grad_norm = clip_grad_norm(&model, &mut grads, max_norm);
+    (optimizer.step(lr, model, grads), grad_norm)
+}
+
 /// Runs (or resumes) the training a config describes.
 ///
 /// # Errors
@@ -328,15 +352,10 @@ pub fn train<B: AutodiffBackend>(
         let rows_of_batch: Vec<&PackedRow> = order.iter().skip(first).take(t.batch_size).filter_map(|&i| dataset.rows.get(i)).collect();
         let batch = collate(&rows_of_batch, config.data.use_varlen_attn);
         B::seed(device, t.seed.wrapping_mul(1_000_003).wrapping_add(iter as u64));
-        let (ids, input) = batch_tensors::<B>(&batch, device);
-        let logits = model.forward(ids, &input, None);
-        let loss = causal_lm_loss(logits, &batch.labels);
-        let mean = loss.mean();
-        let value = f64::from(mean.clone().into_scalar().elem::<f32>());
+        let (value, grads) = forward_backward(&model, &batch, t.accumulative_counts, device);
         if !value.is_finite() {
             return Err(Error::Diverged { iter: iter + 1, loss: value, checkpoint: summary.last_checkpoint.clone() });
         }
-        let grads = GradientsParams::from_grads((mean / t.accumulative_counts as f64).backward(), &model);
         accumulator.accumulate(&model, grads);
         step_loss += value * batch.trained_tokens() as f64;
         step_tokens += batch.trained_tokens();
@@ -345,9 +364,8 @@ pub fn train<B: AutodiffBackend>(
         let done = iter + 1;
         if micro == t.accumulative_counts || done == total_iters {
             let lr = schedule.lr(iter);
-            let mut grads = accumulator.grads();
-            let grad_norm = clip_grad_norm(&model, &mut grads, config.optimizer.max_norm);
-            model = optimizer.step(lr, model, grads);
+            let grad_norm;
+            (model, grad_norm) = optimizer_step(model, &mut optimizer, accumulator.grads(), lr, config.optimizer.max_norm);
             let loss = step_loss / step_tokens.max(1) as f64;
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             let per_iter = elapsed / (done - start_iter) as f64;
@@ -495,7 +513,7 @@ pub fn copy_tokenizer_files(tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn count_trainable<B: AutodiffBackend>(model: &InternLm2<B>) -> usize {
+pub(crate) fn count_trainable<B: AutodiffBackend>(model: &InternLm2<B>) -> usize {
     struct Count(usize);
     impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {

@@ -197,3 +197,17 @@ pub fn eval(model_dir: &Path, adapter: Option<&Path>, data: &[PathBuf], format: 
     println!("{} samples, {tokens} trained tokens: loss {mean:.4}, perplexity {:.3}", dataset.rows.len(), mean.exp());
     Ok(())
 }
+
+/// `xtuner bench`: one JSON line with the step benchmark's report.
+pub fn bench(bench: &xtuner_engine::bench::StepBench, device: Device) -> Result<()> {
+    backend::check(device)?;
+    let report = match device {
+        Device::Cpu => xtuner_engine::bench::run::<Autodiff<backend::Cpu>>(bench, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda => xtuner_engine::bench::run::<Autodiff<backend::Cuda>>(bench, &Default::default())?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => unreachable!("checked by backend::check"),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

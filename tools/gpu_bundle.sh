@@ -1,0 +1,44 @@
+#!/bin/bash
+# Prepares target/gpu/ for a lent GPU machine (see docs/BENCHMARKS.md, "Training on a
+# GPU"): the CUDA release build of xtuner and the xtask binary, stripped (the carry
+# limit is 64 MiB), and the CPU side of the parity check on the tiny fixture.
+# Run from the repository root; ../shared/fixtures must be beside the clone.
+# Then, on the machine: `bash tools/gpu_check.sh` with `target/gpu` carried.
+set -euo pipefail
+CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo build --release -p xtuner-cli --features cuda
+cargo build --release -p xtask -p xtuner-cli
+G=target/gpu
+rm -rf "$G" && mkdir -p "$G/parity/model"
+strip -o "$G/xtuner" target/cuda/release/xtuner
+strip -o "$G/xtask" target/release/xtask
+cp ../shared/fixtures/internlm2-tiny/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$G/parity/model/"
+python3 - "$G/parity" <<'PY'
+import json, sys
+d = sys.argv[1]
+json.dump([{"instruction": f"Say {i}.", "input": "", "output": f"{i} {i} {i}"} for i in range(24)], open(f"{d}/data.json", "w"))
+open(f"{d}/run.toml", "w").write("""[model]
+path = "model"
+[data]
+files = ["data.json"]
+format = "alpaca"
+max_length = 48
+[template]
+name = "internlm2_chat"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+[optimizer]
+lr = 1e-3
+[train]
+batch_size = 2
+accumulative_counts = 1
+max_iters = 12
+[checkpoint]
+save_steps = 100
+[evaluation]
+inputs = []
+""")
+PY
+(cd "$G/parity" && ../../release/xtuner train run.toml --work-dir cpu >/dev/null && rm -rf cpu/iter_* cpu/base_model)
+du -sh "$G"

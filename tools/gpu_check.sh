@@ -1,0 +1,31 @@
+#!/bin/bash
+# Device checks for the CUDA path, run on a lent GPU machine with target/gpu carried
+# (tools/gpu_bundle.sh makes it): a smoke run, CPU-vs-CUDA losses on the tiny fixture,
+# then `xtask bench train` against PyTorch. Results land in $OUT.
+export CUDA_PATH=/usr/local/cuda
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
+G=$PWD/target/gpu
+X=$G/xtuner
+BUDGET=${BUDGET:-540}
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch,transformers,peft;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__)"
+python3 -c "import bitsandbytes as b;print('bitsandbytes',b.__version__)" 2>&1 | tail -1
+nproc; date -u
+} > $OUT/env.txt 2>&1
+echo "== smoke $SECONDS"
+timeout 120 $X bench --device cuda --preset internlm2-tiny --vocab-size 1000 --seq-len 256 --warmup 1 --steps 3 > $OUT/smoke.json 2> $OUT/smoke.err; echo "rc $?"
+tail -3 $OUT/smoke.err; cat $OUT/smoke.json
+echo "== parity $SECONDS"
+cd $G/parity
+timeout 120 $X train run.toml --work-dir cuda --device cuda > $OUT/parity_cuda.out 2>&1; echo "rc $?"
+tail -3 $OUT/parity_cuda.out
+cp cpu/train_log.jsonl $OUT/parity_cpu.jsonl; cp cuda/train_log.jsonl $OUT/parity_cuda.jsonl 2>/dev/null
+timeout 60 $X chat model --prompt "The highest " --temperature 0 --max-new-tokens 8 --no-streamer --device cuda > $OUT/chat_cuda.txt 2>&1; echo "chat rc $?"; cat $OUT/chat_cuda.txt | tail -3
+cd - > /dev/null
+LEFT=$((BUDGET - SECONDS))
+echo "== bench $SECONDS (left $LEFT)"
+timeout $LEFT $G/xtask bench train --xtuner $X --modes lora,full,qlora --warmup 2 --steps 3 --timeout 130 --out $OUT/bench.md 2> $OUT/bench.err
+echo "bench rc $?"
+tail -30 $OUT/bench.err
+echo "== done $SECONDS"
