@@ -26,3 +26,24 @@ pub fn check(device: Device) -> Result<()> {
     }
     Ok(())
 }
+
+/// Runs work on the CUDA backend, turning a failure inside it (no driver, no device, a
+/// kernel that does not compile) into an error: burn-cuda reports these by panicking.
+#[cfg(feature = "cuda")]
+pub fn on_cuda<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| tracing::debug!("CUDA backend panic: {info}")));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    std::panic::set_hook(quiet);
+    match outcome {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            bail!("the CUDA backend failed (is there an NVIDIA GPU and driver, with CUDA_PATH and LD_LIBRARY_PATH set?): {message}")
+        }
+    }
+}

@@ -74,7 +74,7 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
     match args.device {
         Device::Cpu => run::<backend::Cpu>(args, Default::default()),
         #[cfg(feature = "cuda")]
-        Device::Cuda => run::<backend::Cuda>(args, Default::default()),
+        Device::Cuda => backend::on_cuda(|| run::<backend::Cuda>(args, Default::default())),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
     }

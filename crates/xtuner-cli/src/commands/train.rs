@@ -95,7 +95,7 @@ pub fn run_train(config: &str, overrides: &[String], work_dir: Option<PathBuf>, 
     match device {
         Device::Cpu => train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop),
         #[cfg(feature = "cuda")]
-        Device::Cuda => train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop),
+        Device::Cuda => backend::on_cuda(|| train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop)),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
     }
@@ -204,7 +204,7 @@ pub fn bench(bench: &xtuner_engine::bench::StepBench, device: Device) -> Result<
     let report = match device {
         Device::Cpu => xtuner_engine::bench::run::<Autodiff<backend::Cpu>>(bench, &Default::default())?,
         #[cfg(feature = "cuda")]
-        Device::Cuda => xtuner_engine::bench::run::<Autodiff<backend::Cuda>>(bench, &Default::default())?,
+        Device::Cuda => backend::on_cuda(|| Ok(xtuner_engine::bench::run::<Autodiff<backend::Cuda>>(bench, &Default::default())?))?,
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
     };

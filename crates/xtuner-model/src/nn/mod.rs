@@ -1,7 +1,9 @@
-//! Layers shared by every model: the linear seam, norms, rotary embedding, attention,
+//! Layers shared by every model: the linear seam, norms, rotary embedding, attention
+//! (and the tiled flash-attention reference a GPU kernel is checked against),
 //! the gated MLP and the KV cache.
 
 pub mod attention;
+pub mod flash;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
