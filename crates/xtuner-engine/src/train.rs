@@ -32,7 +32,7 @@ use xtuner_model::sampling::SamplingConfig;
 use crate::checkpoint::{self, TrainState};
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::lora;
-use crate::loss::causal_lm_loss;
+use crate::loss::chunked_lm_loss_backward;
 use crate::optim::{adamw, clip_grad_norm};
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
@@ -221,14 +221,21 @@ pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B
 
 /// One micro-batch: forward, the token-mean loss, and the backward pass of the loss
 /// divided by `accumulative_counts`. Returns the loss and the gradients.
+///
+/// The LM head and the loss run [`LOGITS_PER_CHUNK`] logits at a time (see
+/// [`chunked_lm_loss_backward`]).
 pub fn forward_backward<B: AutodiffBackend>(model: &InternLm2<B>, batch: &Batch, accumulative_counts: usize, device: &B::Device) -> (f64, GradientsParams) {
     let (ids, input) = batch_tensors::<B>(batch, device);
-    let logits = model.forward(ids, &input, None);
-    let mean = causal_lm_loss(logits, &batch.labels).mean();
-    let value = f64::from(mean.clone().into_scalar().elem::<f32>());
-    let grads = GradientsParams::from_grads((mean / accumulative_counts as f64).backward(), model);
-    (value, grads)
+    let hidden = model.hidden_states(model.embed(ids), &input, None);
+    let vocab = model.vocab_size();
+    let chunk = (LOGITS_PER_CHUNK / (batch.batch_size * vocab).max(1)).max(1);
+    let head = |h| model.lm_head(h);
+    let (sum, tokens, grads) = chunked_lm_loss_backward(model, hidden, head, &batch.labels, vocab, chunk, accumulative_counts as f64);
+    (sum / tokens.max(1) as f64, grads)
 }
+
+/// Logits computed at once by the training step's loss (128 MiB in f32).
+pub const LOGITS_PER_CHUNK: usize = 1 << 25;
 
 /// The optimizer step: global-norm clipping, then AdamW at `lr`. Returns the updated
 /// model and the gradient norm before clipping.
@@ -578,4 +585,3 @@ impl JsonLog {
     }
 }
 
-use burn::tensor::ElementConversion as _;

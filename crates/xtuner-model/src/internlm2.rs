@@ -380,6 +380,11 @@ impl<B: Backend> InternLm2<B> {
         self.norm.forward(h)
     }
 
+    /// Rows of the embedding table (the logits' width).
+    pub fn vocab_size(&self) -> usize {
+        self.tok_embeddings.dims()[0]
+    }
+
     /// Logits from normed hidden states.
     ///
     /// # Shapes
