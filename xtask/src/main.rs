@@ -1,6 +1,8 @@
 //! `cargo xtask`: project chores that are not part of the `xtuner` binary.
 //!
 //! - `demo-data`: generate the demo data set, tokenizer and config under `configs/`;
+//! - `demo-llava-data`: generate the LLaVA demo (pictures, data, tokenizer, tower) under
+//!   `configs/demo_llava/`;
 //! - `bench data`: time the data pipeline through the release `xtuner` binary;
 //! - `bench train`: time training steps on a GPU against PyTorch + PEFT.
 //!
@@ -12,6 +14,7 @@ mod bench;
 mod bench_train;
 mod corpus;
 mod demo;
+mod demo_llava;
 mod tokenizer;
 
 use std::path::Path;
@@ -34,6 +37,8 @@ struct Cli {
 enum Task {
     /// Generate configs/demo/ (data, tokenizer) and configs/demo_tiny_lora.toml.
     DemoData,
+    /// Generate configs/demo_llava/ (pictures, LLaVA data, tokenizer, a small CLIP tower).
+    DemoLlavaData,
     /// Run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -71,6 +76,7 @@ fn run(cli: &Cli) -> Result<()> {
     }
     match &cli.command {
         Task::DemoData => demo::run(),
+        Task::DemoLlavaData => demo_llava::run(),
         Task::Bench {
             bench: Bench::Data(args),
         } => bench::data(args),

@@ -2,6 +2,8 @@
 //! initialisation, or a PEFT adapter directory), freezing the base, merging, and the
 //! PEFT export layout (`base_model.model.<module>.lora_A.weight` `[r, in]`,
 //! `.lora_B.weight` `[out, r]`, with the fused q/k/v rows back in checkpoint order).
+//! The same policy serves every model with [`LinearLayers`]: the decoder and, for
+//! LLaVA, the CLIP vision tower.
 
 use std::collections::BTreeSet;
 
@@ -9,8 +11,8 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::internlm2::{DecoderConfig, InternLm2, LinearSite, linear_sites};
-use xtuner_model::nn::linear::{Linear, Lora};
+use xtuner_model::internlm2::{DecoderConfig, InternLm2, LinearSite};
+use xtuner_model::nn::linear::{Linear, LinearLayers, Lora};
 
 use crate::config::LoraConfig;
 use crate::{Error, Result};
@@ -21,8 +23,8 @@ use crate::{Error, Result};
 ///
 /// # Errors
 /// A target that names no linear layer of the model (the valid names are listed).
-pub fn resolve_targets(config: &DecoderConfig, targets: &[String]) -> Result<BTreeSet<String>> {
-    let names: BTreeSet<String> = linear_sites(config).into_iter().map(|s| s.name).collect();
+pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(model: &M, config: &M::Config, targets: &[String]) -> Result<BTreeSet<String>> {
+    let names: BTreeSet<String> = model.linear_layers(config).into_iter().map(|(s, _)| s.name).collect();
     if targets.is_empty() {
         return Ok(names);
     }
@@ -31,7 +33,7 @@ pub fn resolve_targets(config: &DecoderConfig, targets: &[String]) -> Result<BTr
             return Err(Error::Config {
                 path: Default::default(),
                 message: format!(
-                    "`lora.target_modules`: `{target}` is not a linear layer of this model; valid: {}",
+                    "`target_modules`: `{target}` is not a linear layer of this model; valid: {}",
                     names.iter().cloned().collect::<Vec<_>>().join(", ")
                 ),
             });
@@ -61,9 +63,9 @@ pub fn quantize_base<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, bl
 ///
 /// # Errors
 /// An unknown target.
-pub fn attach<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, lora: &LoraConfig, device: &B::Device) -> Result<InternLm2<B>> {
-    let targets = resolve_targets(config, &lora.target_modules)?;
-    model.no_grad().map_linears(config, |site, mut linear: Linear<B>| {
+pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(model: M, config: &M::Config, lora: &LoraConfig, device: &B::Device) -> Result<M> {
+    let targets = resolve_targets(&model, config, &lora.target_modules)?;
+    model.no_grad().map_linear_layers(config, |site, mut linear: Linear<B>| {
         if targets.contains(&site.name) {
             let [d_in, d_out] = linear.dims();
             linear.lora = Some(Lora::init(d_in, d_out, lora.r, lora.alpha, lora.dropout, device));
@@ -77,9 +79,9 @@ pub fn attach<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, lora: &Lo
 ///
 /// # Errors
 /// An adapter whose shapes or modules do not fit the model.
-pub fn attach_peft<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, adapter: &PeftAdapter, dropout: f64, device: &B::Device) -> Result<InternLm2<B>> {
+pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(model: M, config: &M::Config, adapter: &PeftAdapter, dropout: f64, device: &B::Device) -> Result<M> {
     let scale = adapter.scale();
-    let model = model.no_grad().map_linears(config, |site, mut linear: Linear<B>| -> Result<Linear<B>> {
+    let model = model.no_grad().map_linear_layers(config, |site, mut linear: Linear<B>| -> Result<Linear<B>> {
         let [d_in, d_out] = linear.dims();
         if let Some((a, b)) = adapter.pair(&site.module, d_out, d_in)? {
             let r = a.len() / d_in.max(1);
@@ -110,11 +112,11 @@ fn permute_out_rows(b: Vec<f32>, site: &LinearSite, r: usize) -> Vec<f32> {
 
 /// The adapters as PEFT tensors (`base_model.model.<module>.lora_A.weight` `[r, in]`,
 /// `lora_B.weight` `[out, r]`), ready for `adapter_model.safetensors`.
-pub fn peft_tensors<B: Backend>(model: &InternLm2<B>, config: &DecoderConfig) -> Vec<(String, TensorData)> {
+pub fn peft_tensors<B: Backend, M: LinearLayers<B>>(model: &M, config: &M::Config) -> Vec<(String, TensorData)> {
     let mut out = Vec::new();
-    for (site, linear) in model.linears(config) {
+    for (site, linear) in model.linear_layers(config) {
         let Some(lora) = &linear.lora else { continue };
-        let [d_in, d_out] = linear.dims();
+        let [_, d_out] = linear.dims();
         let r = lora.rank();
         let a = lora.lora_a.val().transpose().into_data(); // [r, in]
         let b_ours: Vec<f32> = lora.lora_b.val().transpose().into_data().convert::<f32>().to_vec().unwrap_or_default(); // [out, r]
@@ -131,14 +133,13 @@ pub fn peft_tensors<B: Backend>(model: &InternLm2<B>, config: &DecoderConfig) ->
         let prefix = format!("base_model.model.{}", site.module);
         out.push((format!("{prefix}.lora_A.weight"), a));
         out.push((format!("{prefix}.lora_B.weight"), TensorData::new(b, [d_out, r])));
-        let _ = d_in;
     }
     out
 }
 
 /// Folds every adapter into its base weight (`W + scale·A·B`) and removes it.
-pub fn merge<B: Backend>(model: InternLm2<B>, config: &DecoderConfig) -> InternLm2<B> {
-    let merged: std::result::Result<_, std::convert::Infallible> = model.map_linears(config, |_, mut linear: Linear<B>| {
+pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M {
+    let merged: std::result::Result<_, std::convert::Infallible> = model.map_linear_layers(config, |_, mut linear: Linear<B>| {
         if let Some(lora) = linear.lora.take() {
             linear.weight = Param::from_tensor(linear.dense_weight() + lora.delta());
             linear.nf4 = None;
@@ -149,4 +150,42 @@ pub fn merge<B: Backend>(model: InternLm2<B>, config: &DecoderConfig) -> InternL
         Ok(model) => model,
         Err(never) => match never {},
     }
+}
+
+/// `adapter_config.json` of a PEFT LoRA adapter with these settings.
+pub fn adapter_config_json(lora: &LoraConfig, targets: &BTreeSet<String>, task_type: Option<&str>, base: Option<String>) -> serde_json::Value {
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "bias": "none",
+        "target_modules": targets,
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "base_model_name_or_path": base,
+    })
+}
+
+/// Writes a PEFT adapter directory: `adapter_config.json` and
+/// `adapter_model.safetensors` with the model's adapters.
+///
+/// # Errors
+/// An unwritable directory.
+pub fn write_adapter<B: Backend, M: LinearLayers<B>>(
+    dir: &std::path::Path,
+    lora: &LoraConfig,
+    model: &M,
+    config: &M::Config,
+    task_type: Option<&str>,
+    base: Option<String>,
+    dtype: xtuner_model::checkpoint::SaveDtype,
+) -> Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let targets = resolve_targets(model, config, &lora.target_modules)?;
+    crate::train::write_json(&dir.join("adapter_config.json"), &adapter_config_json(lora, &targets, task_type, base))?;
+    Ok(xtuner_model::checkpoint::save_safetensors(dir, "adapter_model", peft_tensors(model, config), dtype, None)?)
 }

@@ -22,10 +22,12 @@ use serde::Serialize;
 use xtuner_dataset::collate::{Batch, collate};
 use xtuner_dataset::sampler::{length_grouped, shuffled};
 use xtuner_dataset::{PackedRow, Tokenizer, load_or_process};
+use xtuner_dataset::encode::IMAGE_TOKEN;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
 use xtuner_model::generate::{GenerationConfig, generate};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
+use xtuner_model::llava::{IMAGE_TOKEN_INDEX, prepare_inputs_labels_for_multimodal};
 use xtuner_model::nn::attention::attention_bias;
 use xtuner_model::sampling::SamplingConfig;
 
@@ -176,7 +178,8 @@ impl<B: Backend> ModuleMapper<B> for StableIds {
 fn config_fingerprint(config: &TrainConfig) -> String {
     let relevant = serde_json::json!({
         "model": config.model, "data": config.data, "template": config.template,
-        "lora": config.lora, "train": { "batch_size": config.train.batch_size, "seed": config.train.seed },
+        "lora": config.lora, "llava": config.llava,
+        "train": { "batch_size": config.train.batch_size, "seed": config.train.seed },
     });
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in relevant.to_string().bytes() {
@@ -186,13 +189,13 @@ fn config_fingerprint(config: &TrainConfig) -> String {
 }
 
 /// The rows of each epoch, in order.
-fn epoch_order(rows: &[PackedRow], config: &TrainConfig, epoch: usize) -> Vec<usize> {
+/// `lengths` are the rows' (modality) lengths: negative for LLaVA's text-only rows.
+fn epoch_order(lengths: &[i64], config: &TrainConfig, epoch: usize) -> Vec<usize> {
     let seed = config.train.seed.wrapping_add(epoch as u64);
     if config.train.group_by_length && !config.data.pack_to_max_length {
-        let lengths: Vec<i64> = rows.iter().map(|r| r.len() as i64).collect();
-        length_grouped(&lengths, config.train.batch_size * config.train.accumulative_counts, seed)
+        length_grouped(lengths, config.train.batch_size * config.train.accumulative_counts, seed)
     } else {
-        shuffled(rows.len(), seed)
+        shuffled(lengths.len(), seed)
     }
 }
 
@@ -239,18 +242,122 @@ pub const LOGITS_PER_CHUNK: usize = 1 << 25;
 
 /// The optimizer step: global-norm clipping, then AdamW at `lr`. Returns the updated
 /// model and the gradient norm before clipping.
-pub fn optimizer_step<B: AutodiffBackend, O: Optimizer<InternLm2<B>, B>>(
-    model: InternLm2<B>,
+pub fn optimizer_step<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>(
+    model: M,
     optimizer: &mut O,
     mut grads: GradientsParams,
     lr: f64,
     max_norm: f64,
-) -> (InternLm2<B>, f64) {
+) -> (M, f64) {
     let grad_norm = clip_grad_norm(&model, &mut grads, max_norm);
     (optimizer.step(lr, model, grads), grad_norm)
 }
 
-/// Runs (or resumes) the training a config describes.
+/// What the training loop needs from a kind of run: the decoder alone (LoRA, QLoRA,
+/// full, pre-training) or LLaVA. Everything else (order, accumulation, schedule,
+/// clipping, checkpoints, logging, resume) is the loop's.
+pub trait Recipe<B: AutodiffBackend> {
+    /// The trained module.
+    type Model: AutodiffModule<B>;
+
+    /// One micro-batch made of the dataset rows `rows`: forward, and backward of the
+    /// token-mean loss divided by `accumulative_counts`.
+    ///
+    /// # Errors
+    /// Data that cannot be turned into a batch (e.g. an unreadable image).
+    fn forward_backward(&self, model: &Self::Model, rows: &[usize], accumulative_counts: usize) -> Result<MicroStep>;
+
+    /// Writes the trained weights into `dir` in Hugging Face formats.
+    ///
+    /// # Errors
+    /// An unwritable directory.
+    fn write_weights(&self, model: &<Self::Model as AutodiffModule<B>>::InnerModule, dir: &Path, dtype: SaveDtype) -> Result<()>;
+
+    /// The evaluate-chat hook's (prompt, answer) pairs.
+    ///
+    /// # Errors
+    /// A template or tokenizer failure.
+    fn evaluate(&self, model: &<Self::Model as AutodiffModule<B>>::InnerModule) -> Result<Vec<(String, String)>>;
+}
+
+/// What one micro-batch gave.
+pub struct MicroStep {
+    /// Token-mean loss.
+    pub loss: f64,
+    /// Trained labels.
+    pub trained_tokens: usize,
+    /// Real (unpadded) tokens.
+    pub tokens: usize,
+    /// Gradients of the loss divided by `accumulative_counts`.
+    pub grads: GradientsParams,
+}
+
+/// A run's model, and where it starts.
+pub struct Start<M> {
+    /// The model, adapters attached and frozen parts frozen.
+    pub model: M,
+    /// The first iteration to run (0, or the resumed checkpoint's).
+    pub iter: usize,
+    /// The checkpoint resumed from.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The checkpoint a run resumes from, checked against the config; `None` for a fresh run.
+///
+/// # Errors
+/// An unreadable checkpoint, or one written by another config or mode.
+pub fn resume_point(config: &TrainConfig, work_dir: &Path, resume: Option<Resume>, mode: &str) -> Result<Option<(PathBuf, usize)>> {
+    let dir = match resume {
+        None => return Ok(None),
+        Some(Resume::Auto) => match checkpoint::latest(work_dir)? {
+            Some(dir) => dir,
+            None => return Ok(None),
+        },
+        Some(Resume::Path(path)) => path,
+    };
+    let state = checkpoint::read_state(&dir)?;
+    if state.config_fingerprint != config_fingerprint(config) || state.mode != mode {
+        return Err(Error::Config {
+            path: dir,
+            message: "this checkpoint comes from another config (model, data, LoRA or batch settings differ)".into(),
+        });
+    }
+    Ok(Some((dir, state.iter)))
+}
+
+/// The data set and tokenizer a config names, and the work dir created.
+///
+/// # Errors
+/// Bad data, a missing tokenizer, an unwritable work dir.
+pub fn prepare(loaded: &LoadedConfig, work_dir: &Path) -> Result<(xtuner_dataset::ProcessedDataset, Tokenizer)> {
+    let config = &loaded.config;
+    let spec = config.data_spec()?;
+    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config { path: loaded.path.clone(), message: "`tokenizer.path`: required".into() })?;
+    let (dataset, _) = load_or_process(&spec, tokenizer_path, &config.data.cache_dir)?;
+    let tokenizer = Tokenizer::from_path(tokenizer_path)?;
+    std::fs::create_dir_all(work_dir).map_err(|e| Error::Io { path: work_dir.to_path_buf(), source: e })?;
+    Ok((dataset, tokenizer))
+}
+
+/// The base decoder of a run, NF4-quantized when the config asks; a preset (random)
+/// base is saved once to `work_dir/base_model`.
+///
+/// # Errors
+/// As [`build_model`]; an unwritable work dir.
+pub fn base_model<B: Backend>(config: &TrainConfig, tokenizer: &Tokenizer, work_dir: &Path, device: &B::Device) -> Result<(InternLm2<B>, DecoderConfig)> {
+    let (base, decoder) = build_model::<B>(config, tokenizer, device)?;
+    if config.model.path.is_none() {
+        save_base_model(&base, &decoder, tokenizer, &work_dir.join("base_model"))?;
+    }
+    let base = match &config.quantization {
+        Some(q) => lora::quantize_base(base, &decoder, q.block_size, q.double_quant)?,
+        None => base,
+    };
+    Ok((base, decoder))
+}
+
+/// Runs (or resumes) the training a config describes: LLaVA when it has a `[llava]`
+/// section, the decoder alone otherwise.
 ///
 /// # Errors
 /// Bad settings, data or model; a loss that becomes NaN or infinite (the last good
@@ -263,42 +370,20 @@ pub fn train<B: AutodiffBackend>(
     progress: &mut dyn Progress,
     stop: &AtomicBool,
 ) -> Result<TrainSummary> {
-    let config = &loaded.config;
-    let spec = config.data_spec()?;
-    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config { path: loaded.path.clone(), message: "`tokenizer.path`: required".into() })?;
-    let (dataset, _) = load_or_process(&spec, tokenizer_path, &config.data.cache_dir)?;
-    let tokenizer = Tokenizer::from_path(tokenizer_path)?;
-    std::fs::create_dir_all(work_dir).map_err(|e| Error::Io { path: work_dir.to_path_buf(), source: e })?;
-
-    let (base, decoder) = build_model::<B>(config, &tokenizer, device)?;
-    if config.model.path.is_none() {
-        save_base_model(&base, &decoder, &tokenizer, &work_dir.join("base_model"))?;
+    if loaded.config.llava.is_some() {
+        return crate::llava::train::<B>(loaded, work_dir, resume, device, progress, stop);
     }
-    let base = match &config.quantization {
-        Some(q) => lora::quantize_base(base, &decoder, q.block_size, q.double_quant)?,
-        None => base,
-    };
-    let resume_from = match resume {
-        None => None,
-        Some(Resume::Auto) => checkpoint::latest(work_dir)?,
-        Some(Resume::Path(path)) => Some(path),
-    };
-    let fingerprint = config_fingerprint(config);
+    let config = &loaded.config;
+    let (dataset, tokenizer) = prepare(loaded, work_dir)?;
+    let (base, decoder) = base_model::<B>(config, &tokenizer, work_dir, device)?;
     let mode = if config.lora.is_some() { "lora" } else { "full" };
-    let (model, start_iter) = match &resume_from {
-        Some(dir) => {
-            let state = checkpoint::read_state(dir)?;
-            if state.config_fingerprint != fingerprint || state.mode != mode {
-                return Err(Error::Config {
-                    path: dir.clone(),
-                    message: "this checkpoint comes from another config (model, data, LoRA or batch settings differ)".into(),
-                });
-            }
+    let start = match resume_point(config, work_dir, resume, mode)? {
+        Some((dir, iter)) => {
             let model = match &config.lora {
-                Some(l) => lora::attach_peft(base, &decoder, &PeftAdapter::open(dir)?, l.dropout, device)?,
+                Some(l) => lora::attach_peft(base, &decoder, &PeftAdapter::open(&dir)?, l.dropout, device)?,
                 None => InternLm2::load_from(&Checkpoint::open(&dir.join("model.safetensors"))?, &decoder, None, device)?,
             };
-            (model, state.iter)
+            Start { model, iter, checkpoint: Some(dir) }
         }
         None => {
             // Fresh adapters draw their init from the seeded generator, so two runs of a
@@ -308,12 +393,66 @@ pub fn train<B: AutodiffBackend>(
                 Some(l) => lora::attach(base, &decoder, l, device)?,
                 None => base,
             };
-            (model, 0)
+            Start { model, iter: 0, checkpoint: None }
         }
     };
-    let mut model = model.map(&mut StableIds { path: Vec::new() });
-    let mut optimizer = adamw(&config.optimizer).init::<B, InternLm2<B>>();
-    if let Some(dir) = &resume_from {
+    let recipe = DecoderRecipe { config, dataset: &dataset, decoder: &decoder, tokenizer: &tokenizer, device };
+    let lengths: Vec<i64> = dataset.rows.iter().map(|r| r.len() as i64).collect();
+    run(&recipe, start, &lengths, mode, loaded, work_dir, device, progress, stop)
+}
+
+/// The decoder alone: text batches, PEFT adapter or full weights.
+struct DecoderRecipe<'a, B: Backend> {
+    config: &'a TrainConfig,
+    dataset: &'a xtuner_dataset::ProcessedDataset,
+    decoder: &'a DecoderConfig,
+    tokenizer: &'a Tokenizer,
+    device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> Recipe<B> for DecoderRecipe<'_, B> {
+    type Model = InternLm2<B>;
+
+    fn forward_backward(&self, model: &InternLm2<B>, rows: &[usize], accumulative_counts: usize) -> Result<MicroStep> {
+        let rows: Vec<&PackedRow> = rows.iter().filter_map(|&i| self.dataset.rows.get(i)).collect();
+        let batch = collate(&rows, self.config.data.use_varlen_attn);
+        let (loss, grads) = forward_backward(model, &batch, accumulative_counts, self.device);
+        Ok(MicroStep { loss, trained_tokens: batch.trained_tokens(), tokens: batch.tokens(), grads })
+    }
+
+    fn write_weights(&self, model: &InternLm2<B::InnerBackend>, dir: &Path, dtype: SaveDtype) -> Result<()> {
+        write_weights(model, self.decoder, self.config, dir, dtype, self.tokenizer).map(|_| ())
+    }
+
+    fn evaluate(&self, model: &InternLm2<B::InnerBackend>) -> Result<Vec<(String, String)>> {
+        evaluate_chat(model, None, self.config, self.tokenizer, self.device)
+    }
+}
+
+/// The loop itself, for any [`Recipe`]: per iteration one micro-batch; every
+/// `accumulative_counts` iterations clipping and an AdamW step; checkpoints, the
+/// evaluate-chat hook, the log, Ctrl-C.
+///
+/// # Errors
+/// As [`train`].
+#[allow(clippy::too_many_arguments)]
+pub fn run<B: AutodiffBackend, R: Recipe<B>>(
+    recipe: &R,
+    start: Start<R::Model>,
+    lengths: &[i64],
+    mode: &str,
+    loaded: &LoadedConfig,
+    work_dir: &Path,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+    stop: &AtomicBool,
+) -> Result<TrainSummary> {
+    let config = &loaded.config;
+    let fingerprint = config_fingerprint(config);
+    let start_iter = start.iter;
+    let mut model = start.model.map(&mut StableIds { path: Vec::new() });
+    let mut optimizer = adamw(&config.optimizer).init::<B, R::Model>();
+    if let Some(dir) = &start.checkpoint {
         let record = BinFileRecorder::<FullPrecisionSettings>::new()
             .load(dir.join("optimizer"), device)
             .map_err(|e| Error::Config { path: dir.clone(), message: format!("optimizer state: {e}") })?;
@@ -321,7 +460,7 @@ pub fn train<B: AutodiffBackend>(
     }
 
     let t = &config.train;
-    let rows = dataset.rows.len();
+    let rows = lengths.len();
     let batches_per_epoch = rows.div_ceil(t.batch_size);
     let total_iters = t.max_iters.unwrap_or(batches_per_epoch * t.max_epochs);
     let schedule = LrSchedule::new(&config.optimizer, &config.schedule, total_iters);
@@ -329,8 +468,8 @@ pub fn train<B: AutodiffBackend>(
     progress.event(&TrainEvent::Started { total_iters, start_iter, rows, trainable_params: trainable });
     let mut log = JsonLog::open(&work_dir.join("train_log.jsonl"))?;
 
-    let eval = |model: &InternLm2<B::InnerBackend>, iter: usize, progress: &mut dyn Progress, log: &mut JsonLog| -> Result<()> {
-        let answers = evaluate_chat(model, config, &tokenizer, device)?;
+    let eval = |model: &<R::Model as AutodiffModule<B>>::InnerModule, iter: usize, progress: &mut dyn Progress, log: &mut JsonLog| -> Result<()> {
+        let answers = recipe.evaluate(model)?;
         if !answers.is_empty() {
             let event = TrainEvent::Eval { iter, answers };
             progress.event(&event);
@@ -342,8 +481,8 @@ pub fn train<B: AutodiffBackend>(
         eval(&model.valid(), 0, progress, &mut log)?;
     }
 
-    let mut summary = TrainSummary { iters: start_iter, first_loss: None, last_loss: None, last_checkpoint: resume_from.clone(), interrupted: false };
-    let mut accumulator = GradientsAccumulator::<InternLm2<B>>::new();
+    let mut summary = TrainSummary { iters: start_iter, first_loss: None, last_loss: None, last_checkpoint: start.checkpoint.clone(), interrupted: false };
+    let mut accumulator = GradientsAccumulator::<R::Model>::new();
     let (mut step_loss, mut step_tokens, mut micro) = (0.0f64, 0usize, 0usize);
     let started = Instant::now();
     let mut tokens_seen = 0usize;
@@ -352,21 +491,20 @@ pub fn train<B: AutodiffBackend>(
     for iter in start_iter..total_iters {
         let epoch = iter / batches_per_epoch.max(1);
         if epoch != order_epoch {
-            order = epoch_order(&dataset.rows, config, epoch);
+            order = epoch_order(lengths, config, epoch);
             order_epoch = epoch;
         }
         let first = (iter % batches_per_epoch.max(1)) * t.batch_size;
-        let rows_of_batch: Vec<&PackedRow> = order.iter().skip(first).take(t.batch_size).filter_map(|&i| dataset.rows.get(i)).collect();
-        let batch = collate(&rows_of_batch, config.data.use_varlen_attn);
+        let rows_of_batch: Vec<usize> = order.iter().skip(first).take(t.batch_size).copied().collect();
         B::seed(device, t.seed.wrapping_mul(1_000_003).wrapping_add(iter as u64));
-        let (value, grads) = forward_backward(&model, &batch, t.accumulative_counts, device);
-        if !value.is_finite() {
-            return Err(Error::Diverged { iter: iter + 1, loss: value, checkpoint: summary.last_checkpoint.clone() });
+        let step = recipe.forward_backward(&model, &rows_of_batch, t.accumulative_counts)?;
+        if !step.loss.is_finite() {
+            return Err(Error::Diverged { iter: iter + 1, loss: step.loss, checkpoint: summary.last_checkpoint.clone() });
         }
-        accumulator.accumulate(&model, grads);
-        step_loss += value * batch.trained_tokens() as f64;
-        step_tokens += batch.trained_tokens();
-        tokens_seen += batch.tokens();
+        accumulator.accumulate(&model, step.grads);
+        step_loss += step.loss * step.trained_tokens as f64;
+        step_tokens += step.trained_tokens;
+        tokens_seen += step.tokens;
         micro += 1;
         let done = iter + 1;
         if micro == t.accumulative_counts || done == total_iters {
@@ -397,7 +535,13 @@ pub fn train<B: AutodiffBackend>(
         let interrupted = stop.load(Ordering::SeqCst);
         let at_save = done % config.checkpoint.save_steps == 0 || done == total_iters || interrupted;
         if at_save && micro == 0 {
-            let path = save_checkpoint(&model, &optimizer, &decoder, config, work_dir, done, &fingerprint, mode, &tokenizer)?;
+            let state = TrainState { iter: done, config_fingerprint: fingerprint.clone(), mode: mode.to_string() };
+            let path = checkpoint::save(work_dir, &state, config.checkpoint.save_total_limit, |dir| {
+                recipe.write_weights(&model.valid(), dir, SaveDtype::F32)?;
+                BinFileRecorder::<FullPrecisionSettings>::new()
+                    .record(optimizer.to_record(), dir.join("optimizer"))
+                    .map_err(|e| Error::Config { path: dir.to_path_buf(), message: format!("saving the optimizer state: {e}") })
+            })?;
             progress.event(&TrainEvent::Saved { iter: done, path: path.clone() });
             summary.last_checkpoint = Some(path);
         }
@@ -413,29 +557,6 @@ pub fn train<B: AutodiffBackend>(
     Ok(summary)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save_checkpoint<B: AutodiffBackend, O: Optimizer<InternLm2<B>, B>>(
-    model: &InternLm2<B>,
-    optimizer: &O,
-    decoder: &DecoderConfig,
-    config: &TrainConfig,
-    work_dir: &Path,
-    iter: usize,
-    fingerprint: &str,
-    mode: &str,
-    tokenizer: &Tokenizer,
-) -> Result<PathBuf> {
-    let state = TrainState { iter, config_fingerprint: fingerprint.to_string(), mode: mode.to_string() };
-    checkpoint::save(work_dir, &state, config.checkpoint.save_total_limit, |dir| {
-        let inner = model.valid();
-        write_weights(&inner, decoder, config, dir, SaveDtype::F32, tokenizer)?;
-        BinFileRecorder::<FullPrecisionSettings>::new()
-            .record(optimizer.to_record(), dir.join("optimizer"))
-            .map_err(|e| Error::Config { path: dir.to_path_buf(), message: format!("saving the optimizer state: {e}") })?;
-        Ok(())
-    })
-}
-
 /// Writes the trainable weights in Hugging Face formats: a PEFT adapter directory for
 /// LoRA, a model directory (config + safetensors + tokenizer files) for a full fine-tune.
 ///
@@ -449,34 +570,15 @@ pub fn write_weights<B: Backend>(
     dtype: SaveDtype,
     tokenizer: &Tokenizer,
 ) -> Result<Vec<PathBuf>> {
-    let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
-        let path = dir.join(name);
-        let text = serde_json::to_string_pretty(value).unwrap_or_default();
-        std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })
-    };
     match &config.lora {
         Some(l) => {
-            let targets: Vec<String> = lora::resolve_targets(decoder, &l.target_modules)?.into_iter().collect();
-            write_json("adapter_config.json", &serde_json::json!({
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "r": l.r,
-                "lora_alpha": l.alpha,
-                "lora_dropout": l.dropout,
-                "bias": "none",
-                "target_modules": targets,
-                "fan_in_fan_out": false,
-                "use_rslora": false,
-                "use_dora": false,
-                "inference_mode": true,
-                "base_model_name_or_path": config.model.path.as_ref().map(|p| p.display().to_string()),
-            }))?;
-            Ok(save_safetensors(dir, "adapter_model", lora::peft_tensors(model, decoder), dtype, None)?)
+            let base = config.model.path.as_ref().map(|p| p.display().to_string());
+            lora::write_adapter(dir, l, model, decoder, Some("CAUSAL_LM"), base, dtype)
         }
         None => {
             let bos = tokenizer.bos_ids().first().copied();
             let eos = tokenizer.eos_ids().first().copied();
-            write_json("config.json", &decoder.to_hf_json(bos, eos))?;
+            write_json(&dir.join("config.json"), &decoder.to_hf_json(bos, eos))?;
             let files = save_safetensors(dir, "model", model.to_hf_tensors(decoder), dtype, Some(2_000_000_000))?;
             copy_tokenizer_files(tokenizer, dir)?;
             Ok(files)
@@ -520,7 +622,7 @@ pub fn copy_tokenizer_files(tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn count_trainable<B: AutodiffBackend>(model: &InternLm2<B>) -> usize {
+pub(crate) fn count_trainable<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> usize {
     struct Count(usize);
     impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -535,23 +637,36 @@ pub(crate) fn count_trainable<B: AutodiffBackend>(model: &InternLm2<B>) -> usize
 }
 
 /// XTuner's evaluate-chat hook: answers the config's evaluation inputs with the
-/// template (temperature 0.1, top-k 40, top-p 0.75, as XTuner's hook samples).
+/// template (temperature 0.1, top-k 40, top-p 0.75, as XTuner's hook samples). With
+/// `image` (projected features `[1, P, C]`), `<image>\n` opens each prompt and the
+/// features are spliced in there, as XTuner's hook does for LLaVA.
 ///
 /// # Errors
 /// A template that cannot render the system prompt, or a tokenizer failure.
-pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, config: &TrainConfig, tokenizer: &Tokenizer, device: &B::Device) -> Result<Vec<(String, String)>> {
+pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, image: Option<&Tensor<B, 3>>, config: &TrainConfig, tokenizer: &Tokenizer, device: &B::Device) -> Result<Vec<(String, String)>> {
     let eval = &config.evaluation;
     let template = config.template.as_ref().map(|t| t.resolve()).transpose().map_err(|message| Error::Config { path: PathBuf::new(), message })?;
     let system = eval.system_prompt();
     let mut answers = Vec::new();
     for input in &eval.inputs {
+        let prompt = if image.is_some() { format!("{IMAGE_TOKEN}\n{input}") } else { input.clone() };
         let text = match &template {
-            Some(t) => t.prompt(&system, input, 1).map_err(|e| Error::Config { path: PathBuf::new(), message: e.to_string() })?,
-            None => input.clone(),
+            Some(t) => t.prompt(&system, &prompt, 1).map_err(|e| Error::Config { path: PathBuf::new(), message: e.to_string() })?,
+            None => prompt,
         };
-        let mut ids: Vec<u32> = tokenizer.bos_ids().to_vec();
-        ids.extend(tokenizer.encode(&text)?);
-        let tensor = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(), [1, ids.len()]), device);
+        let mut ids: Vec<i64> = tokenizer.bos_ids().iter().map(|&i| i64::from(i)).collect();
+        let mut pieces = text.split(IMAGE_TOKEN).peekable();
+        while let Some(piece) = pieces.next() {
+            ids.extend(tokenizer.encode(piece)?.into_iter().map(i64::from));
+            if pieces.peek().is_some() && image.is_some() {
+                ids.push(IMAGE_TOKEN_INDEX);
+            }
+        }
+        let tensor = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
+        let embeds = match image {
+            Some(features) => prepare_inputs_labels_for_multimodal(tensor, None, None, features.clone(), |t| model.embed(t.unsqueeze::<2>()).squeeze_dim::<2>(0))?.inputs_embeds,
+            None => model.embed(tensor),
+        };
         let mut stop_ids = tokenizer.eos_ids().to_vec();
         if let Some(t) = &template {
             stop_ids.extend(t.stop_words.iter().filter_map(|w| tokenizer.token_to_id(w)));
@@ -561,10 +676,17 @@ pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, config: &TrainConfig, tok
             eos_token_ids: stop_ids,
             sampling: SamplingConfig { seed: config.train.seed, ..SamplingConfig::default() },
         };
-        let (new, _) = generate(model, model.embed(tensor), &ids, &generation, |_| true);
+        let prompt_ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        let (new, _) = generate(model, embeds, &prompt_ids, &generation, |_| true);
         answers.push((input.clone(), tokenizer.decode(&new)?));
     }
     Ok(answers)
+}
+
+/// Writes a JSON file (pretty-printed).
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    std::fs::write(path, text).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
 }
 
 /// The JSON Lines log in the work dir (one object per step/eval).

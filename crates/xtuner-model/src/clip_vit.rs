@@ -34,7 +34,7 @@ use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::nn::attention::scaled_dot_product;
-use crate::nn::linear::Linear;
+use crate::nn::linear::{Linear, LinearLayers, LinearSite};
 use crate::{Error, Result};
 
 /// The key prefix of the vision tower in CLIP checkpoints.
@@ -205,7 +205,7 @@ impl TryFrom<HfClipVisionConfig> for ClipVisionConfig {
 
 /// A transformers activation (`ACT2FN` key), shared by the CLIP MLP and XTuner's
 /// projector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 pub enum HiddenAct {
     /// `x · sigmoid(1.702 x)`, OpenAI CLIP's.
     #[default]
@@ -461,6 +461,76 @@ impl<B: Backend> ClipVisionTower<B> {
 }
 
 /// Keys of a `CLIPModel` checkpoint that the vision tower does not use by design.
+/// The projection layers of encoder layer `i`, in checkpoint order, with their names.
+fn layer_linears<B: Backend>(layer: &ClipEncoderLayer<B>) -> [(&'static str, &Linear<B>); 6] {
+    let (a, m) = (&layer.self_attn, &layer.mlp);
+    [("self_attn.q_proj", &a.q_proj), ("self_attn.k_proj", &a.k_proj), ("self_attn.v_proj", &a.v_proj), ("self_attn.out_proj", &a.out_proj), ("mlp.fc1", &m.fc1), ("mlp.fc2", &m.fc2)]
+}
+
+fn clip_site(layer: usize, name: &str) -> LinearSite {
+    let module = format!("{PREFIX}.encoder.layers.{layer}.{name}");
+    LinearSite { name: name.rsplit('.').next().unwrap_or(name).to_string(), module, out_rows: None }
+}
+
+/// The `nn.Linear` layers of the encoder (what PEFT's all-linear LoRA targets: the
+/// patch embedding is a convolution in PyTorch and is not one of them).
+impl<B: Backend> LinearLayers<B> for ClipVisionTower<B> {
+    type Config = ();
+
+    fn map_linear_layers<E>(mut self, _: &(), mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E> {
+        let mut layers = Vec::with_capacity(self.encoder.layers.len());
+        for (i, mut layer) in std::mem::take(&mut self.encoder.layers).into_iter().enumerate() {
+            let a = &mut layer.self_attn;
+            a.q_proj = f(&clip_site(i, "self_attn.q_proj"), a.q_proj.clone())?;
+            a.k_proj = f(&clip_site(i, "self_attn.k_proj"), a.k_proj.clone())?;
+            a.v_proj = f(&clip_site(i, "self_attn.v_proj"), a.v_proj.clone())?;
+            a.out_proj = f(&clip_site(i, "self_attn.out_proj"), a.out_proj.clone())?;
+            let m = &mut layer.mlp;
+            m.fc1 = f(&clip_site(i, "mlp.fc1"), m.fc1.clone())?;
+            m.fc2 = f(&clip_site(i, "mlp.fc2"), m.fc2.clone())?;
+            layers.push(layer);
+        }
+        self.encoder.layers = layers;
+        Ok(self)
+    }
+
+    fn linear_layers<'a>(&'a self, _: &()) -> Vec<(LinearSite, &'a Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            out.extend(layer_linears(layer).into_iter().map(|(name, linear)| (clip_site(i, name), linear)));
+        }
+        out
+    }
+}
+
+impl<B: Backend> ClipVisionTower<B> {
+    /// The tower's tensors under transformers' `CLIPVisionModel` names
+    /// (`vision_model.*`, PyTorch layouts), for `model.safetensors`.
+    pub fn to_hf_tensors(&self) -> Vec<(String, burn::tensor::TensorData)> {
+        let key = |name: &str| format!("{PREFIX}.{name}");
+        let e = &self.embeddings;
+        let [patch_dim, hidden] = e.patch_embedding.dims();
+        let p = e.patch_size;
+        let mut out = vec![
+            (key("embeddings.patch_embedding.weight"), e.patch_embedding.dense_weight().transpose().reshape([hidden, patch_dim / (p * p), p, p]).into_data()),
+            (key("embeddings.class_embedding"), e.class_embedding.val().into_data()),
+            (key("embeddings.position_embedding.weight"), e.position_embedding.val().into_data()),
+        ];
+        let norm = |name: &str, n: &LayerNorm<B>| [(key(&format!("{name}.weight")), n.weight.val().into_data()), (key(&format!("{name}.bias")), n.bias.val().into_data())];
+        out.extend(norm("pre_layrnorm", &self.pre_layrnorm));
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            let l = format!("encoder.layers.{i}");
+            out.extend(norm(&format!("{l}.layer_norm1"), &layer.layer_norm1));
+            out.extend(norm(&format!("{l}.layer_norm2"), &layer.layer_norm2));
+            for (name, linear) in layer_linears(layer) {
+                out.extend(linear.to_hf_tensors(&key(&format!("{l}.{name}"))));
+            }
+        }
+        out.extend(norm("post_layernorm", &self.post_layernorm));
+        out
+    }
+}
+
 fn is_skipped_key(key: &str) -> bool {
     key.starts_with("text_model.")
         || key.starts_with("text_projection.")

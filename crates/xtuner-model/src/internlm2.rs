@@ -29,7 +29,8 @@ use crate::checkpoint::keys::{Family, QkvKeys, internlm2_qkv_rows};
 use crate::checkpoint::peft::PeftAdapter;
 use crate::nn::attention::Attention;
 use crate::nn::kv_cache::KvCache;
-use crate::nn::linear::Linear;
+pub use crate::nn::linear::LinearSite;
+use crate::nn::linear::{Linear, LinearLayers};
 use crate::nn::mlp::FeedForward;
 use crate::nn::rms_norm::RmsNorm;
 use crate::nn::rope::{Rope, RopeScaling};
@@ -627,20 +628,6 @@ impl<B: Backend> InternLm2<B> {
     }
 }
 
-/// Where a linear layer of the decoder sits: what adapters, quantization and export
-/// need to know about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinearSite {
-    /// The Hugging Face module name (`model.layers.0.attention.wqkv`), which PEFT keys use.
-    pub module: String,
-    /// The last name component (`wqkv`, `wo`, `w1`, `w2`, `w3`, `output`; Llama names
-    /// for the other families), which LoRA `target_modules` match.
-    pub name: String,
-    /// For the fused q/k/v layer, the checkpoint row of each of our output columns
-    /// (InternLM2's interleaved layout); `None` when they are in checkpoint order.
-    pub out_rows: Option<Vec<usize>>,
-}
-
 /// Every linear layer of a decoder with its site, in checkpoint order.
 pub fn linear_sites(config: &DecoderConfig) -> Vec<LinearSite> {
     let c = config;
@@ -703,6 +690,18 @@ impl<B: Backend> InternLm2<B> {
         }
         layers.extend(self.output.as_ref());
         linear_sites(config).into_iter().zip(layers).collect()
+    }
+}
+
+impl<B: Backend> LinearLayers<B> for InternLm2<B> {
+    type Config = DecoderConfig;
+
+    fn map_linear_layers<E>(self, config: &DecoderConfig, f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E> {
+        self.map_linears(config, f)
+    }
+
+    fn linear_layers<'a>(&'a self, config: &DecoderConfig) -> Vec<(LinearSite, &'a Linear<B>)> {
+        self.linears(config)
     }
 }
 

@@ -20,10 +20,12 @@
 //! Dimension legend: B batch, T input length, T' spliced length, N images, P image
 //! tokens per image, C LLM hidden.
 
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::clip_vit::ClipVisionTower;
+use crate::internlm2::InternLm2;
 use crate::projector::Projector;
 use crate::{Error, Result};
 
@@ -60,6 +62,44 @@ pub fn image_features<B: Backend>(
     select_layer: i64,
 ) -> Result<Tensor<B, 3>> {
     Ok(projector.forward(tower.forward_features(pixel_values, select_layer)?))
+}
+
+/// XTuner's `LLaVAModel`: the LLM, the CLIP vision tower and the projector between
+/// them, as one module (so one optimizer and one checkpoint cover the trained parts).
+/// Which parts train is decided by freezing and adapters, not here.
+#[derive(Module, Debug)]
+pub struct Llava<B: Backend> {
+    /// The language model.
+    pub llm: InternLm2<B>,
+    /// The vision tower.
+    pub visual_encoder: ClipVisionTower<B>,
+    /// Vision hidden size → LLM hidden size.
+    pub projector: Projector<B>,
+}
+
+impl<B: Backend> Llava<B> {
+    /// The LLM's inputs for a batch: image features (vision tower layer
+    /// `select_layer`, CLS dropped, projected) spliced into the token embeddings.
+    ///
+    /// # Shapes
+    /// `input_ids`, `attention_mask`, `labels`: `[B, T]`; `pixel_values`: `[N, 3, H, W]`,
+    /// one image per row (a blank one for text-only rows).
+    ///
+    /// # Errors
+    /// As [`image_features`] and [`prepare_inputs_labels_for_multimodal`].
+    pub fn prepare_inputs(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
+        labels: Option<Tensor<B, 2, Int>>,
+        pixel_values: Tensor<B, 4>,
+        select_layer: i64,
+    ) -> Result<MultimodalInputs<B>> {
+        let features = image_features(&self.visual_encoder, &self.projector, pixel_values, select_layer)?;
+        prepare_inputs_labels_for_multimodal(input_ids, attention_mask, labels, features, |ids| {
+            self.llm.embed(ids.unsqueeze::<2>()).squeeze_dim::<2>(0)
+        })
+    }
 }
 
 /// Where a spliced position reads from.

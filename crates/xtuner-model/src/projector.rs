@@ -28,7 +28,7 @@ use crate::nn::linear::Linear;
 use crate::{Error, Result};
 
 /// `ProjectorConfig` (the projector's `config.json`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct ProjectorConfig {
     /// V, the vision tower's hidden size.
     pub visual_hidden_size: usize,
@@ -76,6 +76,16 @@ impl ProjectorConfig {
         let config: Self = crate::error::read_json_file(path)?;
         config.validate().map_err(|e| crate::error::in_file(path, e))?;
         Ok(config)
+    }
+
+    /// The `config.json` XTuner's `ProjectorModel.save_pretrained` writes.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("model_type".into(), "projector".into());
+            map.insert("architectures".into(), serde_json::json!(["ProjectorModel"]));
+        }
+        value
     }
 
     /// Checks that every size is positive.
@@ -184,6 +194,11 @@ impl<B: Backend> Projector<B> {
             model,
             activation: config.hidden_act,
         })
+    }
+
+    /// The weights under XTuner's names (`model.{2i}.weight` `[out, in]`, `.bias`).
+    pub fn to_hf_tensors(&self) -> Vec<(String, burn::tensor::TensorData)> {
+        self.model.iter().enumerate().flat_map(|(i, linear)| linear.to_hf_tensors(&format!("model.{}", 2 * i))).collect()
     }
 
     /// # Shapes

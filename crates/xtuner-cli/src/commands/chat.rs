@@ -10,7 +10,8 @@
 //! With `--llava DIR --image FILE` the image (padded to square, preprocessed as CLIP
 //! wants) goes through the vision tower (`DIR/visual_encoder` or `--visual-encoder`)
 //! and `DIR/projector`; `<image>\n` opens the first user message and its features are
-//! spliced in at that token. `DIR/llm_adapter` is merged into the LLM when present.
+//! spliced in at that token. `DIR/llm_adapter` and `DIR/visual_encoder_adapter` are
+//! merged into the LLM and the tower when present.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use xtuner_model::clip_vit::ClipVisionTower;
 use xtuner_model::image::ImageProcessor;
 use xtuner_model::llava::{IMAGE_TOKEN_INDEX, image_features, prepare_inputs_labels_for_multimodal};
 use xtuner_model::projector::Projector;
+use xtuner_engine::lora;
 use xtuner_model::generate::{GenerationConfig, StopReason, generate};
 use xtuner_model::internlm2::InternLm2;
 use xtuner_model::sampling::SamplingConfig;
@@ -180,10 +182,15 @@ fn load_image_features<B: Backend>(args: &ChatArgs, llava: &std::path::Path, dev
         .filter(|d| d.is_dir())
         .or_else(|| args.visual_encoder.clone())
         .context("no visual encoder: give --visual-encoder DIR (or put one in LLAVA_DIR/visual_encoder)")?;
-    if llava.join("visual_encoder_adapter").is_dir() {
-        bail!("{}: LoRA adapters on the vision tower are not supported yet", llava.join("visual_encoder_adapter").display());
-    }
     let (tower, _) = ClipVisionTower::<B>::load(&tower_dir, device).with_context(|| format!("loading {}", tower_dir.display()))?;
+    // A LoRA adapter trained on the vision tower is merged in.
+    let adapter_dir = llava.join("visual_encoder_adapter");
+    let tower = if adapter_dir.is_dir() {
+        let adapter = PeftAdapter::open(&adapter_dir)?;
+        lora::merge(lora::attach_peft(tower, &(), &adapter, 0.0, device)?, &())
+    } else {
+        tower
+    };
     let (projector, _) = Projector::<B>::load(&llava.join("projector"), device)?;
     // XTuner's chat always pads the image to a square.
     let processor = ImageProcessor::from_file(tower_dir.join("preprocessor_config.json"), true)?;

@@ -133,10 +133,16 @@ pub fn pth_to_hf(config: &str, overrides: &[String], checkpoint: &Path, out: &Pa
     let c = &loaded.config;
     let state = xtuner_engine::checkpoint::read_state(checkpoint)?;
     let device = Default::default();
+    let dtype = if fp32 { SaveDtype::F32 } else { SaveDtype::F16 };
+    if c.llava.is_some() {
+        xtuner_engine::llava::export::<B>(c, checkpoint, out, dtype, &device)?;
+        std::fs::write(out.join("xtuner_config.toml"), toml::to_string_pretty(c).unwrap_or_default())?;
+        println!("saved to {}", out.display());
+        return Ok(());
+    }
     let tokenizer = Tokenizer::from_path(c.tokenizer_path().context("the config names no tokenizer")?)?;
     let (base, decoder) = build_model::<B>(c, &tokenizer, &device)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let dtype = if fp32 { SaveDtype::F32 } else { SaveDtype::F16 };
     match (&c.lora, state.mode.as_str()) {
         (Some(l), "lora") => {
             let model = lora::attach_peft(base, &decoder, &PeftAdapter::open(checkpoint)?, l.dropout, &device)?;

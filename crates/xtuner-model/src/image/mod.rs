@@ -411,6 +411,23 @@ pub fn open_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     Ok(image.to_rgb8())
 }
 
+/// Checks that `path` is an image file this crate decodes, reading only its header
+/// (fast enough to check a data set's images before training starts). Returns
+/// `(width, height)`.
+///
+/// # Errors
+/// [`Error::Image`] naming the file when it is missing or not a readable image.
+pub fn probe(path: impl AsRef<Path>) -> Result<(u32, u32)> {
+    let path = path.as_ref();
+    let err = |message: String| Error::Image { path: path.to_path_buf(), message };
+    ::image::ImageReader::open(path)
+        .map_err(|e| err(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| err(e.to_string()))?
+        .into_dimensions()
+        .map_err(|e| err(e.to_string()))
+}
+
 /// Stacks per-image `pixel_values` into a batch.
 ///
 /// # Shapes

@@ -15,6 +15,37 @@ use crate::Result;
 use crate::checkpoint::Checkpoint;
 use crate::nn::nf4::{Nf4Tensor, Nf4Weight};
 
+/// Where a linear layer of a model sits: what adapters, quantization and export
+/// need to know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearSite {
+    /// The Hugging Face module name (`model.layers.0.attention.wqkv`,
+    /// `vision_model.encoder.layers.0.self_attn.q_proj`), which PEFT keys use.
+    pub module: String,
+    /// The last name component (`wqkv`, `wo`, `w1`, `w2`, `w3`, `output`; Llama names
+    /// for the other families), which LoRA `target_modules` match.
+    pub name: String,
+    /// For the fused q/k/v layer, the checkpoint row of each of our output columns
+    /// (InternLM2's interleaved layout); `None` when they are in checkpoint order.
+    pub out_rows: Option<Vec<usize>>,
+}
+
+/// A model whose linear layers can be listed and rebuilt by site: what LoRA,
+/// quantization and adapter export work on, whatever the model.
+pub trait LinearLayers<B: Backend>: Sized {
+    /// What the sites are derived from (the model's config).
+    type Config;
+
+    /// Rebuilds every linear layer through `f`, in site order.
+    ///
+    /// # Errors
+    /// Whatever `f` returns.
+    fn map_linear_layers<E>(self, config: &Self::Config, f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E>;
+
+    /// Every linear layer with its site.
+    fn linear_layers<'a>(&'a self, config: &Self::Config) -> Vec<(LinearSite, &'a Linear<B>)>;
+}
+
 /// A linear layer. Field names are the checkpoint's key segments (`weight`, `bias`).
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
@@ -130,6 +161,17 @@ impl<B: Backend> Linear<B> {
             Some(nf4) => nf4.dequantize(),
             None => self.weight.val(),
         }
+    }
+
+    /// The base weight and bias as PyTorch tensors under `module` (`{module}.weight`
+    /// `[out, in]`, `{module}.bias`), as `state_dict` names them. An adapter is not
+    /// merged in.
+    pub fn to_hf_tensors(&self, module: &str) -> Vec<(String, burn::tensor::TensorData)> {
+        let mut out = vec![(format!("{module}.weight"), self.dense_weight().transpose().into_data())];
+        if let Some(bias) = &self.bias {
+            out.push((format!("{module}.bias"), bias.val().into_data()));
+        }
+        out
     }
 
     /// Replaces the dense base weight by QLoRA's NF4 storage (bitsandbytes'
