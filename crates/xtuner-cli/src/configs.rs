@@ -8,6 +8,8 @@ use xtuner_engine::LoadedConfig;
 
 /// Name and text of every built-in config.
 pub const BUILTIN: &[(&str, &str)] = &[
+    ("demo_llava_finetune", include_str!("../../../configs/demo_llava_finetune.toml")),
+    ("demo_llava_pretrain", include_str!("../../../configs/demo_llava_pretrain.toml")),
     ("demo_tiny_lora", include_str!("../../../configs/demo_tiny_lora.toml")),
     ("internlm2_1_8b_full_custom_pretrain_e1", include_str!("../../../configs/internlm2_1_8b_full_custom_pretrain_e1.toml")),
     ("internlm2_chat_1_8b_full_alpaca_e3", include_str!("../../../configs/internlm2_chat_1_8b_full_alpaca_e3.toml")),

@@ -304,3 +304,79 @@ fn bench_reports_a_training_step() {
     let err = failed(&xtuner(&["bench", "--preset", "internlm2-huge"], dir.path()));
     assert!(err.contains("internlm2-huge") && err.contains("internlm2-tiny"), "{err}");
 }
+
+/// The LLaVA demo as README runs it, shortened: stage 1 trains the projector on
+/// captions, stage 2 starts from it and trains LoRA on the LLM and the vision tower on
+/// questions, `convert pth_to_hf` writes XTuner's layout, and `xtuner chat --image`
+/// names the colour of held-out pictures (no training record shows them).
+#[test]
+fn llava_demo_pretrains_finetunes_and_answers_about_held_out_pictures() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    let (pre, fine, out) = (dir.path().join("pre"), dir.path().join("fine"), dir.path().join("llava"));
+    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
+    let from = format!("llava.pretrained_projector={:?}", pre.to_str().unwrap());
+    let first_last = |work: &Path| {
+        let l = losses(work);
+        (l.first().unwrap().1, l.last().unwrap().1)
+    };
+    let pre_opts = ["--cfg-options", "train.max_iters=40", "checkpoint.save_steps=40", "evaluation.inputs=[]", &cache];
+    let mut args = vec!["train", "configs/demo_llava_pretrain.toml", "--work-dir", pre.to_str().unwrap()];
+    args.extend(pre_opts);
+    ok(&xtuner(&args, &repo));
+    let (first, last) = first_last(&pre);
+    assert!(last < first - 1.5, "pretrain loss {first} -> {last}");
+
+    let fine_opts = ["--cfg-options", "train.max_iters=120", "checkpoint.save_steps=120", "evaluation.inputs=[]", &cache, &from];
+    let mut args = vec!["train", "configs/demo_llava_finetune.toml", "--work-dir", fine.to_str().unwrap()];
+    args.extend(fine_opts);
+    ok(&xtuner(&args, &repo));
+    let (first, last) = first_last(&fine);
+    assert!(last < first / 2.0, "finetune loss {first} -> {last}");
+
+    let ckpt = fine.join("iter_120");
+    let mut args = vec!["convert", "pth_to_hf", "configs/demo_llava_finetune.toml", ckpt.to_str().unwrap(), out.to_str().unwrap()];
+    args.extend(fine_opts);
+    ok(&xtuner(&args, &repo));
+    for file in ["projector/config.json", "projector/model.safetensors", "llm_adapter/adapter_model.safetensors", "visual_encoder_adapter/adapter_model.safetensors"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+
+    let eval: Vec<Value> = serde_json::from_str(&fs::read_to_string(repo.join("configs/demo_llava/eval.json")).unwrap()).unwrap();
+    let base = fine.join("base_model");
+    let mut right = 0;
+    for record in &eval {
+        let image = repo.join("configs/demo_llava").join(record["image"].as_str().unwrap());
+        let args = [
+            "chat", base.to_str().unwrap(), "--llava", out.to_str().unwrap(), "--visual-encoder", "configs/demo_llava/clip",
+            "--image", image.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", "What colour is the shape?",
+            "--temperature", "0", "--max-new-tokens", "4", "--no-streamer",
+        ];
+        let answer = ok(&xtuner(&args, &repo));
+        right += usize::from(answer.trim() == record["conversations"][1]["value"].as_str().unwrap());
+    }
+    assert!(right >= 20, "{right} of {} held-out colours right (chance: a quarter)", eval.len());
+}
+
+/// A LLaVA record whose image is missing stops the run before the first step, naming
+/// the file; with `data.skip_bad_records` the record is skipped and training goes on.
+#[test]
+fn a_missing_llava_image_is_an_error_or_a_skipped_record() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.json");
+    let record = |image: &str| serde_json::json!({"image": image, "conversations": [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": "a red circle"}]});
+    let records = [record("images/train_0000.png"), record("images/no_such_picture.png")];
+    fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let work = dir.path().join("work");
+    let files = format!("data.files=[{:?}]", data.to_str().unwrap());
+    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
+    let args = ["train", "configs/demo_llava_pretrain.toml", "--work-dir", work.to_str().unwrap(), "--cfg-options", &files, &cache, "train.max_iters=1", "evaluation.inputs=[]"];
+    let err = failed(&xtuner(&args, &repo));
+    assert!(err.contains("no_such_picture.png") && err.contains("skip_bad_records"), "{err}");
+    assert!(!work.join("iter_1").exists());
+    let mut skipping = args.to_vec();
+    skipping.push("data.skip_bad_records=true");
+    ok(&xtuner(&skipping, &repo));
+    assert!(work.join("iter_1/projector/model.safetensors").is_file());
+}
