@@ -380,3 +380,28 @@ fn a_missing_llava_image_is_an_error_or_a_skipped_record() {
     ok(&xtuner(&skipping, &repo));
     assert!(work.join("iter_1/projector/model.safetensors").is_file());
 }
+
+/// A LLaVA run resumed from a checkpoint continues exactly as the uninterrupted one
+/// (projector, adapters, optimizer state and data order all restored).
+#[test]
+fn a_llava_run_resumes_exactly() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    let (pre, work) = (dir.path().join("pre"), dir.path().join("work"));
+    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
+    let pre_args = ["train", "configs/demo_llava_pretrain.toml", "--work-dir", pre.to_str().unwrap(), "--cfg-options", "train.max_iters=1", "evaluation.inputs=[]", &cache];
+    ok(&xtuner(&pre_args, &repo));
+    let from = format!("llava.pretrained_projector={:?}", pre.to_str().unwrap());
+    let opts = ["--cfg-options", "train.max_iters=4", "checkpoint.save_steps=2", "checkpoint.save_total_limit=-1", "evaluation.inputs=[]", &cache, &from];
+    let mut args = vec!["train", "configs/demo_llava_finetune.toml", "--work-dir", work.to_str().unwrap()];
+    args.extend(opts);
+    ok(&xtuner(&args, &repo));
+    let uninterrupted = losses(&work);
+    assert_eq!(uninterrupted.len(), 4);
+    fs::remove_dir_all(work.join("iter_4")).unwrap();
+    fs::remove_file(work.join("train_log.jsonl")).unwrap();
+    let resume = work.join("iter_2");
+    args.extend(["--resume", resume.to_str().unwrap()]);
+    ok(&xtuner(&args, &repo));
+    assert_eq!(losses(&work), uninterrupted[2..].to_vec());
+}
