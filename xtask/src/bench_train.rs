@@ -84,9 +84,14 @@ impl TrainArgs {
                 format!("--steps={}", self.steps),
                 format!("--mode={mode}"),
             ];
-            let mut ours = vec!["bench".to_string(), "--device=cuda".into(), format!("--preset={}", self.preset)];
-            ours.extend(common.iter().cloned());
-            runs.push(Run { side: "xtuner-rs", mode: mode.clone(), checkpointing: false, program: self.xtuner.display().to_string(), args: ours });
+            for checkpointing in [false, true] {
+                let mut ours = vec!["bench".to_string(), "--device=cuda".into(), format!("--preset={}", self.preset)];
+                ours.extend(common.iter().cloned());
+                if checkpointing {
+                    ours.push("--checkpointing".into());
+                }
+                runs.push(Run { side: "xtuner-rs", mode: mode.clone(), checkpointing, program: self.xtuner.display().to_string(), args: ours });
+            }
             if self.no_reference {
                 continue;
             }

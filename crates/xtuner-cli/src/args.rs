@@ -96,6 +96,9 @@ pub enum Command {
         /// Timed steps.
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Recompute each decoder layer in backward (activation checkpointing).
+        #[arg(long)]
+        checkpointing: bool,
         /// Where to run.
         #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
         device: crate::backend::Device,

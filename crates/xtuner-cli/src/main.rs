@@ -50,14 +50,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Train { config, work_dir, resume, device } => {
             commands::train::run_train(&config.config, &config.cfg_options, work_dir, resume, device)?
         }
-        Command::Bench { preset, vocab_size, seq_len, batch_size, mode, lora_r, warmup, steps, device } => {
+        Command::Bench { preset, vocab_size, seq_len, batch_size, mode, lora_r, warmup, steps, checkpointing, device } => {
             use xtuner_engine::bench::{BenchMode, StepBench};
             let mode = match mode {
                 args::BenchModeArg::Full => BenchMode::Full,
                 args::BenchModeArg::Lora => BenchMode::Lora,
                 args::BenchModeArg::Qlora => BenchMode::Qlora,
             };
-            let bench = StepBench { preset, vocab_size, seq_len, batch_size, mode, lora_r, warmup, steps };
+            let bench = StepBench { preset, vocab_size, seq_len, batch_size, mode, lora_r, warmup, steps, checkpointing };
             commands::train::bench(&bench, device)?
         }
         Command::Convert(ConvertCommand::PthToHf { config, checkpoint, out, fp32, max_shard_size, cfg_options }) => {

@@ -54,6 +54,8 @@ pub struct StepBench {
     pub warmup: usize,
     /// Timed steps.
     pub steps: usize,
+    /// Recompute each decoder layer in backward (activation checkpointing).
+    pub checkpointing: bool,
 }
 
 /// What one benchmark run measured.
@@ -133,7 +135,7 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
             sync::<B>(device)?;
             timed = Some(Instant::now());
         }
-        let (loss, grads) = forward_backward(&model, &batch, 1, device);
+        let (loss, grads) = forward_backward(&model, &batch, 1, bench.checkpointing, device);
         losses.push(loss);
         (model, _) = optimizer_step(model, &mut optimizer, grads, 1e-5, 1.0);
     }
@@ -176,7 +178,7 @@ mod tests {
     #[test]
     fn every_mode_trains_on_the_cpu() {
         for mode in [BenchMode::Full, BenchMode::Lora, BenchMode::Qlora] {
-            let bench = StepBench { preset: "internlm2-tiny".into(), vocab_size: 300, seq_len: 64, batch_size: 2, mode, lora_r: 8, warmup: 1, steps: 3 };
+            let bench = StepBench { preset: "internlm2-tiny".into(), vocab_size: 300, seq_len: 64, batch_size: 2, mode, lora_r: 8, warmup: 1, steps: 3, checkpointing: mode != BenchMode::Full };
             let report = run::<B>(&bench, &Default::default()).unwrap();
             assert_eq!(report.losses.len(), 4);
             assert!(report.losses.iter().all(|l| l.is_finite()));

@@ -12,6 +12,7 @@ pub mod llava;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod recompute;
 pub mod schedule;
 pub mod train;
 

@@ -34,8 +34,8 @@ use xtuner_model::nn::attention::attention_bias;
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
-use crate::loss::chunked_lm_loss_backward;
-use crate::train::{self, LOGITS_PER_CHUNK, MicroStep, Progress, Recipe, Resume, Start, TrainSummary, write_json};
+use crate::recompute::decoder_loss_backward;
+use crate::train::{self, MicroStep, Progress, Recipe, Resume, Start, TrainSummary, write_json};
 use crate::{Error, Result, lora};
 
 /// The checkpoint mode of LLaVA runs.
@@ -298,7 +298,8 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
         let data_rows: Vec<&PackedRow> = rows.iter().filter_map(|&i| self.images.rows.get(i).and_then(|&r| self.dataset.rows.get(r))).collect();
         let batch = collate(&data_rows, false);
         let pixel_values = self.images.pixel_values::<B>(rows, self.device)?;
-        let (loss, trained_tokens, tokens, grads) = llava_loss_backward(model, &batch, pixel_values, self.llava.visual_select_layer, accumulative_counts as f64, self.device)?;
+        let checkpointing = self.config.model.activation_checkpointing;
+        let (loss, trained_tokens, tokens, grads) = llava_loss_backward(model, &batch, pixel_values, self.llava.visual_select_layer, accumulative_counts as f64, checkpointing, self.device)?;
         Ok(MicroStep { loss, trained_tokens, tokens, grads })
     }
 
@@ -318,9 +319,10 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
     }
 }
 
-/// One LLaVA micro-batch: image features spliced into the embeddings, the decoder, and
-/// the chunked LM loss's backward (divided by `divisor`). Returns the token-mean loss,
-/// the trained and the real tokens, and the gradients.
+/// One LLaVA micro-batch: image features spliced into the embeddings, the decoder
+/// (recomputing each layer in backward when `checkpointing`) and the chunked LM loss's
+/// backward (divided by `divisor`). Returns the token-mean loss, the trained and the
+/// real tokens, and the gradients.
 ///
 /// # Shapes
 /// `batch`: `[B, T]` rows with -200 where the image goes; `pixel_values`: `[B, 3, H, W]`.
@@ -333,6 +335,7 @@ pub fn llava_loss_backward<B: AutodiffBackend>(
     pixel_values: Tensor<B, 4>,
     select_layer: i64,
     divisor: f64,
+    checkpointing: bool,
     device: &B::Device,
 ) -> Result<(f64, usize, usize, burn::optim::GradientsParams)> {
     let shape = [batch.batch_size, batch.seq_len];
@@ -346,9 +349,6 @@ pub fn llava_loss_backward<B: AutodiffBackend>(
     let key_valid: Vec<bool> = host(inputs.attention_mask.int()).into_iter().map(|v| v != 0).collect();
     let tokens = key_valid.iter().filter(|&&v| v).count();
     let input = DecoderInput { positions: inputs.position_ids, bias: attention_bias(b, t, 0, &key_valid, None, device) };
-    let hidden = model.llm.hidden_states(inputs.inputs_embeds, &input, None);
-    let vocab = model.llm.vocab_size();
-    let chunk = (LOGITS_PER_CHUNK / (b * vocab).max(1)).max(1);
-    let (sum, trained, grads) = chunked_lm_loss_backward(model, hidden, |h| model.llm.lm_head(h), &labels, vocab, chunk, divisor);
+    let (sum, trained, grads) = decoder_loss_backward(model, &model.llm, inputs.inputs_embeds, &input, &labels, divisor, checkpointing);
     Ok((sum / trained.max(1) as f64, trained, tokens, grads))
 }

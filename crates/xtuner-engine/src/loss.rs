@@ -99,6 +99,26 @@ pub fn chunked_lm_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     chunk: usize,
     divisor: f64,
 ) -> (f64, usize, GradientsParams) {
+    let (loss_sum, tokens, mut accumulator, hidden_grad) = head_loss_backward(model, &hidden, lm_head, labels, vocab, chunk, divisor);
+    if let Some(g) = hidden_grad {
+        accumulator.accumulate(model, backward_from(model, hidden, g, None).0);
+    }
+    (loss_sum, tokens, accumulator.grads())
+}
+
+/// The LM head and the loss on `hidden`'s values, a chunk of positions at a time, cut
+/// from `hidden`'s graph: the summed loss, the trained tokens, the gradients of the
+/// head's parameters, and the gradient of the loss with respect to `hidden`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn head_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    hidden: &Tensor<B, 3>,
+    lm_head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+    labels: &[i64],
+    vocab: usize,
+    chunk: usize,
+    divisor: f64,
+) -> (f64, usize, GradientsAccumulator<M>, Option<Tensor<B::InnerBackend, 3>>) {
     let [b, t, c] = hidden.dims();
     let tokens = trained_tokens(labels, t, vocab);
     let scale = 1.0 / (tokens.max(1) as f64 * divisor);
@@ -121,12 +141,22 @@ pub fn chunked_lm_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
         }
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
-    if let Some(g) = hidden_grad {
-        // d(Σ hidden ∘ g)/d hidden = g: the decoder's backward from the collected gradient.
-        let surrogate = (hidden * Tensor::from_inner(g)).sum();
-        accumulator.accumulate(model, GradientsParams::from_grads(surrogate.backward(), model));
-    }
-    (loss_sum, tokens, accumulator.grads())
+    (loss_sum, tokens, accumulator, hidden_grad)
+}
+
+/// Backpropagates a gradient that arrived at `output` from outside its graph: the
+/// backward pass of `Σ output ∘ grad` (whose gradient with respect to `output` is
+/// `grad`). Returns the parameters' gradients and, for a `leaf` of the graph (a
+/// detached tensor that requires grad), its gradient.
+pub(crate) fn backward_from<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    output: Tensor<B, 3>,
+    grad: Tensor<B::InnerBackend, 3>,
+    leaf: Option<&Tensor<B, 3>>,
+) -> (GradientsParams, Option<Tensor<B::InnerBackend, 3>>) {
+    let mut grads = (output * Tensor::from_inner(grad)).sum().backward();
+    let leaf_grad = leaf.and_then(|leaf| leaf.grad_remove(&mut grads));
+    (GradientsParams::from_grads(grads, model), leaf_grad)
 }
 
 #[cfg(test)]

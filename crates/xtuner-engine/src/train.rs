@@ -34,7 +34,7 @@ use xtuner_model::sampling::SamplingConfig;
 use crate::checkpoint::{self, TrainState};
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::lora;
-use crate::loss::chunked_lm_loss_backward;
+use crate::recompute::decoder_loss_backward;
 use crate::optim::{adamw, clip_grad_norm};
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
@@ -223,22 +223,13 @@ pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B
 }
 
 /// One micro-batch: forward, the token-mean loss, and the backward pass of the loss
-/// divided by `accumulative_counts`. Returns the loss and the gradients.
-///
-/// The LM head and the loss run [`LOGITS_PER_CHUNK`] logits at a time (see
-/// [`chunked_lm_loss_backward`]).
-pub fn forward_backward<B: AutodiffBackend>(model: &InternLm2<B>, batch: &Batch, accumulative_counts: usize, device: &B::Device) -> (f64, GradientsParams) {
+/// divided by `accumulative_counts`, recomputing each layer in backward when
+/// `checkpointing` (see [`decoder_loss_backward`]). Returns the loss and the gradients.
+pub fn forward_backward<B: AutodiffBackend>(model: &InternLm2<B>, batch: &Batch, accumulative_counts: usize, checkpointing: bool, device: &B::Device) -> (f64, GradientsParams) {
     let (ids, input) = batch_tensors::<B>(batch, device);
-    let hidden = model.hidden_states(model.embed(ids), &input, None);
-    let vocab = model.vocab_size();
-    let chunk = (LOGITS_PER_CHUNK / (batch.batch_size * vocab).max(1)).max(1);
-    let head = |h| model.lm_head(h);
-    let (sum, tokens, grads) = chunked_lm_loss_backward(model, hidden, head, &batch.labels, vocab, chunk, accumulative_counts as f64);
+    let (sum, tokens, grads) = decoder_loss_backward(model, model, model.embed(ids), &input, &batch.labels, accumulative_counts as f64, checkpointing);
     (sum / tokens.max(1) as f64, grads)
 }
-
-/// Logits computed at once by the training step's loss (128 MiB in f32).
-pub const LOGITS_PER_CHUNK: usize = 1 << 25;
 
 /// The optimizer step: global-norm clipping, then AdamW at `lr`. Returns the updated
 /// model and the gradient norm before clipping.
@@ -416,7 +407,7 @@ impl<B: AutodiffBackend> Recipe<B> for DecoderRecipe<'_, B> {
     fn forward_backward(&self, model: &InternLm2<B>, rows: &[usize], accumulative_counts: usize) -> Result<MicroStep> {
         let rows: Vec<&PackedRow> = rows.iter().filter_map(|&i| self.dataset.rows.get(i)).collect();
         let batch = collate(&rows, self.config.data.use_varlen_attn);
-        let (loss, grads) = forward_backward(model, &batch, accumulative_counts, self.device);
+        let (loss, grads) = forward_backward(model, &batch, accumulative_counts, self.config.model.activation_checkpointing, self.device);
         Ok(MicroStep { loss, trained_tokens: batch.trained_tokens(), tokens: batch.tokens(), grads })
     }
 

@@ -68,8 +68,11 @@ fn golden_batch() -> (Batch, Tensor<A, 4>, f32) {
     (batch, pixels, loss)
 }
 
+/// Tensor values by `part/key`.
+type Snapshot = BTreeMap<String, Vec<f32>>;
+
 /// Every tensor of the model by part: base weights, projector, and adapters.
-fn snapshot<Bk: burn::tensor::backend::Backend>(model: &Llava<Bk>, decoder: &DecoderConfig) -> BTreeMap<String, Vec<f32>> {
+fn snapshot<Bk: burn::tensor::backend::Backend>(model: &Llava<Bk>, decoder: &DecoderConfig) -> Snapshot {
     let mut out = BTreeMap::new();
     let mut add = |part: &str, tensors: Vec<(String, burn::tensor::TensorData)>| {
         for (key, data) in tensors {
@@ -86,21 +89,22 @@ fn snapshot<Bk: burn::tensor::backend::Backend>(model: &Llava<Bk>, decoder: &Dec
 
 /// Takes `steps` optimizer steps on the golden batch; returns the tensors before and
 /// after, and the trained model.
-fn train_steps(config: &TrainConfig, steps: usize) -> (BTreeMap<String, Vec<f32>>, BTreeMap<String, Vec<f32>>, Llava<A>, DecoderConfig) {
+fn train_steps(config: &TrainConfig, steps: usize) -> (Snapshot, Snapshot, Llava<A>, DecoderConfig) {
     let device = Default::default();
     let (mut llava, decoder) = model::<A>(config, None);
     let before = snapshot(&llava.valid(), &decoder);
     let mut optimizer = adamw(&config.optimizer).init::<A, Llava<A>>();
     let (batch, pixels, _) = golden_batch();
     for _ in 0..steps {
-        let (_, _, _, grads) = llava_loss_backward(&llava, &batch, pixels.clone(), -2, 1.0, &device).unwrap();
+        let checkpointing = config.model.activation_checkpointing;
+        let (_, _, _, grads) = llava_loss_backward(&llava, &batch, pixels.clone(), -2, 1.0, checkpointing, &device).unwrap();
         (llava, _) = optimizer_step(llava, &mut optimizer, grads, config.optimizer.lr, 1.0);
     }
     let after = snapshot(&llava.valid(), &decoder);
     (before, after, llava, decoder)
 }
 
-fn changed(before: &BTreeMap<String, Vec<f32>>, after: &BTreeMap<String, Vec<f32>>) -> Vec<String> {
+fn changed(before: &Snapshot, after: &Snapshot) -> Vec<String> {
     assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
     before.iter().filter(|(k, v)| after[*k] != **v).map(|(k, _)| k.clone()).collect()
 }
@@ -110,11 +114,14 @@ fn the_training_loss_matches_the_reference() {
     let config = config(PRETRAIN, "");
     let (llava, _) = model::<A>(&config, None);
     let (batch, pixels, want) = golden_batch();
-    let (loss, trained, tokens, grads) = llava_loss_backward(&llava, &batch, pixels, -2, 1.0, &Default::default()).unwrap();
-    assert!(((loss as f32 - want) / want).abs() < 1e-4, "{loss} vs {want}");
-    assert!(trained > 0 && tokens > trained);
-    // Pretrain: the two linear layers of the projector (weights and biases) only.
-    assert_eq!(grads.len(), 4);
+    // With and without recomputing each layer in backward (activation checkpointing).
+    for checkpointing in [false, true] {
+        let (loss, trained, tokens, grads) = llava_loss_backward(&llava, &batch, pixels.clone(), -2, 1.0, checkpointing, &Default::default()).unwrap();
+        assert!(((loss as f32 - want) / want).abs() < 1e-4, "{loss} vs {want}");
+        assert!(trained > 0 && tokens > trained);
+        // Pretrain: the two linear layers of the projector (weights and biases) only.
+        assert_eq!(grads.len(), 4);
+    }
 }
 
 #[test]

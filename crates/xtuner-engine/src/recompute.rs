@@ -1,0 +1,170 @@
+//! The decoder's part of a training step, with or without activation checkpointing
+//! (XTuner turns it on by default: `gradient_checkpointing_enable`).
+//!
+//! Without it, the decoder runs once with its graph, and the chunked LM loss
+//! ([`chunked_lm_loss_backward`]) backpropagates through all of it: every layer's
+//! activations stay alive until the backward pass.
+//!
+//! With it, only each layer's input is kept:
+//! 1. forward, layer by layer, with the parameters untracked, so no graph is built;
+//! 2. the final norm, the LM head and the loss on the last layer's output, which gives
+//!    the gradient at that output;
+//! 3. for each layer, last to first: run it again from its saved input, this time with
+//!    its graph, and backpropagate the gradient that arrived at its output; that gives
+//!    the layer's parameter gradients and the gradient at its input;
+//! 4. the gradient at the first layer's input flows into whatever made the embeddings
+//!    (the embedding table, LLaVA's projector).
+//!
+//! Peak memory is then the saved inputs (`layers × [B, T, C]`) plus one layer's graph,
+//! for one extra forward pass. Dropout draws the same masks in both passes of a layer:
+//! each layer's generator is reseeded from one draw per step.
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, ElementConversion, Tensor};
+use xtuner_model::internlm2::{DecoderInput, InternLm2};
+
+use crate::loss::{backward_from, chunked_lm_loss_backward, head_loss_backward};
+
+/// Logits computed at once by the training step's loss (128 MiB in f32).
+pub const LOGITS_PER_CHUNK: usize = 1 << 25;
+
+/// Forward and backward of the decoder `llm` (a part of `model`, whose parameters the
+/// gradients are collected for) from input embeddings, with the token-mean loss
+/// divided by `divisor`. Returns the summed loss, the trained tokens and the gradients.
+///
+/// # Shapes
+/// `embeds`: `[B, T, C]`, with its graph (so the embedding table or a projector gets
+/// its gradient); `labels`: `[B, T]`.
+pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    llm: &InternLm2<B>,
+    embeds: Tensor<B, 3>,
+    input: &DecoderInput<B>,
+    labels: &[i64],
+    divisor: f64,
+    recompute: bool,
+) -> (f64, usize, GradientsParams) {
+    let [b, _, _] = embeds.dims();
+    let vocab = llm.vocab_size();
+    let chunk = (LOGITS_PER_CHUNK / (b * vocab).max(1)).max(1);
+    let head = |h| llm.lm_head(h);
+    if !recompute {
+        let hidden = llm.hidden_states(embeds, input, None);
+        return chunked_lm_loss_backward(model, hidden, head, labels, vocab, chunk, divisor);
+    }
+
+    let device = embeds.device();
+    let step_seed = Tensor::<B::InnerBackend, 1>::random([1], Distribution::Uniform(0.0, 1.0), &device).into_scalar().elem::<f64>();
+    let layer_seed = |i: usize| ((step_seed * f64::from(u32::MAX)) as u64).wrapping_add(i as u64);
+    let (cos, sin) = llm.rope.cos_sin(input.positions.clone());
+
+    // 1. Forward without a graph, keeping each layer's input.
+    let mut saved: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(llm.layers.len());
+    let mut x = embeds.clone().detach();
+    for (i, layer) in llm.layers.iter().enumerate() {
+        saved.push(x.clone().inner());
+        B::seed(&device, layer_seed(i));
+        x = layer.clone().no_grad().forward(x, &cos, &sin, &input.bias, None);
+    }
+
+    // 2. Norm, head and loss on the last output.
+    let top = x.detach().require_grad();
+    let hidden = llm.norm.forward(top.clone());
+    let (loss_sum, tokens, mut accumulator, hidden_grad) = head_loss_backward(model, &hidden, head, labels, vocab, chunk, divisor);
+    let Some(hidden_grad) = hidden_grad else {
+        return (loss_sum, tokens, accumulator.grads());
+    };
+    let (grads, mut grad) = backward_from(model, hidden, hidden_grad, Some(&top));
+    accumulator.accumulate(model, grads);
+
+    // 3. Each layer again, with its graph, last to first.
+    for (i, layer) in llm.layers.iter().enumerate().rev() {
+        let Some(g) = grad.take() else { break };
+        let x = Tensor::<B, 3>::from_inner(saved[i].clone()).require_grad();
+        B::seed(&device, layer_seed(i));
+        let y = layer.forward(x.clone(), &cos, &sin, &input.bias, None);
+        let (grads, input_grad) = backward_from(model, y, g, Some(&x));
+        accumulator.accumulate(model, grads);
+        grad = input_grad;
+    }
+
+    // 4. Into the embeddings.
+    if let Some(g) = grad {
+        accumulator.accumulate(model, backward_from(model, embeds, g, None).0);
+    }
+    (loss_sum, tokens, accumulator.grads())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Int, TensorData, Tolerance};
+    use xtuner_model::internlm2::DecoderConfig;
+
+    use super::*;
+
+    type AD = Autodiff<NdArray<f32>>;
+
+    struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);
+    impl ModuleVisitor<AD> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<AD, D>>) {
+            if let Some(g) = self.0.get::<NdArray<f32>, D>(param.id) {
+                self.1.push(g.into_data().to_vec::<f32>().unwrap());
+            }
+        }
+    }
+
+    fn gradients(model: &InternLm2<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
+        let mut collect = Collect(grads, Vec::new());
+        model.visit(&mut collect);
+        collect.1
+    }
+
+    /// Recomputing each layer in backward gives the loss and every gradient of the
+    /// plain backward pass, padding and all, for a fully trained model and for LoRA.
+    #[test]
+    fn recomputed_layers_give_the_same_loss_and_gradients() {
+        let device = Default::default();
+        let mut config = DecoderConfig::preset("internlm2-tiny", 40).unwrap();
+        (config.hidden_size, config.intermediate_size, config.head_dim, config.rope.head_dim, config.n_layers) = (32, 48, 8, 8, 3);
+        <AD as Backend>::seed(&device, 5);
+        let full = InternLm2::<AD>::random(&config, &device).unwrap();
+        let lora = crate::lora::attach(full.clone(), &config, &crate::config::LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec![] }, &device).unwrap();
+        // LoRA's B starts at zero; give it values so every adapter gets a gradient.
+        let lora = lora.map_linears(&config, |_, mut linear| -> Result<_, ()> {
+            if let Some(l) = linear.lora.as_mut() {
+                l.lora_b = Param::from_tensor(Tensor::random(l.lora_b.dims(), Distribution::Normal(0.0, 0.1), &device));
+            }
+            Ok(linear)
+        });
+        let lora = lora.unwrap();
+        let (b, t) = (2, 7);
+        let ids: Vec<i64> = (0..b * t).map(|i| (i * 11 % 40) as i64).collect();
+        let mut labels = ids.clone();
+        labels[2] = -100;
+        let valid: Vec<bool> = (0..b * t).map(|i| i < 12).collect(); // row 1 ends in padding
+        labels[12..].fill(-100);
+        let positions: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
+        let input = DecoderInput {
+            positions: Tensor::from_data(TensorData::new(positions, [b, t]), &device),
+            bias: xtuner_model::nn::attention::attention_bias(b, t, 0, &valid, None, &device),
+        };
+        let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+        for model in [&full, &lora] {
+            let (plain_loss, plain_tokens, plain) = decoder_loss_backward(model, model, model.embed(ids.clone()), &input, &labels, 2.0, false);
+            let (loss, tokens, recomputed) = decoder_loss_backward(model, model, model.embed(ids.clone()), &input, &labels, 2.0, true);
+            assert_eq!(tokens, plain_tokens);
+            assert!((loss - plain_loss).abs() < 1e-9 * plain_loss.abs().max(1.0), "{loss} vs {plain_loss}");
+            let (plain, recomputed) = (gradients(model, &plain), gradients(model, &recomputed));
+            assert!(!plain.is_empty());
+            assert_eq!(plain.len(), recomputed.len(), "every trained parameter has a gradient");
+            for (p, r) in plain.iter().zip(&recomputed) {
+                TensorData::from(r.as_slice()).assert_approx_eq::<f32>(&TensorData::from(p.as_slice()), Tolerance::absolute(1e-6));
+            }
+        }
+    }
+}
