@@ -5,9 +5,10 @@
 //! binary built with `--features cuda`) and `tools/bench_train.py` with the same shape
 //! (InternLM2-1.8B's by default: a model of random weights, no download), packed rows,
 //! batch and rank, each in its own process, while sampling the card's used memory with
-//! `nvidia-smi` every 100 ms (peak minus the level before the process started). The
-//! reference also runs with activation checkpointing. It prints a markdown table with
-//! the ratios and writes the raw JSON lines next to it.
+//! `nvidia-smi` every 100 ms (peak minus the level before the process started). Both
+//! sides run without and with activation checkpointing. It prints a markdown table with
+//! the ratios (against the reference with the same checkpointing) and writes the raw
+//! JSON lines next to it.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -84,6 +85,7 @@ impl TrainArgs {
                 format!("--steps={}", self.steps),
                 format!("--mode={mode}"),
             ];
+            // Ours, then the reference, without and then with activation checkpointing.
             for checkpointing in [false, true] {
                 let mut ours = vec!["bench".to_string(), "--device=cuda".into(), format!("--preset={}", self.preset)];
                 ours.extend(common.iter().cloned());
@@ -91,11 +93,9 @@ impl TrainArgs {
                     ours.push("--checkpointing".into());
                 }
                 runs.push(Run { side: "xtuner-rs", mode: mode.clone(), checkpointing, program: self.xtuner.display().to_string(), args: ours });
-            }
-            if self.no_reference {
-                continue;
-            }
-            for checkpointing in [false, true] {
+                if self.no_reference {
+                    continue;
+                }
                 let mut args = vec!["tools/bench_train.py".to_string()];
                 args.extend(common.iter().cloned());
                 if checkpointing {
@@ -305,12 +305,15 @@ mod tests {
     fn plan_runs_both_sides_per_mode() {
         let cli = Cli::parse_from(["x", "--modes", "lora,full"]);
         let runs = cli.args.runs();
-        assert_eq!(runs.len(), 6);
-        assert_eq!(runs[0].side, "xtuner-rs");
+        assert_eq!(runs.len(), 8);
+        assert_eq!((runs[0].side, runs[1].side, runs[2].side), ("xtuner-rs", "pytorch", "xtuner-rs"));
         assert!(runs[0].args.contains(&"--mode=lora".to_string()) && runs[0].args.contains(&"--device=cuda".to_string()));
-        assert!(runs[2].args.contains(&"--checkpointing".to_string()));
+        assert!(!runs[1].args.contains(&"--checkpointing".to_string()));
+        assert!(runs[2].args.contains(&"--checkpointing".to_string()) && runs[3].args.contains(&"--checkpointing".to_string()));
         let cli = Cli::parse_from(["x", "--no-reference"]);
-        assert_eq!(cli.args.runs().len(), 3);
+        let runs = cli.args.runs();
+        assert_eq!(runs.len(), 6);
+        assert!(runs.iter().all(|r| r.side == "xtuner-rs"));
     }
 
     #[test]
@@ -320,7 +323,7 @@ mod tests {
         let results = vec![
             (&runs[0], json!({"tokens_per_s": 5000.0, "tflops": 60.0, "peak_gpu_mib": 10240.0})),
             (&runs[1], json!({"tokens_per_s": 10000.0, "tflops": 120.0})),
-            (&runs[2], json!({"error": "timed out"})),
+            (&runs[3], json!({"error": "timed out"})),
         ];
         let table = markdown(&cli.args, &results);
         assert!(table.contains("| lora | xtuner-rs | no | 5000 | 60.0 | 10.0 GiB | 0.50× |"), "{table}");

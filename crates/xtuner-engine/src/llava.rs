@@ -27,7 +27,7 @@ use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer};
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
 use xtuner_model::clip_vit::{ClipVisionTower, HiddenAct};
-use xtuner_model::image::{ImageProcessor, probe, stack_pixel_values};
+use xtuner_model::image::{ImageProcessor, probe};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{Llava, image_features};
 use xtuner_model::nn::attention::attention_bias;
@@ -268,14 +268,8 @@ impl Images {
 
     /// `[N, 3, H, W]` for training rows `rows`; text-only rows get the blank image.
     fn pixel_values<B: Backend>(&self, rows: &[usize], device: &B::Device) -> Result<Tensor<B, 4>> {
-        let images = rows
-            .iter()
-            .map(|&i| match self.files.get(i).cloned().flatten() {
-                Some(path) => self.processor.preprocess_file::<B>(path, device),
-                None => Ok(self.processor.blank::<B>(device)),
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(stack_pixel_values(images)?)
+        let files: Vec<Option<PathBuf>> = rows.iter().map(|&i| self.files.get(i).cloned().flatten()).collect();
+        Ok(self.processor.preprocess_batch(&files, device)?)
     }
 }
 

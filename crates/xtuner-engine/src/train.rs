@@ -588,9 +588,7 @@ fn save_base_model<B: Backend>(model: &InternLm2<B>, decoder: &DecoderConfig, to
     let tmp = tempfile::Builder::new().prefix(".base_model").tempdir_in(tmp_parent).map_err(|e| Error::Io { path: tmp_parent.to_path_buf(), source: e })?;
     let bos = tokenizer.bos_ids().first().copied();
     let eos = tokenizer.eos_ids().first().copied();
-    let config_path = tmp.path().join("config.json");
-    std::fs::write(&config_path, serde_json::to_string_pretty(&decoder.to_hf_json(bos, eos)).unwrap_or_default())
-        .map_err(|e| Error::Io { path: config_path, source: e })?;
+    write_json(&tmp.path().join("config.json"), &decoder.to_hf_json(bos, eos))?;
     save_safetensors(tmp.path(), "model", model.to_hf_tensors(decoder), SaveDtype::F32, Some(2_000_000_000))?;
     copy_tokenizer_files(tokenizer, tmp.path())?;
     let kept = tmp.keep();
@@ -646,12 +644,13 @@ pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, image: Option<&Tensor<B, 
             None => prompt,
         };
         let mut ids: Vec<i64> = tokenizer.bos_ids().iter().map(|&i| i64::from(i)).collect();
-        let mut pieces = text.split(IMAGE_TOKEN).peekable();
-        while let Some(piece) = pieces.next() {
-            ids.extend(tokenizer.encode(piece)?.into_iter().map(i64::from));
-            if pieces.peek().is_some() && image.is_some() {
+        // With an image, `<image>` marks where its features go; otherwise it is text.
+        let pieces: Vec<&str> = if image.is_some() { text.split(IMAGE_TOKEN).collect() } else { vec![text.as_str()] };
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
                 ids.push(IMAGE_TOKEN_INDEX);
             }
+            ids.extend(tokenizer.encode(piece)?.into_iter().map(i64::from));
         }
         let tensor = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
         let embeds = match image {

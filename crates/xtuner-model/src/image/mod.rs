@@ -11,10 +11,11 @@
 
 mod resample;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ::image::RgbImage;
 use burn::tensor::backend::Backend;
+use rayon::prelude::*;
 use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
 
@@ -349,13 +350,39 @@ impl ImageProcessor {
         path: impl AsRef<Path>,
         device: &B::Device,
     ) -> Result<Tensor<B, 3>> {
-        let path = path.as_ref();
+        Ok(Tensor::from_data(self.preprocess_path(path.as_ref())?, device))
+    }
+
+    /// A training batch's `pixel_values`, the images decoded and preprocessed in
+    /// parallel; `None` (a text-only sample) gives the blank image.
+    ///
+    /// # Shapes
+    /// Output `[N, 3, H, W]` for N `files`.
+    ///
+    /// # Errors
+    /// [`Error::Image`] naming the first file that is missing, unreadable or
+    /// undecodable; [`Error::InvalidInput`] for no files.
+    pub fn preprocess_batch<B: Backend>(
+        &self,
+        files: &[Option<PathBuf>],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 4>> {
+        let data = files
+            .par_iter()
+            .map(|file| match file {
+                Some(path) => self.preprocess_path(path),
+                None => Ok(self.blank()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        stack_pixel_values(data.into_iter().map(|d| Tensor::from_data(d, device)).collect())
+    }
+
+    fn preprocess_path(&self, path: &Path) -> Result<TensorData> {
         let image = open_rgb(path)?;
-        let data = self.preprocess(&image).map_err(|e| Error::Image {
+        self.preprocess(&image).map_err(|e| Error::Image {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })?;
-        Ok(Tensor::from_data(data, device))
+        })
     }
 
     /// The all-zero `pixel_values` that XTuner's dataset gives a text-only sample
@@ -363,11 +390,8 @@ impl ImageProcessor {
     ///
     /// # Shapes
     /// Output `[3, crop_height, crop_width]`.
-    pub fn blank<B: Backend>(&self, device: &B::Device) -> Tensor<B, 3> {
-        Tensor::zeros(
-            [3, self.config.crop_size.height, self.config.crop_size.width],
-            device,
-        )
+    pub fn blank(&self) -> TensorData {
+        TensorData::zeros::<f32, _>([3, self.config.crop_size.height, self.config.crop_size.width])
     }
 
     /// Rescales and normalizes `u8` RGB into channel-major f32, as HF's `rescale`
