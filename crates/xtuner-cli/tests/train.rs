@@ -374,6 +374,7 @@ fn a_missing_llava_image_is_an_error_or_a_skipped_record() {
     let args = ["train", "configs/demo_llava_pretrain.toml", "--work-dir", work.to_str().unwrap(), "--cfg-options", &files, &cache, "train.max_iters=1", "evaluation.inputs=[]"];
     let err = failed(&xtuner(&args, &repo));
     assert!(err.contains("no_such_picture.png") && err.contains("skip_bad_records"), "{err}");
+    assert!(err.contains("data.json:1"), "the error names the record: {err}");
     assert!(!work.join("iter_1").exists());
     let mut skipping = args.to_vec();
     skipping.push("data.skip_bad_records=true");

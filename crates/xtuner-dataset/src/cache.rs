@@ -18,7 +18,7 @@ use crate::tokenizer::{self, Tokenizer};
 use crate::{Error, Result};
 
 /// Bumped whenever the pipeline's output or this file layout changes.
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"XTRSDSC\0";
 
 /// Whether a dataset came from the cache.
@@ -116,6 +116,8 @@ fn write_entry(path: &Path, dataset: &ProcessedDataset) -> Result<()> {
     }
     let images = serde_json::to_vec(&dataset.images).map_err(|e| cache_error(path, e.to_string()))?;
     put_json(&mut payload, images);
+    let sources = serde_json::to_vec(&dataset.sources).map_err(|e| cache_error(path, e.to_string()))?;
+    put_json(&mut payload, sources);
 
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -216,7 +218,8 @@ fn decode_payload(payload: &[u8]) -> Option<ProcessedDataset> {
         row.cumulative_len = cur.u32s(len)?.map(|c| c as usize).collect();
     }
     let images: Vec<Option<String>> = cur.json()?;
-    Some(ProcessedDataset { rows, images, stats })
+    let sources: Vec<String> = cur.json()?;
+    Some(ProcessedDataset { rows, images, sources, stats })
 }
 
 #[cfg(test)]

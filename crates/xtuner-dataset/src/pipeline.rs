@@ -103,6 +103,9 @@ pub struct ProcessedDataset {
     pub rows: Vec<PackedRow>,
     /// Image file of each row (unpacked LLaVA data; empty otherwise).
     pub images: Vec<Option<String>>,
+    /// The record each row came from, as `file:line` (unpacked data; empty otherwise),
+    /// for errors about a row that show up after processing (an unreadable image).
+    pub sources: Vec<String>,
     /// What happened on the way.
     pub stats: DatasetStats,
 }
@@ -124,7 +127,7 @@ pub struct SampleTrace {
 
 /// What became of one record.
 enum Outcome {
-    Kept(EncodedSample, Option<String>),
+    Kept(KeptSample),
     Empty,
     Untrained,
     Bad,
@@ -175,12 +178,20 @@ fn process_record(spec: &DataSpec, tokenizer: &Tokenizer, record: &Record) -> Re
     } else if !trace.encoded.has_trained_label() {
         Outcome::Untrained
     } else {
-        Outcome::Kept(trace.encoded, trace.image)
+        Outcome::Kept(KeptSample { sample: trace.encoded, image: trace.image, source: format!("{}:{}", record.path.display(), record.line) })
     })
 }
 
-/// A kept sample and its record's image, if any.
-pub type KeptSample = (EncodedSample, Option<String>);
+/// A kept sample, its record's image (if any) and the record's `file:line`.
+#[derive(Debug, Clone)]
+pub struct KeptSample {
+    /// The encoded sample.
+    pub sample: EncodedSample,
+    /// The record's image file, as the record names it.
+    pub image: Option<String>,
+    /// Where the record is: `file:line`.
+    pub source: String,
+}
 
 /// Reads and encodes every record (no shuffling or packing): the kept samples in input
 /// order, with their images, and the counts.
@@ -200,10 +211,10 @@ pub fn encode_records(
     // Sequential scan: the first bad record in file order is the one reported.
     for outcome in outcomes {
         match outcome? {
-            Outcome::Kept(sample, image) => {
-                stats.tokens += sample.len();
-                stats.trained_tokens += sample.trained_tokens();
-                kept.push((sample, image));
+            Outcome::Kept(k) => {
+                stats.tokens += k.sample.len();
+                stats.trained_tokens += k.sample.trained_tokens();
+                kept.push(k);
             }
             Outcome::Empty => stats.dropped_empty += 1,
             Outcome::Untrained => stats.dropped_untrained += 1,
@@ -253,18 +264,18 @@ pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDatase
             let mut slots: Vec<Option<KeptSample>> = kept.into_iter().map(Some).collect();
             kept = order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect();
         }
-        let samples: Vec<EncodedSample> = kept.into_iter().map(|(s, _)| s).collect();
+        let samples: Vec<EncodedSample> = kept.into_iter().map(|k| k.sample).collect();
         let rows = pack(&samples, spec.max_length);
-        ProcessedDataset { rows, images: Vec::new(), stats: DatasetStats::default() }
+        ProcessedDataset { rows, ..ProcessedDataset::default() }
     } else {
-        let (rows, images) = kept
-            .into_iter()
-            .map(|(s, image)| {
-                let len = s.len();
-                (PackedRow { input_ids: s.input_ids, labels: s.labels, cumulative_len: vec![0, len] }, image)
-            })
-            .unzip();
-        ProcessedDataset { rows, images, stats: DatasetStats::default() }
+        let mut dataset = ProcessedDataset::default();
+        for k in kept {
+            let len = k.sample.len();
+            dataset.rows.push(PackedRow { input_ids: k.sample.input_ids, labels: k.sample.labels, cumulative_len: vec![0, len] });
+            dataset.images.push(k.image);
+            dataset.sources.push(k.source);
+        }
+        dataset
     };
     stats.rows = dataset.rows.len();
     tracing::info!(

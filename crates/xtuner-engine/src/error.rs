@@ -38,6 +38,18 @@ pub enum Error {
         /// The last good checkpoint.
         checkpoint: Option<PathBuf>,
     },
+    /// A training sample's image is missing or unreadable.
+    #[error("{}: the image `{name}` of {record} cannot be read ({message}); fix it, or set data.skip_bad_records = true to skip such samples", path.display())]
+    BadImage {
+        /// The image file.
+        path: PathBuf,
+        /// The image as the record names it.
+        name: String,
+        /// The record: `the record at file:line`.
+        record: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The data pipeline failed.
     #[error(transparent)]
     Data(#[from] xtuner_dataset::Error),

@@ -233,13 +233,15 @@ impl Images {
                     skipped += 1;
                     continue;
                 }
-                let name = dataset.images[row].clone().unwrap_or_default();
-                return Err(Error::Config {
+                let message = match e {
+                    xtuner_model::Error::Image { message, .. } => message,
+                    other => other.to_string(),
+                };
+                return Err(Error::BadImage {
                     path: path.clone(),
-                    message: format!(
-                        "the image `{name}` of training sample {row} (under llava.image_folder) cannot be read: {e}; \
-                         fix it, or set data.skip_bad_records = true to skip such samples"
-                    ),
+                    name: dataset.images[row].clone().unwrap_or_default(),
+                    record: dataset.sources.get(row).map_or_else(|| format!("training sample {row}"), |s| format!("the record at {s}")),
+                    message,
                 });
             }
             rows.push(row);

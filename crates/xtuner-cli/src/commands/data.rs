@@ -50,7 +50,7 @@ pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
         println!("labels:    {:?}", trace.encoded.labels);
     }
     if spec.pack_to_max_length {
-        let samples: Vec<EncodedSample> = kept.into_iter().map(|(s, _)| s).collect();
+        let samples: Vec<EncodedSample> = kept.into_iter().map(|k| k.sample).collect();
         let rows = pack(&samples, spec.max_length);
         println!("=== packed: {} rows of {} tokens ===", rows.len(), spec.max_length);
     }
@@ -148,8 +148,8 @@ pub fn encode(
     let records = load_records(&spec)?;
     let (kept, stats) = encode_records(&spec, &tokenizer, &records)?;
     let mut writer = create(out)?;
-    for (sample, _) in &kept {
-        serde_json::to_writer(&mut writer, sample)?;
+    for k in &kept {
+        serde_json::to_writer(&mut writer, &k.sample)?;
         writer.write_all(b"\n")?;
     }
     writer.flush().with_context(|| format!("writing {}", out.display()))?;
