@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device checks for the CUDA path, run on a lent GPU machine with target/gpu carried
-# (tools/gpu_bundle.sh makes it): a smoke run, CPU-vs-CUDA losses on the tiny fixture,
-# then `xtask bench train` against PyTorch. Results land in $OUT.
+# (tools/gpu_bundle.sh makes it): the cuBLAS seam against Burn's matmul, a smoke run with
+# and without cuBLAS, CPU-vs-CUDA losses on the tiny fixture, then `xtask bench train`
+# against PyTorch. Results land in $OUT.
 export CUDA_PATH=/usr/local/cuda
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 G=$PWD/target/gpu
@@ -13,9 +14,14 @@ python3 -c "import torch,transformers,peft;print('torch',torch.__version__,'tran
 python3 -c "import bitsandbytes as b;print('bitsandbytes',b.__version__)" 2>&1 | tail -1
 nproc; date -u
 } > $OUT/env.txt 2>&1
+echo "== cuBLAS seam $SECONDS"
+timeout 120 $G/cuda_gemm > $OUT/cuda_gemm.txt 2>&1; echo "rc $?"
+tail -15 $OUT/cuda_gemm.txt
 echo "== smoke $SECONDS"
 timeout 120 $X bench --device cuda --preset internlm2-tiny --vocab-size 1000 --seq-len 256 --warmup 1 --steps 3 > $OUT/smoke.json 2> $OUT/smoke.err; echo "rc $?"
 tail -3 $OUT/smoke.err; cat $OUT/smoke.json
+XTUNER_GEMM=burn timeout 120 $X bench --device cuda --preset internlm2-tiny --vocab-size 1000 --seq-len 256 --warmup 1 --steps 3 > $OUT/smoke_burn_gemm.json 2>&1; echo "rc $?"
+tail -1 $OUT/smoke_burn_gemm.json
 echo "== parity $SECONDS"
 cd $G/parity
 timeout 120 $X train run.toml --work-dir cuda --device cuda > $OUT/parity_cuda.out 2>&1; echo "rc $?"

@@ -79,6 +79,9 @@ pub struct StepReport {
     pub losses: Vec<f64>,
     /// Seconds to build the model (and quantize it, for QLoRA).
     pub setup_s: f64,
+    /// Matrix products per timed step that ran on cuBLAS (0 on the CPU, or when a CUDA
+    /// build fell back to Burn's matmul).
+    pub cublas_gemms_per_step: f64,
 }
 
 /// Model FLOPs per token (PaLM): `6N` (`4N` with a frozen base) plus attention.
@@ -130,10 +133,12 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
     let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
     let mut losses = Vec::with_capacity(bench.warmup + bench.steps);
     let mut timed = None;
+    let mut gemms_before = 0;
     for step in 0..bench.warmup + bench.steps {
         if step == bench.warmup {
             sync::<B>(device)?;
             timed = Some(Instant::now());
+            gemms_before = xtuner_model::nn::gemm::cublas_products();
         }
         let (loss, grads) = forward_backward(&model, &batch, 1, bench.checkpointing, device);
         losses.push(loss);
@@ -155,6 +160,7 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
         tflops: tokens_per_s * flops / 1e12,
         losses,
         setup_s,
+        cublas_gemms_per_step: (xtuner_model::nn::gemm::cublas_products() - gemms_before) as f64 / bench.steps.max(1) as f64,
     })
 }
 
@@ -183,6 +189,7 @@ mod tests {
             assert_eq!(report.losses.len(), 4);
             assert!(report.losses.iter().all(|l| l.is_finite()));
             assert!(report.tokens_per_s > 0.0 && report.tflops > 0.0);
+            assert_eq!(report.cublas_gemms_per_step, 0.0);
             match mode {
                 BenchMode::Full => assert!(report.trainable_params > report.matmul_params),
                 _ => assert!(report.trainable_params < report.matmul_params / 4, "{}", report.trainable_params),

@@ -100,6 +100,9 @@ pub struct StepStats {
     pub tokens_per_s: f64,
     /// Estimated seconds left.
     pub eta_s: f64,
+    /// Device memory the allocator holds, in MiB (GPU runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<f64>,
 }
 
 /// Receives [`TrainEvent`]s (the CLI draws a progress bar from them).
@@ -514,6 +517,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                 grad_norm,
                 tokens_per_s: tokens_seen as f64 / elapsed,
                 eta_s: per_iter * (total_iters - done) as f64,
+                memory_mib: xtuner_model::device::memory_reserved_mib::<B>(device),
             };
             summary.first_loss.get_or_insert(loss);
             summary.last_loss = Some(loss);

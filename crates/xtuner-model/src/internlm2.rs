@@ -393,7 +393,7 @@ impl<B: Backend> InternLm2<B> {
     pub fn lm_head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.output {
             Some(output) => output.forward(h),
-            None => h.matmul(self.tok_embeddings.val().transpose().unsqueeze::<3>()),
+            None => crate::nn::gemm::matmul(h, self.tok_embeddings.val().transpose()),
         }
     }
 }

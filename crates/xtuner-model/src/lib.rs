@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod clip_vit;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod image;

@@ -40,10 +40,13 @@ impl Progress for CliProgress {
                 }
             }
             TrainEvent::Step(s) => {
-                let line = format!(
+                let mut line = format!(
                     "iter {}/{} epoch {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s eta {:.0}s",
                     s.iter, s.total_iters, s.epoch, s.loss, s.lr, s.grad_norm, s.tokens_per_s, s.eta_s
                 );
+                if let Some(mib) = s.memory_mib {
+                    line.push_str(&format!(" memory {mib:.0} MiB"));
+                }
                 match &self.bar {
                     Some(bar) => {
                         bar.set_position(s.iter as u64);

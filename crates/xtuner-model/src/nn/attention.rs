@@ -5,7 +5,8 @@
 //! The projection is one fused `wqkv` linear whose output columns are laid out
 //! `[q heads (H·D) | k heads (K·D) | v heads (K·D)]`; loaders convert InternLM2's
 //! KV-group-interleaved rows and Llama's separate q/k/v into it. Query head `j` uses KV
-//! head `j / (H/K)` (PyTorch's `repeat_interleave`). Softmax runs in f32.
+//! head `j / (H/K)` (PyTorch's `repeat_interleave`). Softmax runs in f32; the two
+//! products go through [`batched_matmul`] (cuBLAS on CUDA).
 //!
 //! Dimension legend: B batch, T new tokens, S keys (cached + new), H query heads,
 //! K KV heads, D head dim, C hidden.
@@ -15,6 +16,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
+use crate::nn::gemm::batched_matmul;
 use crate::nn::kv_cache::LayerCache;
 use crate::nn::linear::Linear;
 use crate::nn::rope::apply_rotary;
@@ -85,14 +87,15 @@ pub fn scaled_dot_product<B: Backend>(
     let [b, h, t, d] = q.dims();
     let [_, kv_heads, s, _] = k.dims();
     let groups = h / kv_heads.max(1);
-    // [B, K, S, D] → [B, K, G, S, D] → [B, H, S, D]
-    let repeat = |x: Tensor<B, 4>| x.unsqueeze_dim::<5>(2).expand([b, kv_heads, groups, s, d]).reshape([b, h, s, d]);
-    let (k, v) = (repeat(k), repeat(v));
+    // The query heads of one KV group are consecutive, so stacking them along T gives
+    // each KV head G·T queries to answer at once: K and V are never repeated.
+    let q = q.reshape([b * kv_heads, groups * t, d]);
+    let k = k.reshape([b * kv_heads, s, d]);
+    let v = v.reshape([b * kv_heads, s, d]);
     let dtype = q.dtype();
-    let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32) / (d as f64).sqrt(); // [B, H, T, S]
+    let scores = batched_matmul(q, k.swap_dims(1, 2)).reshape([b, h, t, s]).cast(DType::F32) / (d as f64).sqrt();
     let probs = softmax(scores + bias.clone().cast(DType::F32), 3).cast(dtype);
-    let _ = t;
-    probs.matmul(v)
+    batched_matmul(probs.reshape([b * kv_heads, groups * t, s]), v).reshape([b, h, t, d])
 }
 
 /// The additive attention mask `[B, 1, T, S]`: 0 where query `i` (at absolute position

@@ -1,9 +1,9 @@
 //! The linear layer, `y = x·W + b`, with `W` stored as `[d_in, d_out]` (Burn's layout;
 //! checkpoints store PyTorch's `[out, in]` and are transposed on load).
 //!
-//! Every matrix product of the models goes through [`Linear::forward`]: it is the one
-//! seam where a backend-specific GEMM (cuBLAS on CUDA) or an adapter plugs in without
-//! touching model code. A [`Lora`] adapter adds `scale·dropout(x)·A·B` (PEFT's LoRA,
+//! Every weight product of the models goes through [`Linear::forward`], which multiplies
+//! through [`crate::nn::gemm::matmul`] (cuBLAS on CUDA); adapters and quantized storage
+//! plug in here without touching model code. A [`Lora`] adapter adds `scale·dropout(x)·A·B` (PEFT's LoRA,
 //! Hu et al. 2021) without ever forming the merged weight, so its cost is proportional
 //! to the rank.
 
@@ -13,6 +13,7 @@ use burn::tensor::{Distribution, Tensor};
 
 use crate::Result;
 use crate::checkpoint::Checkpoint;
+use crate::nn::gemm::matmul;
 use crate::nn::nf4::{Nf4Tensor, Nf4Weight};
 
 /// Where a linear layer of a model sits: what adapters, quantization and export
@@ -108,7 +109,7 @@ impl<B: Backend> Lora<B> {
         } else {
             x
         };
-        x.matmul(self.lora_a.val().unsqueeze::<D>()).matmul(self.lora_b.val().unsqueeze::<D>()) * self.scale
+        matmul(matmul(x, self.lora_a.val()), self.lora_b.val()) * self.scale
     }
 
     /// `scale · A·B` as a `[d_in, d_out]` matrix (for merging).
@@ -203,7 +204,7 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// `x`: `[..., d_in]` → `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let mut y = x.clone().matmul(self.dense_weight().unsqueeze::<D>());
+        let mut y = matmul(x.clone(), self.dense_weight());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<D>();
         }
