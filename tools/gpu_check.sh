@@ -27,6 +27,20 @@ cd $G/parity
 timeout 120 $X train run.toml --work-dir cuda --device cuda > $OUT/parity_cuda.out 2>&1; echo "rc $?"
 tail -3 $OUT/parity_cuda.out
 cp cpu/train_log.jsonl $OUT/parity_cpu.jsonl; cp cuda/train_log.jsonl $OUT/parity_cuda.jsonl 2>/dev/null
+# The bf16 losses must track the f32 ones: within 3% (relative) at every step.
+python3 - $OUT/parity_cpu.jsonl $OUT/parity_cuda.jsonl <<'PY'
+import json, sys
+def losses(path):
+    try:
+        return [r["loss"] for r in map(json.loads, open(path)) if r.get("event") == "step"]
+    except OSError:
+        return []
+cpu, cuda = losses(sys.argv[1]), losses(sys.argv[2])
+worst = max((abs(a - b) / abs(a) for a, b in zip(cpu, cuda)), default=float("inf"))
+ok = len(cpu) == len(cuda) > 0 and worst < 0.03
+print(f"parity {'PASS' if ok else 'FAIL'}: {len(cuda)}/{len(cpu)} steps, worst relative loss difference {worst:.4f}")
+print("cpu ", " ".join(f"{x:.4f}" for x in cpu)); print("cuda", " ".join(f"{x:.4f}" for x in cuda))
+PY
 timeout 60 $X chat model --prompt "The highest " --temperature 0 --max-new-tokens 8 --no-streamer --device cuda > $OUT/chat_cuda.txt 2>&1; echo "chat rc $?"; cat $OUT/chat_cuda.txt | tail -3
 cd - > /dev/null
 LEFT=$((BUDGET - SECONDS))

@@ -141,7 +141,9 @@ pub fn peft_tensors<B: Backend, M: LinearLayers<B>>(model: &M, config: &M::Confi
 pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M {
     let merged: std::result::Result<_, std::convert::Infallible> = model.map_linear_layers(config, |_, mut linear: Linear<B>| {
         if let Some(lora) = linear.lora.take() {
-            linear.weight = Param::from_tensor(linear.dense_weight() + lora.delta());
+            let base = linear.dense_weight();
+            let delta = xtuner_model::nn::precision::in_dtype(lora.delta(), base.dtype());
+            linear.weight = Param::from_tensor(base + delta);
             linear.nf4 = None;
         }
         Ok(linear)

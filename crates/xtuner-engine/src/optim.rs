@@ -1,11 +1,16 @@
 //! Optimizer pieces that Burn does not provide as XTuner uses them: gradient clipping
 //! by the global L2 norm over all trainable parameters (PyTorch's `clip_grad_norm_`;
-//! Burn's clipping works per tensor), and AdamW with PyTorch's settings.
+//! Burn's clipping works per tensor), AdamW with PyTorch's settings, and f32 master
+//! weights: a bf16 run keeps its trainable parameters, their gradients and AdamW's
+//! moments in f32 (as PyTorch's autocast and DeepSpeed's bf16 mode do), while the
+//! layers compute in bf16 ([`xtuner_model::nn::precision`]).
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::Tensor;
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
+use burn::optim::{AdamW, AdamWConfig, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Tensor};
+use xtuner_model::nn::precision::in_dtype;
 
 use crate::config::OptimizerConfig;
 
@@ -17,6 +22,54 @@ pub fn adamw(config: &OptimizerConfig) -> AdamWConfig {
         .with_beta_2(config.betas[1] as f32)
         .with_epsilon(config.eps as f32)
         .with_weight_decay(config.weight_decay as f32)
+}
+
+/// The dtype trainable parameters and the optimizer's state are kept in.
+pub const MASTER_DTYPE: DType = DType::F32;
+
+/// The model with every trainable parameter stored in `dtype` (frozen ones, such as a
+/// LoRA run's bf16 base, stay as they are). A no-op where they already are, as on the
+/// CPU.
+pub fn master_weights<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, dtype: DType) -> M {
+    struct Widen(DType);
+    impl<B: AutodiffBackend> ModuleMapper<B> for Widen {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            if !param.is_require_grad() || param.val().dtype() == self.0 {
+                return param;
+            }
+            let (id, tensor, mapper) = param.consume();
+            Param::from_mapped_value(id, tensor.cast(self.0).detach().require_grad(), mapper)
+        }
+    }
+    model.map(&mut Widen(dtype))
+}
+
+/// AdamW's saved moments in `dtype`. Burn loads a record's tensors in the backend's
+/// default dtype (bf16 on `Cuda<bf16>`), so a resumed run brings them back to the
+/// masters' dtype before they meet f32 gradients.
+pub fn adamw_state_in<B, R>(record: R, dtype: DType) -> R
+where
+    B: AutodiffBackend,
+    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)> + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
+{
+    macro_rules! widen {
+        ($record:expr, $($rank:ident),*) => {
+            match $record {
+                $(AdaptorRecordV1::$rank(mut state) => {
+                    state.momentum.moment_1 = in_dtype(state.momentum.moment_1, dtype);
+                    state.momentum.moment_2 = in_dtype(state.momentum.moment_2, dtype);
+                    AdaptorRecordV1::$rank(state)
+                })*
+            }
+        };
+    }
+    record
+        .into_iter()
+        .map(|(id, record)| {
+            let AdaptorRecord::V1(v1) = record;
+            (id, AdaptorRecord::V1(widen!(v1, Rank0, Rank1, Rank2, Rank3, Rank4, Rank5, Rank6, Rank7, Rank8)))
+        })
+        .collect()
 }
 
 struct NormVisitor<'a, B: AutodiffBackend> {
@@ -74,5 +127,95 @@ trait ToF32 {
 impl<E: burn::tensor::ElementConversion> ToF32 for E {
     fn to_f32(self) -> f32 {
         self.elem()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use burn::optim::Optimizer;
+    use xtuner_dataset::PackedRow;
+    use xtuner_dataset::collate::collate;
+    use xtuner_model::internlm2::{DecoderConfig, InternLm2};
+
+    use crate::config::{LoraConfig, OptimizerConfig};
+    use crate::train::{forward_backward, optimizer_step};
+
+    type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
+    /// The dtypes of the trainable and the frozen parameters.
+    fn param_dtypes<M: Module<B>>(model: &M) -> (Vec<DType>, Vec<DType>) {
+        struct Dtypes(Vec<DType>, Vec<DType>);
+        impl ModuleVisitor<B> for Dtypes {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                let dtype = param.val().dtype();
+                if param.is_require_grad() { self.0.push(dtype) } else { self.1.push(dtype) }
+            }
+        }
+        let mut v = Dtypes(Vec::new(), Vec::new());
+        model.visit(&mut v);
+        (v.0, v.1)
+    }
+
+    fn moment_dtypes<R: Clone + IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>>(record: &R) -> Vec<DType> {
+        record
+            .clone()
+            .into_iter()
+            .flat_map(|(_, r)| {
+                // Only LoRA's A and B train here: every state is of rank 2.
+                let state = r.into_state::<2>();
+                [state.momentum.moment_1.dtype(), state.momentum.moment_2.dtype()]
+            })
+            .collect()
+    }
+
+    /// f64 masters on the f32 CPU backend stand in for f32 masters of a bf16 GPU run:
+    /// the layers compute in f32, the parameters, gradients and moments stay f64.
+    #[test]
+    fn wide_master_weights_train_like_the_plain_model_and_keep_their_dtype() {
+        let device = Default::default();
+        let decoder = DecoderConfig::preset("internlm2-tiny", 300).unwrap();
+        <B as burn::tensor::backend::Backend>::seed(&device, 3);
+        let base = InternLm2::<B>::random(&decoder, &device).unwrap();
+        let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: Vec::new() };
+        let model = crate::lora::attach(base, &decoder, &lora, &device).unwrap();
+        let ids: Vec<i64> = (0..32).map(|i| (i * 37 % 300) as i64).collect();
+        let rows = [PackedRow { labels: ids.clone(), input_ids: ids, cumulative_len: vec![0, 32] }];
+        let batch = collate(&rows.iter().collect::<Vec<_>>(), false);
+        let train = |mut model: InternLm2<B>| {
+            let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
+            let mut losses = Vec::new();
+            for _ in 0..3 {
+                let (loss, grads) = forward_backward(&model, &batch, 1, false, &device);
+                losses.push(loss);
+                (model, _) = optimizer_step(model, &mut optimizer, grads, 1e-3, 1.0);
+            }
+            (model, optimizer, losses)
+        };
+        let (_, _, plain) = train(model.clone());
+
+        let wide = master_weights(model, DType::F64);
+        let (trainable, frozen) = param_dtypes(&wide);
+        assert!(!trainable.is_empty() && trainable.iter().all(|&d| d == DType::F64), "{trainable:?}");
+        assert!(frozen.iter().all(|&d| d == DType::F32));
+        let (wide, mut optimizer, losses) = train(wide);
+        for (a, b) in plain.iter().zip(&losses) {
+            assert!((a - b).abs() < 1e-4 * a.abs(), "{plain:?} vs {losses:?}");
+        }
+        assert!(param_dtypes(&wide).0.iter().all(|&d| d == DType::F64));
+        let record = optimizer.to_record();
+        assert!(moment_dtypes(&record).iter().all(|&d| d == DType::F64));
+
+        // Burn loads a saved record in the backend's default dtype; the resumed run
+        // widens it again, and the optimizer steps on.
+        let loaded = adamw_state_in(record, DType::F32);
+        assert!(moment_dtypes(&loaded).iter().all(|&d| d == DType::F32));
+        let widened = adamw_state_in(loaded, DType::F64);
+        assert!(moment_dtypes(&widened).iter().all(|&d| d == DType::F64));
+        optimizer = optimizer.load_record(widened);
+        let (loss, grads) = forward_backward(&wide, &batch, 1, false, &device);
+        let (wide, _) = optimizer_step(wide, &mut optimizer, grads, 1e-3, 1.0);
+        assert!(loss.is_finite() && param_dtypes(&wide).0.iter().all(|&d| d == DType::F64));
     }
 }

@@ -35,7 +35,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::lora;
 use crate::recompute::decoder_loss_backward;
-use crate::optim::{adamw, clip_grad_norm};
+use crate::optim::{MASTER_DTYPE, adamw, adamw_state_in, clip_grad_norm, master_weights};
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
 
@@ -444,13 +444,14 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let config = &loaded.config;
     let fingerprint = config_fingerprint(config);
     let start_iter = start.iter;
-    let mut model = start.model.map(&mut StableIds { path: Vec::new() });
+    let model = start.model.map(&mut StableIds { path: Vec::new() });
+    let mut model = master_weights(model, MASTER_DTYPE);
     let mut optimizer = adamw(&config.optimizer).init::<B, R::Model>();
     if let Some(dir) = &start.checkpoint {
         let record = BinFileRecorder::<FullPrecisionSettings>::new()
             .load(dir.join("optimizer"), device)
             .map_err(|e| Error::Config { path: dir.clone(), message: format!("optimizer state: {e}") })?;
-        optimizer = optimizer.load_record(record);
+        optimizer = optimizer.load_record(adamw_state_in(record, MASTER_DTYPE));
     }
 
     let t = &config.train;

@@ -35,6 +35,7 @@ use serde::Deserialize;
 use crate::checkpoint::Checkpoint;
 use crate::nn::attention::scaled_dot_product;
 use crate::nn::linear::{Linear, LinearLayers, LinearSite};
+use crate::nn::precision::in_dtype;
 use crate::{Error, Result};
 
 /// The key prefix of the vision tower in CLIP checkpoints.
@@ -626,13 +627,12 @@ impl<B: Backend> ClipVisionEmbeddings<B> {
             .reshape([b, g * g, ch * p * p]); // [B, N, ch·P·P]
         let patch_embeds = self.patch_embedding.forward(patches); // [B, N, C]
         let c = patch_embeds.dims()[2];
-        let class_embeds = self
-            .class_embedding
-            .val()
+        let dtype = patch_embeds.dtype();
+        let class_embeds = in_dtype(self.class_embedding.val(), dtype)
             .reshape([1, 1, c])
             .expand([b, 1, c]); // [B, 1, C]
         let embeddings = Tensor::cat(vec![class_embeds, patch_embeds], 1); // [B, N + 1, C]
-        Ok(embeddings + self.position_embedding.val().unsqueeze::<3>())
+        Ok(embeddings + in_dtype(self.position_embedding.val(), dtype).unsqueeze::<3>())
     }
 }
 

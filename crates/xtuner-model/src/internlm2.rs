@@ -32,6 +32,7 @@ use crate::nn::kv_cache::KvCache;
 pub use crate::nn::linear::LinearSite;
 use crate::nn::linear::{Linear, LinearLayers};
 use crate::nn::mlp::FeedForward;
+use crate::nn::precision::{compute_dtype, in_dtype};
 use crate::nn::rms_norm::RmsNorm;
 use crate::nn::rope::{Rope, RopeScaling};
 use crate::{Error, Result};
@@ -346,7 +347,8 @@ impl<B: Backend> InternLm2<B> {
     /// # Shapes
     /// `ids`: `[B, T]` → `[B, T, C]`.
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.tok_embeddings.val(), ids)
+        let table = in_dtype(self.tok_embeddings.val(), compute_dtype::<B>());
+        burn::tensor::module::embedding(table, ids)
     }
 
     /// Logits for every position of token ids.
@@ -393,7 +395,10 @@ impl<B: Backend> InternLm2<B> {
     pub fn lm_head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.output {
             Some(output) => output.forward(h),
-            None => crate::nn::gemm::matmul(h, self.tok_embeddings.val().transpose()),
+            None => {
+                let table = in_dtype(self.tok_embeddings.val(), h.dtype());
+                crate::nn::gemm::matmul(h, table.transpose())
+            }
         }
     }
 }

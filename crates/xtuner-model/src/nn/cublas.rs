@@ -135,11 +135,18 @@ impl<F: FloatElement> Backward<Cuda<F>, 2> for GemmBackward<F> {
         let (x, w) = ops.state;
         let [x_node, w_node] = ops.parents;
         let dy = grads.consume::<Cuda<F>>(&ops.node);
+        let mut nodes = Vec::with_capacity(2);
+        let mut products = Vec::with_capacity(2);
         if let (Some(node), Some(w)) = (x_node, w) {
-            grads.register::<Cuda<F>>(node.id, gemm::<F>(dy.clone(), transposed::<F>(w)));
+            nodes.push(node.id);
+            products.push((dy.clone(), transposed::<F>(w))); // dX = dY·Wᵀ
         }
         if let (Some(node), Some(x)) = (w_node, x) {
-            grads.register::<Cuda<F>>(node.id, gemm::<F>(transposed::<F>(x), dy));
+            nodes.push(node.id);
+            products.push((transposed::<F>(x), dy)); // dW = Xᵀ·dY
+        }
+        for (id, grad) in nodes.into_iter().zip(gemms::<F>(products)) {
+            grads.register::<Cuda<F>>(id, grad);
         }
     }
 }
@@ -152,24 +159,66 @@ fn transposed<F: FloatElement>(t: Primitive) -> Primitive {
 }
 
 /// `a·b` for `a: [m, k]`, `b: [k, n]` (row-major, or transposed views), or batches of
-/// them (`[N, m, k]`, `[N, k, n]`): a new contiguous `[m, n]` (`[N, m, n]`). Falls back to
-/// Burn's matmul, for good, when cuBLAS fails.
+/// them (`[N, m, k]`, `[N, k, n]`): a new contiguous `[m, n]` (`[N, m, n]`).
 fn gemm<F: FloatElement>(a: Primitive, b: Primitive) -> Primitive {
-    if a.dtype != b.dtype || !enabled() {
-        return Cuda::<F>::float_matmul(a, b);
+    gemms::<F>(vec![(a, b)]).into_iter().next().unwrap_or_else(|| unreachable!("one product in, one out"))
+}
+
+/// Independent products, in one synchronisation of Burn's stream (a backward's `dX` and
+/// `dW`). Falls back to Burn's matmul, for good, when cuBLAS fails.
+fn gemms<F: FloatElement>(products: Vec<(Primitive, Primitive)>) -> Vec<Primitive> {
+    if !enabled() || products.iter().any(|(a, b)| a.dtype != b.dtype) {
+        return products.into_iter().map(|(a, b)| Cuda::<F>::float_matmul(a, b)).collect();
     }
-    match cublas_gemm(&a, &b) {
+    match cublas_gemms(&products) {
         Ok(c) => c,
         Err(e) => {
             if !DISABLED.swap(true, Ordering::Relaxed) {
                 tracing::warn!("cuBLAS unavailable, using Burn's matmul from now on: {e}");
             }
-            Cuda::<F>::float_matmul(a, b)
+            products.into_iter().map(|(a, b)| Cuda::<F>::float_matmul(a, b)).collect()
         }
     }
 }
 
-fn cublas_gemm(a: &Primitive, b: &Primitive) -> Result<Primitive, String> {
+/// One product, ready to run: the plan, its dtype, the output, and the device pointers
+/// of `a`, `b` and the output with the handles that keep that memory where it is until
+/// our stream is done.
+struct Prepared {
+    plan: GemmPlan,
+    data_type: blas_sys::cudaDataType,
+    output: Primitive,
+    pointers: [u64; 3],
+    _held: [Box<dyn Send>; 3],
+}
+
+fn cublas_gemms(products: &[(Primitive, Primitive)]) -> Result<Vec<Primitive>, String> {
+    let Some(device) = products.first().map(|(a, _)| a.device.clone()) else { return Ok(Vec::new()) };
+    let prepared = products.iter().map(|(a, b)| prepare(a, b)).collect::<Result<Vec<_>, _>>()?;
+    // Everything queued on Burn's stream before these products (the operands, the
+    // copies `prepare` made, the reuse of the outputs' memory) must be done.
+    <CubeBackend<CudaRuntime, f32, i32, u8> as Backend>::sync(&device).map_err(|e| format!("synchronising Burn's stream: {e:?}"))?;
+    BLAS.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let blas = match slot.as_mut() {
+            Some(blas) if blas.device == device.index => blas,
+            _ => slot.insert(Blas::new(device.index)?),
+        };
+        for p in &prepared {
+            let [a, b, c] = p.pointers;
+            // SAFETY: the pointers are live allocations of at least the planned extents
+            // (the layouts and strides were read from the tensors' own shapes and
+            // strides), held by `p._held` until the stream is synchronised below.
+            unsafe { blas.gemm(&p.plan, p.data_type, b, a, c)? };
+        }
+        blas.synchronize()
+    })?;
+    PRODUCTS.fetch_add(prepared.len() as u64, Ordering::Relaxed);
+    Ok(prepared.into_iter().map(|p| p.output).collect())
+}
+
+/// The plan, output and device memory of `a·b`.
+fn prepare(a: &Primitive, b: &Primitive) -> Result<Prepared, String> {
     let (a, ma) = matrices(a.clone());
     let (b, mb) = matrices(b.clone());
     let ([m, k], [_, n]) = (ma.shape, mb.shape);
@@ -182,27 +231,11 @@ fn cublas_gemm(a: &Primitive, b: &Primitive) -> Result<Primitive, String> {
         other => return Err(format!("unsupported dtype {other:?}")),
     };
     let shape: burn::tensor::Shape = if a.meta.shape().num_dims() == 3 { [batch, m, n].into() } else { [m, n].into() };
-    let c = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), shape, a.dtype);
-    // Held until our stream is done: the memory stays Burn's and stays put.
+    let output = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), shape, a.dtype);
     let resource = |t: &Primitive| t.client.get_resource(t.handle.clone()).map_err(|e| format!("device pointer: {e:?}"));
-    let (ra, rb, rc) = (resource(&a)?, resource(&b)?, resource(&c)?);
-    // Everything queued on Burn's stream before this product (the operands, the reuse of
-    // the output's memory) must be done.
-    <CubeBackend<CudaRuntime, f32, i32, u8> as Backend>::sync(&a.device).map_err(|e| format!("synchronising Burn's stream: {e:?}"))?;
-    BLAS.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let blas = match slot.as_mut() {
-            Some(blas) if blas.device == a.device.index => blas,
-            _ => slot.insert(Blas::new(a.device.index)?),
-        };
-        // SAFETY: the pointers are live allocations of at least the planned extents (the
-        // layouts and strides were read from the tensors' own shapes and strides), held
-        // by `ra`, `rb` and `rc` until the stream is synchronised inside `gemm`.
-        unsafe { blas.gemm(&plan, data_type, rb.resource().ptr, ra.resource().ptr, rc.resource().ptr) }
-    })?;
-    drop((ra, rb, rc));
-    PRODUCTS.fetch_add(1, Ordering::Relaxed);
-    Ok(c)
+    let (ra, rb, rc) = (resource(&a)?, resource(&b)?, resource(&output)?);
+    let pointers = [ra.resource().ptr, rb.resource().ptr, rc.resource().ptr];
+    Ok(Prepared { plan, data_type, output, pointers, _held: [Box::new(ra), Box::new(rb), Box::new(rc)] })
 }
 
 /// The matrices of an operand of rank 2 (one) or 3 (a batch).
@@ -285,7 +318,7 @@ impl Blas {
         }
     }
 
-    /// Runs the planned product and waits for it.
+    /// Queues the planned product on our stream.
     ///
     /// # Safety
     /// `first`, `second` and `c` must be device pointers of allocations that hold the
@@ -324,8 +357,13 @@ impl Blas {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-            .map_err(|e| format!("cublasGemmStridedBatchedEx: {e:?}"))?;
-            driver::stream::synchronize(self.stream).map_err(|e| format!("cuBLAS stream: {e:?}"))
+            .map_err(|e| format!("cublasGemmStridedBatchedEx: {e:?}"))
         }
+    }
+
+    /// Waits for everything queued on our stream.
+    fn synchronize(&self) -> Result<(), String> {
+        // SAFETY: the stream was created by `new` and is never destroyed.
+        unsafe { driver::stream::synchronize(self.stream) }.map_err(|e| format!("cuBLAS stream: {e:?}"))
     }
 }

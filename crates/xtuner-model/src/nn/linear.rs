@@ -15,6 +15,7 @@ use crate::Result;
 use crate::checkpoint::Checkpoint;
 use crate::nn::gemm::matmul;
 use crate::nn::nf4::{Nf4Tensor, Nf4Weight};
+use crate::nn::precision::in_dtype;
 
 /// Where a linear layer of a model sits: what adapters, quantization and export
 /// need to know about it.
@@ -109,7 +110,8 @@ impl<B: Backend> Lora<B> {
         } else {
             x
         };
-        matmul(matmul(x, self.lora_a.val()), self.lora_b.val()) * self.scale
+        let dtype = x.dtype();
+        matmul(matmul(x, in_dtype(self.lora_a.val(), dtype)), in_dtype(self.lora_b.val(), dtype)) * self.scale
     }
 
     /// `scale · A·B` as a `[d_in, d_out]` matrix (for merging).
@@ -204,9 +206,11 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// `x`: `[..., d_in]` → `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let mut y = matmul(x.clone(), self.dense_weight());
+        // Weights stored wider than the input (master weights) are read in its dtype.
+        let dtype = x.dtype();
+        let mut y = matmul(x.clone(), in_dtype(self.dense_weight(), dtype));
         if let Some(bias) = &self.bias {
-            y = y + bias.val().unsqueeze::<D>();
+            y = y + in_dtype(bias.val(), dtype).unsqueeze::<D>();
         }
         match &self.lora {
             Some(lora) => y + lora.forward(x),

@@ -11,5 +11,6 @@ pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod nf4;
+pub mod precision;
 pub mod rms_norm;
 pub mod rope;

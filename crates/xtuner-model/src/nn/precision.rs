@@ -1,0 +1,35 @@
+//! Mixed precision: a trainable weight may be stored wider than the model computes (the
+//! f32 master weights of a bf16 run, which the optimizer updates without losing small
+//! steps to bf16 rounding). Each layer reads its weights in the dtype of its input; the
+//! cast's backward brings the gradient back to the stored dtype. On the CPU everything
+//! is f32 and every cast here is skipped.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Element, Tensor};
+
+/// The dtype the backend computes in (bf16 for `Cuda<bf16>`, f32 on the CPU).
+pub fn compute_dtype<B: Backend>() -> DType {
+    <B::FloatElem as Element>::dtype()
+}
+
+/// `t` in `dtype`: a cast only when it is in another one.
+pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend;
+
+    #[test]
+    fn casts_only_across_dtypes() {
+        assert_eq!(compute_dtype::<TestBackend>(), DType::F32);
+        let t = Tensor::<TestBackend, 1>::from_floats([1.5, -2.0], &Default::default());
+        let wide = in_dtype(t, DType::F64);
+        assert_eq!(wide.dtype(), DType::F64);
+        let back = in_dtype(wide, DType::F32);
+        assert_eq!(back.dtype(), DType::F32);
+        assert_eq!(back.into_data().to_vec::<f32>().unwrap(), vec![1.5, -2.0]);
+    }
+}
