@@ -117,6 +117,8 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
         let config = LoraConfig { r: bench.lora_r, alpha: bench.lora_r as f64 / 4.0, dropout: 0.0, target_modules: Vec::new() };
         model = lora::attach(model, &decoder, &config, device)?;
     }
+    // As a training run: trainable parameters (and so AdamW's moments) in f32.
+    let mut model = crate::optim::master_weights(model, crate::optim::MASTER_DTYPE);
     let trainable_params = crate::train::count_trainable(&model);
     sync::<B>(device)?;
     let setup_s = setup.elapsed().as_secs_f64();
