@@ -15,6 +15,9 @@ rm -rf "$G" && mkdir -p "$G/parity/model"
 strip -o "$G/xtuner" target/cuda/release/xtuner
 strip -o "$G/xtask" target/release/xtask
 strip -o "$G/cuda_gemm" "$gemm_test"
+# Stripped, the three are ~75 MB; gzipped, ~20 MB. gpu_check.sh unpacks them.
+tar czf "$G/bin.tar.gz" -C "$G" xtuner xtask cuda_gemm
+rm "$G/xtuner" "$G/xtask" "$G/cuda_gemm"
 cp ../shared/fixtures/internlm2-tiny/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$G/parity/model/"
 python3 - "$G/parity" <<'PY'
 import json, sys

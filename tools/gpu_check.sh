@@ -7,6 +7,7 @@ export CUDA_PATH=/usr/local/cuda
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 G=$PWD/target/gpu
 X=$G/xtuner
+tar xzf $G/bin.tar.gz -C $G
 BUDGET=${BUDGET:-540}
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

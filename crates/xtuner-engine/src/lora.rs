@@ -85,9 +85,12 @@ pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(model: M, config:
         let [d_in, d_out] = linear.dims();
         if let Some((a, b)) = adapter.pair(&site.module, d_out, d_in)? {
             let r = a.len() / d_in.max(1);
-            let a = Tensor::<B, 2>::from_data(TensorData::new(a, [r, d_in]), device).transpose(); // [in, r]
+            // In the masters' dtype, so a resumed bf16 run continues from the exact f32
+            // values it saved.
+            let options = (device, crate::optim::MASTER_DTYPE);
+            let a = Tensor::<B, 2>::from_data(TensorData::new(a, [r, d_in]), options).transpose(); // [in, r]
             let b = permute_out_rows(b, site, r); // [out, r] in our column order
-            let b = Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, r]), device).transpose(); // [r, out]
+            let b = Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, r]), options).transpose(); // [r, out]
             linear.lora = Some(Lora::from_tensors(a, b, scale, dropout));
         }
         Ok(linear)
