@@ -87,12 +87,22 @@ impl TrainArgs {
             ];
             // Ours, then the reference, without and then with activation checkpointing.
             for checkpointing in [false, true] {
-                let mut ours = vec!["bench".to_string(), "--device=cuda".into(), format!("--preset={}", self.preset)];
+                let mut ours = vec![
+                    "bench".to_string(),
+                    "--device=cuda".into(),
+                    format!("--preset={}", self.preset),
+                ];
                 ours.extend(common.iter().cloned());
                 if checkpointing {
                     ours.push("--checkpointing".into());
                 }
-                runs.push(Run { side: "xtuner-rs", mode: mode.clone(), checkpointing, program: self.xtuner.display().to_string(), args: ours });
+                runs.push(Run {
+                    side: "xtuner-rs",
+                    mode: mode.clone(),
+                    checkpointing,
+                    program: self.xtuner.display().to_string(),
+                    args: ours,
+                });
                 if self.no_reference {
                     continue;
                 }
@@ -101,7 +111,13 @@ impl TrainArgs {
                 if checkpointing {
                     args.push("--checkpointing".into());
                 }
-                runs.push(Run { side: "pytorch", mode: mode.clone(), checkpointing, program: self.python.clone(), args });
+                runs.push(Run {
+                    side: "pytorch",
+                    mode: mode.clone(),
+                    checkpointing,
+                    program: self.python.clone(),
+                    args,
+                });
             }
         }
         runs
@@ -120,15 +136,24 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let runs = args.runs();
     if args.dry_run {
-        println!("bench train plan: preset {}, {} × {} tokens per step, LoRA r {}, {} warm-up + {} timed steps", args.preset, args.batch_size, args.seq_len, args.lora_r, args.warmup, args.steps);
+        println!(
+            "bench train plan: preset {}, {} × {} tokens per step, LoRA r {}, {} warm-up + {} timed steps",
+            args.preset, args.batch_size, args.seq_len, args.lora_r, args.warmup, args.steps
+        );
         for run in &runs {
             println!("  {} {}", run.program, run.args.join(" "));
         }
-        println!("  (each with nvidia-smi sampling the card's memory every 100 ms; {} s limit per run)", args.timeout);
+        println!(
+            "  (each with nvidia-smi sampling the card's memory every 100 ms; {} s limit per run)",
+            args.timeout
+        );
         return Ok(());
     }
     if !args.xtuner.is_file() {
-        bail!("{} not found: build it with `cargo build --release -p xtuner-cli --features cuda`", args.xtuner.display());
+        bail!(
+            "{} not found: build it with `cargo build --release -p xtuner-cli --features cuda`",
+            args.xtuner.display()
+        );
     }
     let mut results = Vec::new();
     for run in &runs {
@@ -139,7 +164,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         // Written after every run, so a run cut short still leaves its report.
         if let Some(path) = &args.out {
             let raw: Vec<String> = results.iter().map(|(_, r)| r.to_string()).collect();
-            let text = format!("{}\n```\n{}\n```\n", markdown(args, &results), raw.join("\n"));
+            let text = format!(
+                "{}\n```\n{}\n```\n",
+                markdown(args, &results),
+                raw.join("\n")
+            );
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         }
     }
@@ -153,7 +182,11 @@ fn time_run(run: &Run, timeout: Duration) -> Value {
     let before = gpu_used_mib().unwrap_or(0.0);
     let sampler = MemorySampler::start();
     let started = Instant::now();
-    let child = Command::new(&run.program).args(&run.args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let child = Command::new(&run.program)
+        .args(&run.args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
     let result = match child {
         Ok(child) => wait_with_timeout(child, timeout),
         Err(e) => Err(format!("could not start {}: {e}", run.program)),
@@ -200,9 +233,20 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> std::result::Result
     };
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
-    let tail: String = stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+    let tail: String = stderr
+        .lines()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join(" | ");
     match status {
-        None => Err(format!("timed out after {} s; stderr: {tail}", timeout.as_secs())),
+        None => Err(format!(
+            "timed out after {} s; stderr: {tail}",
+            timeout.as_secs()
+        )),
         Some(s) if !s.success() => Err(format!("exit {s}; stderr: {tail}")),
         Some(_) => Ok(stdout),
     }
@@ -218,8 +262,16 @@ fn read_all(pipe: Option<impl std::io::Read>) -> String {
 
 /// The card's used memory in MiB, as `nvidia-smi` reports it.
 fn gpu_used_mib() -> Option<f64> {
-    let out = Command::new("nvidia-smi").args(["--query-gpu=memory.used", "--format=csv,noheader,nounits"]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+    let out = Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `nvidia-smi -lms 100` in the background, keeping the highest reading.
@@ -232,7 +284,12 @@ struct MemorySampler {
 impl MemorySampler {
     fn start() -> Option<Self> {
         let mut child = Command::new("nvidia-smi")
-            .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "100"])
+            .args([
+                "--query-gpu=memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "100",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -241,13 +298,20 @@ impl MemorySampler {
         let peak = Arc::new(Mutex::new(None));
         let shared = peak.clone();
         let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(std::result::Result::ok) {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
                 if let (Ok(v), Ok(mut p)) = (line.trim().parse::<f64>(), shared.lock()) {
                     *p = Some(p.map_or(v, |old: f64| old.max(v)));
                 }
             }
         });
-        Some(Self { child, peak, reader })
+        Some(Self {
+            child,
+            peak,
+            reader,
+        })
     }
 
     fn stop(mut self) -> Option<f64> {
@@ -259,7 +323,10 @@ impl MemorySampler {
 }
 
 fn markdown(args: &TrainArgs, results: &[(&Run, Value)]) -> String {
-    let device = results.iter().find_map(|(_, v)| v["device"].as_str()).unwrap_or("(device name: see nvidia-smi)");
+    let device = results
+        .iter()
+        .find_map(|(_, v)| v["device"].as_str())
+        .unwrap_or("(device name: see nvidia-smi)");
     let mut text = format!(
         "`cargo xtask bench train` — {} shape, {} × {} tokens per step, LoRA r {}, {} timed steps after {} warm-up; {device}\n\n",
         args.preset, args.batch_size, args.seq_len, args.lora_r, args.steps, args.warmup
@@ -269,14 +336,22 @@ fn markdown(args: &TrainArgs, results: &[(&Run, Value)]) -> String {
         let tps = v["tokens_per_s"].as_f64();
         let reference = results
             .iter()
-            .find(|(r, _)| r.side == "pytorch" && r.mode == run.mode && r.checkpointing == run.checkpointing)
+            .find(|(r, _)| {
+                r.side == "pytorch" && r.mode == run.mode && r.checkpointing == run.checkpointing
+            })
             .and_then(|(_, v)| v["tokens_per_s"].as_f64());
         let ratio = match (run.side, tps, reference) {
             ("xtuner-rs", Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
             _ => String::new(),
         };
-        let cell = |x: Option<f64>, digits: usize| x.map_or_else(|| "—".to_string(), |x| format!("{x:.digits$}"));
-        let status = v["error"].as_str().or(v["skipped"].as_str()).map(|e| format!(" ({e})")).unwrap_or_default();
+        let cell = |x: Option<f64>, digits: usize| {
+            x.map_or_else(|| "—".to_string(), |x| format!("{x:.digits$}"))
+        };
+        let status = v["error"]
+            .as_str()
+            .or(v["skipped"].as_str())
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
         text.push_str(&format!(
             "| {} | {}{status} | {} | {} | {} | {} | {ratio} |\n",
             run.mode,
@@ -284,7 +359,9 @@ fn markdown(args: &TrainArgs, results: &[(&Run, Value)]) -> String {
             if run.checkpointing { "yes" } else { "no" },
             cell(tps, 0),
             cell(v["tflops"].as_f64(), 1),
-            v["peak_gpu_mib"].as_f64().map_or_else(|| "—".to_string(), |m| format!("{:.1} GiB", m / 1024.0)),
+            v["peak_gpu_mib"]
+                .as_f64()
+                .map_or_else(|| "—".to_string(), |m| format!("{:.1} GiB", m / 1024.0)),
         ));
     }
     text
@@ -306,10 +383,19 @@ mod tests {
         let cli = Cli::parse_from(["x", "--modes", "lora,full"]);
         let runs = cli.args.runs();
         assert_eq!(runs.len(), 8);
-        assert_eq!((runs[0].side, runs[1].side, runs[2].side), ("xtuner-rs", "pytorch", "xtuner-rs"));
-        assert!(runs[0].args.contains(&"--mode=lora".to_string()) && runs[0].args.contains(&"--device=cuda".to_string()));
+        assert_eq!(
+            (runs[0].side, runs[1].side, runs[2].side),
+            ("xtuner-rs", "pytorch", "xtuner-rs")
+        );
+        assert!(
+            runs[0].args.contains(&"--mode=lora".to_string())
+                && runs[0].args.contains(&"--device=cuda".to_string())
+        );
         assert!(!runs[1].args.contains(&"--checkpointing".to_string()));
-        assert!(runs[2].args.contains(&"--checkpointing".to_string()) && runs[3].args.contains(&"--checkpointing".to_string()));
+        assert!(
+            runs[2].args.contains(&"--checkpointing".to_string())
+                && runs[3].args.contains(&"--checkpointing".to_string())
+        );
         let cli = Cli::parse_from(["x", "--no-reference"]);
         let runs = cli.args.runs();
         assert_eq!(runs.len(), 6);
@@ -321,12 +407,18 @@ mod tests {
         let cli = Cli::parse_from(["x", "--modes", "lora"]);
         let runs = cli.args.runs();
         let results = vec![
-            (&runs[0], json!({"tokens_per_s": 5000.0, "tflops": 60.0, "peak_gpu_mib": 10240.0})),
+            (
+                &runs[0],
+                json!({"tokens_per_s": 5000.0, "tflops": 60.0, "peak_gpu_mib": 10240.0}),
+            ),
             (&runs[1], json!({"tokens_per_s": 10000.0, "tflops": 120.0})),
             (&runs[3], json!({"error": "timed out"})),
         ];
         let table = markdown(&cli.args, &results);
-        assert!(table.contains("| lora | xtuner-rs | no | 5000 | 60.0 | 10.0 GiB | 0.50× |"), "{table}");
+        assert!(
+            table.contains("| lora | xtuner-rs | no | 5000 | 60.0 | 10.0 GiB | 0.50× |"),
+            "{table}"
+        );
         assert!(table.contains("pytorch (timed out) | yes | — |"), "{table}");
     }
 }

@@ -24,12 +24,20 @@ use crate::tokenizer;
 
 /// What the reviews are about.
 pub const NOUNS: [&str; 16] = [
-    "food", "soup", "bread", "coffee", "tea", "cake", "service", "waiter", "room", "bed",
-    "view", "music", "film", "book", "show", "price",
+    "food", "soup", "bread", "coffee", "tea", "cake", "service", "waiter", "room", "bed", "view",
+    "music", "film", "book", "show", "price",
 ];
 /// Words that make a clause positive.
 pub const POSITIVE: [&str; 10] = [
-    "great", "lovely", "delicious", "friendly", "clean", "fresh", "perfect", "wonderful", "kind",
+    "great",
+    "lovely",
+    "delicious",
+    "friendly",
+    "clean",
+    "fresh",
+    "perfect",
+    "wonderful",
+    "kind",
     "excellent",
 ];
 /// Words that make a clause negative.
@@ -89,7 +97,9 @@ pub fn run() -> Result<()> {
     // One held-out prompt of each label for the evaluate-chat hook.
     let first = |positive: bool| eval.iter().find(|r| r.positive == positive).map(prompt);
     let inputs = [first(true), first(false)];
-    let [Some(pos), Some(neg)] = inputs else { bail!("the eval set lacks a label") };
+    let [Some(pos), Some(neg)] = inputs else {
+        bail!("the eval set lacks a label")
+    };
     fs::write(CONFIG, config_toml(&[pos, neg])).with_context(|| format!("writing {CONFIG}"))?;
 
     println!("demo data (seed {SEED}):");
@@ -166,7 +176,11 @@ fn prompt(review: &Review) -> String {
 }
 
 fn answer(review: &Review) -> &'static str {
-    if review.positive { "positive" } else { "negative" }
+    if review.positive {
+        "positive"
+    } else {
+        "negative"
+    }
 }
 
 /// The texts the tokenizer learns from for a record: the prompt turn and the answer
@@ -295,8 +309,17 @@ mod tests {
         assert_eq!(a.iter().collect::<HashSet<_>>().len(), 300);
         for review in &a {
             assert!((1..=MAX_CLAUSES).contains(&review.clauses.len()));
-            let adjectives: &[&str] = if review.positive { &POSITIVE } else { &NEGATIVE };
-            assert!(review.clauses.iter().all(|(_, adj)| adjectives.contains(adj)));
+            let adjectives: &[&str] = if review.positive {
+                &POSITIVE
+            } else {
+                &NEGATIVE
+            };
+            assert!(
+                review
+                    .clauses
+                    .iter()
+                    .all(|(_, adj)| adjectives.contains(adj))
+            );
         }
         let positives = a.iter().filter(|r| r.positive).count();
         assert!((100..200).contains(&positives), "{positives}");
@@ -304,7 +327,10 @@ mod tests {
 
     #[test]
     fn records_read_as_reviews() {
-        let review = Review { clauses: vec![("soup", "cold"), ("waiter", "rude")], positive: false };
+        let review = Review {
+            clauses: vec![("soup", "cold"), ("waiter", "rude")],
+            positive: false,
+        };
         assert_eq!(
             prompt(&review),
             "Is this review positive or negative? The soup was cold and the waiter was rude."

@@ -36,7 +36,12 @@ const EVAL_IMAGES: usize = 24;
 const VOCAB_SIZE: usize = 600;
 
 /// The colours and their RGB values.
-pub const COLOURS: [(&str, [u8; 3]); 4] = [("red", [220, 40, 40]), ("green", [40, 170, 60]), ("blue", [40, 70, 220]), ("yellow", [235, 200, 30])];
+pub const COLOURS: [(&str, [u8; 3]); 4] = [
+    ("red", [220, 40, 40]),
+    ("green", [40, 170, 60]),
+    ("blue", [40, 70, 220]),
+    ("yellow", [235, 200, 30]),
+];
 /// The shapes.
 pub const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
 
@@ -44,7 +49,10 @@ const CAPTION_PROMPT: &str = "Describe the picture.";
 const COLOUR_QUESTION: &str = "What colour is the shape?";
 const SHAPE_QUESTION: &str = "What shape is it?";
 /// Text-only records (no image), as LLaVA's instruction mix has.
-const TEXT_ONLY: [(&str, &str); 2] = [("What colours do you know?", "red green blue yellow"), ("What shapes do you know?", "circle square triangle")];
+const TEXT_ONLY: [(&str, &str); 2] = [
+    ("What colours do you know?", "red green blue yellow"),
+    ("What shapes do you know?", "circle square triangle"),
+];
 
 /// One picture: which colour and shape, where and how big.
 struct Picture {
@@ -86,7 +94,11 @@ impl Picture {
     fn render(&self) -> image::RgbImage {
         image::RgbImage::from_fn(SIDE, SIDE, |x, y| {
             let inside = self.covers(x as f32 + 0.5, y as f32 + 0.5);
-            image::Rgb(if inside { COLOURS[self.colour].1 } else { [245, 245, 240] })
+            image::Rgb(if inside {
+                COLOURS[self.colour].1
+            } else {
+                [245, 245, 240]
+            })
         })
     }
 }
@@ -105,7 +117,10 @@ pub fn run() -> Result<()> {
         for i in 0..n {
             let picture = Picture::random(&mut rng);
             let name = format!("images/{split}_{i:04}.png");
-            picture.render().save(dir.join(&name)).with_context(|| format!("writing {name}"))?;
+            picture
+                .render()
+                .save(dir.join(&name))
+                .with_context(|| format!("writing {name}"))?;
             pictures.push((split, name, picture));
         }
     }
@@ -117,10 +132,22 @@ pub fn run() -> Result<()> {
         let colour = COLOURS[picture.colour].0;
         let shape = SHAPES[picture.shape];
         if *split == "eval" {
-            eval.push(record(i, Some(name), &[(COLOUR_QUESTION, colour), (SHAPE_QUESTION, shape), (CAPTION_PROMPT, &picture.caption())]));
+            eval.push(record(
+                i,
+                Some(name),
+                &[
+                    (COLOUR_QUESTION, colour),
+                    (SHAPE_QUESTION, shape),
+                    (CAPTION_PROMPT, &picture.caption()),
+                ],
+            ));
             continue;
         }
-        pretrain.push(record(i, Some(name), &[(CAPTION_PROMPT, &picture.caption())]));
+        pretrain.push(record(
+            i,
+            Some(name),
+            &[(CAPTION_PROMPT, &picture.caption())],
+        ));
         // One or two questions per picture, in either order.
         let turns: Vec<(&str, &str)> = match rng.random_range(0..4) {
             0 => vec![(COLOUR_QUESTION, colour)],
@@ -134,16 +161,28 @@ pub fn run() -> Result<()> {
             finetune.push(record(10_000 + i, None, &[(q, a)]));
         }
     }
-    for (file, records) in [("pretrain.json", &pretrain), ("finetune.json", &finetune), ("eval.json", &eval)] {
+    for (file, records) in [
+        ("pretrain.json", &pretrain),
+        ("finetune.json", &finetune),
+        ("eval.json", &eval),
+    ] {
         let path = dir.join(file);
         // A JSON array, one record per line.
-        let lines = records.iter().map(serde_json::to_string).collect::<serde_json::Result<Vec<_>>>()?;
-        fs::write(&path, format!("[\n{}\n]\n", lines.join(",\n"))).with_context(|| format!("writing {}", path.display()))?;
+        let lines = records
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<serde_json::Result<Vec<_>>>()?;
+        fs::write(&path, format!("[\n{}\n]\n", lines.join(",\n")))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
 
     let texts = tokenizer_texts();
     let trained = tokenizer::train(&texts, VOCAB_SIZE)?;
-    let samples = [format!("<image>\n{COLOUR_QUESTION}"), "a yellow triangle".to_string(), "Hello, wörld! 你好 🙂".to_string()];
+    let samples = [
+        format!("<image>\n{COLOUR_QUESTION}"),
+        "a yellow triangle".to_string(),
+        "Hello, wörld! 你好 🙂".to_string(),
+    ];
     let samples: Vec<&str> = samples.iter().map(String::as_str).collect();
     let tokenizer = tokenizer::save(&trained, &dir.join("tokenizer"), &samples)?;
     for word in words() {
@@ -155,8 +194,16 @@ pub fn run() -> Result<()> {
     write_clip(&dir.join("clip"), &mut rng)?;
 
     println!("LLaVA demo data (seed {SEED}) in {DIR}:");
-    println!("  {TRAIN_IMAGES} training pictures ({} pretrain captions, {} finetune records incl. text-only), {EVAL_IMAGES} held-out pictures", pretrain.len(), finetune.len());
-    println!("  vocab size {}; each of the {} answer words is one token", tokenizer.get_vocab_size(true), words().count());
+    println!(
+        "  {TRAIN_IMAGES} training pictures ({} pretrain captions, {} finetune records incl. text-only), {EVAL_IMAGES} held-out pictures",
+        pretrain.len(),
+        finetune.len()
+    );
+    println!(
+        "  vocab size {}; each of the {} answer words is one token",
+        tokenizer.get_vocab_size(true),
+        words().count()
+    );
     Ok(())
 }
 
@@ -164,7 +211,11 @@ pub fn run() -> Result<()> {
 fn record(id: usize, image: Option<&str>, turns: &[(&str, &str)]) -> Value {
     let mut conversations = Vec::new();
     for (i, (question, answer)) in turns.iter().enumerate() {
-        let value = if i == 0 && image.is_some() { format!("<image>\n{question}") } else { (*question).to_string() };
+        let value = if i == 0 && image.is_some() {
+            format!("<image>\n{question}")
+        } else {
+            (*question).to_string()
+        };
         conversations.push(json!({"from": "human", "value": value}));
         conversations.push(json!({"from": "gpt", "value": answer}));
     }
@@ -184,7 +235,10 @@ fn words() -> impl Iterator<Item = &'static str> {
 fn tokenizer_texts() -> Vec<String> {
     let mut texts = Vec::new();
     let user = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
-    for q in [CAPTION_PROMPT, COLOUR_QUESTION, SHAPE_QUESTION].into_iter().chain(TEXT_ONLY.map(|(q, _)| q)) {
+    for q in [CAPTION_PROMPT, COLOUR_QUESTION, SHAPE_QUESTION]
+        .into_iter()
+        .chain(TEXT_ONLY.map(|(q, _)| q))
+    {
         texts.push(user(q));
         texts.push(user(&format!("<image>\n{q}")));
         texts.push(q.to_string());
@@ -200,7 +254,12 @@ fn tokenizer_texts() -> Vec<String> {
         }
     }
     // Repetition weighs the merges towards whole words.
-    texts.iter().cycle().take(texts.len() * 20).cloned().collect()
+    texts
+        .iter()
+        .cycle()
+        .take(texts.len() * 20)
+        .cloned()
+        .collect()
 }
 
 /// A CLIP vision tower with random weights (transformers' init: N(0, 0.02), norms at
@@ -241,8 +300,14 @@ fn write_clip(dir: &Path, rng: &mut ChaCha8Rng) -> Result<()> {
         "rescale_factor": 1.0 / 255.0,
         "size": {"shortest_edge": side}
     });
-    fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&preprocessor)?)?;
+    fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    fs::write(
+        dir.join("preprocessor_config.json"),
+        serde_json::to_string_pretty(&preprocessor)?,
+    )?;
 
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut normal = |shape: Vec<usize>| -> (Vec<usize>, Vec<f32>) {
@@ -251,9 +316,15 @@ fn write_clip(dir: &Path, rng: &mut ChaCha8Rng) -> Result<()> {
     };
     let p = |name: &str| format!("vision_model.{name}");
     let patches = (side / PATCH) * (side / PATCH);
-    tensors.insert(p("embeddings.patch_embedding.weight"), normal(vec![HIDDEN, 3, PATCH, PATCH]));
+    tensors.insert(
+        p("embeddings.patch_embedding.weight"),
+        normal(vec![HIDDEN, 3, PATCH, PATCH]),
+    );
     tensors.insert(p("embeddings.class_embedding"), normal(vec![HIDDEN]));
-    tensors.insert(p("embeddings.position_embedding.weight"), normal(vec![patches + 1, HIDDEN]));
+    tensors.insert(
+        p("embeddings.position_embedding.weight"),
+        normal(vec![patches + 1, HIDDEN]),
+    );
     for l in 0..LAYERS {
         for (name, d_out, d_in) in [
             ("self_attn.q_proj", HIDDEN, HIDDEN),
@@ -280,14 +351,25 @@ fn write_clip(dir: &Path, rng: &mut ChaCha8Rng) -> Result<()> {
     }
     let bytes: BTreeMap<String, (Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
-        .map(|(k, (shape, values))| (k, (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())))
+        .map(|(k, (shape, values))| {
+            (
+                k,
+                (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            )
+        })
         .collect();
     let views = bytes
         .iter()
-        .map(|(k, (shape, data))| Ok((k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?)))
+        .map(|(k, (shape, data))| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, None, &path).with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(views, None, &path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

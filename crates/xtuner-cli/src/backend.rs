@@ -22,7 +22,9 @@ pub enum Device {
 /// Fails early when the device was not compiled in.
 pub fn check(device: Device) -> Result<()> {
     if device == Device::Cuda && !cfg!(feature = "cuda") {
-        bail!("this xtuner was built without CUDA: rebuild with `cargo build --release -p xtuner-cli --features cuda`");
+        bail!(
+            "this xtuner was built without CUDA: rebuild with `cargo build --release -p xtuner-cli --features cuda`"
+        );
     }
     Ok(())
 }
@@ -32,7 +34,9 @@ pub fn check(device: Device) -> Result<()> {
 #[cfg(feature = "cuda")]
 pub fn on_cuda<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
     let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|info| tracing::debug!("CUDA backend panic: {info}")));
+    std::panic::set_hook(Box::new(|info| {
+        tracing::debug!("CUDA backend panic: {info}")
+    }));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
     std::panic::set_hook(quiet);
     match outcome {
@@ -43,7 +47,9 @@ pub fn on_cuda<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
                 .map(String::as_str)
                 .or_else(|| payload.downcast_ref::<&str>().copied())
                 .unwrap_or("no message");
-            bail!("the CUDA backend failed (is there an NVIDIA GPU and driver, with CUDA_PATH and LD_LIBRARY_PATH set?): {message}")
+            bail!(
+                "the CUDA backend failed (is there an NVIDIA GPU and driver, with CUDA_PATH and LD_LIBRARY_PATH set?): {message}"
+            )
         }
     }
 }

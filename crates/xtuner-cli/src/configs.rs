@@ -8,16 +8,50 @@ use xtuner_engine::LoadedConfig;
 
 /// Name and text of every built-in config.
 pub const BUILTIN: &[(&str, &str)] = &[
-    ("demo_llava_finetune", include_str!("../../../configs/demo_llava_finetune.toml")),
-    ("demo_llava_pretrain", include_str!("../../../configs/demo_llava_pretrain.toml")),
-    ("demo_tiny_lora", include_str!("../../../configs/demo_tiny_lora.toml")),
-    ("internlm2_1_8b_full_custom_pretrain_e1", include_str!("../../../configs/internlm2_1_8b_full_custom_pretrain_e1.toml")),
-    ("internlm2_chat_1_8b_full_alpaca_e3", include_str!("../../../configs/internlm2_chat_1_8b_full_alpaca_e3.toml")),
-    ("internlm2_chat_1_8b_lora_alpaca_e3", include_str!("../../../configs/internlm2_chat_1_8b_lora_alpaca_e3.toml")),
-    ("internlm2_chat_1_8b_qlora_alpaca_e3", include_str!("../../../configs/internlm2_chat_1_8b_qlora_alpaca_e3.toml")),
-    ("internlm2_chat_1_8b_qlora_custom_sft_e1", include_str!("../../../configs/internlm2_chat_1_8b_qlora_custom_sft_e1.toml")),
-    ("llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain", include_str!("../../../configs/llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain.toml")),
-    ("llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune", include_str!("../../../configs/llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune.toml")),
+    (
+        "demo_llava_finetune",
+        include_str!("../../../configs/demo_llava_finetune.toml"),
+    ),
+    (
+        "demo_llava_pretrain",
+        include_str!("../../../configs/demo_llava_pretrain.toml"),
+    ),
+    (
+        "demo_tiny_lora",
+        include_str!("../../../configs/demo_tiny_lora.toml"),
+    ),
+    (
+        "internlm2_1_8b_full_custom_pretrain_e1",
+        include_str!("../../../configs/internlm2_1_8b_full_custom_pretrain_e1.toml"),
+    ),
+    (
+        "internlm2_chat_1_8b_full_alpaca_e3",
+        include_str!("../../../configs/internlm2_chat_1_8b_full_alpaca_e3.toml"),
+    ),
+    (
+        "internlm2_chat_1_8b_lora_alpaca_e3",
+        include_str!("../../../configs/internlm2_chat_1_8b_lora_alpaca_e3.toml"),
+    ),
+    (
+        "internlm2_chat_1_8b_qlora_alpaca_e3",
+        include_str!("../../../configs/internlm2_chat_1_8b_qlora_alpaca_e3.toml"),
+    ),
+    (
+        "internlm2_chat_1_8b_qlora_custom_sft_e1",
+        include_str!("../../../configs/internlm2_chat_1_8b_qlora_custom_sft_e1.toml"),
+    ),
+    (
+        "llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain",
+        include_str!(
+            "../../../configs/llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain.toml"
+        ),
+    ),
+    (
+        "llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune",
+        include_str!(
+            "../../../configs/llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune.toml"
+        ),
+    ),
 ];
 
 /// Loads CONFIG: a file if one exists at that path, else a built-in config by name.
@@ -28,10 +62,15 @@ pub fn load(arg: &str, overrides: &[String]) -> Result<LoadedConfig> {
     }
     let name = arg.strip_suffix(".toml").unwrap_or(arg);
     match BUILTIN.iter().find(|(n, _)| *n == name) {
-        Some((name, text)) => Ok(LoadedConfig::from_text(text, Path::new(&format!("<built-in {name}>")), name, overrides)?),
-        None => bail!(
-            "config `{arg}` is neither a file nor a built-in config (see `xtuner list-cfg`)"
-        ),
+        Some((name, text)) => Ok(LoadedConfig::from_text(
+            text,
+            Path::new(&format!("<built-in {name}>")),
+            name,
+            overrides,
+        )?),
+        None => {
+            bail!("config `{arg}` is neither a file nor a built-in config (see `xtuner list-cfg`)")
+        }
     }
 }
 
@@ -54,7 +93,13 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".toml").map(str::to_string))
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".toml")
+                    .map(str::to_string)
+            })
             .collect();
         files.sort();
         let mut names: Vec<String> = BUILTIN.iter().map(|(n, _)| n.to_string()).collect();

@@ -18,7 +18,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_logging(cli.verbose);
@@ -37,38 +41,116 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::CopyCfg { name, dir } => commands::cfg::copy_cfg(&name, &dir)?,
         Command::ListDatasetFormat => commands::cfg::list_dataset_format(),
         Command::CheckCustomDataset(config) => commands::data::check_custom_dataset(&config)?,
-        Command::LogDataset { config, show, num } => commands::data::log_dataset(&config, show, num)?,
-        Command::Dataset(DatasetCommand::Encode { tokenizer, format, template, max_length, out, inputs }) => {
-            commands::data::encode(&tokenizer, &format, template.as_deref(), max_length, &out, &inputs)?
+        Command::LogDataset { config, show, num } => {
+            commands::data::log_dataset(&config, show, num)?
         }
-        Command::Dataset(DatasetCommand::Pack { max_length, varlen, out, encoded }) => {
-            commands::data::pack_file(max_length, varlen, &out, &encoded)?
-        }
-        Command::Dataset(DatasetCommand::Build { config, threads, no_cache, json }) => {
-            commands::data::build(&config, threads, no_cache, json)?
-        }
-        Command::Train { config, work_dir, resume, device } => {
-            commands::train::run_train(&config.config, &config.cfg_options, work_dir, resume, device)?
-        }
-        Command::Bench { preset, vocab_size, seq_len, batch_size, mode, lora_r, warmup, steps, checkpointing, device } => {
+        Command::Dataset(DatasetCommand::Encode {
+            tokenizer,
+            format,
+            template,
+            max_length,
+            out,
+            inputs,
+        }) => commands::data::encode(
+            &tokenizer,
+            &format,
+            template.as_deref(),
+            max_length,
+            &out,
+            &inputs,
+        )?,
+        Command::Dataset(DatasetCommand::Pack {
+            max_length,
+            varlen,
+            out,
+            encoded,
+        }) => commands::data::pack_file(max_length, varlen, &out, &encoded)?,
+        Command::Dataset(DatasetCommand::Build {
+            config,
+            threads,
+            no_cache,
+            json,
+        }) => commands::data::build(&config, threads, no_cache, json)?,
+        Command::Train {
+            config,
+            work_dir,
+            resume,
+            device,
+        } => commands::train::run_train(
+            &config.config,
+            &config.cfg_options,
+            work_dir,
+            resume,
+            device,
+        )?,
+        Command::Bench {
+            preset,
+            vocab_size,
+            seq_len,
+            batch_size,
+            mode,
+            lora_r,
+            warmup,
+            steps,
+            checkpointing,
+            device,
+        } => {
             use xtuner_engine::bench::{BenchMode, StepBench};
             let mode = match mode {
                 args::BenchModeArg::Full => BenchMode::Full,
                 args::BenchModeArg::Lora => BenchMode::Lora,
                 args::BenchModeArg::Qlora => BenchMode::Qlora,
             };
-            let bench = StepBench { preset, vocab_size, seq_len, batch_size, mode, lora_r, warmup, steps, checkpointing };
+            let bench = StepBench {
+                preset,
+                vocab_size,
+                seq_len,
+                batch_size,
+                mode,
+                lora_r,
+                warmup,
+                steps,
+                checkpointing,
+            };
             commands::train::bench(&bench, device)?
         }
-        Command::Convert(ConvertCommand::PthToHf { config, checkpoint, out, fp32, max_shard_size, cfg_options }) => {
-            commands::train::pth_to_hf(&config, &cfg_options, &checkpoint, &out, fp32, &max_shard_size)?
-        }
-        Command::Convert(ConvertCommand::Merge { base, adapter, out, max_shard_size, fp32 }) => {
-            commands::train::merge(&base, &adapter, &out, &max_shard_size, fp32)?
-        }
-        Command::Eval { model, adapter, data, format, template, max_length } => {
-            commands::train::eval(&model, adapter.as_deref(), &data, &format, template.as_deref(), max_length)?
-        }
+        Command::Convert(ConvertCommand::PthToHf {
+            config,
+            checkpoint,
+            out,
+            fp32,
+            max_shard_size,
+            cfg_options,
+        }) => commands::train::pth_to_hf(
+            &config,
+            &cfg_options,
+            &checkpoint,
+            &out,
+            fp32,
+            &max_shard_size,
+        )?,
+        Command::Convert(ConvertCommand::Merge {
+            base,
+            adapter,
+            out,
+            max_shard_size,
+            fp32,
+        }) => commands::train::merge(&base, &adapter, &out, &max_shard_size, fp32)?,
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            format,
+            template,
+            max_length,
+        } => commands::train::eval(
+            &model,
+            adapter.as_deref(),
+            &data,
+            &format,
+            template.as_deref(),
+            max_length,
+        )?,
         Command::Chat(c) => commands::chat::chat(&commands::chat::ChatArgs {
             model: c.model,
             adapter: c.adapter,
@@ -93,9 +175,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             visual_select_layer: c.visual_select_layer,
             image: c.image,
         })?,
-        Command::Tokenize { tokenizer, json, text } => {
-            commands::tokenize::tokenize(&tokenizer, &text.join(" "), json)?
-        }
+        Command::Tokenize {
+            tokenizer,
+            json,
+            text,
+        } => commands::tokenize::tokenize(&tokenizer, &text.join(" "), json)?,
     }
     Ok(())
 }
@@ -120,10 +204,12 @@ fn error_chain(error: &anyhow::Error) -> String {
 fn exit_code(error: &anyhow::Error) -> u8 {
     use xtuner_dataset::Error as D;
     let usage = error.chain().any(|cause| {
-        cause.downcast_ref::<xtuner_engine::Error>().is_some_and(|e| matches!(e, xtuner_engine::Error::Config { .. }))
-            || cause.downcast_ref::<xtuner_template::Error>().is_some_and(|e| {
-                !matches!(e, xtuner_template::Error::NoSystemField { .. })
-            })
+        cause
+            .downcast_ref::<xtuner_engine::Error>()
+            .is_some_and(|e| matches!(e, xtuner_engine::Error::Config { .. }))
+            || cause
+                .downcast_ref::<xtuner_template::Error>()
+                .is_some_and(|e| !matches!(e, xtuner_template::Error::NoSystemField { .. }))
             || cause
                 .downcast_ref::<D>()
                 .is_some_and(|e| matches!(e, D::UnknownFormat { .. } | D::InvalidSetting { .. }))
@@ -140,5 +226,8 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -14,7 +14,8 @@ const MARGIN: u32 = 40;
 /// Returns the picture's path, or `None` when the log has fewer than two steps.
 pub fn loss_curve(work_dir: &Path) -> Result<Option<std::path::PathBuf>> {
     let log = work_dir.join("train_log.jsonl");
-    let text = std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+    let text =
+        std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
     let points: Vec<(f64, f64)> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -26,7 +27,11 @@ pub fn loss_curve(work_dir: &Path) -> Result<Option<std::path::PathBuf>> {
         return Ok(None);
     }
     let (x0, x1) = (points[0].0, points[points.len() - 1].0);
-    let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &(_, y)| (lo.min(y), hi.max(y)));
+    let (lo, hi) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &(_, y)| {
+            (lo.min(y), hi.max(y))
+        });
     let span = (hi - lo).max(1e-9);
     let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, Rgb([255, 255, 255]));
     let grey = Rgb([160, 160, 160]);
@@ -53,6 +58,7 @@ pub fn loss_curve(work_dir: &Path) -> Result<Option<std::path::PathBuf>> {
         }
     }
     let out = work_dir.join("loss_curve.png");
-    img.save(&out).with_context(|| format!("writing {}", out.display()))?;
+    img.save(&out)
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(Some(out))
 }

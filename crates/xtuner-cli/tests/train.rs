@@ -14,16 +14,30 @@ fn fixtures() -> PathBuf {
 }
 
 fn xtuner(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtuner")).args(args).current_dir(cwd).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "exit {:?}\n{}\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn failed(out: &Output) -> String {
-    assert!(!out.status.success(), "should fail: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "should fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains("panicked"), "{err}");
     err
@@ -35,9 +49,17 @@ fn setup(lora: bool) -> tempfile::TempDir {
     let records: Vec<Value> = (0..24)
         .map(|i| serde_json::json!({"instruction": format!("Say {i}."), "input": "", "output": format!("{i} {i} {i}")}))
         .collect();
-    fs::write(dir.path().join("data.json"), serde_json::to_string(&records).unwrap()).unwrap();
+    fs::write(
+        dir.path().join("data.json"),
+        serde_json::to_string(&records).unwrap(),
+    )
+    .unwrap();
     let model = fixtures().join("internlm2-tiny");
-    let lora = if lora { "[lora]\nr = 4\nalpha = 8\ndropout = 0.1\n" } else { "" };
+    let lora = if lora {
+        "[lora]\nr = 4\nalpha = 8\ndropout = 0.1\n"
+    } else {
+        ""
+    };
     fs::write(
         dir.path().join("run.toml"),
         format!(
@@ -68,32 +90,112 @@ fn lora_training_resumes_exactly_and_exports() {
     ok(&xtuner(&["train", "run.toml"], d));
     let work = d.join("work_dirs/run");
     let full = losses(&work);
-    assert_eq!(full.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![2, 4, 6, 8]);
-    assert!(work.join("iter_4/adapter_model.safetensors").is_file() && work.join("iter_8/optimizer.bin").is_file());
+    assert_eq!(
+        full.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![2, 4, 6, 8]
+    );
+    assert!(
+        work.join("iter_4/adapter_model.safetensors").is_file()
+            && work.join("iter_8/optimizer.bin").is_file()
+    );
     assert!(work.join("loss_curve.png").is_file());
 
     // A run stopped after iteration 4 (as if killed) and resumed gives the same losses.
     let resumed = d.join("resumed");
     fs::create_dir_all(&resumed).unwrap();
-    let status = Command::new("cp").args(["-r", work.join("iter_4").to_str().unwrap(), resumed.to_str().unwrap()]).status().unwrap();
+    let status = Command::new("cp")
+        .args([
+            "-r",
+            work.join("iter_4").to_str().unwrap(),
+            resumed.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
     assert!(status.success());
-    ok(&xtuner(&["train", "run.toml", "--work-dir", "resumed", "--resume"], d));
-    assert_eq!(losses(&resumed), full[2..].to_vec(), "resumed losses equal the uninterrupted run's, exactly");
+    ok(&xtuner(
+        &["train", "run.toml", "--work-dir", "resumed", "--resume"],
+        d,
+    ));
+    assert_eq!(
+        losses(&resumed),
+        full[2..].to_vec(),
+        "resumed losses equal the uninterrupted run's, exactly"
+    );
 
     // Export: a PEFT adapter that our loader reads back; merge it into the base.
-    ok(&xtuner(&["convert", "pth_to_hf", "run.toml", work.join("iter_8").to_str().unwrap(), "hf", "--fp32"], d));
-    let config: Value = serde_json::from_str(&fs::read_to_string(d.join("hf/adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(4), Some("LORA")));
+    ok(&xtuner(
+        &[
+            "convert",
+            "pth_to_hf",
+            "run.toml",
+            work.join("iter_8").to_str().unwrap(),
+            "hf",
+            "--fp32",
+        ],
+        d,
+    ));
+    let config: Value =
+        serde_json::from_str(&fs::read_to_string(d.join("hf/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (config["r"].as_u64(), config["peft_type"].as_str()),
+        (Some(4), Some("LORA"))
+    );
     let model = fixtures().join("internlm2-tiny");
     let model = model.to_str().unwrap();
-    ok(&xtuner(&["convert", "merge", model, "hf", "merged", "--fp32"], d));
-    assert!(d.join("merged/model.safetensors").is_file() && d.join("merged/tokenizer.json").is_file());
+    ok(&xtuner(
+        &["convert", "merge", model, "hf", "merged", "--fp32"],
+        d,
+    ));
+    assert!(
+        d.join("merged/model.safetensors").is_file() && d.join("merged/tokenizer.json").is_file()
+    );
     // The merged model and the adapter applied at load answer alike (greedy).
-    let with_adapter = ok(&xtuner(&["chat", model, "--adapter", "hf", "--prompt", "Say 3.", "--temperature", "0", "--max-new-tokens", "6", "--no-streamer"], d));
-    let merged = ok(&xtuner(&["chat", "merged", "--prompt", "Say 3.", "--temperature", "0", "--max-new-tokens", "6", "--no-streamer"], d));
+    let with_adapter = ok(&xtuner(
+        &[
+            "chat",
+            model,
+            "--adapter",
+            "hf",
+            "--prompt",
+            "Say 3.",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "--no-streamer",
+        ],
+        d,
+    ));
+    let merged = ok(&xtuner(
+        &[
+            "chat",
+            "merged",
+            "--prompt",
+            "Say 3.",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "--no-streamer",
+        ],
+        d,
+    ));
     assert_eq!(with_adapter, merged);
     // Evaluation runs on the same pipeline.
-    let out = ok(&xtuner(&["eval", model, "--adapter", "hf", "--data", "data.json", "--template", "internlm2_chat"], d));
+    let out = ok(&xtuner(
+        &[
+            "eval",
+            model,
+            "--adapter",
+            "hf",
+            "--data",
+            "data.json",
+            "--template",
+            "internlm2_chat",
+        ],
+        d,
+    ));
     assert!(out.contains("perplexity"), "{out}");
 }
 
@@ -103,11 +205,16 @@ fn lora_training_resumes_exactly_and_exports() {
 fn a_killed_run_resumes_to_the_same_losses() {
     let dir = setup(true);
     let d = dir.path();
-    let opts = ["--cfg-options", "train.max_iters=48", "checkpoint.save_steps=4"];
+    let opts = [
+        "--cfg-options",
+        "train.max_iters=48",
+        "checkpoint.save_steps=4",
+    ];
     let mut args = vec!["train", "run.toml", "--work-dir", "whole"];
     args.extend(opts);
     ok(&xtuner(&args, d));
-    let whole: std::collections::BTreeMap<u64, f64> = losses(&d.join("whole")).into_iter().collect();
+    let whole: std::collections::BTreeMap<u64, f64> =
+        losses(&d.join("whole")).into_iter().collect();
     assert_eq!(whole.len(), 24);
 
     let killed = d.join("killed");
@@ -127,7 +234,10 @@ fn a_killed_run_resumes_to_the_same_losses() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!killed.join("iter_48").exists(), "the run was killed before its end");
+    assert!(
+        !killed.join("iter_48").exists(),
+        "the run was killed before its end"
+    );
 
     let mut args = vec!["train", "run.toml", "--work-dir", "killed", "--resume"];
     args.extend(opts);
@@ -143,25 +253,87 @@ fn a_killed_run_resumes_to_the_same_losses() {
 fn full_fine_tune_exports_a_model_that_loads() {
     let dir = setup(false);
     let d = dir.path();
-    ok(&xtuner(&["train", "run.toml", "--cfg-options", "train.max_iters=4", "optimizer.lr=1e-4"], d));
+    ok(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--cfg-options",
+            "train.max_iters=4",
+            "optimizer.lr=1e-4",
+        ],
+        d,
+    ));
     let ckpt = d.join("work_dirs/run/iter_4");
     assert!(ckpt.join("model.safetensors").is_file());
-    ok(&xtuner(&["convert", "pth_to_hf", "run.toml", ckpt.to_str().unwrap(), "hf", "--cfg-options", "train.max_iters=4", "optimizer.lr=1e-4"], d));
-    ok(&xtuner(&["chat", "hf", "--prompt", "Say 1.", "--temperature", "0", "--max-new-tokens", "4"], d));
+    ok(&xtuner(
+        &[
+            "convert",
+            "pth_to_hf",
+            "run.toml",
+            ckpt.to_str().unwrap(),
+            "hf",
+            "--cfg-options",
+            "train.max_iters=4",
+            "optimizer.lr=1e-4",
+        ],
+        d,
+    ));
+    ok(&xtuner(
+        &[
+            "chat",
+            "hf",
+            "--prompt",
+            "Say 1.",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ],
+        d,
+    ));
 }
 
 #[test]
 fn bad_training_setups_are_clear_errors() {
     let dir = setup(true);
     let d = dir.path();
-    let err = failed(&xtuner(&["train", "run.toml", "--cfg-options", "model.path=\"nowhere\""], d));
+    let err = failed(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--cfg-options",
+            "model.path=\"nowhere\"",
+        ],
+        d,
+    ));
     assert!(err.contains("nowhere"), "{err}");
-    let err = failed(&xtuner(&["train", "run.toml", "--cfg-options", "lora.target_modules=[\"q_proj\"]"], d));
+    let err = failed(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--cfg-options",
+            "lora.target_modules=[\"q_proj\"]",
+        ],
+        d,
+    ));
     assert!(err.contains("q_proj") && err.contains("wqkv"), "{err}");
     // A checkpoint of another config cannot be resumed.
-    ok(&xtuner(&["train", "run.toml", "--cfg-options", "train.max_iters=4"], d));
+    ok(&xtuner(
+        &["train", "run.toml", "--cfg-options", "train.max_iters=4"],
+        d,
+    ));
     let other = d.join("work_dirs/run/iter_4");
-    let err = failed(&xtuner(&["train", "run.toml", "--cfg-options", "lora.r=8", "--resume", other.to_str().unwrap()], d));
+    let err = failed(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--cfg-options",
+            "lora.r=8",
+            "--resume",
+            other.to_str().unwrap(),
+        ],
+        d,
+    ));
     assert!(err.contains("another config"), "{err}");
 }
 
@@ -172,16 +344,35 @@ fn merge_matches_peft() {
     let base = fixtures().join("internlm2-tiny");
     let out = dir.path().join("merged");
     ok(&xtuner(
-        &["convert", "merge", base.to_str().unwrap(), base.join("lora").to_str().unwrap(), out.to_str().unwrap(), "--fp32", "--max-shard-size", "40KB"],
+        &[
+            "convert",
+            "merge",
+            base.to_str().unwrap(),
+            base.join("lora").to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--fp32",
+            "--max-shard-size",
+            "40KB",
+        ],
         dir.path(),
     ));
-    assert!(out.join("model.safetensors.index.json").is_file(), "sharded at 40KB");
+    assert!(
+        out.join("model.safetensors.index.json").is_file(),
+        "sharded at 40KB"
+    );
     let ours = Checkpoint::open(&out).unwrap();
     let peft = Checkpoint::open(&base.join("lora/merged.safetensors")).unwrap();
     assert_eq!(ours.keys(), peft.keys());
     for key in peft.keys() {
-        let (a, b) = (ours.float_data(&key).unwrap().to_vec::<f32>().unwrap(), peft.float_data(&key).unwrap().to_vec::<f32>().unwrap());
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let (a, b) = (
+            ours.float_data(&key).unwrap().to_vec::<f32>().unwrap(),
+            peft.float_data(&key).unwrap().to_vec::<f32>().unwrap(),
+        );
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-5, "{key}: {diff}");
     }
 }
@@ -190,15 +381,31 @@ fn merge_matches_peft() {
 fn qlora_trains_on_an_nf4_base() {
     let dir = setup(true);
     let d = dir.path();
-    let config = fs::read_to_string(d.join("run.toml")).unwrap() + "[quantization]\nbits = 4\ndouble_quant = true\n";
+    let config = fs::read_to_string(d.join("run.toml")).unwrap()
+        + "[quantization]\nbits = 4\ndouble_quant = true\n";
     fs::write(d.join("qlora.toml"), config).unwrap();
-    ok(&xtuner(&["train", "qlora.toml", "--cfg-options", "optimizer.lr=5e-3"], d));
+    ok(&xtuner(
+        &["train", "qlora.toml", "--cfg-options", "optimizer.lr=5e-3"],
+        d,
+    ));
     let losses = losses(&d.join("work_dirs/qlora"));
     assert_eq!(losses.len(), 4);
-    assert!(losses[3].1 < losses[0].1, "the adapter learns on the 4-bit base: {losses:?}");
+    assert!(
+        losses[3].1 < losses[0].1,
+        "the adapter learns on the 4-bit base: {losses:?}"
+    );
     // The adapter exports like any LoRA adapter.
     let ckpt = d.join("work_dirs/qlora/iter_8");
-    ok(&xtuner(&["convert", "pth_to_hf", "qlora.toml", ckpt.to_str().unwrap(), "hf"], d));
+    ok(&xtuner(
+        &[
+            "convert",
+            "pth_to_hf",
+            "qlora.toml",
+            ckpt.to_str().unwrap(),
+            "hf",
+        ],
+        d,
+    ));
     assert!(d.join("hf/adapter_model.safetensors").is_file());
 }
 
@@ -206,8 +413,21 @@ fn qlora_trains_on_an_nf4_base() {
 fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = setup(true);
     let d = dir.path();
-    let err = failed(&xtuner(&["train", "run.toml", "--cfg-options", "optimizer.lr=1e30", "optimizer.max_norm=1e30", "checkpoint.save_steps=2"], d));
-    assert!(err.contains("the loss became") && err.contains("iter_2"), "{err}");
+    let err = failed(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--cfg-options",
+            "optimizer.lr=1e30",
+            "optimizer.max_norm=1e30",
+            "checkpoint.save_steps=2",
+        ],
+        d,
+    ));
+    assert!(
+        err.contains("the loss became") && err.contains("iter_2"),
+        "{err}"
+    );
     let work = d.join("work_dirs/run");
     assert!(work.join("iter_2/adapter_model.safetensors").is_file());
     let last = fs::read_to_string(work.join("last_checkpoint")).unwrap();
@@ -223,29 +443,70 @@ fn demo_flow_on_a_preset_base() {
     let work = dir.path().join("work");
     let cache = dir.path().join("cache");
     let opts = [
-        "--cfg-options", "train.max_iters=2", "train.batch_size=1", "checkpoint.save_steps=2", "evaluation.inputs=[]",
+        "--cfg-options",
+        "train.max_iters=2",
+        "train.batch_size=1",
+        "checkpoint.save_steps=2",
+        "evaluation.inputs=[]",
         &format!("data.cache_dir={:?}", cache.to_str().unwrap()),
     ];
-    let mut args = vec!["train", "configs/demo_tiny_lora.toml", "--work-dir", work.to_str().unwrap()];
+    let mut args = vec![
+        "train",
+        "configs/demo_tiny_lora.toml",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ];
     args.extend(opts.iter().map(|s| -> &str { s }));
     ok(&xtuner(&args, &repo));
     let base = work.join("base_model");
-    assert!(base.join("config.json").is_file() && base.join("model.safetensors").is_file() && base.join("tokenizer.json").is_file());
+    assert!(
+        base.join("config.json").is_file()
+            && base.join("model.safetensors").is_file()
+            && base.join("tokenizer.json").is_file()
+    );
     let adapter = dir.path().join("adapter");
-    let mut args = vec!["convert", "pth_to_hf", "configs/demo_tiny_lora.toml", work.to_str().unwrap(), adapter.to_str().unwrap()];
+    let mut args = vec![
+        "convert",
+        "pth_to_hf",
+        "configs/demo_tiny_lora.toml",
+        work.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+    ];
     let ckpt = work.join("iter_2");
     args[3] = ckpt.to_str().unwrap();
     args.extend(opts.iter().map(|s| -> &str { s }));
     ok(&xtuner(&args, &repo));
     let chat = |model: &Path, adapter: Option<&Path>| {
-        let mut args = vec!["chat", model.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", "Is this review positive or negative? The soup was clean and the music was clean.", "--temperature", "0", "--max-new-tokens", "4", "--no-streamer"];
+        let mut args = vec![
+            "chat",
+            model.to_str().unwrap(),
+            "--prompt-template",
+            "internlm2_chat",
+            "--prompt",
+            "Is this review positive or negative? The soup was clean and the music was clean.",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--no-streamer",
+        ];
         if let Some(a) = adapter {
             args.extend(["--adapter", a.to_str().unwrap()]);
         }
         ok(&xtuner(&args, &repo))
     };
     let merged = dir.path().join("merged");
-    ok(&xtuner(&["convert", "merge", base.to_str().unwrap(), adapter.to_str().unwrap(), merged.to_str().unwrap(), "--fp32"], &repo));
+    ok(&xtuner(
+        &[
+            "convert",
+            "merge",
+            base.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            merged.to_str().unwrap(),
+            "--fp32",
+        ],
+        &repo,
+    ));
     assert_eq!(chat(&base, Some(&adapter)), chat(&merged, None));
 }
 
@@ -257,9 +518,23 @@ fn demo_learns_held_out_reviews() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
-    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
-    let opts = ["--cfg-options", "train.max_iters=150", "checkpoint.save_steps=150", "evaluation.inputs=[]", &cache];
-    let mut args = vec!["train", "configs/demo_tiny_lora.toml", "--work-dir", work.to_str().unwrap()];
+    let cache = format!(
+        "data.cache_dir={:?}",
+        dir.path().join("cache").to_str().unwrap()
+    );
+    let opts = [
+        "--cfg-options",
+        "train.max_iters=150",
+        "checkpoint.save_steps=150",
+        "evaluation.inputs=[]",
+        &cache,
+    ];
+    let mut args = vec![
+        "train",
+        "configs/demo_tiny_lora.toml",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ];
     args.extend(opts);
     ok(&xtuner(&args, &repo));
     let adapter = dir.path().join("adapter");
@@ -270,22 +545,56 @@ fn demo_learns_held_out_reviews() {
     ok(&xtuner(&args, &repo));
     let base = work.join("base_model");
     let eval = |adapter: Option<&Path>| {
-        let mut args = vec!["eval", base.to_str().unwrap(), "--data", "configs/demo/eval.jsonl", "--template", "internlm2_chat"];
+        let mut args = vec![
+            "eval",
+            base.to_str().unwrap(),
+            "--data",
+            "configs/demo/eval.jsonl",
+            "--template",
+            "internlm2_chat",
+        ];
         if let Some(a) = adapter {
             args.extend(["--adapter", a.to_str().unwrap()]);
         }
         let out = ok(&xtuner(&args, &repo));
-        let loss = out.split("loss ").nth(1).and_then(|s| s.split(',').next()).unwrap();
+        let loss = out
+            .split("loss ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap();
         loss.trim().parse::<f64>().unwrap()
     };
     let (before, after) = (eval(None), eval(Some(&adapter)));
     assert!(before > 3.0, "random init: {before}");
-    assert!(after < 0.1, "held-out loss after training: {after} (chance is 0.35)");
+    assert!(
+        after < 0.1,
+        "held-out loss after training: {after} (chance is 0.35)"
+    );
     for (prompt, label) in [
-        ("Is this review positive or negative? The soup was clean and the music was clean.", "positive"),
-        ("Is this review positive or negative? The soup was boring.", "negative"),
+        (
+            "Is this review positive or negative? The soup was clean and the music was clean.",
+            "positive",
+        ),
+        (
+            "Is this review positive or negative? The soup was boring.",
+            "negative",
+        ),
     ] {
-        let args = ["chat", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "4", "--no-streamer"];
+        let args = [
+            "chat",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--prompt-template",
+            "internlm2_chat",
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--no-streamer",
+        ];
         let answer = ok(&xtuner(&args, &repo));
         assert_eq!(answer.trim(), label, "{prompt}");
     }
@@ -295,14 +604,36 @@ fn demo_learns_held_out_reviews() {
 #[test]
 fn bench_reports_a_training_step() {
     let dir = tempfile::tempdir().unwrap();
-    let args = ["bench", "--preset", "internlm2-tiny", "--vocab-size", "300", "--seq-len", "32", "--mode", "qlora", "--lora-r", "4", "--warmup", "1", "--steps", "2"];
+    let args = [
+        "bench",
+        "--preset",
+        "internlm2-tiny",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "32",
+        "--mode",
+        "qlora",
+        "--lora-r",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+    ];
     let out = ok(&xtuner(&args, dir.path()));
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["bench"]["mode"], "qlora");
     assert_eq!(report["losses"].as_array().unwrap().len(), 3);
     assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
-    let err = failed(&xtuner(&["bench", "--preset", "internlm2-huge"], dir.path()));
-    assert!(err.contains("internlm2-huge") && err.contains("internlm2-tiny"), "{err}");
+    let err = failed(&xtuner(
+        &["bench", "--preset", "internlm2-huge"],
+        dir.path(),
+    ));
+    assert!(
+        err.contains("internlm2-huge") && err.contains("internlm2-tiny"),
+        "{err}"
+    );
 }
 
 /// The LLaVA demo as README runs it, shortened: stage 1 trains the projector on
@@ -313,49 +644,114 @@ fn bench_reports_a_training_step() {
 fn llava_demo_pretrains_finetunes_and_answers_about_held_out_pictures() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = tempfile::tempdir().unwrap();
-    let (pre, fine, out) = (dir.path().join("pre"), dir.path().join("fine"), dir.path().join("llava"));
-    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
+    let (pre, fine, out) = (
+        dir.path().join("pre"),
+        dir.path().join("fine"),
+        dir.path().join("llava"),
+    );
+    let cache = format!(
+        "data.cache_dir={:?}",
+        dir.path().join("cache").to_str().unwrap()
+    );
     let from = format!("llava.pretrained_projector={:?}", pre.to_str().unwrap());
     let first_last = |work: &Path| {
         let l = losses(work);
         (l.first().unwrap().1, l.last().unwrap().1)
     };
-    let pre_opts = ["--cfg-options", "train.max_iters=40", "checkpoint.save_steps=40", "evaluation.inputs=[]", &cache];
-    let mut args = vec!["train", "configs/demo_llava_pretrain.toml", "--work-dir", pre.to_str().unwrap()];
+    let pre_opts = [
+        "--cfg-options",
+        "train.max_iters=40",
+        "checkpoint.save_steps=40",
+        "evaluation.inputs=[]",
+        &cache,
+    ];
+    let mut args = vec![
+        "train",
+        "configs/demo_llava_pretrain.toml",
+        "--work-dir",
+        pre.to_str().unwrap(),
+    ];
     args.extend(pre_opts);
     ok(&xtuner(&args, &repo));
     let (first, last) = first_last(&pre);
     assert!(last < first - 1.5, "pretrain loss {first} -> {last}");
 
-    let fine_opts = ["--cfg-options", "train.max_iters=120", "checkpoint.save_steps=120", "evaluation.inputs=[]", &cache, &from];
-    let mut args = vec!["train", "configs/demo_llava_finetune.toml", "--work-dir", fine.to_str().unwrap()];
+    let fine_opts = [
+        "--cfg-options",
+        "train.max_iters=120",
+        "checkpoint.save_steps=120",
+        "evaluation.inputs=[]",
+        &cache,
+        &from,
+    ];
+    let mut args = vec![
+        "train",
+        "configs/demo_llava_finetune.toml",
+        "--work-dir",
+        fine.to_str().unwrap(),
+    ];
     args.extend(fine_opts);
     ok(&xtuner(&args, &repo));
     let (first, last) = first_last(&fine);
     assert!(last < first / 2.0, "finetune loss {first} -> {last}");
 
     let ckpt = fine.join("iter_120");
-    let mut args = vec!["convert", "pth_to_hf", "configs/demo_llava_finetune.toml", ckpt.to_str().unwrap(), out.to_str().unwrap()];
+    let mut args = vec![
+        "convert",
+        "pth_to_hf",
+        "configs/demo_llava_finetune.toml",
+        ckpt.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ];
     args.extend(fine_opts);
     ok(&xtuner(&args, &repo));
-    for file in ["projector/config.json", "projector/model.safetensors", "llm_adapter/adapter_model.safetensors", "visual_encoder_adapter/adapter_model.safetensors"] {
+    for file in [
+        "projector/config.json",
+        "projector/model.safetensors",
+        "llm_adapter/adapter_model.safetensors",
+        "visual_encoder_adapter/adapter_model.safetensors",
+    ] {
         assert!(out.join(file).is_file(), "{file}");
     }
 
-    let eval: Vec<Value> = serde_json::from_str(&fs::read_to_string(repo.join("configs/demo_llava/eval.json")).unwrap()).unwrap();
+    let eval: Vec<Value> = serde_json::from_str(
+        &fs::read_to_string(repo.join("configs/demo_llava/eval.json")).unwrap(),
+    )
+    .unwrap();
     let base = fine.join("base_model");
     let mut right = 0;
     for record in &eval {
-        let image = repo.join("configs/demo_llava").join(record["image"].as_str().unwrap());
+        let image = repo
+            .join("configs/demo_llava")
+            .join(record["image"].as_str().unwrap());
         let args = [
-            "chat", base.to_str().unwrap(), "--llava", out.to_str().unwrap(), "--visual-encoder", "configs/demo_llava/clip",
-            "--image", image.to_str().unwrap(), "--prompt-template", "internlm2_chat", "--prompt", "What colour is the shape?",
-            "--temperature", "0", "--max-new-tokens", "4", "--no-streamer",
+            "chat",
+            base.to_str().unwrap(),
+            "--llava",
+            out.to_str().unwrap(),
+            "--visual-encoder",
+            "configs/demo_llava/clip",
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt-template",
+            "internlm2_chat",
+            "--prompt",
+            "What colour is the shape?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--no-streamer",
         ];
         let answer = ok(&xtuner(&args, &repo));
-        right += usize::from(answer.trim() == record["conversations"][1]["value"].as_str().unwrap());
+        right +=
+            usize::from(answer.trim() == record["conversations"][1]["value"].as_str().unwrap());
     }
-    assert!(right >= 20, "{right} of {} held-out colours right (chance: a quarter)", eval.len());
+    assert!(
+        right >= 20,
+        "{right} of {} held-out colours right (chance: a quarter)",
+        eval.len()
+    );
 }
 
 /// A LLaVA record whose image is missing stops the run before the first step, naming
@@ -366,15 +762,37 @@ fn a_missing_llava_image_is_an_error_or_a_skipped_record() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data.json");
     let record = |image: &str| serde_json::json!({"image": image, "conversations": [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": "a red circle"}]});
-    let records = [record("images/train_0000.png"), record("images/no_such_picture.png")];
+    let records = [
+        record("images/train_0000.png"),
+        record("images/no_such_picture.png"),
+    ];
     fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
     let work = dir.path().join("work");
     let files = format!("data.files=[{:?}]", data.to_str().unwrap());
-    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
-    let args = ["train", "configs/demo_llava_pretrain.toml", "--work-dir", work.to_str().unwrap(), "--cfg-options", &files, &cache, "train.max_iters=1", "evaluation.inputs=[]"];
+    let cache = format!(
+        "data.cache_dir={:?}",
+        dir.path().join("cache").to_str().unwrap()
+    );
+    let args = [
+        "train",
+        "configs/demo_llava_pretrain.toml",
+        "--work-dir",
+        work.to_str().unwrap(),
+        "--cfg-options",
+        &files,
+        &cache,
+        "train.max_iters=1",
+        "evaluation.inputs=[]",
+    ];
     let err = failed(&xtuner(&args, &repo));
-    assert!(err.contains("no_such_picture.png") && err.contains("skip_bad_records"), "{err}");
-    assert!(err.contains("data.json:1"), "the error names the record: {err}");
+    assert!(
+        err.contains("no_such_picture.png") && err.contains("skip_bad_records"),
+        "{err}"
+    );
+    assert!(
+        err.contains("data.json:1"),
+        "the error names the record: {err}"
+    );
     assert!(!work.join("iter_1").exists());
     let mut skipping = args.to_vec();
     skipping.push("data.skip_bad_records=true");
@@ -389,12 +807,37 @@ fn a_llava_run_resumes_exactly() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = tempfile::tempdir().unwrap();
     let (pre, work) = (dir.path().join("pre"), dir.path().join("work"));
-    let cache = format!("data.cache_dir={:?}", dir.path().join("cache").to_str().unwrap());
-    let pre_args = ["train", "configs/demo_llava_pretrain.toml", "--work-dir", pre.to_str().unwrap(), "--cfg-options", "train.max_iters=1", "evaluation.inputs=[]", &cache];
+    let cache = format!(
+        "data.cache_dir={:?}",
+        dir.path().join("cache").to_str().unwrap()
+    );
+    let pre_args = [
+        "train",
+        "configs/demo_llava_pretrain.toml",
+        "--work-dir",
+        pre.to_str().unwrap(),
+        "--cfg-options",
+        "train.max_iters=1",
+        "evaluation.inputs=[]",
+        &cache,
+    ];
     ok(&xtuner(&pre_args, &repo));
     let from = format!("llava.pretrained_projector={:?}", pre.to_str().unwrap());
-    let opts = ["--cfg-options", "train.max_iters=4", "checkpoint.save_steps=2", "checkpoint.save_total_limit=-1", "evaluation.inputs=[]", &cache, &from];
-    let mut args = vec!["train", "configs/demo_llava_finetune.toml", "--work-dir", work.to_str().unwrap()];
+    let opts = [
+        "--cfg-options",
+        "train.max_iters=4",
+        "checkpoint.save_steps=2",
+        "checkpoint.save_total_limit=-1",
+        "evaluation.inputs=[]",
+        &cache,
+        &from,
+    ];
+    let mut args = vec![
+        "train",
+        "configs/demo_llava_finetune.toml",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ];
     args.extend(opts);
     ok(&xtuner(&args, &repo));
     let uninterrupted = losses(&work);

@@ -47,7 +47,9 @@ pub fn cache_key(spec: &DataSpec, tokenizer_fingerprint: &str) -> Result<String>
     for file in data_files(&spec.files)? {
         hasher.update(file.to_string_lossy().as_bytes());
         // Memory-mapped and hashed on all cores: the whole cost of a cache hit is this.
-        hasher.update_mmap_rayon(&file).map_err(|e| Error::io(&file, e))?;
+        hasher
+            .update_mmap_rayon(&file)
+            .map_err(|e| Error::io(&file, e))?;
     }
     Ok(hasher.finalize().to_hex().to_string())
 }
@@ -81,7 +83,10 @@ pub fn load_or_process(
 }
 
 fn cache_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::Cache { path: path.to_path_buf(), message: message.into() }
+    Error::Cache {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// Layout: MAGIC, version u32, payload length u64, blake3(payload) [32], payload.
@@ -104,19 +109,27 @@ fn write_entry(path: &Path, dataset: &ProcessedDataset) -> Result<()> {
         payload.extend((row.cumulative_len.len() as u32).to_le_bytes());
     }
     for row in &dataset.rows {
-        let ids = i32_values(&row.input_ids).ok_or_else(|| cache_error(path, "token id out of i32 range"))?;
+        let ids = i32_values(&row.input_ids)
+            .ok_or_else(|| cache_error(path, "token id out of i32 range"))?;
         payload.extend(ids);
     }
     for row in &dataset.rows {
-        let labels = i32_values(&row.labels).ok_or_else(|| cache_error(path, "label out of i32 range"))?;
+        let labels =
+            i32_values(&row.labels).ok_or_else(|| cache_error(path, "label out of i32 range"))?;
         payload.extend(labels);
     }
     for row in &dataset.rows {
-        payload.extend(row.cumulative_len.iter().flat_map(|&c| (c as u32).to_le_bytes()));
+        payload.extend(
+            row.cumulative_len
+                .iter()
+                .flat_map(|&c| (c as u32).to_le_bytes()),
+        );
     }
-    let images = serde_json::to_vec(&dataset.images).map_err(|e| cache_error(path, e.to_string()))?;
+    let images =
+        serde_json::to_vec(&dataset.images).map_err(|e| cache_error(path, e.to_string()))?;
     put_json(&mut payload, images);
-    let sources = serde_json::to_vec(&dataset.sources).map_err(|e| cache_error(path, e.to_string()))?;
+    let sources =
+        serde_json::to_vec(&dataset.sources).map_err(|e| cache_error(path, e.to_string()))?;
     put_json(&mut payload, sources);
 
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -127,8 +140,12 @@ fn write_entry(path: &Path, dataset: &ProcessedDataset) -> Result<()> {
     header.extend(CACHE_VERSION.to_le_bytes());
     header.extend((payload.len() as u64).to_le_bytes());
     header.extend(blake3::hash(&payload).as_bytes());
-    tmp.write_all(&header).and_then(|()| tmp.write_all(&payload)).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.write_all(&header)
+        .and_then(|()| tmp.write_all(&payload))
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
@@ -162,12 +179,21 @@ impl<'a> Cursor<'a> {
 
     fn u32s(&mut self, n: usize) -> Option<impl Iterator<Item = u32> + 'a> {
         let bytes = self.take(n.checked_mul(4)?)?;
-        Some(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        )
     }
 
     fn i64s_from_i32(&mut self, n: usize) -> Option<Vec<i64>> {
         let bytes = self.take(n.checked_mul(4)?)?;
-        Some(bytes.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect())
+        Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        )
     }
 
     fn json<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
@@ -188,11 +214,17 @@ fn read_entry(path: &Path) -> Result<Option<ProcessedDataset>> {
     if cur.take(8) != Some(MAGIC.as_slice()) {
         return Err(corrupt());
     }
-    let version = cur.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    let version = cur
+        .take(4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes);
     if version != Some(CACHE_VERSION) {
         return Err(cache_error(path, "written by another version"));
     }
-    let len = cur.u64().and_then(|l| usize::try_from(l).ok()).ok_or_else(corrupt)?;
+    let len = cur
+        .u64()
+        .and_then(|l| usize::try_from(l).ok())
+        .ok_or_else(corrupt)?;
     let checksum = cur.take(32).ok_or_else(corrupt)?;
     let payload = cur.take(len).ok_or_else(corrupt)?;
     if blake3::hash(payload).as_bytes().as_slice() != checksum {
@@ -209,7 +241,10 @@ fn decode_payload(payload: &[u8]) -> Option<ProcessedDataset> {
     let cu_lens: Vec<usize> = cur.u32s(n)?.map(|l| l as usize).collect();
     let mut rows: Vec<PackedRow> = Vec::with_capacity(n);
     for &len in &lens {
-        rows.push(PackedRow { input_ids: cur.i64s_from_i32(len)?, ..PackedRow::default() });
+        rows.push(PackedRow {
+            input_ids: cur.i64s_from_i32(len)?,
+            ..PackedRow::default()
+        });
     }
     for (row, &len) in rows.iter_mut().zip(&lens) {
         row.labels = cur.i64s_from_i32(len)?;
@@ -219,7 +254,12 @@ fn decode_payload(payload: &[u8]) -> Option<ProcessedDataset> {
     }
     let images: Vec<Option<String>> = cur.json()?;
     let sources: Vec<String> = cur.json()?;
-    Some(ProcessedDataset { rows, images, sources, stats })
+    Some(ProcessedDataset {
+        rows,
+        images,
+        sources,
+        stats,
+    })
 }
 
 #[cfg(test)]
@@ -240,7 +280,10 @@ mod tests {
         let data = dir.join("data.jsonl");
         let mut text = String::new();
         for i in 0..50 {
-            text += &format!("{{\"instruction\": \"Add {i} and 1.\", \"input\": \"\", \"output\": \"{}\"}}\n", i + 1);
+            text += &format!(
+                "{{\"instruction\": \"Add {i} and 1.\", \"input\": \"\", \"output\": \"{}\"}}\n",
+                i + 1
+            );
         }
         fs::write(&data, text).unwrap();
         DataSpec {
@@ -268,7 +311,10 @@ mod tests {
         assert!(matches!(outcome, CacheOutcome::Hit(_)));
         assert_eq!(first, second);
         assert_eq!(first, process(&spec, &tokenizer()).unwrap());
-        assert_eq!(tokenizer().fingerprint(), tokenizer::fingerprint(&tokenizer_path()).unwrap());
+        assert_eq!(
+            tokenizer().fingerprint(),
+            tokenizer::fingerprint(&tokenizer_path()).unwrap()
+        );
     }
 
     #[test]
@@ -278,10 +324,22 @@ mod tests {
         let tok = tokenizer::fingerprint(&tokenizer_path()).unwrap();
         let key = cache_key(&base, &tok).unwrap();
         let variants = [
-            DataSpec { max_length: 65, ..base.clone() },
-            DataSpec { pack_to_max_length: false, ..base.clone() },
-            DataSpec { seed: 1, ..base.clone() },
-            DataSpec { template: Some(PromptTemplate::QwenChat.template()), ..base.clone() },
+            DataSpec {
+                max_length: 65,
+                ..base.clone()
+            },
+            DataSpec {
+                pack_to_max_length: false,
+                ..base.clone()
+            },
+            DataSpec {
+                seed: 1,
+                ..base.clone()
+            },
+            DataSpec {
+                template: Some(PromptTemplate::QwenChat.template()),
+                ..base.clone()
+            },
         ];
         for v in &variants {
             assert_ne!(cache_key(v, &tok).unwrap(), key);
@@ -299,7 +357,9 @@ mod tests {
         let spec = spec(dir.path());
         let cache = dir.path().join("cache");
         let (first, outcome) = load_or_process(&spec, &tokenizer_path(), &cache).unwrap();
-        let CacheOutcome::Built(path) = outcome else { panic!("expected a build") };
+        let CacheOutcome::Built(path) = outcome else {
+            panic!("expected a build")
+        };
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;

@@ -60,13 +60,19 @@ pub fn collate(rows: &[&PackedRow], varlen: bool) -> Batch {
     for row in rows {
         let pad = seq_len - row.len();
         batch.input_ids.extend_from_slice(&row.input_ids);
-        batch.input_ids.extend(std::iter::repeat_n(PAD_TOKEN_INDEX, pad));
+        batch
+            .input_ids
+            .extend(std::iter::repeat_n(PAD_TOKEN_INDEX, pad));
         batch.labels.extend_from_slice(&row.labels);
         batch.labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
-        batch.attention_mask.extend(std::iter::repeat_n(true, row.len()));
+        batch
+            .attention_mask
+            .extend(std::iter::repeat_n(true, row.len()));
         batch.attention_mask.extend(std::iter::repeat_n(false, pad));
         if varlen {
-            batch.position_ids.extend(row.position_ids().into_iter().map(|p| p as i64));
+            batch
+                .position_ids
+                .extend(row.position_ids().into_iter().map(|p| p as i64));
         } else {
             batch.position_ids.extend(0..row.len() as i64);
         }
@@ -80,7 +86,11 @@ mod tests {
     use super::*;
 
     fn row(ids: &[i64], cu: &[usize]) -> PackedRow {
-        PackedRow { input_ids: ids.to_vec(), labels: ids.to_vec(), cumulative_len: cu.to_vec() }
+        PackedRow {
+            input_ids: ids.to_vec(),
+            labels: ids.to_vec(),
+            cumulative_len: cu.to_vec(),
+        }
     }
 
     #[test]
@@ -91,7 +101,10 @@ mod tests {
         assert_eq!((batch.batch_size, batch.seq_len), (2, 3));
         assert_eq!(batch.input_ids, vec![5, 6, 7, 2, 0, 0]);
         assert_eq!(batch.labels, vec![5, 6, 7, 2, -100, -100]);
-        assert_eq!(batch.attention_mask, vec![true, true, true, true, false, false]);
+        assert_eq!(
+            batch.attention_mask,
+            vec![true, true, true, true, false, false]
+        );
         assert_eq!(batch.position_ids, vec![0, 1, 2, 0, 0, 0]);
         assert_eq!(batch.cumulative_len, None);
         assert_eq!(batch.trained_tokens(), 4);

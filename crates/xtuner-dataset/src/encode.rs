@@ -60,7 +60,8 @@ impl EncodedSample {
         if trained {
             self.labels.extend_from_slice(ids);
         } else {
-            self.labels.extend(std::iter::repeat_n(IGNORE_INDEX, ids.len()));
+            self.labels
+                .extend(std::iter::repeat_n(IGNORE_INDEX, ids.len()));
         }
     }
 }
@@ -79,7 +80,11 @@ pub struct EncodeOptions {
 /// # Errors
 /// A tokenizer failure, or a turn whose input holds more than one `<image>` when images
 /// are on (XTuner asserts one per turn).
-pub fn encode(tokenizer: &Tokenizer, turns: &[Turn], options: EncodeOptions) -> Result<EncodedSample> {
+pub fn encode(
+    tokenizer: &Tokenizer,
+    turns: &[Turn],
+    options: EncodeOptions,
+) -> Result<EncodedSample> {
     let bos = widen(tokenizer.bos_ids());
     let eos = widen(tokenizer.eos_ids());
     let mut sample = EncodedSample::default();
@@ -91,7 +96,10 @@ pub fn encode(tokenizer: &Tokenizer, turns: &[Turn], options: EncodeOptions) -> 
         let input = encode_input(tokenizer, &turn.input, options.with_image_token, i + 1)?;
         sample.push(&input, false);
         if !turn.output.is_empty() {
-            sample.push(&widen(&tokenizer.encode(&turn.output)?), turn.output_with_loss);
+            sample.push(
+                &widen(&tokenizer.encode(&turn.output)?),
+                turn.output_with_loss,
+            );
         }
         if turn.need_eos_token {
             sample.push(&eos, turn.output_with_loss);
@@ -108,12 +116,20 @@ pub fn encode(tokenizer: &Tokenizer, turns: &[Turn], options: EncodeOptions) -> 
     Ok(sample)
 }
 
-fn encode_input(tokenizer: &Tokenizer, input: &str, with_image: bool, turn: usize) -> Result<Vec<i64>> {
+fn encode_input(
+    tokenizer: &Tokenizer,
+    input: &str,
+    with_image: bool,
+    turn: usize,
+) -> Result<Vec<i64>> {
     if !(with_image && input.contains(IMAGE_TOKEN)) {
         return Ok(widen(&tokenizer.encode(input)?));
     }
     let mut parts = input.split(IMAGE_TOKEN);
-    let (before, after) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (before, after) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     if parts.next().is_some() {
         return Err(Error::InvalidSetting {
             key: "data",
@@ -136,11 +152,16 @@ mod tests {
     use std::path::Path;
 
     fn tokenizer() -> Tokenizer {
-        Tokenizer::from_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"))
-            .unwrap()
+        Tokenizer::from_path(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"),
+        )
+        .unwrap()
     }
 
-    const OPTS: EncodeOptions = EncodeOptions { max_length: 2048, with_image_token: true };
+    const OPTS: EncodeOptions = EncodeOptions {
+        max_length: 2048,
+        with_image_token: true,
+    };
 
     #[test]
     fn bos_only_after_eos() {
@@ -151,7 +172,11 @@ mod tests {
         assert_eq!(s.input_ids.iter().filter(|&&i| i == 1).count(), 1);
         let s = encode(&tok, &[Turn::new("q", "a"), Turn::new("q", "a")], OPTS).unwrap();
         assert_eq!(s.input_ids.iter().filter(|&&i| i == 1).count(), 2);
-        assert_eq!(s.labels.iter().filter(|&&l| l == 2).count(), 2, "EOS is trained");
+        assert_eq!(
+            s.labels.iter().filter(|&&l| l == 2).count(),
+            2,
+            "EOS is trained"
+        );
     }
 
     #[test]
@@ -167,11 +192,33 @@ mod tests {
     fn image_token_and_truncation() {
         let tok = tokenizer();
         let s = encode(&tok, &[Turn::new("<image>\nhi", "a")], OPTS).unwrap();
-        assert_eq!(s.input_ids.iter().filter(|&&i| i == IMAGE_TOKEN_INDEX).count(), 1);
-        let s = encode(&tok, &[Turn::new("<image>\nhi", "a")], EncodeOptions { max_length: 3, ..OPTS }).unwrap();
+        assert_eq!(
+            s.input_ids
+                .iter()
+                .filter(|&&i| i == IMAGE_TOKEN_INDEX)
+                .count(),
+            1
+        );
+        let s = encode(
+            &tok,
+            &[Turn::new("<image>\nhi", "a")],
+            EncodeOptions {
+                max_length: 3,
+                ..OPTS
+            },
+        )
+        .unwrap();
         assert_eq!((s.input_ids.len(), s.labels.len()), (3, 3));
         assert!(encode(&tok, &[Turn::new("<image><image>", "a")], OPTS).is_err());
-        let text = encode(&tok, &[Turn::new("<image>", "a")], EncodeOptions { with_image_token: false, ..OPTS }).unwrap();
+        let text = encode(
+            &tok,
+            &[Turn::new("<image>", "a")],
+            EncodeOptions {
+                with_image_token: false,
+                ..OPTS
+            },
+        )
+        .unwrap();
         assert!(!text.input_ids.contains(&IMAGE_TOKEN_INDEX));
     }
 }

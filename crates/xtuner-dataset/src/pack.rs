@@ -28,12 +28,19 @@ pub struct PackedRow {
 impl PackedRow {
     /// Positions that restart at 0 at every sample start (varlen attention).
     pub fn position_ids(&self) -> Vec<usize> {
-        self.cumulative_len.windows(2).flat_map(|w| 0..w[1].saturating_sub(w[0])).collect()
+        self.cumulative_len
+            .windows(2)
+            .flat_map(|w| 0..w[1].saturating_sub(w[0]))
+            .collect()
     }
 
     /// The longest sample segment in the row (flash-attention's `max_seqlen`).
     pub fn max_seqlen(&self) -> usize {
-        self.cumulative_len.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0)
+        self.cumulative_len
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Number of tokens.
@@ -68,7 +75,15 @@ pub fn pack(samples: &[EncodedSample], max_length: usize) -> Vec<PackedRow> {
         return vec![row(&ids, &labels, &ends, 0, total)];
     }
     (0..total / max_length)
-        .map(|chunk| row(&ids, &labels, &ends, chunk * max_length, (chunk + 1) * max_length))
+        .map(|chunk| {
+            row(
+                &ids,
+                &labels,
+                &ends,
+                chunk * max_length,
+                (chunk + 1) * max_length,
+            )
+        })
         .collect()
 }
 
@@ -77,7 +92,12 @@ fn row(ids: &[i64], labels: &[i64], ends: &[usize], start: usize, end: usize) ->
     // always a boundary (a cut sample ends there).
     let first = ends.partition_point(|&e| e <= start);
     let mut cumulative_len = vec![0];
-    cumulative_len.extend(ends[first..].iter().take_while(|&&e| e <= end).map(|&e| e - start));
+    cumulative_len.extend(
+        ends[first..]
+            .iter()
+            .take_while(|&&e| e <= end)
+            .map(|&e| e - start),
+    );
     if cumulative_len.last() != Some(&(end - start)) {
         cumulative_len.push(end - start);
     }
@@ -94,7 +114,10 @@ mod tests {
 
     fn sample(len: usize, first: i64) -> EncodedSample {
         let ids: Vec<i64> = (first..first + len as i64).collect();
-        EncodedSample { labels: ids.clone(), input_ids: ids }
+        EncodedSample {
+            labels: ids.clone(),
+            input_ids: ids,
+        }
     }
 
     #[test]

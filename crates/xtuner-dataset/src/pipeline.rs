@@ -56,7 +56,10 @@ impl DataSpec {
             });
         }
         if self.files.is_empty() {
-            return Err(Error::InvalidSetting { key: "files", message: "no data file given".into() });
+            return Err(Error::InvalidSetting {
+                key: "files",
+                message: "no data file given".into(),
+            });
         }
         if let Some(template) = &self.template {
             template.validate().map_err(|e| Error::InvalidSetting {
@@ -139,28 +142,45 @@ enum Outcome {
 /// A record that does not fit the format or the template (naming its file and line),
 /// or a tokenizer failure.
 pub fn trace_record(spec: &DataSpec, tokenizer: &Tokenizer, record: Record) -> Result<SampleTrace> {
-    let bad = |source| Error::BadRecord { path: record.path.to_path_buf(), line: record.line, source };
-    let (conversation, image, encoded, templated) = match spec.format.map(&record.value, &spec.columns).map_err(bad)? {
-        Sample::Tokenized { input_ids, labels } => {
-            let mut encoded = EncodedSample { input_ids, labels };
-            encoded.input_ids.truncate(spec.max_length);
-            encoded.labels.truncate(spec.max_length);
-            (Conversation::default(), None, encoded, Vec::new())
-        }
-        Sample::Conversation { conversation, image } => {
-            let templated = match &spec.template {
-                Some(t) => t.render(&conversation.conversation).map_err(|source| Error::Template {
-                    path: record.path.to_path_buf(),
-                    line: record.line,
-                    source,
-                })?,
-                None => conversation.conversation.clone(),
-            };
-            let encoded = encode(tokenizer, &templated, spec.encode_options())?;
-            (conversation, image, encoded, templated)
-        }
+    let bad = |source| Error::BadRecord {
+        path: record.path.to_path_buf(),
+        line: record.line,
+        source,
     };
-    Ok(SampleTrace { record, conversation, templated, encoded, image })
+    let (conversation, image, encoded, templated) =
+        match spec.format.map(&record.value, &spec.columns).map_err(bad)? {
+            Sample::Tokenized { input_ids, labels } => {
+                let mut encoded = EncodedSample { input_ids, labels };
+                encoded.input_ids.truncate(spec.max_length);
+                encoded.labels.truncate(spec.max_length);
+                (Conversation::default(), None, encoded, Vec::new())
+            }
+            Sample::Conversation {
+                conversation,
+                image,
+            } => {
+                let templated = match &spec.template {
+                    Some(t) => {
+                        t.render(&conversation.conversation)
+                            .map_err(|source| Error::Template {
+                                path: record.path.to_path_buf(),
+                                line: record.line,
+                                source,
+                            })?
+                    }
+                    None => conversation.conversation.clone(),
+                };
+                let encoded = encode(tokenizer, &templated, spec.encode_options())?;
+                (conversation, image, encoded, templated)
+            }
+        };
+    Ok(SampleTrace {
+        record,
+        conversation,
+        templated,
+        encoded,
+        image,
+    })
 }
 
 fn process_record(spec: &DataSpec, tokenizer: &Tokenizer, record: &Record) -> Result<Outcome> {
@@ -178,7 +198,11 @@ fn process_record(spec: &DataSpec, tokenizer: &Tokenizer, record: &Record) -> Re
     } else if !trace.encoded.has_trained_label() {
         Outcome::Untrained
     } else {
-        Outcome::Kept(KeptSample { sample: trace.encoded, image: trace.image, source: format!("{}:{}", record.path.display(), record.line) })
+        Outcome::Kept(KeptSample {
+            sample: trace.encoded,
+            image: trace.image,
+            source: format!("{}:{}", record.path.display(), record.line),
+        })
     })
 }
 
@@ -204,9 +228,14 @@ pub fn encode_records(
     records: &[Record],
 ) -> Result<(Vec<KeptSample>, DatasetStats)> {
     use rayon::prelude::*;
-    let outcomes: Vec<Result<Outcome>> =
-        records.par_iter().map(|r| process_record(spec, tokenizer, r)).collect();
-    let mut stats = DatasetStats { records: records.len(), ..DatasetStats::default() };
+    let outcomes: Vec<Result<Outcome>> = records
+        .par_iter()
+        .map(|r| process_record(spec, tokenizer, r))
+        .collect();
+    let mut stats = DatasetStats {
+        records: records.len(),
+        ..DatasetStats::default()
+    };
     let mut kept = Vec::with_capacity(records.len());
     // Sequential scan: the first bad record in file order is the one reported.
     for outcome in outcomes {
@@ -237,7 +266,10 @@ pub fn load_records(spec: &DataSpec) -> Result<Vec<Record>> {
         let mut keep = shuffled(records.len(), spec.seed);
         keep.truncate(max);
         keep.sort_unstable();
-        records = keep.into_iter().filter_map(|i| records.get(i).cloned()).collect();
+        records = keep
+            .into_iter()
+            .filter_map(|i| records.get(i).cloned())
+            .collect();
     }
     Ok(records)
 }
@@ -262,16 +294,26 @@ pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDatase
         if spec.shuffle_before_pack {
             let order = shuffled(kept.len(), spec.seed);
             let mut slots: Vec<Option<KeptSample>> = kept.into_iter().map(Some).collect();
-            kept = order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect();
+            kept = order
+                .into_iter()
+                .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+                .collect();
         }
         let samples: Vec<EncodedSample> = kept.into_iter().map(|k| k.sample).collect();
         let rows = pack(&samples, spec.max_length);
-        ProcessedDataset { rows, ..ProcessedDataset::default() }
+        ProcessedDataset {
+            rows,
+            ..ProcessedDataset::default()
+        }
     } else {
         let mut dataset = ProcessedDataset::default();
         for k in kept {
             let len = k.sample.len();
-            dataset.rows.push(PackedRow { input_ids: k.sample.input_ids, labels: k.sample.labels, cumulative_len: vec![0, len] });
+            dataset.rows.push(PackedRow {
+                input_ids: k.sample.input_ids,
+                labels: k.sample.labels,
+                cumulative_len: vec![0, len],
+            });
             dataset.images.push(k.image);
             dataset.sources.push(k.source);
         }
@@ -296,8 +338,10 @@ mod tests {
     use xtuner_template::PromptTemplate;
 
     fn tokenizer() -> Tokenizer {
-        Tokenizer::from_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"))
-            .unwrap()
+        Tokenizer::from_path(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"),
+        )
+        .unwrap()
     }
 
     fn spec(dir: &Path, lines: &[String]) -> DataSpec {
@@ -320,7 +364,11 @@ mod tests {
     fn alpaca(n: usize) -> Vec<String> {
         (0..n)
             .map(|i| {
-                let output = if i % 7 == 0 { "<nooutput>".to_string() } else { format!("answer {i}") };
+                let output = if i % 7 == 0 {
+                    "<nooutput>".to_string()
+                } else {
+                    format!("answer {i}")
+                };
                 format!(r#"{{"instruction": "question {i}", "input": "", "output": "{output}"}}"#)
             })
             .collect()
@@ -332,7 +380,10 @@ mod tests {
         let spec = spec(dir.path(), &alpaca(300));
         let tok = tokenizer();
         let run = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| process(&spec, &tok).unwrap())
         };
         let one = run(1);
@@ -342,7 +393,14 @@ mod tests {
         assert_eq!(one.stats.samples, 257);
         assert!(one.rows.iter().all(|r| r.len() == 48));
         // The seed decides the order; the same seed gives the same rows.
-        let other = process(&DataSpec { seed: 4, ..spec.clone() }, &tok).unwrap();
+        let other = process(
+            &DataSpec {
+                seed: 4,
+                ..spec.clone()
+            },
+            &tok,
+        )
+        .unwrap();
         assert_ne!(one.rows, other.rows);
     }
 
@@ -350,15 +408,30 @@ mod tests {
     fn unpacked_rows_keep_sample_order_and_untrainable_samples_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let base = spec(dir.path(), &alpaca(20));
-        let spec = DataSpec { pack_to_max_length: false, max_length: 4096, ..base.clone() };
+        let spec = DataSpec {
+            pack_to_max_length: false,
+            max_length: 4096,
+            ..base.clone()
+        };
         let data = process(&spec, &tokenizer()).unwrap();
         assert_eq!(data.rows.len(), 17);
         assert_eq!(data.images.len(), 17);
-        assert!(data.rows.iter().all(|r| r.cumulative_len == vec![0, r.len()]));
+        assert!(
+            data.rows
+                .iter()
+                .all(|r| r.cumulative_len == vec![0, r.len()])
+        );
         // So short that the answer is cut away: nothing to train, dropped.
-        let spec = DataSpec { pack_to_max_length: false, max_length: 5, ..base };
+        let spec = DataSpec {
+            pack_to_max_length: false,
+            max_length: 5,
+            ..base
+        };
         let err = process(&spec, &tokenizer()).unwrap_err().to_string();
-        assert!(err.contains("empty") && err.contains("17 with nothing to train"), "{err}");
+        assert!(
+            err.contains("empty") && err.contains("17 with nothing to train"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -369,7 +442,14 @@ mod tests {
         let spec = spec(dir.path(), &lines);
         let err = process(&spec, &tokenizer()).unwrap_err().to_string();
         assert!(err.contains("data.jsonl:3"), "{err}");
-        let skipped = process(&DataSpec { skip_bad_records: true, ..spec }, &tokenizer()).unwrap();
+        let skipped = process(
+            &DataSpec {
+                skip_bad_records: true,
+                ..spec
+            },
+            &tokenizer(),
+        )
+        .unwrap();
         assert_eq!(skipped.stats.bad_records, 1);
         assert_eq!(skipped.stats.records, 6);
     }
@@ -377,17 +457,32 @@ mod tests {
     #[test]
     fn max_dataset_length_takes_a_seeded_subset() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = DataSpec { max_dataset_length: Some(10), ..spec(dir.path(), &alpaca(50)) };
+        let spec = DataSpec {
+            max_dataset_length: Some(10),
+            ..spec(dir.path(), &alpaca(50))
+        };
         let records = load_records(&spec).unwrap();
         assert_eq!(records.len(), 10);
-        assert!(records.windows(2).all(|w| w[0].line < w[1].line), "file order kept");
+        assert!(
+            records.windows(2).all(|w| w[0].line < w[1].line),
+            "file order kept"
+        );
         assert_eq!(records, load_records(&spec).unwrap());
     }
 
     #[test]
     fn zero_max_length_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = DataSpec { max_length: 0, ..spec(dir.path(), &alpaca(3)) };
-        assert!(matches!(process(&spec, &tokenizer()), Err(Error::InvalidSetting { key: "max_length", .. })));
+        let spec = DataSpec {
+            max_length: 0,
+            ..spec(dir.path(), &alpaca(3))
+        };
+        assert!(matches!(
+            process(&spec, &tokenizer()),
+            Err(Error::InvalidSetting {
+                key: "max_length",
+                ..
+            })
+        ));
     }
 }

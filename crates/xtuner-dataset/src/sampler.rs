@@ -101,7 +101,9 @@ mod tests {
 
     #[test]
     fn modalities_are_grouped_apart() {
-        let lengths: Vec<i64> = (0..40).map(|i| if i % 2 == 0 { 10 + i } else { -(10 + i) }).collect();
+        let lengths: Vec<i64> = (0..40)
+            .map(|i| if i % 2 == 0 { 10 + i } else { -(10 + i) })
+            .collect();
         let order = length_grouped(&lengths, 2, 3);
         let mut sorted = order.clone();
         sorted.sort();
@@ -112,7 +114,10 @@ mod tests {
         let tail = 20;
         for chunk in order[..order.len() - tail].chunks(10) {
             let image = chunk.iter().filter(|&&i| lengths[i] > 0).count();
-            assert!(image.min(chunk.len() - image) <= 1, "{chunk:?} in {order:?}");
+            assert!(
+                image.min(chunk.len() - image) <= 1,
+                "{chunk:?} in {order:?}"
+            );
         }
     }
 }

@@ -38,8 +38,12 @@ fn every_encode_case_matches_xtuner() {
         else {
             panic!("{at}: not a conversation")
         };
-        let expected_conv: Vec<Turn> = serde_json::from_value(case["conversation"].clone()).unwrap();
-        assert_eq!(conversation.conversation, expected_conv, "{at}: map function");
+        let expected_conv: Vec<Turn> =
+            serde_json::from_value(case["conversation"].clone()).unwrap();
+        assert_eq!(
+            conversation.conversation, expected_conv,
+            "{at}: map function"
+        );
 
         let templated = match case["template"].as_str() {
             Some(name) => {
@@ -56,8 +60,12 @@ fn every_encode_case_matches_xtuner() {
             }
             None => conversation.conversation.clone(),
         };
-        assert!(case.get("error").is_none(), "{at}: XTuner raised, we did not");
-        let expected_templated: Vec<Turn> = serde_json::from_value(case["templated"].clone()).unwrap();
+        assert!(
+            case.get("error").is_none(),
+            "{at}: XTuner raised, we did not"
+        );
+        let expected_templated: Vec<Turn> =
+            serde_json::from_value(case["templated"].clone()).unwrap();
         assert_eq!(templated, expected_templated, "{at}: template");
         if case.get("dropped").is_some() {
             assert!(templated.is_empty(), "{at}: XTuner drops it");
@@ -67,24 +75,40 @@ fn every_encode_case_matches_xtuner() {
         }
         let max_length = case["max_length"].as_u64().unwrap() as usize;
         let with_image_token = case["format"] == "llava";
-        let sample = encode(&tok, &templated, EncodeOptions { max_length, with_image_token }).unwrap();
+        let sample = encode(
+            &tok,
+            &templated,
+            EncodeOptions {
+                max_length,
+                with_image_token,
+            },
+        )
+        .unwrap();
         assert_eq!(sample.input_ids, ids(&case["input_ids"]), "{at}: input_ids");
         assert_eq!(sample.labels, ids(&case["labels"]), "{at}: labels");
         // `kept` is absent on pretrain rows (always kept).
         let xtuner_keeps = case.get("kept").and_then(Value::as_bool).unwrap_or(true);
         assert_eq!(sample.has_trained_label(), xtuner_keeps, "{at}: kept");
-        if xtuner_keeps { kept += 1 } else { untrained += 1 }
+        if xtuner_keeps {
+            kept += 1
+        } else {
+            untrained += 1
+        }
         checked += 1;
     }
     assert_eq!(checked, 164, "every case checked");
-    assert!(kept > 0 && dropped > 0 && errors > 0, "kept {kept} dropped {dropped} errors {errors} untrained {untrained}");
+    assert!(
+        kept > 0 && dropped > 0 && errors > 0,
+        "kept {kept} dropped {dropped} errors {errors} untrained {untrained}"
+    );
 }
 
 #[test]
 fn every_pack_case_matches_xtuner() {
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer/pack_cases.json")).unwrap())
-            .unwrap();
+    let cases: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tokenizer/pack_cases.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cases.len(), 4);
     for case in &cases {
         let chunk = case["chunk_size"].as_u64().unwrap() as usize;
@@ -96,19 +120,44 @@ fn every_pack_case_matches_xtuner() {
             .unwrap()
             .iter()
             .zip(inputs["labels"].as_array().unwrap())
-            .map(|(i, l)| EncodedSample { input_ids: ids(i), labels: ids(l) })
+            .map(|(i, l)| EncodedSample {
+                input_ids: ids(i),
+                labels: ids(l),
+            })
             .collect();
         let rows = pack(&samples, chunk);
         let result = &case["result"];
-        let expected_ids: Vec<Vec<i64>> = serde_json::from_value(result["input_ids"].clone()).unwrap();
-        let expected_labels: Vec<Vec<i64>> = serde_json::from_value(result["labels"].clone()).unwrap();
-        assert_eq!(rows.iter().map(|r| r.input_ids.clone()).collect::<Vec<_>>(), expected_ids, "{at}");
-        assert_eq!(rows.iter().map(|r| r.labels.clone()).collect::<Vec<_>>(), expected_labels, "{at}");
+        let expected_ids: Vec<Vec<i64>> =
+            serde_json::from_value(result["input_ids"].clone()).unwrap();
+        let expected_labels: Vec<Vec<i64>> =
+            serde_json::from_value(result["labels"].clone()).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.input_ids.clone()).collect::<Vec<_>>(),
+            expected_ids,
+            "{at}"
+        );
+        assert_eq!(
+            rows.iter().map(|r| r.labels.clone()).collect::<Vec<_>>(),
+            expected_labels,
+            "{at}"
+        );
         if varlen {
-            let cu: Vec<Vec<usize>> = serde_json::from_value(result["cumulative_len"].clone()).unwrap();
-            let pos: Vec<Vec<usize>> = serde_json::from_value(result["position_ids"].clone()).unwrap();
-            assert_eq!(rows.iter().map(|r| r.cumulative_len.clone()).collect::<Vec<_>>(), cu, "{at}");
-            assert_eq!(rows.iter().map(|r| r.position_ids()).collect::<Vec<_>>(), pos, "{at}");
+            let cu: Vec<Vec<usize>> =
+                serde_json::from_value(result["cumulative_len"].clone()).unwrap();
+            let pos: Vec<Vec<usize>> =
+                serde_json::from_value(result["position_ids"].clone()).unwrap();
+            assert_eq!(
+                rows.iter()
+                    .map(|r| r.cumulative_len.clone())
+                    .collect::<Vec<_>>(),
+                cu,
+                "{at}"
+            );
+            assert_eq!(
+                rows.iter().map(|r| r.position_ids()).collect::<Vec<_>>(),
+                pos,
+                "{at}"
+            );
         } else {
             assert!(result.get("cumulative_len").is_none());
         }

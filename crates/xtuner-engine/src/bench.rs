@@ -103,10 +103,15 @@ fn sync<B: AutodiffBackend>(device: &B::Device) -> Result<()> {
 /// # Errors
 /// An unknown preset; a quantizer that refuses the shape.
 pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<StepReport> {
-    let decoder = DecoderConfig::preset(&bench.preset, bench.vocab_size).ok_or_else(|| Error::Config {
-        path: std::path::PathBuf::new(),
-        message: format!("unknown preset `{}`; known: {}", bench.preset, DecoderConfig::PRESETS.join(", ")),
-    })?;
+    let decoder =
+        DecoderConfig::preset(&bench.preset, bench.vocab_size).ok_or_else(|| Error::Config {
+            path: std::path::PathBuf::new(),
+            message: format!(
+                "unknown preset `{}`; known: {}",
+                bench.preset,
+                DecoderConfig::PRESETS.join(", ")
+            ),
+        })?;
     let setup = Instant::now();
     B::seed(device, 0);
     let mut model = InternLm2::<B>::random(&decoder, device)?;
@@ -114,7 +119,12 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
         model = lora::quantize_base(model, &decoder, 64, true)?;
     }
     if bench.mode != BenchMode::Full {
-        let config = LoraConfig { r: bench.lora_r, alpha: bench.lora_r as f64 / 4.0, dropout: 0.0, target_modules: Vec::new() };
+        let config = LoraConfig {
+            r: bench.lora_r,
+            alpha: bench.lora_r as f64 / 4.0,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+        };
         model = lora::attach(model, &decoder, &config, device)?;
     }
     // As a training run: trainable parameters (and so AdamW's moments) in f32.
@@ -126,8 +136,14 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let rows: Vec<PackedRow> = (0..bench.batch_size)
         .map(|_| {
-            let ids: Vec<i64> = (0..bench.seq_len).map(|_| rng.random_range(0..bench.vocab_size as i64)).collect();
-            PackedRow { labels: ids.clone(), input_ids: ids, cumulative_len: vec![0, bench.seq_len] }
+            let ids: Vec<i64> = (0..bench.seq_len)
+                .map(|_| rng.random_range(0..bench.vocab_size as i64))
+                .collect();
+            PackedRow {
+                labels: ids.clone(),
+                input_ids: ids,
+                cumulative_len: vec![0, bench.seq_len],
+            }
         })
         .collect();
     let batch = collate(&rows.iter().collect::<Vec<_>>(), false);
@@ -162,7 +178,8 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
         tflops: tokens_per_s * flops / 1e12,
         losses,
         setup_s,
-        cublas_gemms_per_step: (xtuner_model::nn::gemm::cublas_products() - gemms_before) as f64 / bench.steps.max(1) as f64,
+        cublas_gemms_per_step: (xtuner_model::nn::gemm::cublas_products() - gemms_before) as f64
+            / bench.steps.max(1) as f64,
     })
 }
 
@@ -176,17 +193,33 @@ mod tests {
     fn palm_flops_of_the_1_8b_shape() {
         let d = DecoderConfig::preset("internlm2-1.8b", 92_544).unwrap();
         // 24 × (2048·(16+16)·128 + 16·128·2048 + 3·2048·8192) + 2048·92544
-        assert_eq!(d.matmul_params(), 24 * (2048 * 32 * 128 + 16 * 128 * 2048 + 3 * 2048 * 8192) + 2048 * 92_544);
+        assert_eq!(
+            d.matmul_params(),
+            24 * (2048 * 32 * 128 + 16 * 128 * 2048 + 3 * 2048 * 8192) + 2048 * 92_544
+        );
         let full = flops_per_token(&d, 2048, false);
         let lora = flops_per_token(&d, 2048, true);
         assert!((full - lora - 2.0 * d.matmul_params() as f64).abs() < 1.0);
-        assert_eq!(full, 6.0 * d.matmul_params() as f64 + 12.0 * (24 * 16 * 128 * 2048) as f64);
+        assert_eq!(
+            full,
+            6.0 * d.matmul_params() as f64 + 12.0 * (24 * 16 * 128 * 2048) as f64
+        );
     }
 
     #[test]
     fn every_mode_trains_on_the_cpu() {
         for mode in [BenchMode::Full, BenchMode::Lora, BenchMode::Qlora] {
-            let bench = StepBench { preset: "internlm2-tiny".into(), vocab_size: 300, seq_len: 64, batch_size: 2, mode, lora_r: 8, warmup: 1, steps: 3, checkpointing: mode != BenchMode::Full };
+            let bench = StepBench {
+                preset: "internlm2-tiny".into(),
+                vocab_size: 300,
+                seq_len: 64,
+                batch_size: 2,
+                mode,
+                lora_r: 8,
+                warmup: 1,
+                steps: 3,
+                checkpointing: mode != BenchMode::Full,
+            };
             let report = run::<B>(&bench, &Default::default()).unwrap();
             assert_eq!(report.losses.len(), 4);
             assert!(report.losses.iter().all(|l| l.is_finite()));
@@ -194,7 +227,11 @@ mod tests {
             assert_eq!(report.cublas_gemms_per_step, 0.0);
             match mode {
                 BenchMode::Full => assert!(report.trainable_params > report.matmul_params),
-                _ => assert!(report.trainable_params < report.matmul_params / 4, "{}", report.trainable_params),
+                _ => assert!(
+                    report.trainable_params < report.matmul_params / 4,
+                    "{}",
+                    report.trainable_params
+                ),
             }
         }
     }

@@ -29,7 +29,10 @@ pub struct TrainState {
 }
 
 fn io(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), source }
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes a checkpoint: `fill` writes the files into a temporary directory, which is
@@ -37,12 +40,23 @@ fn io(path: &Path, source: std::io::Error) -> Error {
 ///
 /// # Errors
 /// An unwritable work dir or a full disk; the previous checkpoint stays intact.
-pub fn save(work_dir: &Path, state: &TrainState, keep: i64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+pub fn save(
+    work_dir: &Path,
+    state: &TrainState,
+    keep: i64,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     fs::create_dir_all(work_dir).map_err(|e| io(work_dir, e))?;
-    let tmp = tempfile::Builder::new().prefix(".iter_tmp").tempdir_in(work_dir).map_err(|e| io(work_dir, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".iter_tmp")
+        .tempdir_in(work_dir)
+        .map_err(|e| io(work_dir, e))?;
     fill(tmp.path())?;
     let state_path = tmp.path().join("state.json");
-    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Config { path: state_path.clone(), message: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Config {
+        path: state_path.clone(),
+        message: e.to_string(),
+    })?;
     fs::write(&state_path, json).map_err(|e| io(&state_path, e))?;
     let dest = work_dir.join(format!("iter_{}", state.iter));
     if dest.exists() {
@@ -53,7 +67,8 @@ pub fn save(work_dir: &Path, state: &TrainState, keep: i64, fill: impl FnOnce(&P
     // Point at it (atomically), then prune.
     let pointer = work_dir.join(LAST_CHECKPOINT);
     let mut file = tempfile::NamedTempFile::new_in(work_dir).map_err(|e| io(work_dir, e))?;
-    std::io::Write::write_all(&mut file, dest.to_string_lossy().as_bytes()).map_err(|e| io(&pointer, e))?;
+    std::io::Write::write_all(&mut file, dest.to_string_lossy().as_bytes())
+        .map_err(|e| io(&pointer, e))?;
     file.persist(&pointer).map_err(|e| io(&pointer, e.error))?;
     if keep > 0 {
         let mut all = list(work_dir)?;
@@ -79,7 +94,9 @@ pub fn list(work_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(|e| io(work_dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(iter) = name.strip_prefix("iter_").and_then(|n| n.parse::<usize>().ok())
+        if let Some(iter) = name
+            .strip_prefix("iter_")
+            .and_then(|n| n.parse::<usize>().ok())
             && entry.path().join("state.json").is_file()
         {
             out.push((iter, entry.path()));
@@ -97,7 +114,10 @@ pub fn latest(work_dir: &Path) -> Result<Option<PathBuf>> {
             return Ok(Some(path));
         }
     }
-    Ok(list(work_dir)?.into_iter().max_by_key(|(iter, _)| *iter).map(|(_, p)| p))
+    Ok(list(work_dir)?
+        .into_iter()
+        .max_by_key(|(iter, _)| *iter)
+        .map(|(_, p)| p))
 }
 
 /// Reads a checkpoint's `state.json`.
@@ -107,7 +127,10 @@ pub fn latest(work_dir: &Path) -> Result<Option<PathBuf>> {
 pub fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join("state.json");
     let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config { path, message: format!("not a training checkpoint: {e}") })
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path,
+        message: format!("not a training checkpoint: {e}"),
+    })
 }
 
 #[cfg(test)]
@@ -115,24 +138,42 @@ mod tests {
     use super::*;
 
     fn state(iter: usize) -> TrainState {
-        TrainState { iter, config_fingerprint: "x".into(), mode: "lora".into() }
+        TrainState {
+            iter,
+            config_fingerprint: "x".into(),
+            mode: "lora".into(),
+        }
     }
 
     #[test]
     fn saves_atomically_points_at_the_newest_and_prunes() {
         let dir = tempfile::tempdir().unwrap();
         for iter in [10, 20, 30] {
-            save(dir.path(), &state(iter), 2, |d| fs::write(d.join("w"), iter.to_string()).map_err(|e| io(d, e))).unwrap();
+            save(dir.path(), &state(iter), 2, |d| {
+                fs::write(d.join("w"), iter.to_string()).map_err(|e| io(d, e))
+            })
+            .unwrap();
         }
-        let mut iters: Vec<usize> = list(dir.path()).unwrap().into_iter().map(|(i, _)| i).collect();
+        let mut iters: Vec<usize> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
         iters.sort();
         assert_eq!(iters, vec![20, 30]);
         let last = latest(dir.path()).unwrap().unwrap();
         assert_eq!(read_state(&last).unwrap().iter, 30);
         // A failed save leaves everything as it was.
-        let err = save(dir.path(), &state(40), 2, |d| Err(io(d, std::io::Error::other("disk full"))));
+        let err = save(dir.path(), &state(40), 2, |d| {
+            Err(io(d, std::io::Error::other("disk full")))
+        });
         assert!(err.is_err());
-        assert_eq!(read_state(&latest(dir.path()).unwrap().unwrap()).unwrap().iter, 30);
+        assert_eq!(
+            read_state(&latest(dir.path()).unwrap().unwrap())
+                .unwrap()
+                .iter,
+            30
+        );
         assert!(!dir.path().join("iter_40").exists());
     }
 }

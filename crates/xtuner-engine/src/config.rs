@@ -205,7 +205,12 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { r: 64, alpha: 16.0, dropout: 0.1, target_modules: Vec::new() }
+        Self {
+            r: 64,
+            alpha: 16.0,
+            dropout: 0.1,
+            target_modules: Vec::new(),
+        }
     }
 }
 
@@ -247,7 +252,13 @@ pub struct OptimizerConfig {
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        Self { lr: 2e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, max_norm: 1.0 }
+        Self {
+            lr: 2e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_norm: 1.0,
+        }
     }
 }
 
@@ -268,7 +279,11 @@ pub struct ScheduleConfig {
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        Self { warmup_ratio: 0.03, warmup_start_factor: 1e-5, eta_min: 0.0 }
+        Self {
+            warmup_ratio: 0.03,
+            warmup_start_factor: 1e-5,
+            eta_min: 0.0,
+        }
     }
 }
 
@@ -330,7 +345,11 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { save_steps: 500, save_total_limit: 2, work_dir: None }
+        Self {
+            save_steps: 500,
+            save_total_limit: 2,
+            work_dir: None,
+        }
     }
 }
 
@@ -502,8 +521,14 @@ impl LoadedConfig {
     /// An unreadable file, TOML syntax, an unknown key, a wrong type or a bad value;
     /// the message names the file and the key.
     pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Self::from_text(&text, path, &name, overrides)
     }
 
@@ -512,26 +537,42 @@ impl LoadedConfig {
     /// # Errors
     /// As [`LoadedConfig::from_file`].
     pub fn from_text(text: &str, path: &Path, name: &str, overrides: &[String]) -> Result<Self> {
-        let bad = |message: String| Error::Config { path: path.to_path_buf(), message };
+        let bad = |message: String| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        };
         let config: TrainConfig = if overrides.is_empty() {
             // Straight from the text, so errors carry line and column.
             toml::from_str(text).map_err(|e| bad(e.to_string()))?
         } else {
             let mut table: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
             for item in overrides {
-                apply_override(&mut table, item).map_err(|m| bad(format!("--cfg-options {item}: {m}")))?;
+                apply_override(&mut table, item)
+                    .map_err(|m| bad(format!("--cfg-options {item}: {m}")))?;
             }
             toml::Value::Table(table)
                 .try_into()
-                .map_err(|e: toml::de::Error| bad(format!("after --cfg-options: {}", e.message())))?
+                .map_err(|e: toml::de::Error| {
+                    bad(format!("after --cfg-options: {}", e.message()))
+                })?
         };
-        config.validate().map_err(|(key, message)| bad(format!("`{key}`: {message}")))?;
-        Ok(Self { config, path: path.to_path_buf(), name: name.to_string() })
+        config
+            .validate()
+            .map_err(|(key, message)| bad(format!("`{key}`: {message}")))?;
+        Ok(Self {
+            config,
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        })
     }
 
     /// The work dir: `checkpoint.work_dir`, else `work_dirs/<config name>`.
     pub fn work_dir(&self) -> PathBuf {
-        self.config.checkpoint.work_dir.clone().unwrap_or_else(|| Path::new("work_dirs").join(&self.name))
+        self.config
+            .checkpoint
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("work_dirs").join(&self.name))
     }
 }
 
@@ -544,8 +585,12 @@ fn apply_override(table: &mut toml::Table, item: &str) -> std::result::Result<()
     let last = parts.pop().filter(|k| !k.is_empty()).ok_or("empty key")?;
     let mut node = table;
     for part in parts {
-        let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        node = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a table"))?;
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a table"))?;
     }
     node.insert(last.to_string(), value);
     Ok(())
@@ -562,8 +607,16 @@ fn parse_override_value(raw: &str) -> toml::Value {
 impl TrainConfig {
     /// Checks values that parse but make no sense; returns the key and the reason.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        fn check(ok: bool, key: &'static str, message: &str) -> std::result::Result<(), (&'static str, String)> {
-            if ok { Ok(()) } else { Err((key, message.to_string())) }
+        fn check(
+            ok: bool,
+            key: &'static str,
+            message: &str,
+        ) -> std::result::Result<(), (&'static str, String)> {
+            if ok {
+                Ok(())
+            } else {
+                Err((key, message.to_string()))
+            }
         }
         check(
             self.model.path.is_some() != self.model.preset.is_some(),
@@ -575,8 +628,16 @@ impl TrainConfig {
             "tokenizer.path",
             "required when the model is a preset",
         )?;
-        check(!self.data.files.is_empty(), "data.files", "at least one data file or folder")?;
-        check(self.data.max_length > 0, "data.max_length", "must be at least 1")?;
+        check(
+            !self.data.files.is_empty(),
+            "data.files",
+            "at least one data file or folder",
+        )?;
+        check(
+            self.data.max_length > 0,
+            "data.max_length",
+            "must be at least 1",
+        )?;
         check(
             !self.data.use_varlen_attn || self.data.pack_to_max_length,
             "data.use_varlen_attn",
@@ -593,53 +654,113 @@ impl TrainConfig {
         if let Some(lora) = &self.lora {
             check(lora.r > 0, "lora.r", "must be at least 1")?;
             check(lora.alpha > 0.0, "lora.alpha", "must be positive")?;
-            check((0.0..1.0).contains(&lora.dropout), "lora.dropout", "must be in [0, 1)")?;
+            check(
+                (0.0..1.0).contains(&lora.dropout),
+                "lora.dropout",
+                "must be in [0, 1)",
+            )?;
         }
         if let Some(q) = &self.quantization {
-            check(q.bits == 4, "quantization.bits", "only 4-bit NF4 is supported")?;
+            check(
+                q.bits == 4,
+                "quantization.bits",
+                "only 4-bit NF4 is supported",
+            )?;
             let frozen_llava = self.llava.as_ref().is_some_and(|l| l.freeze_llm);
             check(
                 self.lora.is_some() || frozen_llava,
                 "quantization",
                 "a quantized base cannot be trained: add a [lora] section",
             )?;
-            check(q.block_size > 0 && q.block_size % 2 == 0, "quantization.block_size", "must be a positive even number")?;
+            check(
+                q.block_size > 0 && q.block_size % 2 == 0,
+                "quantization.block_size",
+                "must be a positive even number",
+            )?;
         }
         let o = &self.optimizer;
-        check(o.lr > 0.0 && o.lr.is_finite(), "optimizer.lr", "must be positive")?;
-        check(o.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "each must be in [0, 1)")?;
+        check(
+            o.lr > 0.0 && o.lr.is_finite(),
+            "optimizer.lr",
+            "must be positive",
+        )?;
+        check(
+            o.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "optimizer.betas",
+            "each must be in [0, 1)",
+        )?;
         check(o.eps > 0.0, "optimizer.eps", "must be positive")?;
-        check(o.weight_decay >= 0.0, "optimizer.weight_decay", "must not be negative")?;
+        check(
+            o.weight_decay >= 0.0,
+            "optimizer.weight_decay",
+            "must not be negative",
+        )?;
         check(o.max_norm > 0.0, "optimizer.max_norm", "must be positive")?;
         let s = &self.schedule;
-        check((0.0..=1.0).contains(&s.warmup_ratio), "schedule.warmup_ratio", "must be in [0, 1]")?;
+        check(
+            (0.0..=1.0).contains(&s.warmup_ratio),
+            "schedule.warmup_ratio",
+            "must be in [0, 1]",
+        )?;
         check(
             s.warmup_start_factor > 0.0 && s.warmup_start_factor <= 1.0,
             "schedule.warmup_start_factor",
             "must be in (0, 1]",
         )?;
-        check(s.eta_min >= 0.0 && s.eta_min <= o.lr, "schedule.eta_min", "must be in [0, optimizer.lr]")?;
+        check(
+            s.eta_min >= 0.0 && s.eta_min <= o.lr,
+            "schedule.eta_min",
+            "must be in [0, optimizer.lr]",
+        )?;
         let t = &self.train;
         check(t.batch_size > 0, "train.batch_size", "must be at least 1")?;
-        check(t.accumulative_counts > 0, "train.accumulative_counts", "must be at least 1")?;
-        check(t.max_epochs > 0 || t.max_iters.is_some(), "train.max_epochs", "must be at least 1")?;
-        check(t.max_iters != Some(0), "train.max_iters", "must be at least 1")?;
-        check(t.log_interval > 0, "train.log_interval", "must be at least 1")?;
+        check(
+            t.accumulative_counts > 0,
+            "train.accumulative_counts",
+            "must be at least 1",
+        )?;
+        check(
+            t.max_epochs > 0 || t.max_iters.is_some(),
+            "train.max_epochs",
+            "must be at least 1",
+        )?;
+        check(
+            t.max_iters != Some(0),
+            "train.max_iters",
+            "must be at least 1",
+        )?;
+        check(
+            t.log_interval > 0,
+            "train.log_interval",
+            "must be at least 1",
+        )?;
         check(
             !self.data.use_varlen_attn || t.batch_size == 1,
             "train.batch_size",
             "must be 1 with data.use_varlen_attn (as XTuner)",
         )?;
         let c = &self.checkpoint;
-        check(c.save_steps > 0, "checkpoint.save_steps", "must be at least 1")?;
+        check(
+            c.save_steps > 0,
+            "checkpoint.save_steps",
+            "must be at least 1",
+        )?;
         check(
             c.save_total_limit == -1 || c.save_total_limit > 0,
             "checkpoint.save_total_limit",
             "must be -1 (keep all) or at least 1",
         )?;
-        check(self.evaluation.freq > 0, "evaluation.freq", "must be at least 1")?;
+        check(
+            self.evaluation.freq > 0,
+            "evaluation.freq",
+            "must be at least 1",
+        )?;
         if let Some(llava) = &self.llava {
-            check(llava.projector_depth > 0, "llava.projector_depth", "must be at least 1")?;
+            check(
+                llava.projector_depth > 0,
+                "llava.projector_depth",
+                "must be at least 1",
+            )?;
             check(
                 !self.data.pack_to_max_length,
                 "data.pack_to_max_length",
@@ -659,7 +780,10 @@ impl TrainConfig {
             .as_ref()
             .map(TemplateConfig::resolve)
             .transpose()
-            .map_err(|message| Error::Config { path: PathBuf::new(), message })?;
+            .map_err(|message| Error::Config {
+                path: PathBuf::new(),
+                message,
+            })?;
         Ok(DataSpec {
             files: self.data.files.clone(),
             format: self.data.format,
@@ -676,7 +800,10 @@ impl TrainConfig {
 
     /// The tokenizer's location: `tokenizer.path`, else the model directory.
     pub fn tokenizer_path(&self) -> Option<&Path> {
-        self.tokenizer.path.as_deref().or(self.model.path.as_deref())
+        self.tokenizer
+            .path
+            .as_deref()
+            .or(self.model.path.as_deref())
     }
 }
 
@@ -716,24 +843,60 @@ name = "internlm2_chat"
         assert_eq!(c.name, "my_run");
         assert_eq!(c.work_dir(), Path::new("work_dirs/my_run"));
         let c = c.config;
-        assert_eq!(c.optimizer, OptimizerConfig { lr: 2e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, max_norm: 1.0 });
+        assert_eq!(
+            c.optimizer,
+            OptimizerConfig {
+                lr: 2e-4,
+                betas: [0.9, 0.999],
+                eps: 1e-8,
+                weight_decay: 0.0,
+                max_norm: 1.0
+            }
+        );
         assert_eq!(c.schedule.warmup_ratio, 0.03);
-        assert_eq!((c.train.batch_size, c.train.accumulative_counts, c.train.max_epochs), (1, 16, 3));
+        assert_eq!(
+            (
+                c.train.batch_size,
+                c.train.accumulative_counts,
+                c.train.max_epochs
+            ),
+            (1, 16, 3)
+        );
         assert_eq!(c.data.max_length, 2048);
         assert!(c.data.pack_to_max_length && c.data.shuffle_before_pack && !c.data.use_varlen_attn);
-        assert_eq!((c.checkpoint.save_steps, c.checkpoint.save_total_limit), (500, 2));
-        assert_eq!(c.lora, Some(LoraConfig { r: 64, alpha: 16.0, dropout: 0.1, target_modules: vec![] }));
+        assert_eq!(
+            (c.checkpoint.save_steps, c.checkpoint.save_total_limit),
+            (500, 2)
+        );
+        assert_eq!(
+            c.lora,
+            Some(LoraConfig {
+                r: 64,
+                alpha: 16.0,
+                dropout: 0.1,
+                target_modules: vec![]
+            })
+        );
         assert!(c.model.activation_checkpointing);
         assert_eq!(c.data.files, vec![PathBuf::from("data.json")]);
     }
 
     #[test]
     fn unknown_keys_name_the_key_and_file() {
-        let err = load(&format!("{MINIMAL}\n[train]\nbatch_sise = 2\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("batch_sise") && err.contains("my_run.toml"), "{err}");
-        let err = load(&MINIMAL.replace("alpaca", "alpacca"), &[]).unwrap_err().to_string();
+        let err = load(&format!("{MINIMAL}\n[train]\nbatch_sise = 2\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("batch_sise") && err.contains("my_run.toml"),
+            "{err}"
+        );
+        let err = load(&MINIMAL.replace("alpaca", "alpacca"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("alpacca") && err.contains("openai"), "{err}");
-        let err = load(&MINIMAL.replace("internlm2_chat", "internlm9"), &[]).unwrap_err().to_string();
+        let err = load(&MINIMAL.replace("internlm2_chat", "internlm9"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("internlm9"), "{err}");
     }
 
@@ -743,10 +906,17 @@ name = "internlm2_chat"
             ("data.max_length=0", "data.max_length"),
             ("optimizer.lr=-1", "optimizer.lr"),
             ("lora.r=0", "lora.r"),
-            ("checkpoint.save_total_limit=0", "checkpoint.save_total_limit"),
+            (
+                "checkpoint.save_total_limit=0",
+                "checkpoint.save_total_limit",
+            ),
             ("data.use_varlen_attn=true", "train.batch_size"),
         ] {
-            let overrides: &[&str] = if key == "train.batch_size" { &[over, "train.batch_size=2"] } else { &[over] };
+            let overrides: &[&str] = if key == "train.batch_size" {
+                &[over, "train.batch_size=2"]
+            } else {
+                &[over]
+            };
             let err = load(MINIMAL, overrides).unwrap_err().to_string();
             assert!(err.contains(key), "{over}: {err}");
         }
@@ -754,9 +924,17 @@ name = "internlm2_chat"
 
     #[test]
     fn cfg_options_override_nested_keys() {
-        let c = load(MINIMAL, &["optimizer.lr=1e-3", "train.max_epochs=1", "data.format=openai", "evaluation.inputs=[\"hi\"]"])
-            .unwrap()
-            .config;
+        let c = load(
+            MINIMAL,
+            &[
+                "optimizer.lr=1e-3",
+                "train.max_epochs=1",
+                "data.format=openai",
+                "evaluation.inputs=[\"hi\"]",
+            ],
+        )
+        .unwrap()
+        .config;
         assert_eq!(c.optimizer.lr, 1e-3);
         assert_eq!(c.train.max_epochs, 1);
         assert_eq!(c.data.format, DataFormat::Openai);
@@ -768,17 +946,35 @@ name = "internlm2_chat"
 
     #[test]
     fn custom_templates_from_the_config() {
-        let text = MINIMAL.replace("name = \"internlm2_chat\"", "instruction = \"Q: {input}\\nA: \"\nsep = \"\\n\"");
+        let text = MINIMAL.replace(
+            "name = \"internlm2_chat\"",
+            "instruction = \"Q: {input}\\nA: \"\nsep = \"\\n\"",
+        );
         let spec = load(&text, &[]).unwrap().config.data_spec().unwrap();
         let t = spec.template.unwrap();
-        assert_eq!((t.instruction.as_str(), t.sep.as_str(), t.system), ("Q: {input}\nA: ", "\n", None));
-        let err = load(&MINIMAL.replace("name = \"internlm2_chat\"", "instruction = \"{question}\""), &[])
-            .unwrap_err()
-            .to_string();
+        assert_eq!(
+            (t.instruction.as_str(), t.sep.as_str(), t.system),
+            ("Q: {input}\nA: ", "\n", None)
+        );
+        let err = load(
+            &MINIMAL.replace("name = \"internlm2_chat\"", "instruction = \"{question}\""),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("question"), "{err}");
         // A built-in with one field changed.
-        let text = MINIMAL.replace("name = \"internlm2_chat\"", "name = \"internlm2_chat\"\nsep = \"\"");
-        let t = load(&text, &[]).unwrap().config.data_spec().unwrap().template.unwrap();
+        let text = MINIMAL.replace(
+            "name = \"internlm2_chat\"",
+            "name = \"internlm2_chat\"\nsep = \"\"",
+        );
+        let t = load(&text, &[])
+            .unwrap()
+            .config
+            .data_spec()
+            .unwrap()
+            .template
+            .unwrap();
         assert_eq!((t.sep.as_str(), t.suffix.as_str()), ("", "<|im_end|>"));
     }
 }

@@ -59,45 +59,85 @@ pub fn train<B: AutodiffBackend>(
     let images = Images::check(llava, &dataset, config.data.skip_bad_records)?;
     let (llm, decoder) = train::base_model::<B>(config, &tokenizer, work_dir, device)?;
     let start = match train::resume_point(config, work_dir, resume, MODE)? {
-        Some((dir, iter)) => Start { model: assemble(config, llm, &decoder, Some(&dir), device)?, iter, checkpoint: Some(dir) },
+        Some((dir, iter)) => Start {
+            model: assemble(config, llm, &decoder, Some(&dir), device)?,
+            iter,
+            checkpoint: Some(dir),
+        },
         None => {
             // The projector and fresh adapters draw from the seeded generator.
             B::seed(device, config.train.seed.wrapping_add(1));
-            Start { model: assemble(config, llm, &decoder, None, device)?, iter: 0, checkpoint: None }
+            Start {
+                model: assemble(config, llm, &decoder, None, device)?,
+                iter: 0,
+                checkpoint: None,
+            }
         }
     };
     let eval_image = match &config.evaluation.image {
         Some(path) if !config.evaluation.inputs.is_empty() => {
             // XTuner's hook always pads the evaluation image to a square.
-            let processor = ImageProcessor::from_file(llava.visual_encoder.join("preprocessor_config.json"), true)?;
+            let processor = ImageProcessor::from_file(
+                llava.visual_encoder.join("preprocessor_config.json"),
+                true,
+            )?;
             Some(processor.preprocess_file::<B>(path, device)?.into_data())
         }
         _ => None,
     };
     let lengths = images.modality_lengths(&dataset);
-    let recipe = LlavaRecipe { config, llava, dataset: &dataset, images, decoder: &decoder, tokenizer: &tokenizer, eval_image, device };
-    train::run(&recipe, start, &lengths, MODE, loaded, work_dir, device, progress, stop)
+    let recipe = LlavaRecipe {
+        config,
+        llava,
+        dataset: &dataset,
+        images,
+        decoder: &decoder,
+        tokenizer: &tokenizer,
+        eval_image,
+        device,
+    };
+    train::run(
+        &recipe, start, &lengths, MODE, loaded, work_dir, device, progress, stop,
+    )
 }
 
 /// `convert pth_to_hf` of a LLaVA checkpoint: XTuner's layout in `out`.
 ///
 /// # Errors
 /// A checkpoint of another mode, or one that does not fit the config.
-pub fn export<B: Backend>(config: &TrainConfig, checkpoint: &Path, out: &Path, dtype: SaveDtype, device: &B::Device) -> Result<()> {
+pub fn export<B: Backend>(
+    config: &TrainConfig,
+    checkpoint: &Path,
+    out: &Path,
+    dtype: SaveDtype,
+    device: &B::Device,
+) -> Result<()> {
     let state = crate::checkpoint::read_state(checkpoint)?;
     if state.mode != MODE {
-        return Err(Error::Config { path: checkpoint.to_path_buf(), message: format!("a `{}` checkpoint, not a LLaVA one", state.mode) });
+        return Err(Error::Config {
+            path: checkpoint.to_path_buf(),
+            message: format!("a `{}` checkpoint, not a LLaVA one", state.mode),
+        });
     }
-    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config { path: PathBuf::new(), message: "`tokenizer.path`: required".into() })?;
+    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config {
+        path: PathBuf::new(),
+        message: "`tokenizer.path`: required".into(),
+    })?;
     let tokenizer = Tokenizer::from_path(tokenizer_path)?;
     let (llm, decoder) = train::build_model::<B>(config, &tokenizer, device)?;
     let model = assemble(config, llm, &decoder, Some(checkpoint), device)?;
-    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Io {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
     write_llava(&model, config, &decoder, &tokenizer, out, dtype)
 }
 
 fn llava_section(config: &TrainConfig) -> Result<&LlavaConfig> {
-    config.llava.as_ref().ok_or_else(|| Error::Config { path: PathBuf::new(), message: "`[llava]`: this is not a LLaVA config".into() })
+    config.llava.as_ref().ok_or_else(|| Error::Config {
+        path: PathBuf::new(),
+        message: "`[llava]`: this is not a LLaVA config".into(),
+    })
 }
 
 /// The LLaVA module of a config: the vision tower from `llava.visual_encoder`, the
@@ -106,18 +146,41 @@ fn llava_section(config: &TrainConfig) -> Result<&LlavaConfig> {
 ///
 /// # Errors
 /// Missing or mismatched parts, naming the file.
-pub fn assemble<B: Backend>(config: &TrainConfig, llm: InternLm2<B>, decoder: &DecoderConfig, checkpoint: Option<&Path>, device: &B::Device) -> Result<Llava<B>> {
+pub fn assemble<B: Backend>(
+    config: &TrainConfig,
+    llm: InternLm2<B>,
+    decoder: &DecoderConfig,
+    checkpoint: Option<&Path>,
+    device: &B::Device,
+) -> Result<Llava<B>> {
     let llava = llava_section(config)?;
     let llm = match (&config.lora, checkpoint) {
-        (Some(l), Some(dir)) => lora::attach_peft(llm, decoder, &PeftAdapter::open(&dir.join("llm_adapter"))?, l.dropout, device)?,
+        (Some(l), Some(dir)) => lora::attach_peft(
+            llm,
+            decoder,
+            &PeftAdapter::open(&dir.join("llm_adapter"))?,
+            l.dropout,
+            device,
+        )?,
         (Some(l), None) => lora::attach(llm, decoder, l, device)?,
         (None, _) if llava.freeze_llm => llm.no_grad(),
-        (None, Some(dir)) => InternLm2::load_from(&Checkpoint::open(&dir.join("model.safetensors"))?, decoder, None, device)?,
+        (None, Some(dir)) => InternLm2::load_from(
+            &Checkpoint::open(&dir.join("model.safetensors"))?,
+            decoder,
+            None,
+            device,
+        )?,
         (None, None) => llm,
     };
     let (tower, tower_config) = ClipVisionTower::<B>::load(&llava.visual_encoder, device)?;
     let tower = match (&llava.visual_encoder_lora, checkpoint) {
-        (Some(l), Some(dir)) => lora::attach_peft(tower, &(), &PeftAdapter::open(&dir.join("visual_encoder_adapter"))?, l.dropout, device)?,
+        (Some(l), Some(dir)) => lora::attach_peft(
+            tower,
+            &(),
+            &PeftAdapter::open(&dir.join("visual_encoder_adapter"))?,
+            l.dropout,
+            device,
+        )?,
         (Some(l), None) => lora::attach(tower, &(), l, device)?,
         (None, _) if llava.freeze_visual_encoder => tower.no_grad(),
         (None, Some(dir)) => {
@@ -138,7 +201,10 @@ pub fn assemble<B: Backend>(config: &TrainConfig, llm: InternLm2<B>, decoder: &D
         // A work dir (its newest checkpoint), a checkpoint or export holding
         // projector/, or a projector directory.
         (None, Some(path)) if path.join(crate::checkpoint::LAST_CHECKPOINT).is_file() => {
-            let latest = crate::checkpoint::latest(path)?.ok_or_else(|| Error::Config { path: path.clone(), message: "`llava.pretrained_projector`: this work dir has no checkpoint".into() })?;
+            let latest = crate::checkpoint::latest(path)?.ok_or_else(|| Error::Config {
+                path: path.clone(),
+                message: "`llava.pretrained_projector`: this work dir has no checkpoint".into(),
+            })?;
             Some(latest.join("projector"))
         }
         (None, Some(path)) if path.join("projector").is_dir() => Some(path.join("projector")),
@@ -148,12 +214,17 @@ pub fn assemble<B: Backend>(config: &TrainConfig, llm: InternLm2<B>, decoder: &D
     let projector = match projector_dir {
         Some(dir) => {
             let (projector, found) = Projector::load(&dir, device)?;
-            if found.visual_hidden_size != projector_config.visual_hidden_size || found.llm_hidden_size != projector_config.llm_hidden_size {
+            if found.visual_hidden_size != projector_config.visual_hidden_size
+                || found.llm_hidden_size != projector_config.llm_hidden_size
+            {
                 return Err(Error::Config {
                     path: dir,
                     message: format!(
                         "the projector maps {} → {}, but the vision tower and LLM need {} → {}",
-                        found.visual_hidden_size, found.llm_hidden_size, projector_config.visual_hidden_size, projector_config.llm_hidden_size
+                        found.visual_hidden_size,
+                        found.llm_hidden_size,
+                        projector_config.visual_hidden_size,
+                        projector_config.llm_hidden_size
                     ),
                 });
             }
@@ -161,14 +232,25 @@ pub fn assemble<B: Backend>(config: &TrainConfig, llm: InternLm2<B>, decoder: &D
         }
         None => Projector::new(&projector_config, device)?,
     };
-    Ok(Llava { llm, visual_encoder: tower, projector })
+    Ok(Llava {
+        llm,
+        visual_encoder: tower,
+        projector,
+    })
 }
 
 /// Writes the trained parts in XTuner's LLaVA layout (see the module docs).
 ///
 /// # Errors
 /// An unwritable directory.
-pub fn write_llava<B: Backend>(model: &Llava<B>, config: &TrainConfig, decoder: &DecoderConfig, tokenizer: &Tokenizer, dir: &Path, dtype: SaveDtype) -> Result<()> {
+pub fn write_llava<B: Backend>(
+    model: &Llava<B>,
+    config: &TrainConfig,
+    decoder: &DecoderConfig,
+    tokenizer: &Tokenizer,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<()> {
     let llava = llava_section(config)?;
     let projector_dir = dir.join("projector");
     create_dir(&projector_dir)?;
@@ -177,10 +259,23 @@ pub fn write_llava<B: Backend>(model: &Llava<B>, config: &TrainConfig, decoder: 
         llm_hidden_size: decoder.hidden_size,
         depth: model.projector.model.len(),
         hidden_act: model.projector.activation,
-        bias: model.projector.model.first().is_some_and(|l| l.bias.is_some()),
+        bias: model
+            .projector
+            .model
+            .first()
+            .is_some_and(|l| l.bias.is_some()),
     };
-    write_json(&projector_dir.join("config.json"), &projector_config.to_json())?;
-    save_safetensors(&projector_dir, "model", model.projector.to_hf_tensors(), dtype, None)?;
+    write_json(
+        &projector_dir.join("config.json"),
+        &projector_config.to_json(),
+    )?;
+    save_safetensors(
+        &projector_dir,
+        "model",
+        model.projector.to_hf_tensors(),
+        dtype,
+        None,
+    )?;
     if config.lora.is_some() {
         let llm_dir = dir.join("llm_adapter");
         create_dir(&llm_dir)?;
@@ -190,15 +285,32 @@ pub fn write_llava<B: Backend>(model: &Llava<B>, config: &TrainConfig, decoder: 
     }
     let source = &llava.visual_encoder;
     if let Some(l) = &llava.visual_encoder_lora {
-        lora::write_adapter(&dir.join("visual_encoder_adapter"), l, &model.visual_encoder, &(), None, Some(source.display().to_string()), dtype)?;
+        lora::write_adapter(
+            &dir.join("visual_encoder_adapter"),
+            l,
+            &model.visual_encoder,
+            &(),
+            None,
+            Some(source.display().to_string()),
+            dtype,
+        )?;
     } else if !llava.freeze_visual_encoder {
         let tower_dir = dir.join("visual_encoder");
         create_dir(&tower_dir)?;
-        save_safetensors(&tower_dir, "model", model.visual_encoder.to_hf_tensors(), dtype, None)?;
+        save_safetensors(
+            &tower_dir,
+            "model",
+            model.visual_encoder.to_hf_tensors(),
+            dtype,
+            None,
+        )?;
         for name in ["config.json", "preprocessor_config.json"] {
             let from = source.join(name);
             if from.is_file() {
-                std::fs::copy(&from, tower_dir.join(name)).map_err(|e| Error::Io { path: from.clone(), source: e })?;
+                std::fs::copy(&from, tower_dir.join(name)).map_err(|e| Error::Io {
+                    path: from.clone(),
+                    source: e,
+                })?;
             }
         }
     }
@@ -206,7 +318,10 @@ pub fn write_llava<B: Backend>(model: &Llava<B>, config: &TrainConfig, decoder: 
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })
 }
 
 /// The images of the training rows: which rows train (all, or those whose image
@@ -222,10 +337,18 @@ struct Images {
 impl Images {
     /// Reads every image's header before training.
     fn check(llava: &LlavaConfig, dataset: &ProcessedDataset, skip_bad: bool) -> Result<Self> {
-        let processor = ImageProcessor::from_file(llava.visual_encoder.join("preprocessor_config.json"), llava.pad_image_to_square)?;
+        let processor = ImageProcessor::from_file(
+            llava.visual_encoder.join("preprocessor_config.json"),
+            llava.pad_image_to_square,
+        )?;
         let (mut rows, mut files, mut skipped) = (Vec::new(), Vec::new(), 0usize);
         for row in 0..dataset.rows.len() {
-            let file = dataset.images.get(row).cloned().flatten().map(|name| llava.image_folder.join(name));
+            let file = dataset
+                .images
+                .get(row)
+                .cloned()
+                .flatten()
+                .map(|name| llava.image_folder.join(name));
             if let Some(path) = &file
                 && let Err(e) = probe(path)
             {
@@ -240,7 +363,10 @@ impl Images {
                 return Err(Error::BadImage {
                     path: path.clone(),
                     name: dataset.images[row].clone().unwrap_or_default(),
-                    record: dataset.sources.get(row).map_or_else(|| format!("training sample {row}"), |s| format!("the record at {s}")),
+                    record: dataset.sources.get(row).map_or_else(
+                        || format!("training sample {row}"),
+                        |s| format!("the record at {s}"),
+                    ),
                     message,
                 });
             }
@@ -248,12 +374,22 @@ impl Images {
             files.push(file);
         }
         if skipped > 0 {
-            tracing::warn!(skipped, "samples skipped: their image is missing or unreadable");
+            tracing::warn!(
+                skipped,
+                "samples skipped: their image is missing or unreadable"
+            );
         }
         if rows.is_empty() {
-            return Err(Error::Config { path: llava.image_folder.clone(), message: "no training sample has a readable image".into() });
+            return Err(Error::Config {
+                path: llava.image_folder.clone(),
+                message: "no training sample has a readable image".into(),
+            });
         }
-        Ok(Self { processor, rows, files })
+        Ok(Self {
+            processor,
+            rows,
+            files,
+        })
     }
 
     /// XTuner's `modality_length`: the sample's length, negative for text only.
@@ -270,7 +406,10 @@ impl Images {
 
     /// `[N, 3, H, W]` for training rows `rows`; text-only rows get the blank image.
     fn pixel_values<B: Backend>(&self, rows: &[usize], device: &B::Device) -> Result<Tensor<B, 4>> {
-        let files: Vec<Option<PathBuf>> = rows.iter().map(|&i| self.files.get(i).cloned().flatten()).collect();
+        let files: Vec<Option<PathBuf>> = rows
+            .iter()
+            .map(|&i| self.files.get(i).cloned().flatten())
+            .collect();
         Ok(self.processor.preprocess_batch(&files, device)?)
     }
 }
@@ -290,28 +429,71 @@ struct LlavaRecipe<'a, B: Backend> {
 impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
     type Model = Llava<B>;
 
-    fn forward_backward(&self, model: &Llava<B>, rows: &[usize], accumulative_counts: usize) -> Result<MicroStep> {
-        let data_rows: Vec<&PackedRow> = rows.iter().filter_map(|&i| self.images.rows.get(i).and_then(|&r| self.dataset.rows.get(r))).collect();
+    fn forward_backward(
+        &self,
+        model: &Llava<B>,
+        rows: &[usize],
+        accumulative_counts: usize,
+    ) -> Result<MicroStep> {
+        let data_rows: Vec<&PackedRow> = rows
+            .iter()
+            .filter_map(|&i| {
+                self.images
+                    .rows
+                    .get(i)
+                    .and_then(|&r| self.dataset.rows.get(r))
+            })
+            .collect();
         let batch = collate(&data_rows, false);
         let pixel_values = self.images.pixel_values::<B>(rows, self.device)?;
         let checkpointing = self.config.model.activation_checkpointing;
-        let (loss, trained_tokens, tokens, grads) = llava_loss_backward(model, &batch, pixel_values, self.llava.visual_select_layer, accumulative_counts as f64, checkpointing, self.device)?;
-        Ok(MicroStep { loss, trained_tokens, tokens, grads })
+        let (loss, trained_tokens, tokens, grads) = llava_loss_backward(
+            model,
+            &batch,
+            pixel_values,
+            self.llava.visual_select_layer,
+            accumulative_counts as f64,
+            checkpointing,
+            self.device,
+        )?;
+        Ok(MicroStep {
+            loss,
+            trained_tokens,
+            tokens,
+            grads,
+        })
     }
 
-    fn write_weights(&self, model: &Llava<B::InnerBackend>, dir: &Path, dtype: SaveDtype) -> Result<()> {
+    fn write_weights(
+        &self,
+        model: &Llava<B::InnerBackend>,
+        dir: &Path,
+        dtype: SaveDtype,
+    ) -> Result<()> {
         write_llava(model, self.config, self.decoder, self.tokenizer, dir, dtype)
     }
 
     fn evaluate(&self, model: &Llava<B::InnerBackend>) -> Result<Vec<(String, String)>> {
         let features = match &self.eval_image {
             Some(data) => {
-                let pixels = Tensor::<B::InnerBackend, 3>::from_data(data.clone(), self.device).unsqueeze::<4>();
-                Some(image_features(&model.visual_encoder, &model.projector, pixels, self.llava.visual_select_layer)?)
+                let pixels = Tensor::<B::InnerBackend, 3>::from_data(data.clone(), self.device)
+                    .unsqueeze::<4>();
+                Some(image_features(
+                    &model.visual_encoder,
+                    &model.projector,
+                    pixels,
+                    self.llava.visual_select_layer,
+                )?)
             }
             None => None,
         };
-        train::evaluate_chat(&model.llm, features.as_ref(), self.config, self.tokenizer, self.device)
+        train::evaluate_chat(
+            &model.llm,
+            features.as_ref(),
+            self.config,
+            self.tokenizer,
+            self.device,
+        )
     }
 }
 
@@ -335,16 +517,40 @@ pub fn llava_loss_backward<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<(f64, usize, usize, burn::optim::GradientsParams)> {
     let shape = [batch.batch_size, batch.seq_len];
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input_ids.clone(), shape), device);
-    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention_mask.clone(), shape), device);
-    let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.labels.clone(), shape), device);
+    let ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input_ids.clone(), shape), device);
+    let mask = Tensor::<B, 2, Bool>::from_data(
+        TensorData::new(batch.attention_mask.clone(), shape),
+        device,
+    );
+    let labels =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.labels.clone(), shape), device);
     let inputs = model.prepare_inputs(ids, Some(mask), Some(labels), pixel_values, select_layer)?;
     let [b, t, _] = inputs.inputs_embeds.dims();
-    let host = |x: Tensor<B, 2, Int>| x.into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
+    let host = |x: Tensor<B, 2, Int>| {
+        x.into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap_or_default()
+    };
     let labels = inputs.labels.map(host).unwrap_or_default();
-    let key_valid: Vec<bool> = host(inputs.attention_mask.int()).into_iter().map(|v| v != 0).collect();
+    let key_valid: Vec<bool> = host(inputs.attention_mask.int())
+        .into_iter()
+        .map(|v| v != 0)
+        .collect();
     let tokens = key_valid.iter().filter(|&&v| v).count();
-    let input = DecoderInput { positions: inputs.position_ids, bias: attention_bias(b, t, 0, &key_valid, None, device) };
-    let (sum, trained, grads) = decoder_loss_backward(model, &model.llm, inputs.inputs_embeds, &input, &labels, divisor, checkpointing);
+    let input = DecoderInput {
+        positions: inputs.position_ids,
+        bias: attention_bias(b, t, 0, &key_valid, None, device),
+    };
+    let (sum, trained, grads) = decoder_loss_backward(
+        model,
+        &model.llm,
+        inputs.inputs_embeds,
+        &input,
+        &labels,
+        divisor,
+        checkpointing,
+    );
     Ok((sum / trained.max(1) as f64, trained, tokens, grads))
 }

@@ -23,8 +23,16 @@ use crate::{Error, Result};
 ///
 /// # Errors
 /// A target that names no linear layer of the model (the valid names are listed).
-pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(model: &M, config: &M::Config, targets: &[String]) -> Result<BTreeSet<String>> {
-    let names: BTreeSet<String> = model.linear_layers(config).into_iter().map(|(s, _)| s.name).collect();
+pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(
+    model: &M,
+    config: &M::Config,
+    targets: &[String],
+) -> Result<BTreeSet<String>> {
+    let names: BTreeSet<String> = model
+        .linear_layers(config)
+        .into_iter()
+        .map(|(s, _)| s.name)
+        .collect();
     if targets.is_empty() {
         return Ok(names);
     }
@@ -48,7 +56,12 @@ pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(model: &M, config: &M::Co
 ///
 /// # Errors
 /// A block size the quantizer refuses.
-pub fn quantize_base<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, block_size: usize, double_quant: bool) -> Result<InternLm2<B>> {
+pub fn quantize_base<B: Backend>(
+    model: InternLm2<B>,
+    config: &DecoderConfig,
+    block_size: usize,
+    double_quant: bool,
+) -> Result<InternLm2<B>> {
     let head = config.family.output();
     model.map_linears(config, |site, linear: Linear<B>| -> Result<Linear<B>> {
         if site.module == head {
@@ -63,15 +76,29 @@ pub fn quantize_base<B: Backend>(model: InternLm2<B>, config: &DecoderConfig, bl
 ///
 /// # Errors
 /// An unknown target.
-pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(model: M, config: &M::Config, lora: &LoraConfig, device: &B::Device) -> Result<M> {
+pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(
+    model: M,
+    config: &M::Config,
+    lora: &LoraConfig,
+    device: &B::Device,
+) -> Result<M> {
     let targets = resolve_targets(&model, config, &lora.target_modules)?;
-    model.no_grad().map_linear_layers(config, |site, mut linear: Linear<B>| {
-        if targets.contains(&site.name) {
-            let [d_in, d_out] = linear.dims();
-            linear.lora = Some(Lora::init(d_in, d_out, lora.r, lora.alpha, lora.dropout, device));
-        }
-        Ok(linear)
-    })
+    model
+        .no_grad()
+        .map_linear_layers(config, |site, mut linear: Linear<B>| {
+            if targets.contains(&site.name) {
+                let [d_in, d_out] = linear.dims();
+                linear.lora = Some(Lora::init(
+                    d_in,
+                    d_out,
+                    lora.r,
+                    lora.alpha,
+                    lora.dropout,
+                    device,
+                ));
+            }
+            Ok(linear)
+        })
 }
 
 /// Freezes the model and attaches the adapters of a PEFT directory (trainable), to
@@ -79,27 +106,41 @@ pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(model: M, config: &M::
 ///
 /// # Errors
 /// An adapter whose shapes or modules do not fit the model.
-pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(model: M, config: &M::Config, adapter: &PeftAdapter, dropout: f64, device: &B::Device) -> Result<M> {
+pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(
+    model: M,
+    config: &M::Config,
+    adapter: &PeftAdapter,
+    dropout: f64,
+    device: &B::Device,
+) -> Result<M> {
     let scale = adapter.scale();
-    let model = model.no_grad().map_linear_layers(config, |site, mut linear: Linear<B>| -> Result<Linear<B>> {
-        let [d_in, d_out] = linear.dims();
-        if let Some((a, b)) = adapter.pair(&site.module, d_out, d_in)? {
-            let r = a.len() / d_in.max(1);
-            // In the masters' dtype, so a resumed bf16 run continues from the exact f32
-            // values it saved.
-            let options = (device, crate::optim::MASTER_DTYPE);
-            let a = Tensor::<B, 2>::from_data(TensorData::new(a, [r, d_in]), options).transpose(); // [in, r]
-            let b = permute_out_rows(b, site, r); // [out, r] in our column order
-            let b = Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, r]), options).transpose(); // [r, out]
-            linear.lora = Some(Lora::from_tensors(a, b, scale, dropout));
-        }
-        Ok(linear)
-    })?;
+    let model = model.no_grad().map_linear_layers(
+        config,
+        |site, mut linear: Linear<B>| -> Result<Linear<B>> {
+            let [d_in, d_out] = linear.dims();
+            if let Some((a, b)) = adapter.pair(&site.module, d_out, d_in)? {
+                let r = a.len() / d_in.max(1);
+                // In the masters' dtype, so a resumed bf16 run continues from the exact f32
+                // values it saved.
+                let options = (device, crate::optim::MASTER_DTYPE);
+                let a =
+                    Tensor::<B, 2>::from_data(TensorData::new(a, [r, d_in]), options).transpose(); // [in, r]
+                let b = permute_out_rows(b, site, r); // [out, r] in our column order
+                let b =
+                    Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, r]), options).transpose(); // [r, out]
+                linear.lora = Some(Lora::from_tensors(a, b, scale, dropout));
+            }
+            Ok(linear)
+        },
+    )?;
     let unused = adapter.unused_modules();
     if !unused.is_empty() {
         return Err(Error::Model(xtuner_model::Error::BadAdapter {
             path: adapter.dir().to_path_buf(),
-            message: format!("adapts modules this model does not have: {}", unused.join(", ")),
+            message: format!(
+                "adapts modules this model does not have: {}",
+                unused.join(", ")
+            ),
         }));
     }
     Ok(model)
@@ -108,26 +149,40 @@ pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(model: M, config:
 /// `B`'s rows (`[out, r]`, checkpoint order) rearranged into the layer's column order.
 fn permute_out_rows(b: Vec<f32>, site: &LinearSite, r: usize) -> Vec<f32> {
     match &site.out_rows {
-        Some(order) => order.iter().flat_map(|&row| b[row * r..(row + 1) * r].iter().copied()).collect(),
+        Some(order) => order
+            .iter()
+            .flat_map(|&row| b[row * r..(row + 1) * r].iter().copied())
+            .collect(),
         None => b,
     }
 }
 
 /// The adapters as PEFT tensors (`base_model.model.<module>.lora_A.weight` `[r, in]`,
 /// `lora_B.weight` `[out, r]`), ready for `adapter_model.safetensors`.
-pub fn peft_tensors<B: Backend, M: LinearLayers<B>>(model: &M, config: &M::Config) -> Vec<(String, TensorData)> {
+pub fn peft_tensors<B: Backend, M: LinearLayers<B>>(
+    model: &M,
+    config: &M::Config,
+) -> Vec<(String, TensorData)> {
     let mut out = Vec::new();
     for (site, linear) in model.linear_layers(config) {
         let Some(lora) = &linear.lora else { continue };
         let [_, d_out] = linear.dims();
         let r = lora.rank();
         let a = lora.lora_a.val().transpose().into_data(); // [r, in]
-        let b_ours: Vec<f32> = lora.lora_b.val().transpose().into_data().convert::<f32>().to_vec().unwrap_or_default(); // [out, r]
+        let b_ours: Vec<f32> = lora
+            .lora_b
+            .val()
+            .transpose()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default(); // [out, r]
         let b = match &site.out_rows {
             Some(order) => {
                 let mut b = vec![0f32; d_out * r];
                 for (ours, &theirs) in order.iter().enumerate() {
-                    b[theirs * r..(theirs + 1) * r].copy_from_slice(&b_ours[ours * r..(ours + 1) * r]);
+                    b[theirs * r..(theirs + 1) * r]
+                        .copy_from_slice(&b_ours[ours * r..(ours + 1) * r]);
                 }
                 b
             }
@@ -135,22 +190,26 @@ pub fn peft_tensors<B: Backend, M: LinearLayers<B>>(model: &M, config: &M::Confi
         };
         let prefix = format!("base_model.model.{}", site.module);
         out.push((format!("{prefix}.lora_A.weight"), a));
-        out.push((format!("{prefix}.lora_B.weight"), TensorData::new(b, [d_out, r])));
+        out.push((
+            format!("{prefix}.lora_B.weight"),
+            TensorData::new(b, [d_out, r]),
+        ));
     }
     out
 }
 
 /// Folds every adapter into its base weight (`W + scale·A·B`) and removes it.
 pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M {
-    let merged: std::result::Result<_, std::convert::Infallible> = model.map_linear_layers(config, |_, mut linear: Linear<B>| {
-        if let Some(lora) = linear.lora.take() {
-            let base = linear.dense_weight();
-            let delta = xtuner_model::nn::precision::in_dtype(lora.delta(), base.dtype());
-            linear.weight = Param::from_tensor(base + delta);
-            linear.nf4 = None;
-        }
-        Ok(linear)
-    });
+    let merged: std::result::Result<_, std::convert::Infallible> =
+        model.map_linear_layers(config, |_, mut linear: Linear<B>| {
+            if let Some(lora) = linear.lora.take() {
+                let base = linear.dense_weight();
+                let delta = xtuner_model::nn::precision::in_dtype(lora.delta(), base.dtype());
+                linear.weight = Param::from_tensor(base + delta);
+                linear.nf4 = None;
+            }
+            Ok(linear)
+        });
     match merged {
         Ok(model) => model,
         Err(never) => match never {},
@@ -158,7 +217,12 @@ pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M 
 }
 
 /// `adapter_config.json` of a PEFT LoRA adapter with these settings.
-pub fn adapter_config_json(lora: &LoraConfig, targets: &BTreeSet<String>, task_type: Option<&str>, base: Option<String>) -> serde_json::Value {
+pub fn adapter_config_json(
+    lora: &LoraConfig,
+    targets: &BTreeSet<String>,
+    task_type: Option<&str>,
+    base: Option<String>,
+) -> serde_json::Value {
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": task_type,
@@ -189,8 +253,20 @@ pub fn write_adapter<B: Backend, M: LinearLayers<B>>(
     base: Option<String>,
     dtype: xtuner_model::checkpoint::SaveDtype,
 ) -> Result<Vec<std::path::PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     let targets = resolve_targets(model, config, &lora.target_modules)?;
-    crate::train::write_json(&dir.join("adapter_config.json"), &adapter_config_json(lora, &targets, task_type, base))?;
-    Ok(xtuner_model::checkpoint::save_safetensors(dir, "adapter_model", peft_tensors(model, config), dtype, None)?)
+    crate::train::write_json(
+        &dir.join("adapter_config.json"),
+        &adapter_config_json(lora, &targets, task_type, base),
+    )?;
+    Ok(xtuner_model::checkpoint::save_safetensors(
+        dir,
+        "adapter_model",
+        peft_tensors(model, config),
+        dtype,
+        None,
+    )?)
 }

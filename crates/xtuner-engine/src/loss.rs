@@ -35,7 +35,10 @@ impl<B: Backend> LossSum<B> {
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> LossSum<B> {
     let [b, t, v] = logits.dims();
     if t < 2 {
-        return LossSum { sum: Tensor::zeros([1], &logits.device()), tokens: 0 };
+        return LossSum {
+            sum: Tensor::zeros([1], &logits.device()),
+            tokens: 0,
+        };
     }
     // Logits at 0..T-1 predict labels at 1..T.
     shifted_loss(logits.slice([0..b, 0..t - 1, 0..v]), labels, t, 0)
@@ -45,7 +48,10 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> LossS
 /// position of each row that are ids of the vocabulary.
 pub fn trained_tokens(labels: &[i64], seq_len: usize, vocab: usize) -> usize {
     let trained = |l: &&i64| **l >= 0 && (**l as usize) < vocab;
-    labels.chunks(seq_len.max(1)).map(|row| row.iter().skip(1).filter(trained).count()).sum()
+    labels
+        .chunks(seq_len.max(1))
+        .map(|row| row.iter().skip(1).filter(trained).count())
+        .sum()
 }
 
 /// The loss of the logits at positions `from..from + n` of rows of `seq_len`
@@ -53,7 +59,12 @@ pub fn trained_tokens(labels: &[i64], seq_len: usize, vocab: usize) -> usize {
 ///
 /// # Shapes
 /// `logits`: `[B, n, V]`; `labels`: `[B, seq_len]`.
-fn shifted_loss<B: Backend>(logits: Tensor<B, 3>, labels: &[i64], seq_len: usize, from: usize) -> LossSum<B> {
+fn shifted_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: &[i64],
+    seq_len: usize,
+    from: usize,
+) -> LossSum<B> {
     let [b, n, v] = logits.dims();
     let device = logits.device();
     let logits = logits.cast(DType::F32);
@@ -61,7 +72,10 @@ fn shifted_loss<B: Backend>(logits: Tensor<B, 3>, labels: &[i64], seq_len: usize
     let mut weights = Vec::with_capacity(b * n);
     for row in 0..b {
         for pos in from + 1..from + 1 + n {
-            let label = labels.get(row * seq_len + pos).copied().unwrap_or(IGNORE_INDEX);
+            let label = labels
+                .get(row * seq_len + pos)
+                .copied()
+                .unwrap_or(IGNORE_INDEX);
             let trained = label >= 0 && (label as usize) < v;
             targets.push(if trained { label } else { 0 });
             weights.push(if trained { 1.0f32 } else { 0.0 });
@@ -99,7 +113,8 @@ pub fn chunked_lm_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     chunk: usize,
     divisor: f64,
 ) -> (f64, usize, GradientsParams) {
-    let (loss_sum, tokens, mut accumulator, hidden_grad) = head_loss_backward(model, &hidden, lm_head, labels, vocab, chunk, divisor);
+    let (loss_sum, tokens, mut accumulator, hidden_grad) =
+        head_loss_backward(model, &hidden, lm_head, labels, vocab, chunk, divisor);
     if let Some(g) = hidden_grad {
         accumulator.accumulate(model, backward_from(model, hidden, g, None).0);
     }
@@ -118,7 +133,12 @@ pub(crate) fn head_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     vocab: usize,
     chunk: usize,
     divisor: f64,
-) -> (f64, usize, GradientsAccumulator<M>, Option<Tensor<B::InnerBackend, 3>>) {
+) -> (
+    f64,
+    usize,
+    GradientsAccumulator<M>,
+    Option<Tensor<B::InnerBackend, 3>>,
+) {
     let [b, t, c] = hidden.dims();
     let tokens = trained_tokens(labels, t, vocab);
     let scale = 1.0 / (tokens.max(1) as f64 * divisor);
@@ -222,14 +242,32 @@ mod tests {
             model.visit(&mut expected);
             for chunk in [1, 3, 8, 64] {
                 let hidden = model.hidden_states(model.embed(ids.clone()), &input, None);
-                let (sum, tokens, grads) = chunked_lm_loss_backward(&model, hidden, |h| model.lm_head(h), &labels, 50, chunk, 2.0);
+                let (sum, tokens, grads) = chunked_lm_loss_backward(
+                    &model,
+                    hidden,
+                    |h| model.lm_head(h),
+                    &labels,
+                    50,
+                    chunk,
+                    2.0,
+                );
                 assert_eq!(tokens, whole.tokens);
-                assert!((sum / tokens as f64 - expected_loss).abs() < 1e-5, "chunk {chunk}");
+                assert!(
+                    (sum / tokens as f64 - expected_loss).abs() < 1e-5,
+                    "chunk {chunk}"
+                );
                 let mut got = Collect(&grads, Vec::new());
                 model.visit(&mut got);
-                assert_eq!(got.1.len(), expected.1.len(), "chunk {chunk}: every parameter has a gradient");
+                assert_eq!(
+                    got.1.len(),
+                    expected.1.len(),
+                    "chunk {chunk}: every parameter has a gradient"
+                );
                 for (g, e) in got.1.iter().zip(&expected.1) {
-                    TensorData::from(g.as_slice()).assert_approx_eq::<f32>(&TensorData::from(e.as_slice()), burn::tensor::Tolerance::absolute(1e-6));
+                    TensorData::from(g.as_slice()).assert_approx_eq::<f32>(
+                        &TensorData::from(e.as_slice()),
+                        burn::tensor::Tolerance::absolute(1e-6),
+                    );
                 }
             }
         }

@@ -50,7 +50,8 @@ pub fn master_weights<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, dtype:
 pub fn adamw_state_in<B, R>(record: R, dtype: DType) -> R
 where
     B: AutodiffBackend,
-    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)> + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
+    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>
+        + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
 {
     macro_rules! widen {
         ($record:expr, $($rank:ident),*) => {
@@ -67,7 +68,12 @@ where
         .into_iter()
         .map(|(id, record)| {
             let AdaptorRecord::V1(v1) = record;
-            (id, AdaptorRecord::V1(widen!(v1, Rank0, Rank1, Rank2, Rank3, Rank4, Rank5, Rank6, Rank7, Rank8)))
+            (
+                id,
+                AdaptorRecord::V1(widen!(
+                    v1, Rank0, Rank1, Rank2, Rank3, Rank4, Rank5, Rank6, Rank7, Rank8
+                )),
+            )
         })
         .collect()
 }
@@ -97,21 +103,34 @@ struct ScaleVisitor<'a> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleVisitor<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register::<B::InnerBackend, D>(param.id, grad * self.factor);
+            self.grads
+                .register::<B::InnerBackend, D>(param.id, grad * self.factor);
         }
     }
 }
 
 /// The L2 norm of all gradients together.
-pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {
-    let mut visitor = NormVisitor::<B> { grads, sum_squares: None };
+pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> f64 {
+    let mut visitor = NormVisitor::<B> {
+        grads,
+        sum_squares: None,
+    };
     model.visit(&mut visitor);
-    visitor.sum_squares.map_or(0.0, |s| f64::from(s.into_scalar().to_f32()).sqrt())
+    visitor
+        .sum_squares
+        .map_or(0.0, |s| f64::from(s.into_scalar().to_f32()).sqrt())
 }
 
 /// Scales all gradients so their global norm is at most `max_norm` (factor
 /// `max_norm / (norm + 1e-6)`, as PyTorch). Returns the norm before clipping.
-pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> f64 {
     let norm = global_grad_norm(model, grads);
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
@@ -150,7 +169,11 @@ mod tests {
         impl ModuleVisitor<B> for Dtypes {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
                 let dtype = param.val().dtype();
-                if param.is_require_grad() { self.0.push(dtype) } else { self.1.push(dtype) }
+                if param.is_require_grad() {
+                    self.0.push(dtype)
+                } else {
+                    self.1.push(dtype)
+                }
             }
         }
         let mut v = Dtypes(Vec::new(), Vec::new());
@@ -158,14 +181,19 @@ mod tests {
         (v.0, v.1)
     }
 
-    fn moment_dtypes<R: Clone + IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>>(record: &R) -> Vec<DType> {
+    fn moment_dtypes<R: Clone + IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>>(
+        record: &R,
+    ) -> Vec<DType> {
         record
             .clone()
             .into_iter()
             .flat_map(|(_, r)| {
                 // Only LoRA's A and B train here: every state is of rank 2.
                 let state = r.into_state::<2>();
-                [state.momentum.moment_1.dtype(), state.momentum.moment_2.dtype()]
+                [
+                    state.momentum.moment_1.dtype(),
+                    state.momentum.moment_2.dtype(),
+                ]
             })
             .collect()
     }
@@ -178,10 +206,19 @@ mod tests {
         let decoder = DecoderConfig::preset("internlm2-tiny", 300).unwrap();
         <B as burn::tensor::backend::Backend>::seed(&device, 3);
         let base = InternLm2::<B>::random(&decoder, &device).unwrap();
-        let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: Vec::new() };
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+        };
         let model = crate::lora::attach(base, &decoder, &lora, &device).unwrap();
         let ids: Vec<i64> = (0..32).map(|i| (i * 37 % 300) as i64).collect();
-        let rows = [PackedRow { labels: ids.clone(), input_ids: ids, cumulative_len: vec![0, 32] }];
+        let rows = [PackedRow {
+            labels: ids.clone(),
+            input_ids: ids,
+            cumulative_len: vec![0, 32],
+        }];
         let batch = collate(&rows.iter().collect::<Vec<_>>(), false);
         let train = |mut model: InternLm2<B>| {
             let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
@@ -197,7 +234,10 @@ mod tests {
 
         let wide = master_weights(model, DType::F64);
         let (trainable, frozen) = param_dtypes(&wide);
-        assert!(!trainable.is_empty() && trainable.iter().all(|&d| d == DType::F64), "{trainable:?}");
+        assert!(
+            !trainable.is_empty() && trainable.iter().all(|&d| d == DType::F64),
+            "{trainable:?}"
+        );
         assert!(frozen.iter().all(|&d| d == DType::F32));
         let (wide, mut optimizer, losses) = train(wide);
         for (a, b) in plain.iter().zip(&losses) {

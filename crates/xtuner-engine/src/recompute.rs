@@ -56,7 +56,10 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
 
     let device = embeds.device();
-    let step_seed = Tensor::<B::InnerBackend, 1>::random([1], Distribution::Uniform(0.0, 1.0), &device).into_scalar().elem::<f64>();
+    let step_seed =
+        Tensor::<B::InnerBackend, 1>::random([1], Distribution::Uniform(0.0, 1.0), &device)
+            .into_scalar()
+            .elem::<f64>();
     let layer_seed = |i: usize| ((step_seed * f64::from(u32::MAX)) as u64).wrapping_add(i as u64);
     let (cos, sin) = llm.rope.cos_sin(input.positions.clone());
 
@@ -66,13 +69,17 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     for (i, layer) in llm.layers.iter().enumerate() {
         saved.push(x.clone().inner());
         B::seed(&device, layer_seed(i));
-        x = layer.clone().no_grad().forward(x, &cos, &sin, &input.bias, None);
+        x = layer
+            .clone()
+            .no_grad()
+            .forward(x, &cos, &sin, &input.bias, None);
     }
 
     // 2. Norm, head and loss on the last output.
     let top = x.detach().require_grad();
     let hidden = llm.norm.forward(top.clone());
-    let (loss_sum, tokens, mut accumulator, hidden_grad) = head_loss_backward(model, &hidden, head, labels, vocab, chunk, divisor);
+    let (loss_sum, tokens, mut accumulator, hidden_grad) =
+        head_loss_backward(model, &hidden, head, labels, vocab, chunk, divisor);
     let Some(hidden_grad) = hidden_grad else {
         return (loss_sum, tokens, accumulator.grads());
     };
@@ -130,14 +137,35 @@ mod tests {
     fn recomputed_layers_give_the_same_loss_and_gradients() {
         let device = Default::default();
         let mut config = DecoderConfig::preset("internlm2-tiny", 40).unwrap();
-        (config.hidden_size, config.intermediate_size, config.head_dim, config.rope.head_dim, config.n_layers) = (32, 48, 8, 8, 3);
+        (
+            config.hidden_size,
+            config.intermediate_size,
+            config.head_dim,
+            config.rope.head_dim,
+            config.n_layers,
+        ) = (32, 48, 8, 8, 3);
         <AD as Backend>::seed(&device, 5);
         let full = InternLm2::<AD>::random(&config, &device).unwrap();
-        let lora = crate::lora::attach(full.clone(), &config, &crate::config::LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec![] }, &device).unwrap();
+        let lora = crate::lora::attach(
+            full.clone(),
+            &config,
+            &crate::config::LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: vec![],
+            },
+            &device,
+        )
+        .unwrap();
         // LoRA's B starts at zero; give it values so every adapter gets a gradient.
         let lora = lora.map_linears(&config, |_, mut linear| -> Result<_, ()> {
             if let Some(l) = linear.lora.as_mut() {
-                l.lora_b = Param::from_tensor(Tensor::random(l.lora_b.dims(), Distribution::Normal(0.0, 0.1), &device));
+                l.lora_b = Param::from_tensor(Tensor::random(
+                    l.lora_b.dims(),
+                    Distribution::Normal(0.0, 0.1),
+                    &device,
+                ));
             }
             Ok(linear)
         });
@@ -155,15 +183,41 @@ mod tests {
         };
         let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
         for model in [&full, &lora] {
-            let (plain_loss, plain_tokens, plain) = decoder_loss_backward(model, model, model.embed(ids.clone()), &input, &labels, 2.0, false);
-            let (loss, tokens, recomputed) = decoder_loss_backward(model, model, model.embed(ids.clone()), &input, &labels, 2.0, true);
+            let (plain_loss, plain_tokens, plain) = decoder_loss_backward(
+                model,
+                model,
+                model.embed(ids.clone()),
+                &input,
+                &labels,
+                2.0,
+                false,
+            );
+            let (loss, tokens, recomputed) = decoder_loss_backward(
+                model,
+                model,
+                model.embed(ids.clone()),
+                &input,
+                &labels,
+                2.0,
+                true,
+            );
             assert_eq!(tokens, plain_tokens);
-            assert!((loss - plain_loss).abs() < 1e-9 * plain_loss.abs().max(1.0), "{loss} vs {plain_loss}");
+            assert!(
+                (loss - plain_loss).abs() < 1e-9 * plain_loss.abs().max(1.0),
+                "{loss} vs {plain_loss}"
+            );
             let (plain, recomputed) = (gradients(model, &plain), gradients(model, &recomputed));
             assert!(!plain.is_empty());
-            assert_eq!(plain.len(), recomputed.len(), "every trained parameter has a gradient");
+            assert_eq!(
+                plain.len(),
+                recomputed.len(),
+                "every trained parameter has a gradient"
+            );
             for (p, r) in plain.iter().zip(&recomputed) {
-                TensorData::from(r.as_slice()).assert_approx_eq::<f32>(&TensorData::from(p.as_slice()), Tolerance::absolute(1e-6));
+                TensorData::from(r.as_slice()).assert_approx_eq::<f32>(
+                    &TensorData::from(p.as_slice()),
+                    Tolerance::absolute(1e-6),
+                );
             }
         }
     }

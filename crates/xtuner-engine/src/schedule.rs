@@ -57,21 +57,49 @@ mod tests {
     #[test]
     fn matches_the_reference_trajectory() {
         // lora_train/trajectory.json: lr 0.01, 2 warm-up steps of 6, start factor 1e-5.
-        let s = LrSchedule { base_lr: 0.01, warmup_iters: 2, total_iters: 6, start_factor: 1e-5, eta_min: 0.0 };
-        let expected = [1.0000000000000001e-07, 0.005000050000000001, 0.01, 0.008535533905932738, 0.005, 0.0014644660940672626];
+        let s = LrSchedule {
+            base_lr: 0.01,
+            warmup_iters: 2,
+            total_iters: 6,
+            start_factor: 1e-5,
+            eta_min: 0.0,
+        };
+        let expected = [
+            1.0000000000000001e-07,
+            0.005000050000000001,
+            0.01,
+            0.008535533905932738,
+            0.005,
+            0.0014644660940672626,
+        ];
         for (t, want) in expected.iter().enumerate() {
-            assert!((s.lr(t) - want).abs() < 1e-15, "step {t}: {} vs {want}", s.lr(t));
+            assert!(
+                (s.lr(t) - want).abs() < 1e-15,
+                "step {t}: {} vs {want}",
+                s.lr(t)
+            );
         }
     }
 
     #[test]
     fn warmup_ratio_converts_to_iterations() {
-        let s = LrSchedule::new(&OptimizerConfig::default(), &ScheduleConfig::default(), 1000);
+        let s = LrSchedule::new(
+            &OptimizerConfig::default(),
+            &ScheduleConfig::default(),
+            1000,
+        );
         assert_eq!(s.warmup_iters, 30);
         assert!((s.lr(30) - 2e-4).abs() < 1e-18);
         assert!(s.lr(999) < 1e-8);
         // No warm-up at all.
-        let s = LrSchedule::new(&OptimizerConfig::default(), &ScheduleConfig { warmup_ratio: 0.0, ..Default::default() }, 10);
+        let s = LrSchedule::new(
+            &OptimizerConfig::default(),
+            &ScheduleConfig {
+                warmup_ratio: 0.0,
+                ..Default::default()
+            },
+            10,
+        );
         assert_eq!(s.lr(0), 2e-4);
     }
 }

@@ -20,9 +20,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 use xtuner_dataset::collate::{Batch, collate};
+use xtuner_dataset::encode::IMAGE_TOKEN;
 use xtuner_dataset::sampler::{length_grouped, shuffled};
 use xtuner_dataset::{PackedRow, Tokenizer, load_or_process};
-use xtuner_dataset::encode::IMAGE_TOKEN;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
 use xtuner_model::generate::{GenerationConfig, generate};
@@ -34,8 +34,8 @@ use xtuner_model::sampling::SamplingConfig;
 use crate::checkpoint::{self, TrainState};
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::lora;
-use crate::recompute::decoder_loss_backward;
 use crate::optim::{MASTER_DTYPE, adamw, adamw_state_in, clip_grad_norm, master_weights};
+use crate::recompute::decoder_loss_backward;
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
 
@@ -131,23 +131,40 @@ pub struct TrainSummary {
 ///
 /// # Errors
 /// A missing or bad model directory, an unknown preset.
-pub fn build_model<B: Backend>(config: &TrainConfig, tokenizer: &Tokenizer, device: &B::Device) -> Result<(InternLm2<B>, DecoderConfig)> {
+pub fn build_model<B: Backend>(
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+) -> Result<(InternLm2<B>, DecoderConfig)> {
     match (&config.model.path, &config.model.preset) {
         (Some(path), _) => {
             if !path.join("config.json").is_file() {
-                return Err(Error::Config { path: path.clone(), message: "`model.path`: no config.json here (not a Hugging Face model directory)".into() });
+                return Err(Error::Config {
+                    path: path.clone(),
+                    message:
+                        "`model.path`: no config.json here (not a Hugging Face model directory)"
+                            .into(),
+                });
             }
             Ok(InternLm2::load(path, None, device)?)
         }
         (None, Some(name)) => {
-            let decoder = DecoderConfig::preset(name, tokenizer.vocab_size()).ok_or_else(|| Error::Config {
-                path: PathBuf::new(),
-                message: format!("`model.preset`: unknown preset `{name}`; known: {}", DecoderConfig::PRESETS.join(", ")),
+            let decoder = DecoderConfig::preset(name, tokenizer.vocab_size()).ok_or_else(|| {
+                Error::Config {
+                    path: PathBuf::new(),
+                    message: format!(
+                        "`model.preset`: unknown preset `{name}`; known: {}",
+                        DecoderConfig::PRESETS.join(", ")
+                    ),
+                }
             })?;
             B::seed(device, config.train.seed);
             Ok((InternLm2::random(&decoder, device)?, decoder))
         }
-        (None, None) => Err(Error::Config { path: PathBuf::new(), message: "`model`: give `path` or `preset`".into() }),
+        (None, None) => Err(Error::Config {
+            path: PathBuf::new(),
+            message: "`model`: give `path` or `preset`".into(),
+        }),
     }
 }
 
@@ -196,14 +213,21 @@ fn config_fingerprint(config: &TrainConfig) -> String {
 fn epoch_order(lengths: &[i64], config: &TrainConfig, epoch: usize) -> Vec<usize> {
     let seed = config.train.seed.wrapping_add(epoch as u64);
     if config.train.group_by_length && !config.data.pack_to_max_length {
-        length_grouped(lengths, config.train.batch_size * config.train.accumulative_counts, seed)
+        length_grouped(
+            lengths,
+            config.train.batch_size * config.train.accumulative_counts,
+            seed,
+        )
     } else {
         shuffled(lengths.len(), seed)
     }
 }
 
 /// Token ids and decoder inputs (positions, attention mask) of a collated batch.
-pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>, DecoderInput<B>) {
+pub fn batch_tensors<B: Backend>(
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, DecoderInput<B>) {
     let shape = [batch.batch_size, batch.seq_len];
     let ids = Tensor::from_data(TensorData::new(batch.input_ids.clone(), shape), device);
     let positions = Tensor::from_data(TensorData::new(batch.position_ids.clone(), shape), device);
@@ -221,16 +245,37 @@ pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B
             })
             .collect()
     });
-    let bias = attention_bias(batch.batch_size, batch.seq_len, 0, &batch.attention_mask, segments.as_deref(), device);
+    let bias = attention_bias(
+        batch.batch_size,
+        batch.seq_len,
+        0,
+        &batch.attention_mask,
+        segments.as_deref(),
+        device,
+    );
     (ids, DecoderInput { positions, bias })
 }
 
 /// One micro-batch: forward, the token-mean loss, and the backward pass of the loss
 /// divided by `accumulative_counts`, recomputing each layer in backward when
 /// `checkpointing` (see [`decoder_loss_backward`]). Returns the loss and the gradients.
-pub fn forward_backward<B: AutodiffBackend>(model: &InternLm2<B>, batch: &Batch, accumulative_counts: usize, checkpointing: bool, device: &B::Device) -> (f64, GradientsParams) {
+pub fn forward_backward<B: AutodiffBackend>(
+    model: &InternLm2<B>,
+    batch: &Batch,
+    accumulative_counts: usize,
+    checkpointing: bool,
+    device: &B::Device,
+) -> (f64, GradientsParams) {
     let (ids, input) = batch_tensors::<B>(batch, device);
-    let (sum, tokens, grads) = decoder_loss_backward(model, model, model.embed(ids), &input, &batch.labels, accumulative_counts as f64, checkpointing);
+    let (sum, tokens, grads) = decoder_loss_backward(
+        model,
+        model,
+        model.embed(ids),
+        &input,
+        &batch.labels,
+        accumulative_counts as f64,
+        checkpointing,
+    );
     (sum / tokens.max(1) as f64, grads)
 }
 
@@ -259,19 +304,32 @@ pub trait Recipe<B: AutodiffBackend> {
     ///
     /// # Errors
     /// Data that cannot be turned into a batch (e.g. an unreadable image).
-    fn forward_backward(&self, model: &Self::Model, rows: &[usize], accumulative_counts: usize) -> Result<MicroStep>;
+    fn forward_backward(
+        &self,
+        model: &Self::Model,
+        rows: &[usize],
+        accumulative_counts: usize,
+    ) -> Result<MicroStep>;
 
     /// Writes the trained weights into `dir` in Hugging Face formats.
     ///
     /// # Errors
     /// An unwritable directory.
-    fn write_weights(&self, model: &<Self::Model as AutodiffModule<B>>::InnerModule, dir: &Path, dtype: SaveDtype) -> Result<()>;
+    fn write_weights(
+        &self,
+        model: &<Self::Model as AutodiffModule<B>>::InnerModule,
+        dir: &Path,
+        dtype: SaveDtype,
+    ) -> Result<()>;
 
     /// The evaluate-chat hook's (prompt, answer) pairs.
     ///
     /// # Errors
     /// A template or tokenizer failure.
-    fn evaluate(&self, model: &<Self::Model as AutodiffModule<B>>::InnerModule) -> Result<Vec<(String, String)>>;
+    fn evaluate(
+        &self,
+        model: &<Self::Model as AutodiffModule<B>>::InnerModule,
+    ) -> Result<Vec<(String, String)>>;
 }
 
 /// What one micro-batch gave.
@@ -300,7 +358,12 @@ pub struct Start<M> {
 ///
 /// # Errors
 /// An unreadable checkpoint, or one written by another config or mode.
-pub fn resume_point(config: &TrainConfig, work_dir: &Path, resume: Option<Resume>, mode: &str) -> Result<Option<(PathBuf, usize)>> {
+pub fn resume_point(
+    config: &TrainConfig,
+    work_dir: &Path,
+    resume: Option<Resume>,
+    mode: &str,
+) -> Result<Option<(PathBuf, usize)>> {
     let dir = match resume {
         None => return Ok(None),
         Some(Resume::Auto) => match checkpoint::latest(work_dir)? {
@@ -323,13 +386,22 @@ pub fn resume_point(config: &TrainConfig, work_dir: &Path, resume: Option<Resume
 ///
 /// # Errors
 /// Bad data, a missing tokenizer, an unwritable work dir.
-pub fn prepare(loaded: &LoadedConfig, work_dir: &Path) -> Result<(xtuner_dataset::ProcessedDataset, Tokenizer)> {
+pub fn prepare(
+    loaded: &LoadedConfig,
+    work_dir: &Path,
+) -> Result<(xtuner_dataset::ProcessedDataset, Tokenizer)> {
     let config = &loaded.config;
     let spec = config.data_spec()?;
-    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config { path: loaded.path.clone(), message: "`tokenizer.path`: required".into() })?;
+    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config {
+        path: loaded.path.clone(),
+        message: "`tokenizer.path`: required".into(),
+    })?;
     let (dataset, _) = load_or_process(&spec, tokenizer_path, &config.data.cache_dir)?;
     let tokenizer = Tokenizer::from_path(tokenizer_path)?;
-    std::fs::create_dir_all(work_dir).map_err(|e| Error::Io { path: work_dir.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(work_dir).map_err(|e| Error::Io {
+        path: work_dir.to_path_buf(),
+        source: e,
+    })?;
     Ok((dataset, tokenizer))
 }
 
@@ -338,7 +410,12 @@ pub fn prepare(loaded: &LoadedConfig, work_dir: &Path) -> Result<(xtuner_dataset
 ///
 /// # Errors
 /// As [`build_model`]; an unwritable work dir.
-pub fn base_model<B: Backend>(config: &TrainConfig, tokenizer: &Tokenizer, work_dir: &Path, device: &B::Device) -> Result<(InternLm2<B>, DecoderConfig)> {
+pub fn base_model<B: Backend>(
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    work_dir: &Path,
+    device: &B::Device,
+) -> Result<(InternLm2<B>, DecoderConfig)> {
     let (base, decoder) = build_model::<B>(config, tokenizer, device)?;
     if config.model.path.is_none() {
         save_base_model(&base, &decoder, tokenizer, &work_dir.join("base_model"))?;
@@ -370,14 +447,29 @@ pub fn train<B: AutodiffBackend>(
     let config = &loaded.config;
     let (dataset, tokenizer) = prepare(loaded, work_dir)?;
     let (base, decoder) = base_model::<B>(config, &tokenizer, work_dir, device)?;
-    let mode = if config.lora.is_some() { "lora" } else { "full" };
+    let mode = if config.lora.is_some() {
+        "lora"
+    } else {
+        "full"
+    };
     let start = match resume_point(config, work_dir, resume, mode)? {
         Some((dir, iter)) => {
             let model = match &config.lora {
-                Some(l) => lora::attach_peft(base, &decoder, &PeftAdapter::open(&dir)?, l.dropout, device)?,
-                None => InternLm2::load_from(&Checkpoint::open(&dir.join("model.safetensors"))?, &decoder, None, device)?,
+                Some(l) => {
+                    lora::attach_peft(base, &decoder, &PeftAdapter::open(&dir)?, l.dropout, device)?
+                }
+                None => InternLm2::load_from(
+                    &Checkpoint::open(&dir.join("model.safetensors"))?,
+                    &decoder,
+                    None,
+                    device,
+                )?,
             };
-            Start { model, iter, checkpoint: Some(dir) }
+            Start {
+                model,
+                iter,
+                checkpoint: Some(dir),
+            }
         }
         None => {
             // Fresh adapters draw their init from the seeded generator, so two runs of a
@@ -387,12 +479,24 @@ pub fn train<B: AutodiffBackend>(
                 Some(l) => lora::attach(base, &decoder, l, device)?,
                 None => base,
             };
-            Start { model, iter: 0, checkpoint: None }
+            Start {
+                model,
+                iter: 0,
+                checkpoint: None,
+            }
         }
     };
-    let recipe = DecoderRecipe { config, dataset: &dataset, decoder: &decoder, tokenizer: &tokenizer, device };
+    let recipe = DecoderRecipe {
+        config,
+        dataset: &dataset,
+        decoder: &decoder,
+        tokenizer: &tokenizer,
+        device,
+    };
     let lengths: Vec<i64> = dataset.rows.iter().map(|r| r.len() as i64).collect();
-    run(&recipe, start, &lengths, mode, loaded, work_dir, device, progress, stop)
+    run(
+        &recipe, start, &lengths, mode, loaded, work_dir, device, progress, stop,
+    )
 }
 
 /// The decoder alone: text batches, PEFT adapter or full weights.
@@ -407,14 +511,38 @@ struct DecoderRecipe<'a, B: Backend> {
 impl<B: AutodiffBackend> Recipe<B> for DecoderRecipe<'_, B> {
     type Model = InternLm2<B>;
 
-    fn forward_backward(&self, model: &InternLm2<B>, rows: &[usize], accumulative_counts: usize) -> Result<MicroStep> {
-        let rows: Vec<&PackedRow> = rows.iter().filter_map(|&i| self.dataset.rows.get(i)).collect();
+    fn forward_backward(
+        &self,
+        model: &InternLm2<B>,
+        rows: &[usize],
+        accumulative_counts: usize,
+    ) -> Result<MicroStep> {
+        let rows: Vec<&PackedRow> = rows
+            .iter()
+            .filter_map(|&i| self.dataset.rows.get(i))
+            .collect();
         let batch = collate(&rows, self.config.data.use_varlen_attn);
-        let (loss, grads) = forward_backward(model, &batch, accumulative_counts, self.config.model.activation_checkpointing, self.device);
-        Ok(MicroStep { loss, trained_tokens: batch.trained_tokens(), tokens: batch.tokens(), grads })
+        let (loss, grads) = forward_backward(
+            model,
+            &batch,
+            accumulative_counts,
+            self.config.model.activation_checkpointing,
+            self.device,
+        );
+        Ok(MicroStep {
+            loss,
+            trained_tokens: batch.trained_tokens(),
+            tokens: batch.tokens(),
+            grads,
+        })
     }
 
-    fn write_weights(&self, model: &InternLm2<B::InnerBackend>, dir: &Path, dtype: SaveDtype) -> Result<()> {
+    fn write_weights(
+        &self,
+        model: &InternLm2<B::InnerBackend>,
+        dir: &Path,
+        dtype: SaveDtype,
+    ) -> Result<()> {
         write_weights(model, self.decoder, self.config, dir, dtype, self.tokenizer).map(|_| ())
     }
 
@@ -450,7 +578,10 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     if let Some(dir) = &start.checkpoint {
         let record = BinFileRecorder::<FullPrecisionSettings>::new()
             .load(dir.join("optimizer"), device)
-            .map_err(|e| Error::Config { path: dir.clone(), message: format!("optimizer state: {e}") })?;
+            .map_err(|e| Error::Config {
+                path: dir.clone(),
+                message: format!("optimizer state: {e}"),
+            })?;
         optimizer = optimizer.load_record(adamw_state_in(record, MASTER_DTYPE));
     }
 
@@ -460,10 +591,19 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let total_iters = t.max_iters.unwrap_or(batches_per_epoch * t.max_epochs);
     let schedule = LrSchedule::new(&config.optimizer, &config.schedule, total_iters);
     let trainable = count_trainable(&model);
-    progress.event(&TrainEvent::Started { total_iters, start_iter, rows, trainable_params: trainable });
+    progress.event(&TrainEvent::Started {
+        total_iters,
+        start_iter,
+        rows,
+        trainable_params: trainable,
+    });
     let mut log = JsonLog::open(&work_dir.join("train_log.jsonl"))?;
 
-    let eval = |model: &<R::Model as AutodiffModule<B>>::InnerModule, iter: usize, progress: &mut dyn Progress, log: &mut JsonLog| -> Result<()> {
+    let eval = |model: &<R::Model as AutodiffModule<B>>::InnerModule,
+                iter: usize,
+                progress: &mut dyn Progress,
+                log: &mut JsonLog|
+     -> Result<()> {
         let answers = recipe.evaluate(model)?;
         if !answers.is_empty() {
             let event = TrainEvent::Eval { iter, answers };
@@ -476,7 +616,13 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         eval(&model.valid(), 0, progress, &mut log)?;
     }
 
-    let mut summary = TrainSummary { iters: start_iter, first_loss: None, last_loss: None, last_checkpoint: start.checkpoint.clone(), interrupted: false };
+    let mut summary = TrainSummary {
+        iters: start_iter,
+        first_loss: None,
+        last_loss: None,
+        last_checkpoint: start.checkpoint.clone(),
+        interrupted: false,
+    };
     let mut accumulator = GradientsAccumulator::<R::Model>::new();
     let (mut step_loss, mut step_tokens, mut micro) = (0.0f64, 0usize, 0usize);
     let started = Instant::now();
@@ -490,11 +636,23 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
             order_epoch = epoch;
         }
         let first = (iter % batches_per_epoch.max(1)) * t.batch_size;
-        let rows_of_batch: Vec<usize> = order.iter().skip(first).take(t.batch_size).copied().collect();
-        B::seed(device, t.seed.wrapping_mul(1_000_003).wrapping_add(iter as u64));
+        let rows_of_batch: Vec<usize> = order
+            .iter()
+            .skip(first)
+            .take(t.batch_size)
+            .copied()
+            .collect();
+        B::seed(
+            device,
+            t.seed.wrapping_mul(1_000_003).wrapping_add(iter as u64),
+        );
         let step = recipe.forward_backward(&model, &rows_of_batch, t.accumulative_counts)?;
         if !step.loss.is_finite() {
-            return Err(Error::Diverged { iter: iter + 1, loss: step.loss, checkpoint: summary.last_checkpoint.clone() });
+            return Err(Error::Diverged {
+                iter: iter + 1,
+                loss: step.loss,
+                checkpoint: summary.last_checkpoint.clone(),
+            });
         }
         accumulator.accumulate(&model, step.grads);
         step_loss += step.loss * step.trained_tokens as f64;
@@ -505,7 +663,13 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         if micro == t.accumulative_counts || done == total_iters {
             let lr = schedule.lr(iter);
             let grad_norm;
-            (model, grad_norm) = optimizer_step(model, &mut optimizer, accumulator.grads(), lr, config.optimizer.max_norm);
+            (model, grad_norm) = optimizer_step(
+                model,
+                &mut optimizer,
+                accumulator.grads(),
+                lr,
+                config.optimizer.max_norm,
+            );
             let loss = step_loss / step_tokens.max(1) as f64;
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             let per_iter = elapsed / (done - start_iter) as f64;
@@ -529,16 +693,32 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         }
         summary.iters = done;
         let interrupted = stop.load(Ordering::SeqCst);
-        let at_save = done % config.checkpoint.save_steps == 0 || done == total_iters || interrupted;
+        let at_save =
+            done % config.checkpoint.save_steps == 0 || done == total_iters || interrupted;
         if at_save && micro == 0 {
-            let state = TrainState { iter: done, config_fingerprint: fingerprint.clone(), mode: mode.to_string() };
-            let path = checkpoint::save(work_dir, &state, config.checkpoint.save_total_limit, |dir| {
-                recipe.write_weights(&model.valid(), dir, SaveDtype::F32)?;
-                BinFileRecorder::<FullPrecisionSettings>::new()
-                    .record(optimizer.to_record(), dir.join("optimizer"))
-                    .map_err(|e| Error::Config { path: dir.to_path_buf(), message: format!("saving the optimizer state: {e}") })
-            })?;
-            progress.event(&TrainEvent::Saved { iter: done, path: path.clone() });
+            let state = TrainState {
+                iter: done,
+                config_fingerprint: fingerprint.clone(),
+                mode: mode.to_string(),
+            };
+            let path = checkpoint::save(
+                work_dir,
+                &state,
+                config.checkpoint.save_total_limit,
+                |dir| {
+                    recipe.write_weights(&model.valid(), dir, SaveDtype::F32)?;
+                    BinFileRecorder::<FullPrecisionSettings>::new()
+                        .record(optimizer.to_record(), dir.join("optimizer"))
+                        .map_err(|e| Error::Config {
+                            path: dir.to_path_buf(),
+                            message: format!("saving the optimizer state: {e}"),
+                        })
+                },
+            )?;
+            progress.event(&TrainEvent::Saved {
+                iter: done,
+                path: path.clone(),
+            });
             summary.last_checkpoint = Some(path);
         }
         if done % config.evaluation.freq == 0 && done != total_iters {
@@ -575,7 +755,13 @@ pub fn write_weights<B: Backend>(
             let bos = tokenizer.bos_ids().first().copied();
             let eos = tokenizer.eos_ids().first().copied();
             write_json(&dir.join("config.json"), &decoder.to_hf_json(bos, eos))?;
-            let files = save_safetensors(dir, "model", model.to_hf_tensors(decoder), dtype, Some(2_000_000_000))?;
+            let files = save_safetensors(
+                dir,
+                "model",
+                model.to_hf_tensors(decoder),
+                dtype,
+                Some(2_000_000_000),
+            )?;
             copy_tokenizer_files(tokenizer, dir)?;
             Ok(files)
         }
@@ -585,19 +771,42 @@ pub fn write_weights<B: Backend>(
 /// A randomly initialised (preset) base is written once to `work_dir/base_model` as a
 /// Hugging Face model directory, so that its adapters can be chatted with, evaluated
 /// and merged like those of a downloaded model.
-fn save_base_model<B: Backend>(model: &InternLm2<B>, decoder: &DecoderConfig, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+fn save_base_model<B: Backend>(
+    model: &InternLm2<B>,
+    decoder: &DecoderConfig,
+    tokenizer: &Tokenizer,
+    dir: &Path,
+) -> Result<()> {
     if dir.join("config.json").is_file() {
         return Ok(());
     }
     let tmp_parent = dir.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".base_model").tempdir_in(tmp_parent).map_err(|e| Error::Io { path: tmp_parent.to_path_buf(), source: e })?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".base_model")
+        .tempdir_in(tmp_parent)
+        .map_err(|e| Error::Io {
+            path: tmp_parent.to_path_buf(),
+            source: e,
+        })?;
     let bos = tokenizer.bos_ids().first().copied();
     let eos = tokenizer.eos_ids().first().copied();
-    write_json(&tmp.path().join("config.json"), &decoder.to_hf_json(bos, eos))?;
-    save_safetensors(tmp.path(), "model", model.to_hf_tensors(decoder), SaveDtype::F32, Some(2_000_000_000))?;
+    write_json(
+        &tmp.path().join("config.json"),
+        &decoder.to_hf_json(bos, eos),
+    )?;
+    save_safetensors(
+        tmp.path(),
+        "model",
+        model.to_hf_tensors(decoder),
+        SaveDtype::F32,
+        Some(2_000_000_000),
+    )?;
     copy_tokenizer_files(tokenizer, tmp.path())?;
     let kept = tmp.keep();
-    std::fs::rename(&kept, dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    std::fs::rename(&kept, dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     Ok(())
 }
 
@@ -607,10 +816,18 @@ fn save_base_model<B: Backend>(model: &InternLm2<B>, decoder: &DecoderConfig, to
 /// An unreadable or unwritable file.
 pub fn copy_tokenizer_files(tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     let source_dir = tokenizer.source().parent().unwrap_or(Path::new("."));
-    for name in ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"] {
+    for name in [
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let from = source_dir.join(name);
         if from.is_file() {
-            std::fs::copy(&from, dir.join(name)).map_err(|e| Error::Io { path: from.clone(), source: e })?;
+            std::fs::copy(&from, dir.join(name)).map_err(|e| Error::Io {
+                path: from.clone(),
+                source: e,
+            })?;
         }
     }
     Ok(())
@@ -637,29 +854,60 @@ pub(crate) fn count_trainable<B: AutodiffBackend, M: AutodiffModule<B>>(model: &
 ///
 /// # Errors
 /// A template that cannot render the system prompt, or a tokenizer failure.
-pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, image: Option<&Tensor<B, 3>>, config: &TrainConfig, tokenizer: &Tokenizer, device: &B::Device) -> Result<Vec<(String, String)>> {
+pub fn evaluate_chat<B: Backend>(
+    model: &InternLm2<B>,
+    image: Option<&Tensor<B, 3>>,
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+) -> Result<Vec<(String, String)>> {
     let eval = &config.evaluation;
-    let template = config.template.as_ref().map(|t| t.resolve()).transpose().map_err(|message| Error::Config { path: PathBuf::new(), message })?;
+    let template = config
+        .template
+        .as_ref()
+        .map(|t| t.resolve())
+        .transpose()
+        .map_err(|message| Error::Config {
+            path: PathBuf::new(),
+            message,
+        })?;
     let system = eval.system_prompt();
     let mut answers = Vec::new();
     for input in &eval.inputs {
-        let prompt = if image.is_some() { format!("{IMAGE_TOKEN}\n{input}") } else { input.clone() };
+        let prompt = if image.is_some() {
+            format!("{IMAGE_TOKEN}\n{input}")
+        } else {
+            input.clone()
+        };
         let text = match &template {
-            Some(t) => t.prompt(&system, &prompt, 1).map_err(|e| Error::Config { path: PathBuf::new(), message: e.to_string() })?,
+            Some(t) => t.prompt(&system, &prompt, 1).map_err(|e| Error::Config {
+                path: PathBuf::new(),
+                message: e.to_string(),
+            })?,
             None => prompt,
         };
         let mut ids: Vec<i64> = tokenizer.bos_ids().iter().map(|&i| i64::from(i)).collect();
         // With an image, `<image>` marks where its features go; otherwise it is text.
-        let pieces: Vec<&str> = if image.is_some() { text.split(IMAGE_TOKEN).collect() } else { vec![text.as_str()] };
+        let pieces: Vec<&str> = if image.is_some() {
+            text.split(IMAGE_TOKEN).collect()
+        } else {
+            vec![text.as_str()]
+        };
         for (i, piece) in pieces.iter().enumerate() {
             if i > 0 {
                 ids.push(IMAGE_TOKEN_INDEX);
             }
             ids.extend(tokenizer.encode(piece)?.into_iter().map(i64::from));
         }
-        let tensor = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
+        let tensor =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
         let embeds = match image {
-            Some(features) => prepare_inputs_labels_for_multimodal(tensor, None, None, features.clone(), |t| model.embed(t.unsqueeze::<2>()).squeeze_dim::<2>(0))?.inputs_embeds,
+            Some(features) => {
+                prepare_inputs_labels_for_multimodal(tensor, None, None, features.clone(), |t| {
+                    model.embed(t.unsqueeze::<2>()).squeeze_dim::<2>(0)
+                })?
+                .inputs_embeds
+            }
             None => model.embed(tensor),
         };
         let mut stop_ids = tokenizer.eos_ids().to_vec();
@@ -669,7 +917,10 @@ pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, image: Option<&Tensor<B, 
         let generation = GenerationConfig {
             max_new_tokens: eval.max_new_tokens,
             eos_token_ids: stop_ids,
-            sampling: SamplingConfig { seed: config.train.seed, ..SamplingConfig::default() },
+            sampling: SamplingConfig {
+                seed: config.train.seed,
+                ..SamplingConfig::default()
+            },
         };
         let prompt_ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
         let (new, _) = generate(model, embeds, &prompt_ids, &generation, |_| true);
@@ -681,7 +932,10 @@ pub fn evaluate_chat<B: Backend>(model: &InternLm2<B>, image: Option<&Tensor<B, 
 /// Writes a JSON file (pretty-printed).
 pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).unwrap_or_default();
-    std::fs::write(path, text).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
+    std::fs::write(path, text).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 /// The JSON Lines log in the work dir (one object per step/eval).
@@ -691,7 +945,14 @@ struct JsonLog {
 
 impl JsonLog {
     fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
         Ok(Self { file: Some(file) })
     }
 
@@ -701,4 +962,3 @@ impl JsonLog {
         }
     }
 }
-

@@ -25,7 +25,9 @@ type B = NdArray<f32>;
 type A = Autodiff<B>;
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures")
+        .join(path)
 }
 
 /// A LLaVA config on the fixtures; `llava` lines go into `[llava]`, `tail` after it.
@@ -38,7 +40,9 @@ fn config(llava: &str, tail: &str) -> TrainConfig {
         fixture("clip-vit-tiny"),
         fixture("llava-tiny/projector"),
     );
-    LoadedConfig::from_text(&text, Path::new("test.toml"), "test", &[]).unwrap().config
+    LoadedConfig::from_text(&text, Path::new("test.toml"), "test", &[])
+        .unwrap()
+        .config
 }
 
 const PRETRAIN: &str = "freeze_llm = true\nfreeze_visual_encoder = true";
@@ -47,23 +51,58 @@ const FINETUNE: (&str, &str) = (
     "[lora]\nr = 4\nalpha = 8\ndropout = 0.0",
 );
 
-fn model<Bk: burn::tensor::backend::Backend>(config: &TrainConfig, checkpoint: Option<&Path>) -> (Llava<Bk>, DecoderConfig) {
+fn model<Bk: burn::tensor::backend::Backend>(
+    config: &TrainConfig,
+    checkpoint: Option<&Path>,
+) -> (Llava<Bk>, DecoderConfig) {
     let device = Default::default();
     let (llm, decoder) = InternLm2::<Bk>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
-    (assemble(config, llm, &decoder, checkpoint, &device).unwrap(), decoder)
+    (
+        assemble(config, llm, &decoder, checkpoint, &device).unwrap(),
+        decoder,
+    )
 }
 
 /// The golden batch (two rows with one image each, right-padded) and its pixels.
 fn golden_batch() -> (Batch, Tensor<A, 4>, f32) {
     let golden = Checkpoint::open(&fixture("llava-tiny/golden.safetensors")).unwrap();
-    let ints = |key: &str| golden.int_data(key).unwrap().convert::<i64>().to_vec::<i64>().unwrap();
+    let ints = |key: &str| {
+        golden
+            .int_data(key)
+            .unwrap()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap()
+    };
     let shape = golden.shape("input_ids").unwrap();
     let (batch_size, seq_len) = (shape[0], shape[1]);
     let attention_mask: Vec<bool> = ints("attention_mask").into_iter().map(|m| m != 0).collect();
-    let position_ids = attention_mask.chunks(seq_len).flat_map(|row| row.iter().enumerate().map(|(j, &m)| if m { j as i64 } else { 0 })).collect();
-    let batch = Batch { batch_size, seq_len, input_ids: ints("input_ids"), labels: ints("labels"), attention_mask, position_ids, cumulative_len: None, max_seqlen: None };
+    let position_ids = attention_mask
+        .chunks(seq_len)
+        .flat_map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(j, &m)| if m { j as i64 } else { 0 })
+        })
+        .collect();
+    let batch = Batch {
+        batch_size,
+        seq_len,
+        input_ids: ints("input_ids"),
+        labels: ints("labels"),
+        attention_mask,
+        position_ids,
+        cumulative_len: None,
+        max_seqlen: None,
+    };
     let clip = Checkpoint::open(&fixture("clip-vit-tiny/golden.safetensors")).unwrap();
-    let pixels = clip.tensor::<A, 4>("pixel_values", clip.shape("pixel_values").unwrap().try_into().unwrap(), &Default::default()).unwrap();
+    let pixels = clip
+        .tensor::<A, 4>(
+            "pixel_values",
+            clip.shape("pixel_values").unwrap().try_into().unwrap(),
+            &Default::default(),
+        )
+        .unwrap();
     let loss = golden.float_data("loss").unwrap().to_vec::<f32>().unwrap()[0];
     (batch, pixels, loss)
 }
@@ -72,24 +111,36 @@ fn golden_batch() -> (Batch, Tensor<A, 4>, f32) {
 type Snapshot = BTreeMap<String, Vec<f32>>;
 
 /// Every tensor of the model by part: base weights, projector, and adapters.
-fn snapshot<Bk: burn::tensor::backend::Backend>(model: &Llava<Bk>, decoder: &DecoderConfig) -> Snapshot {
+fn snapshot<Bk: burn::tensor::backend::Backend>(
+    model: &Llava<Bk>,
+    decoder: &DecoderConfig,
+) -> Snapshot {
     let mut out = BTreeMap::new();
     let mut add = |part: &str, tensors: Vec<(String, burn::tensor::TensorData)>| {
         for (key, data) in tensors {
-            out.insert(format!("{part}/{key}"), data.convert::<f32>().to_vec::<f32>().unwrap());
+            out.insert(
+                format!("{part}/{key}"),
+                data.convert::<f32>().to_vec::<f32>().unwrap(),
+            );
         }
     };
     add("llm", model.llm.to_hf_tensors(decoder));
     add("visual_encoder", model.visual_encoder.to_hf_tensors());
     add("projector", model.projector.to_hf_tensors());
     add("llm_adapter", lora::peft_tensors(&model.llm, decoder));
-    add("visual_encoder_adapter", lora::peft_tensors(&model.visual_encoder, &()));
+    add(
+        "visual_encoder_adapter",
+        lora::peft_tensors(&model.visual_encoder, &()),
+    );
     out
 }
 
 /// Takes `steps` optimizer steps on the golden batch; returns the tensors before and
 /// after, and the trained model.
-fn train_steps(config: &TrainConfig, steps: usize) -> (Snapshot, Snapshot, Llava<A>, DecoderConfig) {
+fn train_steps(
+    config: &TrainConfig,
+    steps: usize,
+) -> (Snapshot, Snapshot, Llava<A>, DecoderConfig) {
     let device = Default::default();
     let (mut llava, decoder) = model::<A>(config, None);
     let before = snapshot(&llava.valid(), &decoder);
@@ -97,7 +148,16 @@ fn train_steps(config: &TrainConfig, steps: usize) -> (Snapshot, Snapshot, Llava
     let (batch, pixels, _) = golden_batch();
     for _ in 0..steps {
         let checkpointing = config.model.activation_checkpointing;
-        let (_, _, _, grads) = llava_loss_backward(&llava, &batch, pixels.clone(), -2, 1.0, checkpointing, &device).unwrap();
+        let (_, _, _, grads) = llava_loss_backward(
+            &llava,
+            &batch,
+            pixels.clone(),
+            -2,
+            1.0,
+            checkpointing,
+            &device,
+        )
+        .unwrap();
         (llava, _) = optimizer_step(llava, &mut optimizer, grads, config.optimizer.lr, 1.0);
     }
     let after = snapshot(&llava.valid(), &decoder);
@@ -105,8 +165,15 @@ fn train_steps(config: &TrainConfig, steps: usize) -> (Snapshot, Snapshot, Llava
 }
 
 fn changed(before: &Snapshot, after: &Snapshot) -> Vec<String> {
-    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
-    before.iter().filter(|(k, v)| after[*k] != **v).map(|(k, _)| k.clone()).collect()
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    before
+        .iter()
+        .filter(|(k, v)| after[*k] != **v)
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 #[test]
@@ -116,8 +183,20 @@ fn the_training_loss_matches_the_reference() {
     let (batch, pixels, want) = golden_batch();
     // With and without recomputing each layer in backward (activation checkpointing).
     for checkpointing in [false, true] {
-        let (loss, trained, tokens, grads) = llava_loss_backward(&llava, &batch, pixels.clone(), -2, 1.0, checkpointing, &Default::default()).unwrap();
-        assert!(((loss as f32 - want) / want).abs() < 1e-4, "{loss} vs {want}");
+        let (loss, trained, tokens, grads) = llava_loss_backward(
+            &llava,
+            &batch,
+            pixels.clone(),
+            -2,
+            1.0,
+            checkpointing,
+            &Default::default(),
+        )
+        .unwrap();
+        assert!(
+            ((loss as f32 - want) / want).abs() < 1e-4,
+            "{loss} vs {want}"
+        );
         assert!(trained > 0 && tokens > trained);
         // Pretrain: the two linear layers of the projector (weights and biases) only.
         assert_eq!(grads.len(), 4);
@@ -130,7 +209,10 @@ fn pretrain_trains_the_projector_only() {
     let (before, after, _, _) = train_steps(&config, 2);
     let changed = changed(&before, &after);
     assert_eq!(changed.len(), 4, "{changed:?}");
-    assert!(changed.iter().all(|k| k.starts_with("projector/")), "{changed:?}");
+    assert!(
+        changed.iter().all(|k| k.starts_with("projector/")),
+        "{changed:?}"
+    );
 }
 
 #[test]
@@ -142,19 +224,57 @@ fn finetune_trains_the_projector_and_the_adapters_and_saves_them_in_xtuners_layo
     // The features come from the tower's layer -2, so the adapters of its last layer
     // (layer 2 of 3) get no gradient, in XTuner as here.
     let last_tower_layer = |k: &String| k.contains("vision_model.encoder.layers.2.");
-    let trained = |k: &String| k.starts_with("projector/") || k.starts_with("llm_adapter/") || (k.starts_with("visual_encoder_adapter/") && !last_tower_layer(k));
-    let untouched: Vec<&String> = before.keys().filter(|k| !trained(k)).filter(|k| changed.contains(k)).collect();
-    assert!(untouched.is_empty(), "frozen tensors changed: {untouched:?}");
-    let missed: Vec<&String> = before.keys().filter(|k| trained(k)).filter(|k| !changed.contains(k)).collect();
-    assert!(missed.is_empty(), "trained tensors did not change: {missed:?}");
+    let trained = |k: &String| {
+        k.starts_with("projector/")
+            || k.starts_with("llm_adapter/")
+            || (k.starts_with("visual_encoder_adapter/") && !last_tower_layer(k))
+    };
+    let untouched: Vec<&String> = before
+        .keys()
+        .filter(|k| !trained(k))
+        .filter(|k| changed.contains(k))
+        .collect();
+    assert!(
+        untouched.is_empty(),
+        "frozen tensors changed: {untouched:?}"
+    );
+    let missed: Vec<&String> = before
+        .keys()
+        .filter(|k| trained(k))
+        .filter(|k| !changed.contains(k))
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "trained tensors did not change: {missed:?}"
+    );
     // 2 layers x 5 linears + the head on the LLM, 3 layers x 6 linears on the tower.
-    assert_eq!(before.keys().filter(|k| k.starts_with("llm_adapter/")).count(), 2 * 11);
-    assert_eq!(before.keys().filter(|k| k.starts_with("visual_encoder_adapter/")).count(), 2 * 18);
+    assert_eq!(
+        before
+            .keys()
+            .filter(|k| k.starts_with("llm_adapter/"))
+            .count(),
+        2 * 11
+    );
+    assert_eq!(
+        before
+            .keys()
+            .filter(|k| k.starts_with("visual_encoder_adapter/"))
+            .count(),
+        2 * 18
+    );
 
     // A checkpoint holds XTuner's layout, and reading it back gives the trained model.
     let dir = tempfile::tempdir().unwrap();
     let tokenizer = xtuner_dataset::Tokenizer::from_path(&fixture("internlm2-tiny")).unwrap();
-    write_llava(&llava.valid(), &config, &decoder, &tokenizer, dir.path(), SaveDtype::F32).unwrap();
+    write_llava(
+        &llava.valid(),
+        &config,
+        &decoder,
+        &tokenizer,
+        dir.path(),
+        SaveDtype::F32,
+    )
+    .unwrap();
     for file in [
         "projector/config.json",
         "projector/model.safetensors",
@@ -165,10 +285,22 @@ fn finetune_trains_the_projector_and_the_adapters_and_saves_them_in_xtuners_layo
     ] {
         assert!(dir.path().join(file).is_file(), "{file}");
     }
-    assert!(!dir.path().join("model.safetensors").exists() && !dir.path().join("visual_encoder").exists());
-    let projector: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("projector/config.json")).unwrap()).unwrap();
+    assert!(
+        !dir.path().join("model.safetensors").exists()
+            && !dir.path().join("visual_encoder").exists()
+    );
+    let projector: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("projector/config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(projector["model_type"], "projector");
-    assert_eq!((projector["visual_hidden_size"].as_u64(), projector["llm_hidden_size"].as_u64()), (Some(32), Some(64)));
+    assert_eq!(
+        (
+            projector["visual_hidden_size"].as_u64(),
+            projector["llm_hidden_size"].as_u64()
+        ),
+        (Some(32), Some(64))
+    );
     let (reloaded, _) = model::<B>(&config, Some(dir.path()));
     assert_eq!(snapshot(&reloaded, &decoder), after);
 }

@@ -14,7 +14,9 @@ use xtuner_model::internlm2::{DecoderInput, InternLm2};
 type B = NdArray<f32>;
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures")
+        .join(path)
 }
 
 fn loss_of(model: &InternLm2<B>, golden: &Checkpoint) -> f32 {
@@ -22,9 +24,18 @@ fn loss_of(model: &InternLm2<B>, golden: &Checkpoint) -> f32 {
     let data = golden.int_data("input_ids").unwrap();
     let [b, t] = [data.shape[0], data.shape[1]];
     let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
-    let labels = golden.int_data("labels").unwrap().convert::<i64>().to_vec::<i64>().unwrap();
+    let labels = golden
+        .int_data("labels")
+        .unwrap()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
     let input = DecoderInput::causal(b, t, &device);
-    let logits = model.forward(Tensor::from_data(TensorData::new(ids, [b, t]), &device), &input, None);
+    let logits = model.forward(
+        Tensor::from_data(TensorData::new(ids, [b, t]), &device),
+        &input,
+        None,
+    );
     causal_lm_loss(logits, &labels).mean().into_scalar()
 }
 
@@ -42,7 +53,8 @@ fn base_and_adapter_losses_match_the_reference() {
 
     let golden = Checkpoint::open(&fixture("internlm2-tiny/lora/golden.safetensors")).unwrap();
     let adapter = PeftAdapter::open(&fixture("internlm2-tiny/lora")).unwrap();
-    let (model, _) = InternLm2::<B>::load(&fixture("internlm2-tiny"), Some(&adapter), &device).unwrap();
+    let (model, _) =
+        InternLm2::<B>::load(&fixture("internlm2-tiny"), Some(&adapter), &device).unwrap();
     let (got, want) = (loss_of(&model, &golden), expected(&golden));
     assert!(((got - want) / want).abs() < 1e-4, "{got} vs {want}");
 }
@@ -84,7 +96,12 @@ fn llava_logits_and_loss_match_the_reference() {
     )
     .unwrap();
     let [b, t, _] = spliced.inputs_embeds.dims();
-    let valid: Vec<bool> = spliced.attention_mask.clone().into_data().to_vec::<bool>().unwrap();
+    let valid: Vec<bool> = spliced
+        .attention_mask
+        .clone()
+        .into_data()
+        .to_vec::<bool>()
+        .unwrap();
     // The reference numbers every position 0..T and masks causally only (XTuner's
     // LLaVA forward passes no position ids). With right padding, real tokens never see
     // the padding either way, so only the logits of padded positions depend on this;
@@ -93,8 +110,17 @@ fn llava_logits_and_loss_match_the_reference() {
     assert_eq!(real_tokens, 25, "15 + 10 real positions");
     let input = DecoderInput::causal(b, t, &device);
     let logits = llm.forward_embeds(spliced.inputs_embeds, &input, None);
-    logits.clone().into_data().assert_approx_eq::<f32>(&golden.float_data("logits").unwrap(), Tolerance::absolute(1e-4));
-    let new_labels = spliced.labels.unwrap().into_data().convert::<i64>().to_vec::<i64>().unwrap();
+    logits.clone().into_data().assert_approx_eq::<f32>(
+        &golden.float_data("logits").unwrap(),
+        Tolerance::absolute(1e-4),
+    );
+    let new_labels = spliced
+        .labels
+        .unwrap()
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
     let got = causal_lm_loss(logits, &new_labels).mean().into_scalar();
     let want = expected(&golden);
     assert!(((got - want) / want).abs() < 1e-4, "{got} vs {want}");

@@ -22,17 +22,25 @@ use xtuner_model::internlm2::{DecoderInput, InternLm2};
 type B = Autodiff<NdArray<f32>>;
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures")
+        .join(path)
 }
 
 #[test]
 fn six_lora_steps_follow_the_reference_trajectory() {
     let device = Default::default();
-    let trajectory: Value = serde_json::from_str(&std::fs::read_to_string(fixture("internlm2-tiny/lora_train/trajectory.json")).unwrap()).unwrap();
+    let trajectory: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("internlm2-tiny/lora_train/trajectory.json")).unwrap(),
+    )
+    .unwrap();
     let opt = &trajectory["optimizer"];
     let optimizer_config = OptimizerConfig {
         lr: opt["lr"].as_f64().unwrap(),
-        betas: [opt["betas"][0].as_f64().unwrap(), opt["betas"][1].as_f64().unwrap()],
+        betas: [
+            opt["betas"][0].as_f64().unwrap(),
+            opt["betas"][1].as_f64().unwrap(),
+        ],
         eps: opt["eps"].as_f64().unwrap(),
         weight_decay: opt["weight_decay"].as_f64().unwrap(),
         max_norm: opt["clip_grad_max_norm"].as_f64().unwrap(),
@@ -54,7 +62,12 @@ fn six_lora_steps_follow_the_reference_trajectory() {
     let data = golden.int_data("input_ids").unwrap();
     let [b, t] = [data.shape[0], data.shape[1]];
     let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
-    let labels = golden.int_data("labels").unwrap().convert::<i64>().to_vec::<i64>().unwrap();
+    let labels = golden
+        .int_data("labels")
+        .unwrap()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
     let input = DecoderInput::causal(b, t, &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
 
@@ -62,24 +75,38 @@ fn six_lora_steps_follow_the_reference_trajectory() {
     for (step, expected) in history.iter().enumerate() {
         let lr = schedule.lr(step);
         let want_lr = expected["lr"].as_f64().unwrap();
-        assert!((lr - want_lr).abs() <= 1e-12 * want_lr.max(1e-12), "step {step}: lr {lr} vs {want_lr}");
+        assert!(
+            (lr - want_lr).abs() <= 1e-12 * want_lr.max(1e-12),
+            "step {step}: lr {lr} vs {want_lr}"
+        );
         let logits = model.forward(ids.clone(), &input, None);
         let loss = causal_lm_loss(logits, &labels).mean();
         let loss_value = f64::from(loss.clone().into_scalar());
         let want_loss = expected["loss"].as_f64().unwrap();
-        assert!(((loss_value - want_loss) / want_loss).abs() < 1e-4, "step {step}: loss {loss_value} vs {want_loss}");
+        assert!(
+            ((loss_value - want_loss) / want_loss).abs() < 1e-4,
+            "step {step}: loss {loss_value} vs {want_loss}"
+        );
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let norm = clip_grad_norm(&model, &mut grads, optimizer_config.max_norm);
         let want_norm = expected["grad_norm_before_clip"].as_f64().unwrap();
-        assert!(((norm - want_norm) / want_norm).abs() < 1e-4, "step {step}: grad norm {norm} vs {want_norm}");
+        assert!(
+            ((norm - want_norm) / want_norm).abs() < 1e-4,
+            "step {step}: grad norm {norm} vs {want_norm}"
+        );
         model = optimizer.step(lr, model, grads);
     }
 
-    let trained = Checkpoint::open(&fixture("internlm2-tiny/lora_train/adapter_model.safetensors")).unwrap();
+    let trained = Checkpoint::open(&fixture(
+        "internlm2-tiny/lora_train/adapter_model.safetensors",
+    ))
+    .unwrap();
     let ours = peft_tensors(&model.valid(), &config);
     assert_eq!(ours.len(), trained.keys().len());
     for (key, data) in ours {
-        let want = trained.float_data(&key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        let want = trained
+            .float_data(&key)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
         data.assert_approx_eq::<f32>(&want, Tolerance::absolute(1e-4));
     }
 }

@@ -139,8 +139,11 @@ impl ClipVisionConfig {
             Some(v) => v.take(),
             None => json,
         };
-        let hf: HfClipVisionConfig = serde_json::from_value(vision)
-            .map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
+        let hf: HfClipVisionConfig =
+            serde_json::from_value(vision).map_err(|e| Error::BadConfig {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         Self::try_from(hf).map_err(|e| crate::error::in_file(path, e))
     }
 }
@@ -465,12 +468,23 @@ impl<B: Backend> ClipVisionTower<B> {
 /// The projection layers of encoder layer `i`, in checkpoint order, with their names.
 fn layer_linears<B: Backend>(layer: &ClipEncoderLayer<B>) -> [(&'static str, &Linear<B>); 6] {
     let (a, m) = (&layer.self_attn, &layer.mlp);
-    [("self_attn.q_proj", &a.q_proj), ("self_attn.k_proj", &a.k_proj), ("self_attn.v_proj", &a.v_proj), ("self_attn.out_proj", &a.out_proj), ("mlp.fc1", &m.fc1), ("mlp.fc2", &m.fc2)]
+    [
+        ("self_attn.q_proj", &a.q_proj),
+        ("self_attn.k_proj", &a.k_proj),
+        ("self_attn.v_proj", &a.v_proj),
+        ("self_attn.out_proj", &a.out_proj),
+        ("mlp.fc1", &m.fc1),
+        ("mlp.fc2", &m.fc2),
+    ]
 }
 
 fn clip_site(layer: usize, name: &str) -> LinearSite {
     let module = format!("{PREFIX}.encoder.layers.{layer}.{name}");
-    LinearSite { name: name.rsplit('.').next().unwrap_or(name).to_string(), module, out_rows: None }
+    LinearSite {
+        name: name.rsplit('.').next().unwrap_or(name).to_string(),
+        module,
+        out_rows: None,
+    }
 }
 
 /// The `nn.Linear` layers of the encoder (what PEFT's all-linear LoRA targets: the
@@ -478,9 +492,16 @@ fn clip_site(layer: usize, name: &str) -> LinearSite {
 impl<B: Backend> LinearLayers<B> for ClipVisionTower<B> {
     type Config = ();
 
-    fn map_linear_layers<E>(mut self, _: &(), mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E> {
+    fn map_linear_layers<E>(
+        mut self,
+        _: &(),
+        mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
+    ) -> std::result::Result<Self, E> {
         let mut layers = Vec::with_capacity(self.encoder.layers.len());
-        for (i, mut layer) in std::mem::take(&mut self.encoder.layers).into_iter().enumerate() {
+        for (i, mut layer) in std::mem::take(&mut self.encoder.layers)
+            .into_iter()
+            .enumerate()
+        {
             let a = &mut layer.self_attn;
             a.q_proj = f(&clip_site(i, "self_attn.q_proj"), a.q_proj.clone())?;
             a.k_proj = f(&clip_site(i, "self_attn.k_proj"), a.k_proj.clone())?;
@@ -498,7 +519,11 @@ impl<B: Backend> LinearLayers<B> for ClipVisionTower<B> {
     fn linear_layers<'a>(&'a self, _: &()) -> Vec<(LinearSite, &'a Linear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.encoder.layers.iter().enumerate() {
-            out.extend(layer_linears(layer).into_iter().map(|(name, linear)| (clip_site(i, name), linear)));
+            out.extend(
+                layer_linears(layer)
+                    .into_iter()
+                    .map(|(name, linear)| (clip_site(i, name), linear)),
+            );
         }
         out
     }
@@ -513,11 +538,29 @@ impl<B: Backend> ClipVisionTower<B> {
         let [patch_dim, hidden] = e.patch_embedding.dims();
         let p = e.patch_size;
         let mut out = vec![
-            (key("embeddings.patch_embedding.weight"), e.patch_embedding.dense_weight().transpose().reshape([hidden, patch_dim / (p * p), p, p]).into_data()),
-            (key("embeddings.class_embedding"), e.class_embedding.val().into_data()),
-            (key("embeddings.position_embedding.weight"), e.position_embedding.val().into_data()),
+            (
+                key("embeddings.patch_embedding.weight"),
+                e.patch_embedding
+                    .dense_weight()
+                    .transpose()
+                    .reshape([hidden, patch_dim / (p * p), p, p])
+                    .into_data(),
+            ),
+            (
+                key("embeddings.class_embedding"),
+                e.class_embedding.val().into_data(),
+            ),
+            (
+                key("embeddings.position_embedding.weight"),
+                e.position_embedding.val().into_data(),
+            ),
         ];
-        let norm = |name: &str, n: &LayerNorm<B>| [(key(&format!("{name}.weight")), n.weight.val().into_data()), (key(&format!("{name}.bias")), n.bias.val().into_data())];
+        let norm = |name: &str, n: &LayerNorm<B>| {
+            [
+                (key(&format!("{name}.weight")), n.weight.val().into_data()),
+                (key(&format!("{name}.bias")), n.bias.val().into_data()),
+            ]
+        };
         out.extend(norm("pre_layrnorm", &self.pre_layrnorm));
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             let l = format!("encoder.layers.{i}");
@@ -758,9 +801,9 @@ impl<B: Backend> LayerNorm<B> {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_util::max_abs_tensor;
     use super::*;
     use crate::TestBackend;
+    use crate::test_util::max_abs_tensor;
     use burn::tensor::TensorData;
     use std::path::PathBuf;
 

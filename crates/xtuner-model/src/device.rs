@@ -8,7 +8,8 @@ use burn::tensor::backend::Backend;
 pub fn memory_reserved_mib<B: Backend>(device: &B::Device) -> Option<f64> {
     #[cfg(feature = "cuda")]
     {
-        let device = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>()?;
+        let device =
+            (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>()?;
         let client = <cubecl::cuda::CudaRuntime as cubecl::Runtime>::client(device);
         let usage = client.memory_usage().ok()?;
         #[allow(clippy::cast_precision_loss)]
@@ -25,6 +26,9 @@ pub fn memory_reserved_mib<B: Backend>(device: &B::Device) -> Option<f64> {
 mod tests {
     #[test]
     fn the_cpu_reports_no_device_memory() {
-        assert_eq!(super::memory_reserved_mib::<crate::TestBackend>(&Default::default()), None);
+        assert_eq!(
+            super::memory_reserved_mib::<crate::TestBackend>(&Default::default()),
+            None
+        );
     }
 }

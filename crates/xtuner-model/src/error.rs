@@ -131,7 +131,9 @@ pub enum Error {
         message: String,
     },
     /// A LLaVA batch whose image slots and image features disagree in number.
-    #[error("the batch needs {needed} image(s) (one per `<image>` token, one per text-only row) but {given} image feature block(s) were given")]
+    #[error(
+        "the batch needs {needed} image(s) (one per `<image>` token, one per text-only row) but {given} image feature block(s) were given"
+    )]
     ImageCountMismatch {
         /// Image slots the batch consumes.
         needed: usize,
@@ -143,7 +145,12 @@ pub enum Error {
 /// The first ten keys, comma-separated, then how many more there are.
 fn list_keys(keys: &[String]) -> String {
     const SHOWN: usize = 10;
-    let mut text = keys.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    let mut text = keys
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
     if keys.len() > SHOWN {
         text.push_str(&format!(", ... and {} more", keys.len() - SHOWN));
     }
@@ -153,14 +160,23 @@ fn list_keys(keys: &[String]) -> String {
 /// Reads a JSON config file; a file that does not parse as `T` is a
 /// [`Error::BadConfig`] naming it.
 pub(crate) fn read_json_file<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// A validation error of a config read from `path`, restated to name the file.
 pub(crate) fn in_file(path: &std::path::Path, error: Error) -> Error {
     match error {
-        Error::InvalidConfig { key, message } => Error::BadConfig { path: path.to_path_buf(), message: format!("`{key}`: {message}") },
+        Error::InvalidConfig { key, message } => Error::BadConfig {
+            path: path.to_path_buf(),
+            message: format!("`{key}`: {message}"),
+        },
         other => other,
     }
 }

@@ -46,8 +46,16 @@ pub fn generate<B: Backend>(
     let [batch, t, _] = prompt.dims();
     let device = prompt.device();
     let first = model.layers.first();
-    let (kv_heads, head_dim) = first.map_or((1, 1), |l| (l.attention.n_kv_heads, l.attention.head_dim));
-    let mut cache = KvCache::new(model.layers.len(), batch, kv_heads, t + config.max_new_tokens, head_dim, &device);
+    let (kv_heads, head_dim) =
+        first.map_or((1, 1), |l| (l.attention.n_kv_heads, l.attention.head_dim));
+    let mut cache = KvCache::new(
+        model.layers.len(),
+        batch,
+        kv_heads,
+        t + config.max_new_tokens,
+        head_dim,
+        &device,
+    );
     let mut sampler = Sampler::new(config.sampling);
     let mut history: Vec<u32> = prompt_ids.to_vec();
     let mut generated = Vec::new();
@@ -65,9 +73,14 @@ pub fn generate<B: Backend>(
             return (generated, StopReason::Stopped);
         }
         let pos = cache.len();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![i64::from(id)], [1, 1]), &device);
-        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![pos as i64], [1, 1]), &device);
-        let input = DecoderInput { positions, bias: Tensor::zeros([1, 1, 1, pos + 1], &device) };
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![i64::from(id)], [1, 1]), &device);
+        let positions =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![pos as i64], [1, 1]), &device);
+        let input = DecoderInput {
+            positions,
+            bias: Tensor::zeros([1, 1, 1, pos + 1], &device),
+        };
         logits = last_logits(model.forward(ids, &input, Some(&mut cache)));
     }
     (generated, StopReason::Length)
@@ -77,5 +90,8 @@ pub fn generate<B: Backend>(
 fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
     let [_, t, v] = logits.dims();
     let last = logits.slice([0..1, t.saturating_sub(1)..t, 0..v]);
-    last.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()
+    last.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default()
 }

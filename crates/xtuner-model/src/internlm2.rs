@@ -144,7 +144,13 @@ impl DecoderConfig {
 
     /// Parameters of the matrix products (embeddings excluded, LM head included).
     pub fn matmul_params(&self) -> usize {
-        let (c, h, k, d, i) = (self.hidden_size, self.n_heads, self.n_kv_heads, self.head_dim, self.intermediate_size);
+        let (c, h, k, d, i) = (
+            self.hidden_size,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        );
         self.n_layers * (c * (h + 2 * k) * d + h * d * c + 3 * c * i) + c * self.vocab_size
     }
 }
@@ -171,7 +177,12 @@ impl DecoderConfig {
             n_kv_heads: kv_heads,
             head_dim,
             rms_norm_eps: 1e-5,
-            rope: Rope { head_dim, theta: 1e6, max_position_embeddings: 32768, scaling: None },
+            rope: Rope {
+                head_dim,
+                theta: 1e6,
+                max_position_embeddings: 32768,
+                scaling: None,
+            },
             qkv_bias: false,
             o_bias: false,
             mlp_bias: false,
@@ -180,7 +191,8 @@ impl DecoderConfig {
     }
 
     /// The names [`DecoderConfig::preset`] knows.
-    pub const PRESETS: &'static [&'static str] = &["internlm2-tiny", "internlm2-small", "internlm2-1.8b"];
+    pub const PRESETS: &'static [&'static str] =
+        &["internlm2-tiny", "internlm2-small", "internlm2-1.8b"];
 
     /// A `config.json` for this shape (what `save_pretrained` writes for InternLM2).
     pub fn to_hf_json(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
@@ -195,8 +207,12 @@ impl DecoderConfig {
             Family::Qwen2 => "Qwen2ForCausalLM",
         };
         let scaling = match self.rope.scaling {
-            Some(RopeScaling::Linear { factor }) => serde_json::json!({"type": "linear", "factor": factor}),
-            Some(RopeScaling::Dynamic { factor }) => serde_json::json!({"type": "dynamic", "factor": factor}),
+            Some(RopeScaling::Linear { factor }) => {
+                serde_json::json!({"type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Dynamic { factor }) => {
+                serde_json::json!({"type": "dynamic", "factor": factor})
+            }
             None => serde_json::Value::Null,
         };
         serde_json::json!({
@@ -233,22 +249,43 @@ impl TryFrom<HfDecoderConfig> for DecoderConfig {
             "internlm2" => Family::InternLm2,
             "llama" | "mistral" => Family::Llama,
             "qwen2" => Family::Qwen2,
-            other => return Err(invalid("model_type", format!("`{other}` is not supported (internlm2, llama, qwen2)"))),
+            other => {
+                return Err(invalid(
+                    "model_type",
+                    format!("`{other}` is not supported (internlm2, llama, qwen2)"),
+                ));
+            }
         };
         if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
-            return Err(invalid("hidden_act", format!("`{act}` is not supported (silu)")));
+            return Err(invalid(
+                "hidden_act",
+                format!("`{act}` is not supported (silu)"),
+            ));
         }
         let n_heads = hf.num_attention_heads;
         let n_kv_heads = hf.num_key_value_heads.unwrap_or(n_heads);
         if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
-            return Err(invalid("num_key_value_heads", format!("{n_kv_heads} must divide num_attention_heads {n_heads}")));
+            return Err(invalid(
+                "num_key_value_heads",
+                format!("{n_kv_heads} must divide num_attention_heads {n_heads}"),
+            ));
         }
         let head_dim = match hf.head_dim {
             Some(d) => d,
             None if hf.hidden_size.is_multiple_of(n_heads) => hf.hidden_size / n_heads,
-            None => return Err(invalid("hidden_size", format!("{} is not a multiple of {n_heads} heads", hf.hidden_size))),
+            None => {
+                return Err(invalid(
+                    "hidden_size",
+                    format!("{} is not a multiple of {n_heads} heads", hf.hidden_size),
+                ));
+            }
         };
-        for (key, value) in [("vocab_size", hf.vocab_size), ("hidden_size", hf.hidden_size), ("intermediate_size", hf.intermediate_size), ("num_hidden_layers", hf.num_hidden_layers)] {
+        for (key, value) in [
+            ("vocab_size", hf.vocab_size),
+            ("hidden_size", hf.hidden_size),
+            ("intermediate_size", hf.intermediate_size),
+            ("num_hidden_layers", hf.num_hidden_layers),
+        ] {
             if value == 0 {
                 return Err(invalid(key, "must be positive".into()));
             }
@@ -263,13 +300,25 @@ impl TryFrom<HfDecoderConfig> for DecoderConfig {
         let scaling = match &hf.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(s) => {
-                let kind = s.get("type").or_else(|| s.get("rope_type")).and_then(serde_json::Value::as_str).unwrap_or("");
-                let factor = s.get("factor").and_then(serde_json::Value::as_f64).unwrap_or(1.0);
+                let kind = s
+                    .get("type")
+                    .or_else(|| s.get("rope_type"))
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("");
+                let factor = s
+                    .get("factor")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(1.0);
                 match kind {
                     "linear" => Some(RopeScaling::Linear { factor }),
                     "dynamic" => Some(RopeScaling::Dynamic { factor }),
                     "default" | "" => None,
-                    other => return Err(invalid("rope_scaling", format!("type `{other}` is not supported (linear, dynamic)"))),
+                    other => {
+                        return Err(invalid(
+                            "rope_scaling",
+                            format!("type `{other}` is not supported (linear, dynamic)"),
+                        ));
+                    }
                 }
             }
         };
@@ -336,7 +385,14 @@ impl<B: Backend> DecoderInput<B> {
         let positions: Vec<i64> = (0..batch).flat_map(|_| 0..t as i64).collect();
         Self {
             positions: Tensor::from_data(TensorData::new(positions, [batch, t]), device),
-            bias: crate::nn::attention::attention_bias(batch, t, 0, &vec![true; batch * t], None, device),
+            bias: crate::nn::attention::attention_bias(
+                batch,
+                t,
+                0,
+                &vec![true; batch * t],
+                None,
+                device,
+            ),
         }
     }
 }
@@ -355,7 +411,12 @@ impl<B: Backend> InternLm2<B> {
     ///
     /// # Shapes
     /// `ids`: `[B, T]` → `[B, T, V]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, input: &DecoderInput<B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        input: &DecoderInput<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         self.forward_embeds(self.embed(ids), input, cache)
     }
 
@@ -364,7 +425,12 @@ impl<B: Backend> InternLm2<B> {
     ///
     /// # Shapes
     /// `embeds`: `[B, T, C]` → `[B, T, V]`.
-    pub fn forward_embeds(&self, embeds: Tensor<B, 3>, input: &DecoderInput<B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn forward_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        input: &DecoderInput<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let h = self.hidden_states(embeds, input, cache);
         self.lm_head(h)
     }
@@ -373,7 +439,12 @@ impl<B: Backend> InternLm2<B> {
     ///
     /// # Shapes
     /// `embeds`: `[B, T, C]` → `[B, T, C]`.
-    pub fn hidden_states(&self, embeds: Tensor<B, 3>, input: &DecoderInput<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn hidden_states(
+        &self,
+        embeds: Tensor<B, 3>,
+        input: &DecoderInput<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let (cos, sin) = self.rope.cos_sin(input.positions.clone());
         let mut h = embeds;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -427,7 +498,10 @@ impl<B: Backend> Block<B> {
         bias: &Tensor<B, 4>,
         cache: Option<&mut crate::nn::kv_cache::LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.attention.forward(self.attention_norm.forward(x), cos, sin, bias, cache);
+        let h = x.clone()
+            + self
+                .attention
+                .forward(self.attention_norm.forward(x), cos, sin, bias, cache);
         h.clone() + self.feed_forward.forward(self.ffn_norm.forward(h))
     }
 }
@@ -464,12 +538,17 @@ impl<B: Backend> InternLm2<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embeddings = Tensor::random([c.vocab_size, c.hidden_size], burn::tensor::Distribution::Normal(0.0, 0.02), device);
+        let embeddings = Tensor::random(
+            [c.vocab_size, c.hidden_size],
+            burn::tensor::Distribution::Normal(0.0, 0.02),
+            device,
+        );
         Ok(Self {
             tok_embeddings: Param::from_tensor(embeddings),
             layers,
             norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?,
-            output: (!c.tie_word_embeddings).then(|| Linear::new(c.hidden_size, c.vocab_size, false, device)),
+            output: (!c.tie_word_embeddings)
+                .then(|| Linear::new(c.hidden_size, c.vocab_size, false, device)),
             rope: c.rope,
         })
     }
@@ -480,7 +559,11 @@ impl<B: Backend> InternLm2<B> {
     /// # Errors
     /// A bad config, a missing or mis-shaped tensor (named), tensors the model does not
     /// use, or an adapter for another model.
-    pub fn load(dir: &Path, adapter: Option<&PeftAdapter>, device: &B::Device) -> Result<(Self, DecoderConfig)> {
+    pub fn load(
+        dir: &Path,
+        adapter: Option<&PeftAdapter>,
+        device: &B::Device,
+    ) -> Result<(Self, DecoderConfig)> {
         let config = DecoderConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
         let model = Self::load_from(&ckpt, &config, adapter, device)?;
@@ -491,7 +574,12 @@ impl<B: Backend> InternLm2<B> {
     ///
     /// # Errors
     /// See [`InternLm2::load`].
-    pub fn load_from(ckpt: &Checkpoint, config: &DecoderConfig, adapter: Option<&PeftAdapter>, device: &B::Device) -> Result<Self> {
+    pub fn load_from(
+        ckpt: &Checkpoint,
+        config: &DecoderConfig,
+        adapter: Option<&PeftAdapter>,
+        device: &B::Device,
+    ) -> Result<Self> {
         let c = config;
         let src = Source { ckpt, adapter };
         let family = c.family;
@@ -503,9 +591,15 @@ impl<B: Backend> InternLm2<B> {
             let (qkv_rows, qkv_bias) = match &keys.qkv {
                 QkvKeys::Fused(module) => {
                     let rows = src.linear_rows(module, qkv_out, hidden)?;
-                    let bias = c.qkv_bias.then(|| src.vector(&format!("{module}.bias"), qkv_out)).transpose()?;
+                    let bias = c
+                        .qkv_bias
+                        .then(|| src.vector(&format!("{module}.bias"), qkv_out))
+                        .transpose()?;
                     let order = internlm2_qkv_rows(h, k, d);
-                    (permute_rows(&rows, &order, hidden), bias.map(|b| order.iter().map(|&r| b[r]).collect()))
+                    (
+                        permute_rows(&rows, &order, hidden),
+                        bias.map(|b| order.iter().map(|&r| b[r]).collect()),
+                    )
                 }
                 QkvKeys::Separate { q, k: key, v } => {
                     let mut rows = src.linear_rows(q, h * d, hidden)?;
@@ -523,7 +617,11 @@ impl<B: Backend> InternLm2<B> {
                 }
             };
             layers.push(Block {
-                attention_norm: norm(src.vector(&format!("{}.weight", keys.attention_norm), hidden)?, c.rms_norm_eps, device)?,
+                attention_norm: norm(
+                    src.vector(&format!("{}.weight", keys.attention_norm), hidden)?,
+                    c.rms_norm_eps,
+                    device,
+                )?,
                 attention: Attention {
                     wqkv: linear(qkv_rows, qkv_out, hidden, qkv_bias, device),
                     wo: src.linear(&keys.wo, h * d, hidden, c.o_bias, device)?,
@@ -531,7 +629,11 @@ impl<B: Backend> InternLm2<B> {
                     n_kv_heads: k,
                     head_dim: d,
                 },
-                ffn_norm: norm(src.vector(&format!("{}.weight", keys.ffn_norm), hidden)?, c.rms_norm_eps, device)?,
+                ffn_norm: norm(
+                    src.vector(&format!("{}.weight", keys.ffn_norm), hidden)?,
+                    c.rms_norm_eps,
+                    device,
+                )?,
                 feed_forward: FeedForward {
                     w1: src.linear(&keys.w1, hidden, c.intermediate_size, c.mlp_bias, device)?,
                     w2: src.linear(&keys.w2, c.intermediate_size, hidden, c.mlp_bias, device)?,
@@ -539,7 +641,11 @@ impl<B: Backend> InternLm2<B> {
                 },
             });
         }
-        let embeddings = ckpt.tensor::<B, 2>(&format!("{}.weight", family.embed()), [c.vocab_size, hidden], device)?;
+        let embeddings = ckpt.tensor::<B, 2>(
+            &format!("{}.weight", family.embed()),
+            [c.vocab_size, hidden],
+            device,
+        )?;
         let output_key = format!("{}.weight", family.output());
         let output = if c.tie_word_embeddings && !ckpt.contains(&output_key) {
             None
@@ -549,11 +655,19 @@ impl<B: Backend> InternLm2<B> {
         let model = Self {
             tok_embeddings: Param::from_tensor(embeddings),
             layers,
-            norm: norm(src.vector(&format!("{}.weight", family.norm()), hidden)?, c.rms_norm_eps, device)?,
+            norm: norm(
+                src.vector(&format!("{}.weight", family.norm()), hidden)?,
+                c.rms_norm_eps,
+                device,
+            )?,
             output,
             rope: c.rope,
         };
-        let unused: Vec<String> = ckpt.unused_keys().into_iter().filter(|k| !k.ends_with("rotary_emb.inv_freq")).collect();
+        let unused: Vec<String> = ckpt
+            .unused_keys()
+            .into_iter()
+            .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            .collect();
         if !unused.is_empty() {
             return Err(Error::UnexpectedTensors { keys: unused });
         }
@@ -562,7 +676,10 @@ impl<B: Backend> InternLm2<B> {
             if !unused.is_empty() {
                 return Err(Error::BadAdapter {
                     path: adapter.dir().to_path_buf(),
-                    message: format!("adapts modules this model does not have: {}", unused.join(", ")),
+                    message: format!(
+                        "adapts modules this model does not have: {}",
+                        unused.join(", ")
+                    ),
                 });
             }
         }
@@ -582,7 +699,10 @@ impl<B: Backend> InternLm2<B> {
         let (h, k, d, hidden) = (c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size);
         let mut out = Vec::new();
         let family = c.family;
-        out.push((format!("{}.weight", family.embed()), self.tok_embeddings.val().into_data()));
+        out.push((
+            format!("{}.weight", family.embed()),
+            self.tok_embeddings.val().into_data(),
+        ));
         for (i, layer) in self.layers.iter().enumerate() {
             let keys = family.layer(i);
             let (rows, bias) = hf_rows(&layer.attention.wqkv);
@@ -594,17 +714,35 @@ impl<B: Backend> InternLm2<B> {
                         inverse[theirs] = ours;
                     }
                     let n = order.len();
-                    out.push((format!("{module}.weight"), TensorData::new(permute_rows(&rows, &inverse, hidden), [n, hidden])));
+                    out.push((
+                        format!("{module}.weight"),
+                        TensorData::new(permute_rows(&rows, &inverse, hidden), [n, hidden]),
+                    ));
                     if let Some(b) = bias {
-                        out.push((format!("{module}.bias"), TensorData::new(inverse.iter().map(|&r| b[r]).collect::<Vec<f32>>(), [n])));
+                        out.push((
+                            format!("{module}.bias"),
+                            TensorData::new(
+                                inverse.iter().map(|&r| b[r]).collect::<Vec<f32>>(),
+                                [n],
+                            ),
+                        ));
                     }
                 }
                 QkvKeys::Separate { q, k: key, v } => {
                     let parts = [(q, 0, h * d), (key, h * d, k * d), (v, (h + k) * d, k * d)];
                     for (module, start, n) in parts {
-                        out.push((format!("{module}.weight"), TensorData::new(rows[start * hidden..(start + n) * hidden].to_vec(), [n, hidden])));
+                        out.push((
+                            format!("{module}.weight"),
+                            TensorData::new(
+                                rows[start * hidden..(start + n) * hidden].to_vec(),
+                                [n, hidden],
+                            ),
+                        ));
                         if let Some(b) = &bias {
-                            out.push((format!("{module}.bias"), TensorData::new(b[start..start + n].to_vec(), [n])));
+                            out.push((
+                                format!("{module}.bias"),
+                                TensorData::new(b[start..start + n].to_vec(), [n]),
+                            ));
                         }
                     }
                 }
@@ -612,7 +750,10 @@ impl<B: Backend> InternLm2<B> {
             let mut linear = |module: &str, l: &Linear<B>| {
                 let [d_in, d_out] = l.dims();
                 let (rows, bias) = hf_rows(l);
-                out.push((format!("{module}.weight"), TensorData::new(rows, [d_out, d_in])));
+                out.push((
+                    format!("{module}.weight"),
+                    TensorData::new(rows, [d_out, d_in]),
+                ));
                 if let Some(b) = bias {
                     out.push((format!("{module}.bias"), TensorData::new(b, [d_out])));
                 }
@@ -621,13 +762,25 @@ impl<B: Backend> InternLm2<B> {
             linear(&keys.w1, &layer.feed_forward.w1);
             linear(&keys.w2, &layer.feed_forward.w2);
             linear(&keys.w3, &layer.feed_forward.w3);
-            out.push((format!("{}.weight", keys.attention_norm), layer.attention_norm.weight.val().into_data()));
-            out.push((format!("{}.weight", keys.ffn_norm), layer.ffn_norm.weight.val().into_data()));
+            out.push((
+                format!("{}.weight", keys.attention_norm),
+                layer.attention_norm.weight.val().into_data(),
+            ));
+            out.push((
+                format!("{}.weight", keys.ffn_norm),
+                layer.ffn_norm.weight.val().into_data(),
+            ));
         }
-        out.push((format!("{}.weight", family.norm()), self.norm.weight.val().into_data()));
+        out.push((
+            format!("{}.weight", family.norm()),
+            self.norm.weight.val().into_data(),
+        ));
         if let Some(output) = &self.output {
             let [d_in, d_out] = output.dims();
-            out.push((format!("{}.weight", family.output()), TensorData::new(hf_rows(output).0, [d_out, d_in])));
+            out.push((
+                format!("{}.weight", family.output()),
+                TensorData::new(hf_rows(output).0, [d_out, d_in]),
+            ));
         }
         out
     }
@@ -645,7 +798,10 @@ pub fn linear_sites(config: &DecoderConfig) -> Vec<LinearSite> {
     for i in 0..c.n_layers {
         let keys = c.family.layer(i);
         match &keys.qkv {
-            QkvKeys::Fused(module) => sites.push(site(module, Some(internlm2_qkv_rows(c.n_heads, c.n_kv_heads, c.head_dim)))),
+            QkvKeys::Fused(module) => sites.push(site(
+                module,
+                Some(internlm2_qkv_rows(c.n_heads, c.n_kv_heads, c.head_dim)),
+            )),
             // Fused here from three checkpoint modules: named after the query one.
             QkvKeys::Separate { q, .. } => sites.push(site(q, None)),
         }
@@ -664,7 +820,11 @@ impl<B: Backend> InternLm2<B> {
     ///
     /// # Errors
     /// Whatever `f` returns.
-    pub fn map_linears<E>(mut self, config: &DecoderConfig, mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E> {
+    pub fn map_linears<E>(
+        mut self,
+        config: &DecoderConfig,
+        mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
+    ) -> std::result::Result<Self, E> {
         let sites = linear_sites(config);
         let mut sites = sites.iter();
         let mut next = |linear: Linear<B>| match sites.next() {
@@ -691,7 +851,13 @@ impl<B: Backend> InternLm2<B> {
     pub fn linears<'a>(&'a self, config: &DecoderConfig) -> Vec<(LinearSite, &'a Linear<B>)> {
         let mut layers = Vec::new();
         for layer in &self.layers {
-            layers.extend([&layer.attention.wqkv, &layer.attention.wo, &layer.feed_forward.w1, &layer.feed_forward.w2, &layer.feed_forward.w3]);
+            layers.extend([
+                &layer.attention.wqkv,
+                &layer.attention.wo,
+                &layer.feed_forward.w1,
+                &layer.feed_forward.w2,
+                &layer.feed_forward.w3,
+            ]);
         }
         layers.extend(self.output.as_ref());
         linear_sites(config).into_iter().zip(layers).collect()
@@ -701,7 +867,11 @@ impl<B: Backend> InternLm2<B> {
 impl<B: Backend> LinearLayers<B> for InternLm2<B> {
     type Config = DecoderConfig;
 
-    fn map_linear_layers<E>(self, config: &DecoderConfig, f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E> {
+    fn map_linear_layers<E>(
+        self,
+        config: &DecoderConfig,
+        f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
+    ) -> std::result::Result<Self, E> {
         self.map_linears(config, f)
     }
 
@@ -712,8 +882,20 @@ impl<B: Backend> LinearLayers<B> for InternLm2<B> {
 
 /// A linear layer's weight as PyTorch `[out, in]` rows, and its bias.
 fn hf_rows<B: Backend>(linear: &Linear<B>) -> (Vec<f32>, Option<Vec<f32>>) {
-    let rows = linear.dense_weight().transpose().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-    let bias = linear.bias.as_ref().map(|b| b.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default());
+    let rows = linear
+        .dense_weight()
+        .transpose()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
+    let bias = linear.bias.as_ref().map(|b| {
+        b.val()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap_or_default()
+    });
     (rows, bias)
 }
 
@@ -729,33 +911,63 @@ impl Source<'_> {
     }
 
     fn data(&self, key: &str, shape: Vec<usize>) -> Result<Vec<f32>> {
-        let found = self.ckpt.shape(key).ok_or_else(|| Error::MissingTensor { key: key.to_string(), path: self.ckpt.path().to_path_buf() })?;
+        let found = self.ckpt.shape(key).ok_or_else(|| Error::MissingTensor {
+            key: key.to_string(),
+            path: self.ckpt.path().to_path_buf(),
+        })?;
         if found != shape {
-            return Err(Error::ShapeMismatch { key: key.to_string(), expected: shape, found });
+            return Err(Error::ShapeMismatch {
+                key: key.to_string(),
+                expected: shape,
+                found,
+            });
         }
         let data = self.ckpt.float_data(key)?;
         self.ckpt.mark_used(key);
-        data.to_vec::<f32>().map_err(|e| Error::Safetensors { path: self.ckpt.path().to_path_buf(), message: format!("{key}: {e:?}") })
+        data.to_vec::<f32>().map_err(|e| Error::Safetensors {
+            path: self.ckpt.path().to_path_buf(),
+            message: format!("{key}: {e:?}"),
+        })
     }
 
     /// `module.weight` as `[out, in]` rows, plus the adapter's `scale·B·A`.
     fn linear_rows(&self, module: &str, out: usize, inp: usize) -> Result<Vec<f32>> {
         let mut rows = self.data(&format!("{module}.weight"), vec![out, inp])?;
-        if let Some(delta) = self.adapter.map(|a| a.delta(module, out, inp)).transpose()?.flatten() {
+        if let Some(delta) = self
+            .adapter
+            .map(|a| a.delta(module, out, inp))
+            .transpose()?
+            .flatten()
+        {
             rows.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
         }
         Ok(rows)
     }
 
-    fn linear<B: Backend>(&self, module: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Linear<B>> {
+    fn linear<B: Backend>(
+        &self,
+        module: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Linear<B>> {
         let rows = self.linear_rows(module, d_out, d_in)?;
-        let bias = bias.then(|| self.vector(&format!("{module}.bias"), d_out)).transpose()?;
+        let bias = bias
+            .then(|| self.vector(&format!("{module}.bias"), d_out))
+            .transpose()?;
         Ok(linear(rows, d_out, d_in, bias, device))
     }
 }
 
 /// A linear layer from PyTorch `[out, in]` rows (transposed to Burn's `[in, out]`).
-fn linear<B: Backend>(rows: Vec<f32>, out: usize, inp: usize, bias: Option<Vec<f32>>, device: &B::Device) -> Linear<B> {
+fn linear<B: Backend>(
+    rows: Vec<f32>,
+    out: usize,
+    inp: usize,
+    bias: Option<Vec<f32>>,
+    device: &B::Device,
+) -> Linear<B> {
     let weight = Tensor::<B, 2>::from_data(TensorData::new(rows, [out, inp]), device).transpose();
     let bias = bias.map(|b| Tensor::<B, 1>::from_data(TensorData::new(b, [out]), device));
     Linear::from_tensors(weight, bias)
@@ -770,5 +982,8 @@ fn norm<B: Backend>(weight: Vec<f32>, eps: f64, device: &B::Device) -> Result<Rm
 
 /// Rows of a row-major `[rows, width]` matrix in the given order.
 fn permute_rows(data: &[f32], order: &[usize], width: usize) -> Vec<f32> {
-    order.iter().flat_map(|&r| data[r * width..(r + 1) * width].iter().copied()).collect()
+    order
+        .iter()
+        .flat_map(|&r| data[r * width..(r + 1) * width].iter().copied())
+        .collect()
 }

@@ -34,11 +34,17 @@ pub(crate) mod test_util {
     /// The largest absolute difference between two equally long slices.
     pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     /// The largest absolute difference between two tensors of one shape.
-    pub fn max_abs_tensor<const D: usize>(a: Tensor<TestBackend, D>, b: Tensor<TestBackend, D>) -> f32 {
+    pub fn max_abs_tensor<const D: usize>(
+        a: Tensor<TestBackend, D>,
+        b: Tensor<TestBackend, D>,
+    ) -> f32 {
         assert_eq!(a.dims(), b.dims());
         (a - b).abs().max().into_scalar()
     }

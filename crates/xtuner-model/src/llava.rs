@@ -95,7 +95,12 @@ impl<B: Backend> Llava<B> {
         pixel_values: Tensor<B, 4>,
         select_layer: i64,
     ) -> Result<MultimodalInputs<B>> {
-        let features = image_features(&self.visual_encoder, &self.projector, pixel_values, select_layer)?;
+        let features = image_features(
+            &self.visual_encoder,
+            &self.projector,
+            pixel_values,
+            select_layer,
+        )?;
         prepare_inputs_labels_for_multimodal(input_ids, attention_mask, labels, features, |ids| {
             self.llm.embed(ids.unsqueeze::<2>()).squeeze_dim::<2>(0)
         })
@@ -309,10 +314,10 @@ fn check_dims(name: &'static str, found: [usize; 2], expected: [usize; 2]) -> Re
 
 #[cfg(test)]
 mod tests {
-    use crate::test_util::max_abs_tensor;
     use super::*;
     use crate::TestBackend;
     use crate::checkpoint::Checkpoint;
+    use crate::test_util::max_abs_tensor;
     use std::path::{Path, PathBuf};
 
     type B = TestBackend;

@@ -74,7 +74,9 @@ impl ProjectorConfig {
     /// [`Error::Io`] when unreadable; [`Error::BadConfig`] naming the file and key.
     pub fn from_file(path: &Path) -> Result<Self> {
         let config: Self = crate::error::read_json_file(path)?;
-        config.validate().map_err(|e| crate::error::in_file(path, e))?;
+        config
+            .validate()
+            .map_err(|e| crate::error::in_file(path, e))?;
         Ok(config)
     }
 
@@ -83,7 +85,10 @@ impl ProjectorConfig {
         let mut value = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = value.as_object_mut() {
             map.insert("model_type".into(), "projector".into());
-            map.insert("architectures".into(), serde_json::json!(["ProjectorModel"]));
+            map.insert(
+                "architectures".into(),
+                serde_json::json!(["ProjectorModel"]),
+            );
         }
         value
     }
@@ -198,7 +203,11 @@ impl<B: Backend> Projector<B> {
 
     /// The weights under XTuner's names (`model.{2i}.weight` `[out, in]`, `.bias`).
     pub fn to_hf_tensors(&self) -> Vec<(String, burn::tensor::TensorData)> {
-        self.model.iter().enumerate().flat_map(|(i, linear)| linear.to_hf_tensors(&format!("model.{}", 2 * i))).collect()
+        self.model
+            .iter()
+            .enumerate()
+            .flat_map(|(i, linear)| linear.to_hf_tensors(&format!("model.{}", 2 * i)))
+            .collect()
     }
 
     /// # Shapes

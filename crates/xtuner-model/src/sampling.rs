@@ -24,7 +24,13 @@ pub struct SamplingConfig {
 impl Default for SamplingConfig {
     /// XTuner chat's defaults: temperature 0.1, top-k 40, top-p 0.75, no penalty, seed 0.
     fn default() -> Self {
-        Self { temperature: 0.1, top_k: 40, top_p: 0.75, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.1,
+            top_k: 40,
+            top_p: 0.75,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -38,7 +44,10 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler with its own random stream.
     pub fn new(config: SamplingConfig) -> Self {
-        Self { rng: ChaCha8Rng::seed_from_u64(config.seed), config }
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            config,
+        }
     }
 
     /// The next token given the last position's logits and the ids so far (prompt and
@@ -48,7 +57,11 @@ impl Sampler {
         if c.repetition_penalty != 1.0 {
             for &id in history {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / c.repetition_penalty } else { *l * c.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / c.repetition_penalty
+                    } else {
+                        *l * c.repetition_penalty
+                    };
                 }
             }
         }
@@ -62,7 +75,10 @@ impl Sampler {
             order.truncate(c.top_k);
         }
         let max = order.first().map_or(0.0, |&i| logits[i]);
-        let mut probs: Vec<f32> = order.iter().map(|&i| ((logits[i] - max) / c.temperature).exp()).collect();
+        let mut probs: Vec<f32> = order
+            .iter()
+            .map(|&i| ((logits[i] - max) / c.temperature).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if c.top_p < 1.0 {
@@ -109,29 +125,49 @@ mod tests {
 
     #[test]
     fn zero_temperature_is_greedy() {
-        let mut s = Sampler::new(SamplingConfig { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingConfig {
+            temperature: 0.0,
+            ..Default::default()
+        });
         assert_eq!(s.next(&mut [0.1, 3.0, 2.0], &[]), 1);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_penalty_applies() {
-        let mut s = Sampler::new(SamplingConfig { top_k: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplingConfig {
+            top_k: 1,
+            ..Default::default()
+        });
         assert_eq!(s.next(&mut [0.1, 3.0, 2.0], &[]), 1);
         // Token 1 already seen: 3.0 / 2 = 1.5 < 2.0.
-        let mut s = Sampler::new(SamplingConfig { top_k: 1, repetition_penalty: 2.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingConfig {
+            top_k: 1,
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
         assert_eq!(s.next(&mut [0.1, 3.0, 2.0], &[1]), 2);
     }
 
     #[test]
     fn draws_follow_the_distribution_and_the_seed() {
-        let config = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 7 };
+        let config = SamplingConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 7,
+        };
         let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
         let mut s = Sampler::new(config);
-        let ones = (0..4000).filter(|_| s.next(&mut logits.clone(), &[]) == 1).count();
+        let ones = (0..4000)
+            .filter(|_| s.next(&mut logits.clone(), &[]) == 1)
+            .count();
         assert!((2850..3150).contains(&ones), "{ones}");
         let draws = |seed| {
             let mut s = Sampler::new(SamplingConfig { seed, ..config });
-            (0..32).map(|_| s.next(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.next(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draws(1), draws(1));
         assert_ne!(draws(1), draws(2));
@@ -140,7 +176,13 @@ mod tests {
     #[test]
     fn top_p_cuts_the_tail() {
         // p = [0.6, 0.3, 0.1]: top_p 0.5 keeps only the first.
-        let mut s = Sampler::new(SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.5, repetition_penalty: 1.0, seed: 0 });
+        let mut s = Sampler::new(SamplingConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            repetition_penalty: 1.0,
+            seed: 0,
+        });
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
         assert!((0..100).all(|_| s.next(&mut logits.clone(), &[]) == 0));
     }

@@ -18,7 +18,9 @@ use xtuner_model::sampling::SamplingConfig;
 type B = NdArray<f32>;
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures")
+        .join(path)
 }
 
 fn ints(ckpt: &Checkpoint, key: &str) -> (Vec<i64>, Vec<usize>) {
@@ -38,11 +40,14 @@ fn causal_input(batch: usize, t: usize) -> DecoderInput<B> {
 fn assert_close(got: Tensor<B, 3>, ckpt: &Checkpoint, key: &str) {
     let expected = ckpt.float_data(key).unwrap();
     assert_eq!(got.dims().to_vec(), expected.shape.to_vec(), "{key} shape");
-    got.into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-4));
+    got.into_data()
+        .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-4));
 }
 
 fn load(dir: &str, adapter: Option<&PeftAdapter>) -> InternLm2<B> {
-    InternLm2::<B>::load(&fixture(dir), adapter, &Default::default()).unwrap().0
+    InternLm2::<B>::load(&fixture(dir), adapter, &Default::default())
+        .unwrap()
+        .0
 }
 
 #[test]
@@ -50,7 +55,11 @@ fn internlm2_logits() {
     let golden = Checkpoint::open(&fixture("internlm2-tiny/golden.safetensors")).unwrap();
     let model = load("internlm2-tiny", None);
     let (ids, shape) = ints(&golden, "input_ids");
-    let logits = model.forward(ids_tensor(&ids, [shape[0], shape[1]]), &causal_input(shape[0], shape[1]), None);
+    let logits = model.forward(
+        ids_tensor(&ids, [shape[0], shape[1]]),
+        &causal_input(shape[0], shape[1]),
+        None,
+    );
     assert_close(logits, &golden, "logits");
 }
 
@@ -83,11 +92,18 @@ fn internlm2_greedy_generation() {
     let config = GenerationConfig {
         max_new_tokens: expected.len() - prompt.len(),
         eos_token_ids: vec![],
-        sampling: SamplingConfig { temperature: 0.0, ..Default::default() },
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
     };
     let (new, reason) = generate(&model, embeds, &prompt_ids, &config, |_| true);
     assert_eq!(reason, StopReason::Length);
-    let all: Vec<i64> = prompt.iter().copied().chain(new.iter().map(|&i| i64::from(i))).collect();
+    let all: Vec<i64> = prompt
+        .iter()
+        .copied()
+        .chain(new.iter().map(|&i| i64::from(i)))
+        .collect();
     assert_eq!(all, expected);
 }
 
@@ -98,14 +114,23 @@ fn cached_decoding_equals_the_full_forward() {
     let full = model.forward(ids_tensor(&ids, [1, 8]), &causal_input(1, 8), None);
     let device = Default::default();
     let mut cache = KvCache::<B>::new(2, 1, 2, 4, 16, &device); // grows past 4
-    let first = model.forward(ids_tensor(&ids[..5], [1, 5]), &causal_input(1, 5), Some(&mut cache));
+    let first = model.forward(
+        ids_tensor(&ids[..5], [1, 5]),
+        &causal_input(1, 5),
+        Some(&mut cache),
+    );
     let mut steps = vec![first];
     for (pos, &id) in ids.iter().enumerate().skip(5) {
-        let input = DecoderInput { positions: ids_tensor(&[pos as i64], [1, 1]), bias: Tensor::zeros([1, 1, 1, pos + 1], &device) };
+        let input = DecoderInput {
+            positions: ids_tensor(&[pos as i64], [1, 1]),
+            bias: Tensor::zeros([1, 1, 1, pos + 1], &device),
+        };
         steps.push(model.forward(ids_tensor(&[id], [1, 1]), &input, Some(&mut cache)));
     }
     let cached = Tensor::cat(steps, 1);
-    cached.into_data().assert_approx_eq::<f32>(&full.into_data(), Tolerance::absolute(1e-4));
+    cached
+        .into_data()
+        .assert_approx_eq::<f32>(&full.into_data(), Tolerance::absolute(1e-4));
 }
 
 #[test]
@@ -116,11 +141,20 @@ fn right_padding_does_not_change_real_tokens() {
     let alone = model.forward(ids_tensor(&ids[..4], [1, 4]), &causal_input(1, 4), None);
     let input = DecoderInput {
         positions: ids_tensor(&[0, 1, 2, 3, 0, 0], [1, 6]),
-        bias: attention_bias(1, 6, 0, &[true, true, true, true, false, false], None, &device),
+        bias: attention_bias(
+            1,
+            6,
+            0,
+            &[true, true, true, true, false, false],
+            None,
+            &device,
+        ),
     };
     let padded = model.forward(ids_tensor(&[1, 17, 300, 42, 0, 0], [1, 6]), &input, None);
     let padded = padded.slice([0..1, 0..4, 0..512]);
-    padded.into_data().assert_approx_eq::<f32>(&alone.into_data(), Tolerance::absolute(1e-5));
+    padded
+        .into_data()
+        .assert_approx_eq::<f32>(&alone.into_data(), Tolerance::absolute(1e-5));
 }
 
 #[test]
@@ -130,7 +164,11 @@ fn peft_adapter_merged_at_load() {
     assert_eq!(adapter.scale(), 2.0);
     let model = load("internlm2-tiny", Some(&adapter));
     let (ids, shape) = ints(&golden, "input_ids");
-    let logits = model.forward(ids_tensor(&ids, [shape[0], shape[1]]), &causal_input(shape[0], shape[1]), None);
+    let logits = model.forward(
+        ids_tensor(&ids, [shape[0], shape[1]]),
+        &causal_input(shape[0], shape[1]),
+        None,
+    );
     assert_close(logits.clone(), &golden, "logits");
     assert_close(logits, &golden, "merged_logits");
 }
@@ -139,11 +177,17 @@ fn peft_adapter_merged_at_load() {
 fn merged_checkpoint_matches_the_adapter() {
     // merged.safetensors holds the base weights with the adapter merged by PEFT.
     let golden = Checkpoint::open(&fixture("internlm2-tiny/lora/golden.safetensors")).unwrap();
-    let config = xtuner_model::internlm2::DecoderConfig::from_file(&fixture("internlm2-tiny/config.json")).unwrap();
+    let config =
+        xtuner_model::internlm2::DecoderConfig::from_file(&fixture("internlm2-tiny/config.json"))
+            .unwrap();
     let merged = Checkpoint::open(&fixture("internlm2-tiny/lora/merged.safetensors")).unwrap();
     let model = InternLm2::<B>::load_from(&merged, &config, None, &Default::default()).unwrap();
     let (ids, shape) = ints(&golden, "input_ids");
-    let logits = model.forward(ids_tensor(&ids, [shape[0], shape[1]]), &causal_input(shape[0], shape[1]), None);
+    let logits = model.forward(
+        ids_tensor(&ids, [shape[0], shape[1]]),
+        &causal_input(shape[0], shape[1]),
+        None,
+    );
     assert_close(logits, &golden, "merged_logits");
 }
 
@@ -152,9 +196,17 @@ fn llama_and_qwen2_through_their_own_keys() {
     for dir in ["llama-tiny", "qwen2-tiny"] {
         let golden = Checkpoint::open(&fixture(&format!("{dir}/golden.safetensors"))).unwrap();
         let model = load(dir, None);
-        assert_eq!(model.output.is_none(), dir == "qwen2-tiny", "{dir}: Qwen2 ties its embeddings");
+        assert_eq!(
+            model.output.is_none(),
+            dir == "qwen2-tiny",
+            "{dir}: Qwen2 ties its embeddings"
+        );
         let (ids, shape) = ints(&golden, "input_ids");
-        let logits = model.forward(ids_tensor(&ids, [shape[0], shape[1]]), &causal_input(shape[0], shape[1]), None);
+        let logits = model.forward(
+            ids_tensor(&ids, [shape[0], shape[1]]),
+            &causal_input(shape[0], shape[1]),
+            None,
+        );
         assert_close(logits, &golden, "logits");
     }
 }
@@ -164,14 +216,27 @@ fn a_wrong_adapter_or_checkpoint_is_an_error_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     // The InternLM2 adapter on the Llama model: modules it does not have.
     let adapter = PeftAdapter::open(&fixture("internlm2-tiny/lora")).unwrap();
-    let err = InternLm2::<B>::load(&fixture("llama-tiny"), Some(&adapter), &Default::default()).unwrap_err().to_string();
+    let err = InternLm2::<B>::load(&fixture("llama-tiny"), Some(&adapter), &Default::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("attention.wqkv"), "{err}");
     // A config whose shape disagrees with the weights.
-    std::fs::copy(fixture("internlm2-tiny/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let config = std::fs::read_to_string(fixture("internlm2-tiny/config.json")).unwrap().replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    std::fs::copy(
+        fixture("internlm2-tiny/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(fixture("internlm2-tiny/config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(dir.path().join("config.json"), config).unwrap();
-    let err = InternLm2::<B>::load(dir.path(), None, &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("feed_forward.w1.weight") && err.contains("96"), "{err}");
+    let err = InternLm2::<B>::load(dir.path(), None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("feed_forward.w1.weight") && err.contains("96"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -182,12 +247,23 @@ fn save_and_load_round_trip_every_family_exactly() {
         let config = DecoderConfig::from_file(&fixture(&format!("{dir}/config.json"))).unwrap();
         let model = load(dir, None);
         let out = tempfile::tempdir().unwrap();
-        save_safetensors(out.path(), "model", model.to_hf_tensors(&config), SaveDtype::F32, Some(20_000)).unwrap();
+        save_safetensors(
+            out.path(),
+            "model",
+            model.to_hf_tensors(&config),
+            SaveDtype::F32,
+            Some(20_000),
+        )
+        .unwrap();
         let original = Checkpoint::open(&fixture(&format!("{dir}/model.safetensors"))).unwrap();
         let written = Checkpoint::open(out.path()).unwrap();
         assert_eq!(written.keys(), original.keys(), "{dir}");
         for key in original.keys() {
-            assert_eq!(written.float_data(&key).unwrap(), original.float_data(&key).unwrap(), "{dir} {key}");
+            assert_eq!(
+                written.float_data(&key).unwrap(),
+                original.float_data(&key).unwrap(),
+                "{dir} {key}"
+            );
         }
     }
 }

@@ -106,7 +106,10 @@ impl PromptTemplate {
 
     /// XTuner's name for the template.
     pub fn name(self) -> &'static str {
-        PROMPT_TEMPLATES.iter().find(|(_, t)| *t == self).map_or("", |(n, _)| n)
+        PROMPT_TEMPLATES
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map_or("", |(n, _)| n)
     }
 
     /// The template's fields.
@@ -160,7 +163,9 @@ impl PromptTemplate {
                 &["<eoc>", "<eom>"],
             ),
             PromptTemplate::Llama2Chat => (
-                Some("[INST] <<SYS>>\n You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive in nature.\n{system}\n<</SYS>>\n [/INST] "),
+                Some(
+                    "[INST] <<SYS>>\n You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive in nature.\n{system}\n<</SYS>>\n [/INST] ",
+                ),
                 "[INST] {input} [/INST]",
                 "",
                 false,
@@ -216,7 +221,9 @@ impl PromptTemplate {
                 &[],
             ),
             PromptTemplate::Wizardlm => (
-                Some("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. {system}\n "),
+                Some(
+                    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. {system}\n ",
+                ),
                 "USER: {input} ASSISTANT:",
                 "",
                 false,
@@ -224,7 +231,9 @@ impl PromptTemplate {
                 &[],
             ),
             PromptTemplate::Wizardcoder => (
-                Some("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n{system}\n "),
+                Some(
+                    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n{system}\n ",
+                ),
                 "### Instruction:\n{input}\n\n### Response:",
                 "",
                 false,
@@ -232,7 +241,9 @@ impl PromptTemplate {
                 &[],
             ),
             PromptTemplate::Vicuna => (
-                Some("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. {system}\n "),
+                Some(
+                    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. {system}\n ",
+                ),
                 "USER: {input} ASSISTANT:",
                 "",
                 false,
@@ -240,7 +251,9 @@ impl PromptTemplate {
                 &[],
             ),
             PromptTemplate::DeepseekCoder => (
-                Some("You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeekCompany, and you only answer questions related to computer science. For politically sensitive questions, security and privacy issues, and other non-computer science questions, you will refuse to answer. {system}\n"),
+                Some(
+                    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeekCompany, and you only answer questions related to computer science. For politically sensitive questions, security and privacy issues, and other non-computer science questions, you will refuse to answer. {system}\n",
+                ),
                 "### Instruction:\n{input}\n### Response:\n",
                 "",
                 false,
@@ -248,7 +261,9 @@ impl PromptTemplate {
                 &[],
             ),
             PromptTemplate::Deepseekcoder => (
-                Some("You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeekCompany, and you only answer questions related to computer science. For politically sensitive questions, security and privacy issues, and other non-computer science questions, you will refuse to answer. {system}\n"),
+                Some(
+                    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeekCompany, and you only answer questions related to computer science. For politically sensitive questions, security and privacy issues, and other non-computer science questions, you will refuse to answer. {system}\n",
+                ),
                 "### Instruction:\n{input}\n### Response:\n",
                 "",
                 false,
@@ -287,14 +302,7 @@ impl PromptTemplate {
                 "\n",
                 &[],
             ),
-            PromptTemplate::Minicpm => (
-                None,
-                "<用户> {input} <AI>",
-                "",
-                false,
-                "\n",
-                &[],
-            ),
+            PromptTemplate::Minicpm => (None, "<用户> {input} <AI>", "", false, "\n", &[]),
             PromptTemplate::Minicpm3 => (
                 Some("<|im_start|>system\n{system}<|im_end|>\n"),
                 "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
@@ -358,9 +366,14 @@ impl FromStr for PromptTemplate {
     type Err = Error;
 
     fn from_str(name: &str) -> Result<Self, Error> {
-        PROMPT_TEMPLATES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).ok_or_else(|| {
-            Error::UnknownTemplate { name: name.to_string(), valid: names(PROMPT_TEMPLATES) }
-        })
+        PROMPT_TEMPLATES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| Error::UnknownTemplate {
+                name: name.to_string(),
+                valid: names(PROMPT_TEMPLATES),
+            })
     }
 }
 
@@ -404,21 +417,38 @@ impl SystemTemplate {
 
     /// XTuner's name for it.
     pub fn name(self) -> &'static str {
-        SYSTEM_TEMPLATES.iter().find(|(_, t)| *t == self).map_or("", |(n, _)| n)
+        SYSTEM_TEMPLATES
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map_or("", |(n, _)| n)
     }
 
     /// The system prompt text (`moss_sft` still holds its `{bot_name}` placeholder; see
     /// [`SystemTemplate::text_for_bot`]).
     pub fn text(self) -> &'static str {
         match self {
-            SystemTemplate::MossSft => "You are an AI assistant whose name is {bot_name}.\nCapabilities and tools that {bot_name} can possess.\n- Inner thoughts: enabled.\n- Web search: enabled. API: Search(query)\n- Calculator: enabled. API: Calculate(expression)\n- Equation solver: enabled. API: Solve(equation)\n- Text-to-image: disabled.\n- Image edition: disabled.\n- Text-to-speech: disabled.\n",
-            SystemTemplate::Alpaca => "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n",
-            SystemTemplate::ArxivGentile => "If you are an expert in writing papers, please generate a good paper title for this paper based on other authors' descriptions of their abstracts.\n",
-            SystemTemplate::Colorist => "You are a professional color designer. Please provide the corresponding colors based on the description of Human.\n",
-            SystemTemplate::Coder => "You are a professional programer. Please provide the corresponding code based on the description of Human.\n",
-            SystemTemplate::Lawyer => "你现在是一名专业的中国律师，请根据用户的问题给出准确、有理有据的回复。\n",
+            SystemTemplate::MossSft => {
+                "You are an AI assistant whose name is {bot_name}.\nCapabilities and tools that {bot_name} can possess.\n- Inner thoughts: enabled.\n- Web search: enabled. API: Search(query)\n- Calculator: enabled. API: Calculate(expression)\n- Equation solver: enabled. API: Solve(equation)\n- Text-to-image: disabled.\n- Image edition: disabled.\n- Text-to-speech: disabled.\n"
+            }
+            SystemTemplate::Alpaca => {
+                "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n"
+            }
+            SystemTemplate::ArxivGentile => {
+                "If you are an expert in writing papers, please generate a good paper title for this paper based on other authors' descriptions of their abstracts.\n"
+            }
+            SystemTemplate::Colorist => {
+                "You are a professional color designer. Please provide the corresponding colors based on the description of Human.\n"
+            }
+            SystemTemplate::Coder => {
+                "You are a professional programer. Please provide the corresponding code based on the description of Human.\n"
+            }
+            SystemTemplate::Lawyer => {
+                "你现在是一名专业的中国律师，请根据用户的问题给出准确、有理有据的回复。\n"
+            }
             SystemTemplate::Medical => "如果你是一名医生，请根据患者的描述回答医学问题。\n",
-            SystemTemplate::Sql => "If you are an expert in SQL, please generate a good SQL Query for Question based on the CREATE TABLE statement.\n",
+            SystemTemplate::Sql => {
+                "If you are an expert in SQL, please generate a good SQL Query for Question based on the CREATE TABLE statement.\n"
+            }
         }
     }
 
@@ -438,9 +468,14 @@ impl FromStr for SystemTemplate {
     type Err = Error;
 
     fn from_str(name: &str) -> Result<Self, Error> {
-        SYSTEM_TEMPLATES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).ok_or_else(|| {
-            Error::UnknownSystemTemplate { name: name.to_string(), valid: names(SYSTEM_TEMPLATES) }
-        })
+        SYSTEM_TEMPLATES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| Error::UnknownSystemTemplate {
+                name: name.to_string(),
+                valid: names(SYSTEM_TEMPLATES),
+            })
     }
 }
 
@@ -485,8 +520,14 @@ mod tests {
 
     #[test]
     fn unknown_names_list_the_valid_ones() {
-        let err = "internlm3_chat".parse::<PromptTemplate>().unwrap_err().to_string();
-        assert!(err.contains("internlm3_chat") && err.contains("internlm2_chat"), "{err}");
+        let err = "internlm3_chat"
+            .parse::<PromptTemplate>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("internlm3_chat") && err.contains("internlm2_chat"),
+            "{err}"
+        );
         let err = "pirate".parse::<SystemTemplate>().unwrap_err().to_string();
         assert!(err.contains("pirate") && err.contains("alpaca"), "{err}");
     }

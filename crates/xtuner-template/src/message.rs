@@ -67,7 +67,9 @@ pub struct Conversation {
 impl Conversation {
     /// Wraps a list of turns.
     pub fn new(turns: Vec<Turn>) -> Self {
-        Self { conversation: turns }
+        Self {
+            conversation: turns,
+        }
     }
 
     /// True when there is no turn (XTuner drops such samples after templating).
@@ -104,6 +106,9 @@ mod tests {
     #[test]
     fn empty_system_is_no_system() {
         assert_eq!(Turn::new("a", "b").with_system("").system_text(), None);
-        assert_eq!(Turn::new("a", "b").with_system("S").system_text(), Some("S"));
+        assert_eq!(
+            Turn::new("a", "b").with_system("S").system_text(),
+            Some("S")
+        );
     }
 }

@@ -57,11 +57,13 @@ impl ChatTemplate {
 
     fn check_field(&self, field: &'static str, text: &str, allowed: &[&str]) -> Result<()> {
         let values: Vec<(&str, &str)> = allowed.iter().map(|k| (*k, "")).collect();
-        format_placeholders(text, &values).map(|_| ()).map_err(|message| Error::BadField {
-            template: self.name.clone(),
-            field,
-            message,
-        })
+        format_placeholders(text, &values)
+            .map(|_| ())
+            .map_err(|message| Error::BadField {
+                template: self.name.clone(),
+                field,
+                message,
+            })
     }
 
     /// The text that opens the first turn of a prompt: `SYSTEM` with `system` filled in
@@ -77,20 +79,32 @@ impl ChatTemplate {
     }
 
     fn render_system(&self, system: &str, turn: usize) -> Result<String> {
-        let template = self
-            .system
-            .as_deref()
-            .ok_or_else(|| Error::NoSystemField { template: self.name.clone(), turn })?;
-        format_placeholders(template, &[("system", system)]).map_err(|message| {
-            Error::BadField { template: self.name.clone(), field: "SYSTEM", message }
+        let template = self.system.as_deref().ok_or_else(|| Error::NoSystemField {
+            template: self.name.clone(),
+            turn,
+        })?;
+        format_placeholders(template, &[("system", system)]).map_err(|message| Error::BadField {
+            template: self.name.clone(),
+            field: "SYSTEM",
+            message,
         })
     }
 
-    fn render_field(&self, field: &'static str, text: &str, input: &str, round: usize)
-        -> Result<String> {
+    fn render_field(
+        &self,
+        field: &'static str,
+        text: &str,
+        input: &str,
+        round: usize,
+    ) -> Result<String> {
         let round = round.to_string();
-        format_placeholders(text, &[("input", input), ("round", &round)])
-            .map_err(|message| Error::BadField { template: self.name.clone(), field, message })
+        format_placeholders(text, &[("input", input), ("round", &round)]).map_err(|message| {
+            Error::BadField {
+                template: self.name.clone(),
+                field,
+                message,
+            }
+        })
     }
 
     /// XTuner's `template_map_fn`: wraps every turn with the template.
@@ -111,7 +125,8 @@ impl ChatTemplate {
                     Some(system) => self.render_system(system, round)?,
                     None => String::new(),
                 };
-                input += &self.render_field("INSTRUCTION", &self.instruction, &turn.input, round)?;
+                input +=
+                    &self.render_field("INSTRUCTION", &self.instruction, &turn.input, round)?;
                 Ok(Turn {
                     system: turn.system.clone(),
                     input,
@@ -142,7 +157,9 @@ fn format_placeholders(template: &str, values: &[(&str, &str)]) -> Result<String
         } else if tail.starts_with('}') {
             return Err("single `}` (write `}}` for a literal brace)".to_string());
         } else {
-            let close = tail.find('}').ok_or("unclosed `{` (write `{{` for a literal brace)")?;
+            let close = tail
+                .find('}')
+                .ok_or("unclosed `{` (write `{{` for a literal brace)")?;
             let key = &tail[1..close];
             let value = values
                 .iter()
@@ -174,7 +191,9 @@ mod tests {
     #[test]
     fn chatglm2_numbers_rounds() {
         let t = PromptTemplate::Chatglm2.template();
-        let out = t.render(&[Turn::new("a", "b"), Turn::new("c", "d")]).unwrap();
+        let out = t
+            .render(&[Turn::new("a", "b"), Turn::new("c", "d")])
+            .unwrap();
         assert_eq!(out[0].input, "[Round 1]\n\n问：a\n\n答：");
         assert_eq!(out[1].input, "[Round 2]\n\n问：c\n\n答：");
         assert_eq!(out[1].sep, "\n\n");
@@ -196,8 +215,16 @@ mod tests {
     #[test]
     fn system_without_system_field_is_an_error() {
         let t = PromptTemplate::Minicpm.template();
-        let err = t.render(&[Turn::new("Q", "A").with_system("S")]).unwrap_err();
-        assert_eq!(err, Error::NoSystemField { template: "minicpm".into(), turn: 1 });
+        let err = t
+            .render(&[Turn::new("Q", "A").with_system("S")])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::NoSystemField {
+                template: "minicpm".into(),
+                turn: 1
+            }
+        );
         // An empty system prompt is no system prompt.
         assert!(t.render(&[Turn::new("Q", "A").with_system("")]).is_ok());
     }
@@ -206,7 +233,13 @@ mod tests {
     fn user_templates_are_validated() {
         let mut t = PromptTemplate::Default.template();
         t.instruction = "{question}".into();
-        assert!(matches!(t.validate(), Err(Error::BadField { field: "INSTRUCTION", .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(Error::BadField {
+                field: "INSTRUCTION",
+                ..
+            })
+        ));
         for builtin in PromptTemplate::all() {
             builtin.template().validate().unwrap();
         }
@@ -217,8 +250,15 @@ mod tests {
         for builtin in PromptTemplate::all() {
             let t = builtin.template();
             let system = if t.system.is_some() { "S" } else { "" };
-            let rendered = t.render(&[Turn::new("Q", "A").with_system(system)]).unwrap();
-            assert_eq!(t.prompt(system, "Q", 1).unwrap(), rendered[0].input, "{}", t.name);
+            let rendered = t
+                .render(&[Turn::new("Q", "A").with_system(system)])
+                .unwrap();
+            assert_eq!(
+                t.prompt(system, "Q", 1).unwrap(),
+                rendered[0].input,
+                "{}",
+                t.name
+            );
         }
     }
 }

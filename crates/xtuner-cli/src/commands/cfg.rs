@@ -13,7 +13,10 @@ pub fn list_cfg(pattern: Option<&str>) {
     let pattern = pattern.map(str::to_lowercase);
     println!("==========================CONFIGS===========================");
     for (name, _) in BUILTIN {
-        if pattern.as_ref().is_none_or(|p| name.to_lowercase().contains(p)) {
+        if pattern
+            .as_ref()
+            .is_none_or(|p| name.to_lowercase().contains(p))
+        {
             println!("{name}");
         }
     }

@@ -20,14 +20,16 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use xtuner_dataset::Tokenizer;
+use xtuner_engine::lora;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::clip_vit::ClipVisionTower;
-use xtuner_model::image::ImageProcessor;
-use xtuner_model::llava::{IMAGE_TOKEN_INDEX, image_features, prepare_inputs_labels_for_multimodal};
-use xtuner_model::projector::Projector;
-use xtuner_engine::lora;
 use xtuner_model::generate::{GenerationConfig, StopReason, generate};
+use xtuner_model::image::ImageProcessor;
 use xtuner_model::internlm2::InternLm2;
+use xtuner_model::llava::{
+    IMAGE_TOKEN_INDEX, image_features, prepare_inputs_labels_for_multimodal,
+};
+use xtuner_model::projector::Projector;
 use xtuner_model::sampling::SamplingConfig;
 use xtuner_template::{ChatTemplate, PromptTemplate, SystemTemplate};
 
@@ -94,7 +96,9 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         bail!("a system prompt needs a --prompt-template with a SYSTEM field");
     }
     let adapter_dir = match (&args.adapter, &args.llava) {
-        (Some(_), Some(_)) => bail!("--adapter and --llava are exclusive (a LLaVA dir brings its llm_adapter/)"),
+        (Some(_), Some(_)) => {
+            bail!("--adapter and --llava are exclusive (a LLaVA dir brings its llm_adapter/)")
+        }
         (Some(dir), None) => Some(dir.clone()),
         (None, Some(llava)) => Some(llava.join("llm_adapter")).filter(|d| d.is_dir()),
         (None, None) => None,
@@ -107,7 +111,10 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         None if args.image.is_some() => bail!("--image needs --llava DIR (the projector)"),
         None => None,
     };
-    let mut stop_words: Vec<String> = template.as_ref().map(|t| t.stop_words.clone()).unwrap_or_default();
+    let mut stop_words: Vec<String> = template
+        .as_ref()
+        .map(|t| t.stop_words.clone())
+        .unwrap_or_default();
     stop_words.extend(args.stop_words.iter().cloned());
     let mut session = Session {
         model: &model,
@@ -176,13 +183,23 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
 }
 
 /// Runs the image through the vision tower and projector: `[1, P, C]` features.
-fn load_image_features<B: Backend>(args: &ChatArgs, llava: &std::path::Path, device: &B::Device) -> Result<Tensor<B, 3>> {
-    let image = args.image.as_deref().context("--llava needs --image FILE")?;
+fn load_image_features<B: Backend>(
+    args: &ChatArgs,
+    llava: &std::path::Path,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>> {
+    let image = args
+        .image
+        .as_deref()
+        .context("--llava needs --image FILE")?;
     let tower_dir = Some(llava.join("visual_encoder"))
         .filter(|d| d.is_dir())
         .or_else(|| args.visual_encoder.clone())
-        .context("no visual encoder: give --visual-encoder DIR (or put one in LLAVA_DIR/visual_encoder)")?;
-    let (tower, _) = ClipVisionTower::<B>::load(&tower_dir, device).with_context(|| format!("loading {}", tower_dir.display()))?;
+        .context(
+            "no visual encoder: give --visual-encoder DIR (or put one in LLAVA_DIR/visual_encoder)",
+        )?;
+    let (tower, _) = ClipVisionTower::<B>::load(&tower_dir, device)
+        .with_context(|| format!("loading {}", tower_dir.display()))?;
     // A LoRA adapter trained on the vision tower is merged in.
     let adapter_dir = llava.join("visual_encoder_adapter");
     let tower = if adapter_dir.is_dir() {
@@ -195,7 +212,12 @@ fn load_image_features<B: Backend>(args: &ChatArgs, llava: &std::path::Path, dev
     // XTuner's chat always pads the image to a square.
     let processor = ImageProcessor::from_file(tower_dir.join("preprocessor_config.json"), true)?;
     let pixels = processor.preprocess_file::<B>(image, device)?;
-    Ok(image_features(&tower, &projector, pixels.unsqueeze::<4>(), args.visual_select_layer)?)
+    Ok(image_features(
+        &tower,
+        &projector,
+        pixels.unsqueeze::<4>(),
+        args.visual_select_layer,
+    )?)
 }
 
 fn system_prompt(args: &ChatArgs) -> Result<String> {
@@ -229,7 +251,11 @@ impl<B: Backend> Session<'_, B> {
         let first = self.history.is_empty();
         // LLaVA: the image opens the first user message, as XTuner's chat puts it.
         let with_image = first && self.image.is_some();
-        let input = if with_image { format!("<image>\n{input}") } else { input.to_string() };
+        let input = if with_image {
+            format!("<image>\n{input}")
+        } else {
+            input.to_string()
+        };
         let text = match self.template {
             Some(t) => {
                 let system = if first { self.system.as_str() } else { "" };
@@ -238,7 +264,8 @@ impl<B: Backend> Session<'_, B> {
             None => input,
         };
         if first {
-            self.history.extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
+            self.history
+                .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
         }
         if with_image {
             self.push_image_prompt(&text)?;
@@ -258,7 +285,10 @@ impl<B: Backend> Session<'_, B> {
             generated.push(id);
             let text = tokenizer.decode(&generated).unwrap_or_default();
             // Print what is new once it decodes to whole characters.
-            if stream && !text.ends_with('\u{fffd}') && text.is_char_boundary(printed.min(text.len())) {
+            if stream
+                && !text.ends_with('\u{fffd}')
+                && text.is_char_boundary(printed.min(text.len()))
+            {
                 let _ = write!(stdout, "{}", &text[printed.min(text.len())..]);
                 let _ = stdout.flush();
                 printed = text.len();
@@ -271,14 +301,18 @@ impl<B: Backend> Session<'_, B> {
         }
         let mut answer = self.tokenizer.decode(&new)?;
         if reason == StopReason::Stopped
-            && let Some(word) = self.stop_words.iter().find(|w| answer.trim_end().ends_with(w.as_str()))
+            && let Some(word) = self
+                .stop_words
+                .iter()
+                .find(|w| answer.trim_end().ends_with(w.as_str()))
         {
             let cut = answer.trim_end().len() - word.len();
             answer.truncate(cut);
         }
         self.history.extend(new.iter().map(|&i| i64::from(i)));
         if reason == StopReason::Eos {
-            self.history.extend(self.tokenizer.eos_ids().iter().map(|&i| i64::from(i)));
+            self.history
+                .extend(self.tokenizer.eos_ids().iter().map(|&i| i64::from(i)));
         }
         if reason == StopReason::Length {
             self.history.clear();
@@ -289,7 +323,8 @@ impl<B: Backend> Session<'_, B> {
     }
 
     fn push_text(&mut self, text: &str) -> Result<()> {
-        self.history.extend(self.tokenizer.encode(text)?.into_iter().map(i64::from));
+        self.history
+            .extend(self.tokenizer.encode(text)?.into_iter().map(i64::from));
         Ok(())
     }
 
@@ -303,12 +338,19 @@ impl<B: Backend> Session<'_, B> {
 
     /// Embeddings of the history, with the image's features spliced in.
     fn embeds(&self, ids: &[i64]) -> Result<Tensor<B, 3>> {
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &self.device);
+        let tokens = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids.to_vec(), [1, ids.len()]),
+            &self.device,
+        );
         match &self.image {
             Some(features) if ids.contains(&IMAGE_TOKEN_INDEX) => {
-                let spliced = prepare_inputs_labels_for_multimodal(tokens, None, None, features.clone(), |text| {
-                    self.model.embed(text.unsqueeze::<2>()).squeeze_dim::<2>(0)
-                })?;
+                let spliced = prepare_inputs_labels_for_multimodal(
+                    tokens,
+                    None,
+                    None,
+                    features.clone(),
+                    |text| self.model.embed(text.unsqueeze::<2>()).squeeze_dim::<2>(0),
+                )?;
                 Ok(spliced.inputs_embeds)
             }
             _ => Ok(self.model.embed(tokens)),

@@ -10,7 +10,9 @@ use serde_json::json;
 use xtuner_dataset::format::DataFormat;
 use xtuner_dataset::pack::pack;
 use xtuner_dataset::pipeline::{DataSpec, encode_records, load_records, process, trace_record};
-use xtuner_dataset::{CacheOutcome, EncodedSample, IGNORE_INDEX, PackedRow, Tokenizer, load_or_process};
+use xtuner_dataset::{
+    CacheOutcome, EncodedSample, IGNORE_INDEX, PackedRow, Tokenizer, load_or_process,
+};
 use xtuner_engine::LoadedConfig;
 use xtuner_template::PromptTemplate;
 
@@ -22,7 +24,10 @@ fn load_config(args: &ConfigArgs) -> Result<LoadedConfig> {
 }
 
 fn tokenizer_path(config: &LoadedConfig) -> Result<&Path> {
-    config.config.tokenizer_path().context("the config names no tokenizer")
+    config
+        .config
+        .tokenizer_path()
+        .context("the config names no tokenizer")
 }
 
 fn tokenizer_of(config: &LoadedConfig) -> Result<Tokenizer> {
@@ -39,7 +44,11 @@ pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
     let (kept, stats) = encode_records(&spec, &tokenizer, &records)?;
     if let Some(first) = records.first() {
         let trace = trace_record(&spec, &tokenizer, first.clone())?;
-        println!("=== first record ({}:{}) ===", first.path.display(), first.line);
+        println!(
+            "=== first record ({}:{}) ===",
+            first.path.display(),
+            first.line
+        );
         println!("{}", serde_json::to_string_pretty(&first.value)?);
         println!("=== after the `{}` format ===", spec.format);
         println!("{}", serde_json::to_string_pretty(&trace.conversation)?);
@@ -52,11 +61,19 @@ pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
     if spec.pack_to_max_length {
         let samples: Vec<EncodedSample> = kept.into_iter().map(|k| k.sample).collect();
         let rows = pack(&samples, spec.max_length);
-        println!("=== packed: {} rows of {} tokens ===", rows.len(), spec.max_length);
+        println!(
+            "=== packed: {} rows of {} tokens ===",
+            rows.len(),
+            spec.max_length
+        );
     }
     println!(
         "OK: {} records; {} kept, {} empty after the format, {} with nothing to train, {} bad (skipped)",
-        stats.records, stats.samples, stats.dropped_empty, stats.dropped_untrained, stats.bad_records
+        stats.records,
+        stats.samples,
+        stats.dropped_empty,
+        stats.dropped_untrained,
+        stats.bad_records
     );
     if stats.samples == 0 {
         bail!("no sample has a trained label: the data set is empty");
@@ -68,7 +85,11 @@ pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
 pub fn log_dataset(args: &ConfigArgs, show: Show, num: usize) -> Result<()> {
     let config = load_config(args)?;
     let spec = config.config.data_spec()?;
-    let (dataset, _) = load_or_process(&spec, tokenizer_path(&config)?, &config.config.data.cache_dir)?;
+    let (dataset, _) = load_or_process(
+        &spec,
+        tokenizer_path(&config)?,
+        &config.config.data.cache_dir,
+    )?;
     let tokenizer = tokenizer_of(&config)?;
     let s = &dataset.stats;
     println!(
@@ -100,7 +121,10 @@ fn decode(tokenizer: &Tokenizer, ids: &[i64]) -> Result<String> {
         if is_image {
             out.push_str(&"<image>".repeat(run.len()));
         } else {
-            let run: Vec<u32> = run.iter().filter_map(|&id| u32::try_from(id).ok()).collect();
+            let run: Vec<u32> = run
+                .iter()
+                .filter_map(|&id| u32::try_from(id).ok())
+                .collect();
             out.push_str(&tokenizer.decode(&run)?);
         }
     }
@@ -152,7 +176,9 @@ pub fn encode(
         serde_json::to_writer(&mut writer, &k.sample)?;
         writer.write_all(b"\n")?;
     }
-    writer.flush().with_context(|| format!("writing {}", out.display()))?;
+    writer
+        .flush()
+        .with_context(|| format!("writing {}", out.display()))?;
     eprintln!(
         "{} records: {} written, {} dropped (empty conversation), {} dropped (nothing to train)",
         stats.records, stats.samples, stats.dropped_empty, stats.dropped_untrained
@@ -162,9 +188,16 @@ pub fn encode(
 
 /// The data spec of the command-line tools: files in a format, with an optional
 /// template, encoded sample by sample in input order (no packing, no shuffling).
-pub fn plain_spec(inputs: &[PathBuf], format: &str, template: Option<&str>, max_length: usize) -> Result<DataSpec> {
+pub fn plain_spec(
+    inputs: &[PathBuf],
+    format: &str,
+    template: Option<&str>,
+    max_length: usize,
+) -> Result<DataSpec> {
     let format: DataFormat = format.parse()?;
-    let template = template.map(|t| t.parse::<PromptTemplate>().map(PromptTemplate::template)).transpose()?;
+    let template = template
+        .map(|t| t.parse::<PromptTemplate>().map(PromptTemplate::template))
+        .transpose()?;
     Ok(DataSpec {
         files: inputs.to_vec(),
         format,
@@ -191,10 +224,19 @@ pub fn pack_file(max_length: usize, varlen: bool, out: &Path, encoded: &Path) ->
         if line.trim().is_empty() {
             continue;
         }
-        let sample: EncodedSample = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: expected {{\"input_ids\": [...], \"labels\": [...]}}", encoded.display(), i + 1))?;
+        let sample: EncodedSample = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{}:{}: expected {{\"input_ids\": [...], \"labels\": [...]}}",
+                encoded.display(),
+                i + 1
+            )
+        })?;
         if sample.input_ids.len() != sample.labels.len() {
-            bail!("{}:{}: input_ids and labels differ in length", encoded.display(), i + 1);
+            bail!(
+                "{}:{}: input_ids and labels differ in length",
+                encoded.display(),
+                i + 1
+            );
         }
         samples.push(sample);
     }
@@ -204,7 +246,9 @@ pub fn pack_file(max_length: usize, varlen: bool, out: &Path, encoded: &Path) ->
         serde_json::to_writer(&mut writer, &packed_json(row, varlen))?;
         writer.write_all(b"\n")?;
     }
-    writer.flush().with_context(|| format!("writing {}", out.display()))?;
+    writer
+        .flush()
+        .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("{} samples packed into {} rows", samples.len(), rows.len());
     Ok(())
 }
@@ -231,16 +275,27 @@ fn create(path: &Path) -> Result<BufWriter<File>> {
 }
 
 /// `xtuner dataset build`: process (or load from the cache) and report.
-pub fn build(args: &ConfigArgs, threads: Option<usize>, no_cache: bool, as_json: bool) -> Result<()> {
+pub fn build(
+    args: &ConfigArgs,
+    threads: Option<usize>,
+    no_cache: bool,
+    as_json: bool,
+) -> Result<()> {
     let config = load_config(args)?;
     let spec = config.config.data_spec()?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()?;
     let started = Instant::now();
     let (dataset, outcome) = pool.install(|| -> Result<_> {
         Ok(if no_cache {
             (process(&spec, &tokenizer_of(&config)?)?, None)
         } else {
-            let (d, o) = load_or_process(&spec, tokenizer_path(&config)?, &config.config.data.cache_dir)?;
+            let (d, o) = load_or_process(
+                &spec,
+                tokenizer_path(&config)?,
+                &config.config.data.cache_dir,
+            )?;
             (d, Some(o))
         })
     })?;
@@ -275,13 +330,23 @@ pub fn build(args: &ConfigArgs, threads: Option<usize>, no_cache: bool, as_json:
             s.samples, s.dropped_empty, s.dropped_untrained, s.bad_records
         );
         println!("tokens      {} ({} trained)", s.tokens, s.trained_tokens);
-        let packing = if spec.pack_to_max_length { "packed" } else { "one sample each" };
-        println!("rows        {} ({packing}, max_length {})", s.rows, spec.max_length);
+        let packing = if spec.pack_to_max_length {
+            "packed"
+        } else {
+            "one sample each"
+        };
+        println!(
+            "rows        {} ({packing}, max_length {})",
+            s.rows, spec.max_length
+        );
         match cache_path {
             Some(p) => println!("cache       {cache} ({})", p.display()),
             None => println!("cache       off"),
         }
-        println!("time        {seconds:.3} s on {} threads", pool.current_num_threads());
+        println!(
+            "time        {seconds:.3} s on {} threads",
+            pool.current_num_threads()
+        );
     }
     Ok(())
 }

@@ -27,22 +27,39 @@ struct CliProgress {
 impl Progress for CliProgress {
     fn event(&mut self, event: &TrainEvent) {
         match event {
-            TrainEvent::Started { total_iters, start_iter, rows, trainable_params } => {
-                eprintln!("{rows} training rows, {total_iters} iterations, {trainable_params} trainable parameters");
+            TrainEvent::Started {
+                total_iters,
+                start_iter,
+                rows,
+                trainable_params,
+            } => {
+                eprintln!(
+                    "{rows} training rows, {total_iters} iterations, {trainable_params} trainable parameters"
+                );
                 if *start_iter > 0 {
                     eprintln!("resuming at iteration {start_iter}");
                 }
                 if std::io::stderr().is_terminal() {
                     let bar = ProgressBar::new(*total_iters as u64);
                     bar.set_position(*start_iter as u64);
-                    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+                    bar.set_style(
+                        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
                     self.bar = Some(bar);
                 }
             }
             TrainEvent::Step(s) => {
                 let mut line = format!(
                     "iter {}/{} epoch {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s eta {:.0}s",
-                    s.iter, s.total_iters, s.epoch, s.loss, s.lr, s.grad_norm, s.tokens_per_s, s.eta_s
+                    s.iter,
+                    s.total_iters,
+                    s.epoch,
+                    s.loss,
+                    s.lr,
+                    s.grad_norm,
+                    s.tokens_per_s,
+                    s.eta_s
                 );
                 if let Some(mib) = s.memory_mib {
                     line.push_str(&format!(" memory {mib:.0} MiB"));
@@ -60,7 +77,9 @@ impl Progress for CliProgress {
                     self.println(&format!("[eval @ {iter}] {prompt} -> {answer}"));
                 }
             }
-            TrainEvent::Saved { iter, path } => self.println(&format!("saved iteration {iter} to {}", path.display())),
+            TrainEvent::Saved { iter, path } => {
+                self.println(&format!("saved iteration {iter} to {}", path.display()))
+            }
         }
     }
 }
@@ -75,11 +94,23 @@ impl CliProgress {
 }
 
 /// `xtuner train CONFIG`.
-pub fn run_train(config: &str, overrides: &[String], work_dir: Option<PathBuf>, resume: Option<String>, device: Device) -> Result<()> {
+pub fn run_train(
+    config: &str,
+    overrides: &[String],
+    work_dir: Option<PathBuf>,
+    resume: Option<String>,
+    device: Device,
+) -> Result<()> {
     backend::check(device)?;
     let loaded = configs::load(config, overrides)?;
     let work_dir = work_dir.unwrap_or_else(|| loaded.work_dir());
-    let resume = resume.map(|r| if r == "auto" { Resume::Auto } else { Resume::Path(PathBuf::from(r)) });
+    let resume = resume.map(|r| {
+        if r == "auto" {
+            Resume::Auto
+        } else {
+            Resume::Path(PathBuf::from(r))
+        }
+    });
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -91,20 +122,31 @@ pub fn run_train(config: &str, overrides: &[String], work_dir: Option<PathBuf>, 
             eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit at once)");
         });
     }
-    std::fs::create_dir_all(&work_dir).with_context(|| format!("creating the work dir {}", work_dir.display()))?;
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating the work dir {}", work_dir.display()))?;
     let resolved = work_dir.join(format!("{}.toml", loaded.name));
-    std::fs::write(&resolved, toml::to_string_pretty(&loaded.config).unwrap_or_default())
-        .with_context(|| format!("writing {}", resolved.display()))?;
+    std::fs::write(
+        &resolved,
+        toml::to_string_pretty(&loaded.config).unwrap_or_default(),
+    )
+    .with_context(|| format!("writing {}", resolved.display()))?;
     match device {
         Device::Cpu => train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop),
         #[cfg(feature = "cuda")]
-        Device::Cuda => backend::on_cuda(|| train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop)),
+        Device::Cuda => backend::on_cuda(|| {
+            train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop)
+        }),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
     }
 }
 
-fn train_on<B: AutodiffBackend>(loaded: &LoadedConfig, work_dir: &Path, resume: Option<Resume>, stop: &AtomicBool) -> Result<()> {
+fn train_on<B: AutodiffBackend>(
+    loaded: &LoadedConfig,
+    work_dir: &Path,
+    resume: Option<Resume>,
+    stop: &AtomicBool,
+) -> Result<()> {
     let device = B::Device::default();
     let started = std::time::Instant::now();
     let mut progress = CliProgress { bar: None };
@@ -117,12 +159,18 @@ fn train_on<B: AutodiffBackend>(loaded: &LoadedConfig, work_dir: &Path, resume: 
     }
     println!(
         "{} after {} iterations in {:.1} s; loss {} -> {}; last checkpoint: {}",
-        if summary.interrupted { "stopped" } else { "finished" },
+        if summary.interrupted {
+            "stopped"
+        } else {
+            "finished"
+        },
         summary.iters,
         started.elapsed().as_secs_f64(),
         summary.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
         summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-        summary.last_checkpoint.map_or("none".into(), |p| p.display().to_string()),
+        summary
+            .last_checkpoint
+            .map_or("none".into(), |p| p.display().to_string()),
     );
     Ok(())
 }
@@ -130,7 +178,14 @@ fn train_on<B: AutodiffBackend>(loaded: &LoadedConfig, work_dir: &Path, resume: 
 /// `xtuner convert pth_to_hf CONFIG CHECKPOINT OUT_DIR`: a checkpoint's weights in
 /// Hugging Face formats (PEFT adapter for LoRA, a full model dir otherwise), 16-bit
 /// unless `--fp32`.
-pub fn pth_to_hf(config: &str, overrides: &[String], checkpoint: &Path, out: &Path, fp32: bool, max_shard_size: &str) -> Result<()> {
+pub fn pth_to_hf(
+    config: &str,
+    overrides: &[String],
+    checkpoint: &Path,
+    out: &Path,
+    fp32: bool,
+    max_shard_size: &str,
+) -> Result<()> {
     type B = backend::Cpu;
     let loaded = configs::load(config, overrides)?;
     let c = &loaded.config;
@@ -139,46 +194,98 @@ pub fn pth_to_hf(config: &str, overrides: &[String], checkpoint: &Path, out: &Pa
     let dtype = if fp32 { SaveDtype::F32 } else { SaveDtype::F16 };
     if c.llava.is_some() {
         xtuner_engine::llava::export::<B>(c, checkpoint, out, dtype, &device)?;
-        std::fs::write(out.join("xtuner_config.toml"), toml::to_string_pretty(c).unwrap_or_default())?;
+        std::fs::write(
+            out.join("xtuner_config.toml"),
+            toml::to_string_pretty(c).unwrap_or_default(),
+        )?;
         println!("saved to {}", out.display());
         return Ok(());
     }
-    let tokenizer = Tokenizer::from_path(c.tokenizer_path().context("the config names no tokenizer")?)?;
+    let tokenizer = Tokenizer::from_path(
+        c.tokenizer_path()
+            .context("the config names no tokenizer")?,
+    )?;
     let (base, decoder) = build_model::<B>(c, &tokenizer, &device)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     match (&c.lora, state.mode.as_str()) {
         (Some(l), "lora") => {
-            let model = lora::attach_peft(base, &decoder, &PeftAdapter::open(checkpoint)?, l.dropout, &device)?;
+            let model = lora::attach_peft(
+                base,
+                &decoder,
+                &PeftAdapter::open(checkpoint)?,
+                l.dropout,
+                &device,
+            )?;
             write_weights(&model, &decoder, c, out, dtype, &tokenizer)?;
         }
         (None, "full") => {
-            let model = InternLm2::<B>::load_from(&Checkpoint::open(&checkpoint.join("model.safetensors"))?, &decoder, None, &device)?;
+            let model = InternLm2::<B>::load_from(
+                &Checkpoint::open(&checkpoint.join("model.safetensors"))?,
+                &decoder,
+                None,
+                &device,
+            )?;
             let bos = tokenizer.bos_ids().first().copied();
             let eos = tokenizer.eos_ids().first().copied();
-            std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&decoder.to_hf_json(bos, eos))?)?;
-            save_safetensors(out, "model", model.to_hf_tensors(&decoder), dtype, Some(parse_size(max_shard_size)?))?;
+            std::fs::write(
+                out.join("config.json"),
+                serde_json::to_string_pretty(&decoder.to_hf_json(bos, eos))?,
+            )?;
+            save_safetensors(
+                out,
+                "model",
+                model.to_hf_tensors(&decoder),
+                dtype,
+                Some(parse_size(max_shard_size)?),
+            )?;
             xtuner_engine::train::copy_tokenizer_files(&tokenizer, out)?;
         }
-        (_, mode) => bail!("{}: a `{mode}` checkpoint does not fit this config", checkpoint.display()),
+        (_, mode) => bail!(
+            "{}: a `{mode}` checkpoint does not fit this config",
+            checkpoint.display()
+        ),
     }
-    std::fs::write(out.join("xtuner_config.toml"), toml::to_string_pretty(c).unwrap_or_default())?;
+    std::fs::write(
+        out.join("xtuner_config.toml"),
+        toml::to_string_pretty(c).unwrap_or_default(),
+    )?;
     println!("saved to {}", out.display());
     Ok(())
 }
 
 /// `xtuner convert merge BASE ADAPTER OUT`: the base model with the adapter merged in.
-pub fn merge(base: &Path, adapter: &Path, out: &Path, max_shard_size: &str, fp32: bool) -> Result<()> {
+pub fn merge(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    max_shard_size: &str,
+    fp32: bool,
+) -> Result<()> {
     type B = backend::Cpu;
     let device = Default::default();
     let adapter = PeftAdapter::open(adapter)?;
     let (model, decoder) = InternLm2::<B>::load(base, Some(&adapter), &device)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let dtype = if fp32 { SaveDtype::F32 } else { SaveDtype::F16 };
-    save_safetensors(out, "model", model.to_hf_tensors(&decoder), dtype, Some(parse_size(max_shard_size)?))?;
-    for name in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"] {
+    save_safetensors(
+        out,
+        "model",
+        model.to_hf_tensors(&decoder),
+        dtype,
+        Some(parse_size(max_shard_size)?),
+    )?;
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let from = base.join(name);
         if from.is_file() {
-            std::fs::copy(&from, out.join(name)).with_context(|| format!("copying {}", from.display()))?;
+            std::fs::copy(&from, out.join(name))
+                .with_context(|| format!("copying {}", from.display()))?;
         }
     }
     println!("saved to {}", out.display());
@@ -186,7 +293,14 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, max_shard_size: &str, fp32
 }
 
 /// `xtuner eval MODEL_DIR --data FILE --template NAME`: mean loss and perplexity.
-pub fn eval(model_dir: &Path, adapter: Option<&Path>, data: &[PathBuf], format: &str, template: Option<&str>, max_length: usize) -> Result<()> {
+pub fn eval(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    data: &[PathBuf],
+    format: &str,
+    template: Option<&str>,
+    max_length: usize,
+) -> Result<()> {
     type B = backend::Cpu;
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
     let adapter = adapter.map(PeftAdapter::open).transpose()?;
@@ -198,12 +312,17 @@ pub fn eval(model_dir: &Path, adapter: Option<&Path>, data: &[PathBuf], format: 
     for row in &dataset.rows {
         let batch = xtuner_dataset::collate::collate(&[row], false);
         let (ids, input) = xtuner_engine::train::batch_tensors::<B>(&batch, &device);
-        let loss = xtuner_engine::loss::causal_lm_loss(model.forward(ids, &input, None), &batch.labels);
+        let loss =
+            xtuner_engine::loss::causal_lm_loss(model.forward(ids, &input, None), &batch.labels);
         sum += f64::from(loss.sum.into_scalar());
         tokens += loss.tokens;
     }
     let mean = sum / tokens.max(1) as f64;
-    println!("{} samples, {tokens} trained tokens: loss {mean:.4}, perplexity {:.3}", dataset.rows.len(), mean.exp());
+    println!(
+        "{} samples, {tokens} trained tokens: loss {mean:.4}, perplexity {:.3}",
+        dataset.rows.len(),
+        mean.exp()
+    );
     Ok(())
 }
 
@@ -211,9 +330,16 @@ pub fn eval(model_dir: &Path, adapter: Option<&Path>, data: &[PathBuf], format: 
 pub fn bench(bench: &xtuner_engine::bench::StepBench, device: Device) -> Result<()> {
     backend::check(device)?;
     let report = match device {
-        Device::Cpu => xtuner_engine::bench::run::<Autodiff<backend::Cpu>>(bench, &Default::default())?,
+        Device::Cpu => {
+            xtuner_engine::bench::run::<Autodiff<backend::Cpu>>(bench, &Default::default())?
+        }
         #[cfg(feature = "cuda")]
-        Device::Cuda => backend::on_cuda(|| Ok(xtuner_engine::bench::run::<Autodiff<backend::Cuda>>(bench, &Default::default())?))?,
+        Device::Cuda => backend::on_cuda(|| {
+            Ok(xtuner_engine::bench::run::<Autodiff<backend::Cuda>>(
+                bench,
+                &Default::default(),
+            )?)
+        })?,
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
     };

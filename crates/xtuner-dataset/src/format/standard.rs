@@ -128,7 +128,11 @@ mod tests {
     #[test]
     fn conversation_records_are_checked_strictly() {
         // Other columns are ignored, as XTuner does.
-        assert!(F::Conversation.map(&json!({"conversation": [], "id": 7}), &ColumnMap::new()).is_ok());
+        assert!(
+            F::Conversation
+                .map(&json!({"conversation": [], "id": 7}), &ColumnMap::new())
+                .is_ok()
+        );
         // (record, the start of the error's text)
         let cases = [
             (

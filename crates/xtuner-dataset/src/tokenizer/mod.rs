@@ -60,8 +60,8 @@ impl Tokenizer {
                 SentencePieceBpe::from_bytes(&bytes).map_err(|e| tokenizer_error(&file, e))?,
             ))
         } else {
-            let tok = tokenizers::Tokenizer::from_bytes(&bytes)
-                .map_err(|e| tokenizer_error(&file, e))?;
+            let tok =
+                tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tokenizer_error(&file, e))?;
             Backend::Hf(Box::new(tok))
         };
         let tokenizer_config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
@@ -79,7 +79,13 @@ impl Tokenizer {
             .and_then(Value::as_str)
             .unwrap_or_default();
         let special = |key: &str, id_key: &str| -> Result<Option<u32>> {
-            tokenizer.special_id(&file, tokenizer_config.as_ref(), model_config.as_ref(), key, id_key)
+            tokenizer.special_id(
+                &file,
+                tokenizer_config.as_ref(),
+                model_config.as_ref(),
+                key,
+                id_key,
+            )
         };
         let bos = special("bos_token", "bos_token_id")?;
         let eos = special("eos_token", "eos_token_id")?;
@@ -105,17 +111,22 @@ impl Tokenizer {
         key: &str,
         id_key: &str,
     ) -> Result<Option<u32>> {
-        let text = tokenizer_config.and_then(|c| c.get(key)).and_then(|v| match v {
-            Value::String(s) => Some(s.as_str()),
-            Value::Object(o) => o.get("content").and_then(Value::as_str),
-            _ => None,
-        });
+        let text = tokenizer_config
+            .and_then(|c| c.get(key))
+            .and_then(|v| match v {
+                Value::String(s) => Some(s.as_str()),
+                Value::Object(o) => o.get("content").and_then(Value::as_str),
+                _ => None,
+            });
         if let Some(text) = text {
             return self.token_to_id(text).map(Some).ok_or_else(|| {
                 tokenizer_error(file, format!("{key} `{text}` is not in the vocabulary"))
             });
         }
-        if let Some(id) = model_config.and_then(|c| c.get(id_key)).and_then(Value::as_u64) {
+        if let Some(id) = model_config
+            .and_then(|c| c.get(id_key))
+            .and_then(Value::as_u64)
+        {
             return Ok(u32::try_from(id).ok());
         }
         Ok(match (&self.backend, key) {
@@ -134,7 +145,9 @@ impl Tokenizer {
             Backend::Hf(tok) => tok
                 .encode_fast(text, false)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| Error::Encode { message: e.to_string() }),
+                .map_err(|e| Error::Encode {
+                    message: e.to_string(),
+                }),
             Backend::SentencePiece(spm) => Ok(spm.encode(text)),
         }
     }
@@ -146,10 +159,15 @@ impl Tokenizer {
     pub fn encode_pieces(&self, text: &str) -> Result<Vec<(u32, String)>> {
         match &self.backend {
             Backend::Hf(tok) => {
-                let enc = tok
-                    .encode(text, false)
-                    .map_err(|e| Error::Encode { message: e.to_string() })?;
-                Ok(enc.get_ids().iter().copied().zip(enc.get_tokens().iter().cloned()).collect())
+                let enc = tok.encode(text, false).map_err(|e| Error::Encode {
+                    message: e.to_string(),
+                })?;
+                Ok(enc
+                    .get_ids()
+                    .iter()
+                    .copied()
+                    .zip(enc.get_tokens().iter().cloned())
+                    .collect())
             }
             Backend::SentencePiece(spm) => Ok(spm.encode_pieces(text)),
         }
@@ -161,9 +179,9 @@ impl Tokenizer {
     /// When the `tokenizers` decoder fails.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.backend {
-            Backend::Hf(tok) => {
-                tok.decode(ids, false).map_err(|e| Error::Encode { message: e.to_string() })
-            }
+            Backend::Hf(tok) => tok.decode(ids, false).map_err(|e| Error::Encode {
+                message: e.to_string(),
+            }),
             Backend::SentencePiece(spm) => Ok(spm.decode(ids)),
         }
     }
@@ -253,16 +271,25 @@ fn tokenizer_file(path: &Path) -> Result<(PathBuf, PathBuf)> {
                 return Ok((path.to_path_buf(), file));
             }
         }
-        Err(tokenizer_error(path, "neither tokenizer.json nor tokenizer.model here"))
+        Err(tokenizer_error(
+            path,
+            "neither tokenizer.json nor tokenizer.model here",
+        ))
     } else if path.is_file() {
-        Ok((path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf()))
+        Ok((
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            path.to_path_buf(),
+        ))
     } else {
         Err(tokenizer_error(path, "no such file or directory"))
     }
 }
 
 fn tokenizer_error(path: &Path, message: impl ToString) -> Error {
-    Error::Tokenizer { path: path.to_path_buf(), message: message.to_string() }
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
@@ -280,7 +307,9 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(path)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures")
+            .join(path)
     }
 
     #[test]
@@ -301,14 +330,21 @@ mod tests {
         let tok = Tokenizer::from_path(&fixture("spm-bpe-tiny")).unwrap();
         assert_eq!(tok.bos_ids(), &[1]);
         assert_eq!(tok.eos_ids(), &[2]);
-        assert_eq!(tok.encode("Hello world").unwrap(), vec![498, 81, 291, 333, 274, 435]);
+        assert_eq!(
+            tok.encode("Hello world").unwrap(),
+            vec![498, 81, 291, 333, 274, 435]
+        );
         assert_eq!(tok.token_to_id("<|im_start|>"), Some(8));
     }
 
     #[test]
     fn qwen_tokenizers_have_no_bos() {
         let dir = tempfile::tempdir().unwrap();
-        fs::copy(fixture("tokenizer/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+        fs::copy(
+            fixture("tokenizer/tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
         fs::write(
             dir.path().join("tokenizer_config.json"),
             r#"{"tokenizer_class": "Qwen2TokenizerFast", "bos_token": null, "eos_token": "<|im_end|>"}"#,
@@ -323,7 +359,10 @@ mod tests {
     fn missing_and_corrupt_tokenizers_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let err = Tokenizer::from_path(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("neither tokenizer.json nor tokenizer.model"), "{err}");
+        assert!(
+            err.contains("neither tokenizer.json nor tokenizer.model"),
+            "{err}"
+        );
         fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
         let err = Tokenizer::from_path(dir.path()).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json"), "{err}");

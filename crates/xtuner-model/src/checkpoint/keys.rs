@@ -126,7 +126,10 @@ pub fn internlm2_qkv_rows(n_heads: usize, n_kv_heads: usize, head_dim: usize) ->
     let q = (0..n_heads).map(|j| block(j / groups, j % groups));
     let k = (0..n_kv_heads).map(|g| block(g, groups));
     let v = (0..n_kv_heads).map(|g| block(g, groups + 1));
-    q.chain(k).chain(v).flat_map(|start| start..start + head_dim).collect()
+    q.chain(k)
+        .chain(v)
+        .flat_map(|start| start..start + head_dim)
+        .collect()
 }
 
 #[cfg(test)]
@@ -150,8 +153,13 @@ mod tests {
 
     #[test]
     fn families_name_their_modules() {
-        assert_eq!(Family::InternLm2.layer(3).w2, "model.layers.3.feed_forward.w2");
+        assert_eq!(
+            Family::InternLm2.layer(3).w2,
+            "model.layers.3.feed_forward.w2"
+        );
         assert_eq!(Family::Llama.layer(0).w1, "model.layers.0.mlp.gate_proj");
-        assert!(matches!(Family::Qwen2.layer(1).qkv, QkvKeys::Separate { ref k, .. } if k == "model.layers.1.self_attn.k_proj"));
+        assert!(
+            matches!(Family::Qwen2.layer(1).qkv, QkvKeys::Separate { ref k, .. } if k == "model.layers.1.self_attn.k_proj")
+        );
     }
 }

@@ -60,10 +60,18 @@ impl PeftAdapter {
     /// tensors that are not PEFT LoRA pairs.
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::Io { path: config_path.clone(), source: e })?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::BadAdapter { path: config_path.clone(), message: e.to_string() })?;
-        let bad = |message: String| Error::BadAdapter { path: dir.to_path_buf(), message };
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::Io {
+            path: config_path.clone(),
+            source: e,
+        })?;
+        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::BadAdapter {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?;
+        let bad = |message: String| Error::BadAdapter {
+            path: dir.to_path_buf(),
+            message,
+        };
         if config.peft_type.as_deref().is_some_and(|t| t != "LORA") {
             return Err(bad(format!("peft_type {:?} is not LORA", config.peft_type)));
         }
@@ -71,17 +79,23 @@ impl PeftAdapter {
             return Err(bad("r is 0".into()));
         }
         if config.use_dora || config.fan_in_fan_out {
-            return Err(bad("DoRA and fan_in_fan_out adapters are not supported".into()));
+            return Err(bad(
+                "DoRA and fan_in_fan_out adapters are not supported".into()
+            ));
         }
         let file = dir.join("adapter_model.safetensors");
         if !file.is_file() && dir.join("adapter_model.bin").is_file() {
-            return Err(Error::PickleNotSupported { path: dir.join("adapter_model.bin") });
+            return Err(Error::PickleNotSupported {
+                path: dir.join("adapter_model.bin"),
+            });
         }
         let weights = Checkpoint::open(&file)?;
         let mut halves: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
         for key in weights.keys() {
             let Some(rest) = key.strip_prefix(PREFIX) else {
-                return Err(bad(format!("tensor `{key}` does not start with `{PREFIX}`")));
+                return Err(bad(format!(
+                    "tensor `{key}` does not start with `{PREFIX}`"
+                )));
             };
             let rest = rest.replace(".default.", ".");
             let (module, half) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
@@ -89,10 +103,16 @@ impl PeftAdapter {
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                 (m.to_string(), 1)
             } else {
-                return Err(bad(format!("tensor `{key}` is not a LoRA A/B weight (only LoRA weights are supported)")));
+                return Err(bad(format!(
+                    "tensor `{key}` is not a LoRA A/B weight (only LoRA weights are supported)"
+                )));
             };
             let entry = halves.entry(module).or_default();
-            if half == 0 { entry.0 = Some(key.clone()) } else { entry.1 = Some(key.clone()) }
+            if half == 0 {
+                entry.0 = Some(key.clone())
+            } else {
+                entry.1 = Some(key.clone())
+            }
         }
         let mut modules = BTreeMap::new();
         for (module, (a, b)) in halves {
@@ -100,16 +120,29 @@ impl PeftAdapter {
                 (Some(a), Some(b)) => {
                     modules.insert(module, (a, b));
                 }
-                _ => return Err(bad(format!("module `{module}` has only one of lora_A / lora_B"))),
+                _ => {
+                    return Err(bad(format!(
+                        "module `{module}` has only one of lora_A / lora_B"
+                    )));
+                }
             }
         }
-        Ok(Self { config, dir: dir.to_path_buf(), weights, modules })
+        Ok(Self {
+            config,
+            dir: dir.to_path_buf(),
+            weights,
+            modules,
+        })
     }
 
     /// `alpha / r` (or `alpha / √r` with rsLoRA).
     pub fn scale(&self) -> f64 {
         let r = self.config.r as f64;
-        if self.config.use_rslora { self.config.lora_alpha / r.sqrt() } else { self.config.lora_alpha / r }
+        if self.config.use_rslora {
+            self.config.lora_alpha / r.sqrt()
+        } else {
+            self.config.lora_alpha / r
+        }
     }
 
     /// The adapted module names.
@@ -127,7 +160,9 @@ impl PeftAdapter {
     /// # Errors
     /// A/B shapes that do not fit `[out, in]` with the adapter's rank.
     pub fn delta(&self, module: &str, out: usize, inp: usize) -> Result<Option<Vec<f32>>> {
-        let Some((a, b)) = self.pair(module, out, inp)? else { return Ok(None) };
+        let Some((a, b)) = self.pair(module, out, inp)? else {
+            return Ok(None);
+        };
         let r = self.config.r;
         let scale = self.scale() as f32;
         let mut delta = vec![0f32; out * inp];
@@ -150,13 +185,24 @@ impl PeftAdapter {
     ///
     /// # Errors
     /// Shapes that do not fit `[out, in]` with the adapter's rank.
-    pub fn pair(&self, module: &str, out: usize, inp: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-        let Some((a_key, b_key)) = self.modules.get(module) else { return Ok(None) };
+    pub fn pair(
+        &self,
+        module: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let Some((a_key, b_key)) = self.modules.get(module) else {
+            return Ok(None);
+        };
         let r = self.config.r;
         for (key, expected) in [(a_key, vec![r, inp]), (b_key, vec![out, r])] {
             let found = self.weights.shape(key).unwrap_or_default();
             if found != expected {
-                return Err(Error::ShapeMismatch { key: key.clone(), expected, found });
+                return Err(Error::ShapeMismatch {
+                    key: key.clone(),
+                    expected,
+                    found,
+                });
             }
         }
         let read = |key: &str| -> Result<Vec<f32>> {
@@ -164,7 +210,10 @@ impl PeftAdapter {
             self.weights
                 .float_data(key)?
                 .to_vec::<f32>()
-                .map_err(|e| Error::BadAdapter { path: self.dir.clone(), message: format!("{key}: {e:?}") })
+                .map_err(|e| Error::BadAdapter {
+                    path: self.dir.clone(),
+                    message: format!("{key}: {e:?}"),
+                })
         };
         Ok(Some((read(a_key)?, read(b_key)?)))
     }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use ::image::RgbImage;
 use burn::tensor::backend::Backend;
-use rayon::prelude::*;
 use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 pub use self::resample::{Resample, resize};
@@ -90,7 +90,10 @@ impl ImageProcessorConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let config: Self = crate::error::read_json_file(path)?;
-        config.validate().map_err(|e| Error::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate().map_err(|e| Error::BadConfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Ok(config)
     }
 
@@ -350,7 +353,10 @@ impl ImageProcessor {
         path: impl AsRef<Path>,
         device: &B::Device,
     ) -> Result<Tensor<B, 3>> {
-        Ok(Tensor::from_data(self.preprocess_path(path.as_ref())?, device))
+        Ok(Tensor::from_data(
+            self.preprocess_path(path.as_ref())?,
+            device,
+        ))
     }
 
     /// A training batch's `pixel_values`, the images decoded and preprocessed in
@@ -374,7 +380,11 @@ impl ImageProcessor {
                 None => Ok(self.blank()),
             })
             .collect::<Result<Vec<_>>>()?;
-        stack_pixel_values(data.into_iter().map(|d| Tensor::from_data(d, device)).collect())
+        stack_pixel_values(
+            data.into_iter()
+                .map(|d| Tensor::from_data(d, device))
+                .collect(),
+        )
     }
 
     fn preprocess_path(&self, path: &Path) -> Result<TensorData> {
@@ -443,7 +453,10 @@ pub fn open_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
 /// [`Error::Image`] naming the file when it is missing or not a readable image.
 pub fn probe(path: impl AsRef<Path>) -> Result<(u32, u32)> {
     let path = path.as_ref();
-    let err = |message: String| Error::Image { path: path.to_path_buf(), message };
+    let err = |message: String| Error::Image {
+        path: path.to_path_buf(),
+        message,
+    };
     ::image::ImageReader::open(path)
         .map_err(|e| err(e.to_string()))?
         .with_guessed_format()
@@ -542,9 +555,9 @@ pub fn center_crop(image: &RgbImage, height: usize, width: usize) -> RgbImage {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_util::max_abs_diff;
     use super::*;
     use crate::TestBackend;
+    use crate::test_util::max_abs_diff;
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> PathBuf {

@@ -93,7 +93,10 @@ pub fn scaled_dot_product<B: Backend>(
     let k = k.reshape([b * kv_heads, s, d]);
     let v = v.reshape([b * kv_heads, s, d]);
     let dtype = q.dtype();
-    let scores = batched_matmul(q, k.swap_dims(1, 2)).reshape([b, h, t, s]).cast(DType::F32) / (d as f64).sqrt();
+    let scores = batched_matmul(q, k.swap_dims(1, 2))
+        .reshape([b, h, t, s])
+        .cast(DType::F32)
+        / (d as f64).sqrt();
     let probs = softmax(scores + bias.clone().cast(DType::F32), 3).cast(dtype);
     batched_matmul(probs.reshape([b * kv_heads, groups * t, s]), v).reshape([b, h, t, d])
 }
@@ -138,7 +141,14 @@ mod tests {
     #[test]
     fn bias_is_causal_and_respects_padding_and_segments() {
         let device = Default::default();
-        let bias = attention_bias::<TestBackend>(1, 4, 0, &[true, true, true, false], Some(&[0, 0, 1, 1]), &device);
+        let bias = attention_bias::<TestBackend>(
+            1,
+            4,
+            0,
+            &[true, true, true, false],
+            Some(&[0, 0, 1, 1]),
+            &device,
+        );
         let v: Vec<f32> = bias.into_data().to_vec().unwrap();
         let visible: Vec<bool> = v.iter().map(|&x| x == 0.0).collect();
         #[rustfmt::skip]
@@ -164,7 +174,11 @@ mod tests {
         let bias = Tensor::<TestBackend, 4>::zeros([1, 1, 1, 2], &device);
         let out = scaled_dot_product(q, k, v, &bias);
         let w = 1.0 / (1.0 + (-1.0f32 / 2f32.sqrt()).exp());
-        let expected = TensorData::from([[[[10.0 * w, 10.0 * (1.0 - w)]], [[10.0 * (1.0 - w), 10.0 * w]]]]);
-        out.into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-4));
+        let expected = TensorData::from([[
+            [[10.0 * w, 10.0 * (1.0 - w)]],
+            [[10.0 * (1.0 - w), 10.0 * w]],
+        ]]);
+        out.into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-4));
     }
 }

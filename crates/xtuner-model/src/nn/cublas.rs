@@ -43,7 +43,10 @@ type Primitive = CubeTensor<CudaRuntime>;
 
 /// `x·w` through cuBLAS when `B` is Burn's CUDA backend (or its autodiff wrapper) and
 /// the operands suit it; `Err(x)` hands `x` back for Burn's matmul otherwise.
-pub(crate) fn matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 2>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+pub(crate) fn matmul<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: &Tensor<B, 2>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let mut dims = x.dims();
     let [k, n] = w.dims();
     let m: usize = dims[..D - 1].iter().product();
@@ -58,10 +61,18 @@ pub(crate) fn matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 
 }
 
 /// `a·b` matrix by matrix (`[N, m, k]·[N, k, n]`), like [`matmul`].
-pub(crate) fn batched_matmul<B: Backend>(a: Tensor<B, 3>, b: &Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+pub(crate) fn batched_matmul<B: Backend>(
+    a: Tensor<B, 3>,
+    b: &Tensor<B, 3>,
+) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
     let [batch, m, k] = a.dims();
     let [batch_b, k_b, n] = b.dims();
-    if batch != batch_b || k != k_b || batch == 0 || batch > i32::MAX as usize || !applies(&a, b, [m, k, n]) {
+    if batch != batch_b
+        || k != k_b
+        || batch == 0
+        || batch > i32::MAX as usize
+        || !applies(&a, b, [m, k, n])
+    {
         return Err(a);
     }
     product::<B, 3>(a.clone(), b.clone()).ok_or(a)
@@ -69,7 +80,11 @@ pub(crate) fn batched_matmul<B: Backend>(a: Tensor<B, 3>, b: &Tensor<B, 3>) -> R
 
 /// Whether cuBLAS can serve this product: a CUDA backend, one supported dtype, no empty
 /// or oversized extent.
-fn applies<B: Backend, const R: usize, const S: usize>(a: &Tensor<B, R>, b: &Tensor<B, S>, extents: [usize; 3]) -> bool {
+fn applies<B: Backend, const R: usize, const S: usize>(
+    a: &Tensor<B, R>,
+    b: &Tensor<B, S>,
+    extents: [usize; 3],
+) -> bool {
     enabled()
         && a.dtype() == b.dtype()
         && matches!(a.dtype(), DType::BF16 | DType::F16 | DType::F32)
@@ -78,21 +93,29 @@ fn applies<B: Backend, const R: usize, const S: usize>(a: &Tensor<B, R>, b: &Ten
 }
 
 fn is_cuda<B: Backend, F: FloatElement>() -> bool {
-    TypeId::of::<B>() == TypeId::of::<Cuda<F>>() || TypeId::of::<B>() == TypeId::of::<Autodiff<Cuda<F>>>()
+    TypeId::of::<B>() == TypeId::of::<Cuda<F>>()
+        || TypeId::of::<B>() == TypeId::of::<Autodiff<Cuda<F>>>()
 }
 
 /// The product of two rank-`R` operands (matrices, or batches of them) on cuBLAS.
 fn product<B: Backend, const R: usize>(a: Tensor<B, R>, b: Tensor<B, R>) -> Option<Tensor<B, R>> {
-    route::<B, half::bf16, R>(&a, &b).or_else(|| route::<B, half::f16, R>(&a, &b)).or_else(|| route::<B, f32, R>(&a, &b))
+    route::<B, half::bf16, R>(&a, &b)
+        .or_else(|| route::<B, half::f16, R>(&a, &b))
+        .or_else(|| route::<B, f32, R>(&a, &b))
 }
 
 /// The product when `B` is `Cuda<F>` or `Autodiff<Cuda<F>>`.
-fn route<B: Backend, F: FloatElement, const R: usize>(a: &Tensor<B, R>, b: &Tensor<B, R>) -> Option<Tensor<B, R>> {
+fn route<B: Backend, F: FloatElement, const R: usize>(
+    a: &Tensor<B, R>,
+    b: &Tensor<B, R>,
+) -> Option<Tensor<B, R>> {
     if TypeId::of::<B>() == TypeId::of::<Cuda<F>>() {
         let a: Tensor<Cuda<F>, R> = same(a)?;
         let b: Tensor<Cuda<F>, R> = same(b)?;
         let c = gemm::<F>(a.into_primitive().tensor(), b.into_primitive().tensor());
-        return same(&Tensor::<Cuda<F>, R>::from_primitive(TensorPrimitive::Float(c)));
+        return same(&Tensor::<Cuda<F>, R>::from_primitive(
+            TensorPrimitive::Float(c),
+        ));
     }
     if TypeId::of::<B>() == TypeId::of::<Autodiff<Cuda<F>>>() {
         let a: Tensor<Autodiff<Cuda<F>>, R> = same(a)?;
@@ -108,15 +131,25 @@ fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
 }
 
 /// The autodiff op: forward through cuBLAS, and a backward that is two more products.
-fn tracked_gemm<F: FloatElement, const R: usize>(x: Tensor<Autodiff<Cuda<F>>, R>, w: Tensor<Autodiff<Cuda<F>>, R>) -> Tensor<Autodiff<Cuda<F>>, R> {
+fn tracked_gemm<F: FloatElement, const R: usize>(
+    x: Tensor<Autodiff<Cuda<F>>, R>,
+    w: Tensor<Autodiff<Cuda<F>>, R>,
+) -> Tensor<Autodiff<Cuda<F>>, R> {
     let x = x.into_primitive().tensor();
     let w = w.into_primitive().tensor();
     let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
     let op = GemmBackward::<F>(std::marker::PhantomData);
-    let y = match op.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+    let y = match op
+        .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => {
             // dX needs W and dW needs X: keep only what a tracked input needs.
-            let state = (w_tracked.then(|| x.primitive.clone()), x_tracked.then(|| w.primitive.clone()));
+            let state = (
+                w_tracked.then(|| x.primitive.clone()),
+                x_tracked.then(|| w.primitive.clone()),
+            );
             prep.finish(state, gemm::<F>(x.primitive, w.primitive))
         }
         OpsKind::UnTracked(prep) => prep.finish(gemm::<F>(x.primitive, w.primitive)),
@@ -131,7 +164,12 @@ impl<F: FloatElement> Backward<Cuda<F>, 2> for GemmBackward<F> {
     /// `X` (kept when `W` needs a gradient) and `W` (kept when `X` does).
     type State = (Option<Primitive>, Option<Primitive>);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let (x, w) = ops.state;
         let [x_node, w_node] = ops.parents;
         let dy = grads.consume::<Cuda<F>>(&ops.node);
@@ -161,14 +199,20 @@ fn transposed<F: FloatElement>(t: Primitive) -> Primitive {
 /// `a·b` for `a: [m, k]`, `b: [k, n]` (row-major, or transposed views), or batches of
 /// them (`[N, m, k]`, `[N, k, n]`): a new contiguous `[m, n]` (`[N, m, n]`).
 fn gemm<F: FloatElement>(a: Primitive, b: Primitive) -> Primitive {
-    gemms::<F>(vec![(a, b)]).into_iter().next().unwrap_or_else(|| unreachable!("one product in, one out"))
+    gemms::<F>(vec![(a, b)])
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| unreachable!("one product in, one out"))
 }
 
 /// Independent products, in one synchronisation of Burn's stream (a backward's `dX` and
 /// `dW`). Falls back to Burn's matmul, for good, when cuBLAS fails.
 fn gemms<F: FloatElement>(products: Vec<(Primitive, Primitive)>) -> Vec<Primitive> {
     if !enabled() || products.iter().any(|(a, b)| a.dtype != b.dtype) {
-        return products.into_iter().map(|(a, b)| Cuda::<F>::float_matmul(a, b)).collect();
+        return products
+            .into_iter()
+            .map(|(a, b)| Cuda::<F>::float_matmul(a, b))
+            .collect();
     }
     match cublas_gemms(&products) {
         Ok(c) => c,
@@ -176,7 +220,10 @@ fn gemms<F: FloatElement>(products: Vec<(Primitive, Primitive)>) -> Vec<Primitiv
             if !DISABLED.swap(true, Ordering::Relaxed) {
                 tracing::warn!("cuBLAS unavailable, using Burn's matmul from now on: {e}");
             }
-            products.into_iter().map(|(a, b)| Cuda::<F>::float_matmul(a, b)).collect()
+            products
+                .into_iter()
+                .map(|(a, b)| Cuda::<F>::float_matmul(a, b))
+                .collect()
         }
     }
 }
@@ -193,11 +240,17 @@ struct Prepared {
 }
 
 fn cublas_gemms(products: &[(Primitive, Primitive)]) -> Result<Vec<Primitive>, String> {
-    let Some(device) = products.first().map(|(a, _)| a.device.clone()) else { return Ok(Vec::new()) };
-    let prepared = products.iter().map(|(a, b)| prepare(a, b)).collect::<Result<Vec<_>, _>>()?;
+    let Some(device) = products.first().map(|(a, _)| a.device.clone()) else {
+        return Ok(Vec::new());
+    };
+    let prepared = products
+        .iter()
+        .map(|(a, b)| prepare(a, b))
+        .collect::<Result<Vec<_>, _>>()?;
     // Everything queued on Burn's stream before these products (the operands, the
     // copies `prepare` made, the reuse of the outputs' memory) must be done.
-    <CubeBackend<CudaRuntime, f32, i32, u8> as Backend>::sync(&device).map_err(|e| format!("synchronising Burn's stream: {e:?}"))?;
+    <CubeBackend<CudaRuntime, f32, i32, u8> as Backend>::sync(&device)
+        .map_err(|e| format!("synchronising Burn's stream: {e:?}"))?;
     BLAS.with(|cell| {
         let mut slot = cell.borrow_mut();
         let blas = match slot.as_mut() {
@@ -230,12 +283,31 @@ fn prepare(a: &Primitive, b: &Primitive) -> Result<Prepared, String> {
         DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
         other => return Err(format!("unsupported dtype {other:?}")),
     };
-    let shape: burn::tensor::Shape = if a.meta.shape().num_dims() == 3 { [batch, m, n].into() } else { [m, n].into() };
-    let output = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), shape, a.dtype);
-    let resource = |t: &Primitive| t.client.get_resource(t.handle.clone()).map_err(|e| format!("device pointer: {e:?}"));
+    let shape: burn::tensor::Shape = if a.meta.shape().num_dims() == 3 {
+        [batch, m, n].into()
+    } else {
+        [m, n].into()
+    };
+    let output = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        a.client.clone(),
+        a.device.clone(),
+        shape,
+        a.dtype,
+    );
+    let resource = |t: &Primitive| {
+        t.client
+            .get_resource(t.handle.clone())
+            .map_err(|e| format!("device pointer: {e:?}"))
+    };
     let (ra, rb, rc) = (resource(&a)?, resource(&b)?, resource(&output)?);
     let pointers = [ra.resource().ptr, rb.resource().ptr, rc.resource().ptr];
-    Ok(Prepared { plan, data_type, output, pointers, _held: [Box::new(ra), Box::new(rb), Box::new(rc)] })
+    Ok(Prepared {
+        plan,
+        data_type,
+        output,
+        pointers,
+        _held: [Box::new(ra), Box::new(rb), Box::new(rc)],
+    })
 }
 
 /// The matrices of an operand of rank 2 (one) or 3 (a batch).
@@ -253,9 +325,18 @@ fn matrices(t: Primitive) -> (Primitive, Matrices) {
     let describe = |t: &Primitive| {
         let (shape, strides) = (t.meta.shape(), t.meta.strides());
         let r = shape.num_dims();
-        let (batch, stride) = if r == 3 { (shape[0], if shape[0] > 1 { strides[0] } else { 0 }) } else { (1, 0) };
+        let (batch, stride) = if r == 3 {
+            (shape[0], if shape[0] > 1 { strides[0] } else { 0 })
+        } else {
+            (1, 0)
+        };
         let dims = [shape[r - 2], shape[r - 1]];
-        Layout::of(dims, [strides[r - 2], strides[r - 1]]).map(|layout| Matrices { batch, shape: dims, stride, layout })
+        Layout::of(dims, [strides[r - 2], strides[r - 1]]).map(|layout| Matrices {
+            batch,
+            shape: dims,
+            stride,
+            layout,
+        })
     };
     if let Some(m) = describe(&t) {
         return (t, m);
@@ -264,8 +345,17 @@ fn matrices(t: Primitive) -> (Primitive, Matrices) {
     let shape = t.meta.shape();
     let r = shape.num_dims();
     let (rows, cols) = (shape[r - 2], shape[r - 1]);
-    let (batch, stride) = if r == 3 { (shape[0], rows * cols) } else { (1, 0) };
-    let m = Matrices { batch, shape: [rows, cols], stride, layout: Layout::Rows { ld: cols.max(1) } };
+    let (batch, stride) = if r == 3 {
+        (shape[0], rows * cols)
+    } else {
+        (1, 0)
+    };
+    let m = Matrices {
+        batch,
+        shape: [rows, cols],
+        stride,
+        layout: Layout::Rows { ld: cols.max(1) },
+    };
     (t, m)
 }
 
@@ -279,7 +369,8 @@ pub(crate) fn products() -> u64 {
 
 fn enabled() -> bool {
     static OFF_BY_ENV: OnceLock<bool> = OnceLock::new();
-    let off = *OFF_BY_ENV.get_or_init(|| std::env::var("XTUNER_GEMM").is_ok_and(|v| v.eq_ignore_ascii_case("burn")));
+    let off = *OFF_BY_ENV
+        .get_or_init(|| std::env::var("XTUNER_GEMM").is_ok_and(|v| v.eq_ignore_ascii_case("burn")));
     !off && !DISABLED.load(Ordering::Relaxed)
 }
 
@@ -304,17 +395,28 @@ impl Blas {
         // SAFETY: library probing, and driver calls whose results are checked.
         unsafe {
             if !blas_sys::is_culib_present() {
-                return Err("libcublas was not found (is /usr/local/cuda/lib64 on LD_LIBRARY_PATH?)".into());
+                return Err(
+                    "libcublas was not found (is /usr/local/cuda/lib64 on LD_LIBRARY_PATH?)".into(),
+                );
             }
             driver::init().map_err(|e| format!("cuInit: {e:?}"))?;
             let ordinal = i32::try_from(device).map_err(|_| format!("device index {device}"))?;
-            let dev = driver::device::get(ordinal).map_err(|e| format!("device {device}: {e:?}"))?;
-            let context = driver::primary_ctx::retain(dev).map_err(|e| format!("primary context: {e:?}"))?;
+            let dev =
+                driver::device::get(ordinal).map_err(|e| format!("device {device}: {e:?}"))?;
+            let context =
+                driver::primary_ctx::retain(dev).map_err(|e| format!("primary context: {e:?}"))?;
             driver::ctx::set_current(context).map_err(|e| format!("primary context: {e:?}"))?;
-            let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking).map_err(|e| format!("stream: {e:?}"))?;
+            let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
+                .map_err(|e| format!("stream: {e:?}"))?;
             let handle = blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
-            blas::set_stream(handle, stream as blas_sys::cudaStream_t).map_err(|e| format!("cublasSetStream: {e:?}"))?;
-            Ok(Self { device, context, stream, handle })
+            blas::set_stream(handle, stream as blas_sys::cudaStream_t)
+                .map_err(|e| format!("cublasSetStream: {e:?}"))?;
+            Ok(Self {
+                device,
+                context,
+                stream,
+                handle,
+            })
         }
     }
 
@@ -323,15 +425,31 @@ impl Blas {
     /// # Safety
     /// `first`, `second` and `c` must be device pointers of allocations that hold the
     /// plan's extents in `data_type`.
-    unsafe fn gemm(&mut self, plan: &GemmPlan, data_type: blas_sys::cudaDataType, first: u64, second: u64, c: u64) -> Result<(), String> {
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let int = |v: usize| i32::try_from(v).map_err(|_| format!("GEMM extent {v} exceeds cuBLAS's 32-bit sizes"));
+    unsafe fn gemm(
+        &mut self,
+        plan: &GemmPlan,
+        data_type: blas_sys::cudaDataType,
+        first: u64,
+        second: u64,
+        c: u64,
+    ) -> Result<(), String> {
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| format!("GEMM extent {v} exceeds cuBLAS's 32-bit sizes"))
+        };
         let wide = |v: usize| i64::try_from(v).map_err(|_| format!("GEMM stride {v}"));
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: per this function's contract; alpha and beta are host f32, as
         // CUBLAS_COMPUTE_32F with the default pointer mode reads them.
         unsafe {
-            driver::ctx::set_current(self.context).map_err(|e| format!("primary context: {e:?}"))?;
+            driver::ctx::set_current(self.context)
+                .map_err(|e| format!("primary context: {e:?}"))?;
             blas::gemm_strided_batched_ex(
                 self.handle,
                 op(plan.transpose_first),
@@ -364,6 +482,7 @@ impl Blas {
     /// Waits for everything queued on our stream.
     fn synchronize(&self) -> Result<(), String> {
         // SAFETY: the stream was created by `new` and is never destroyed.
-        unsafe { driver::stream::synchronize(self.stream) }.map_err(|e| format!("cuBLAS stream: {e:?}"))
+        unsafe { driver::stream::synchronize(self.stream) }
+            .map_err(|e| format!("cuBLAS stream: {e:?}"))
     }
 }

@@ -57,11 +57,19 @@ struct Visibility<'a> {
 
 impl Visibility<'_> {
     fn visible(&self, b: usize, i: usize, j: usize) -> bool {
-        j <= i && self.segments.is_none_or(|s| s[b * self.seq + i] == s[b * self.seq + j])
+        j <= i
+            && self
+                .segments
+                .is_none_or(|s| s[b * self.seq + i] == s[b * self.seq + j])
     }
 
     /// Whether any query of `queries` sees any key of `keys` (tiles to skip otherwise).
-    fn tile_visible(&self, b: usize, queries: std::ops::Range<usize>, keys: std::ops::Range<usize>) -> bool {
+    fn tile_visible(
+        &self,
+        b: usize,
+        queries: std::ops::Range<usize>,
+        keys: std::ops::Range<usize>,
+    ) -> bool {
         if keys.start >= queries.end {
             return false; // strictly above the diagonal
         }
@@ -89,8 +97,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// # Panics
 /// Slices whose lengths do not match `shape`, or K not dividing H (callers build these
 /// from tensors of checked shapes).
-pub fn forward(shape: &FlashShape, q: &[f32], k: &[f32], v: &[f32], segments: Option<&[i64]>) -> (Vec<f32>, Vec<f32>) {
-    let FlashShape { batch, heads, seq, head_dim: d, block, .. } = *shape;
+pub fn forward(
+    shape: &FlashShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segments: Option<&[i64]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let FlashShape {
+        batch,
+        heads,
+        seq,
+        head_dim: d,
+        block,
+        ..
+    } = *shape;
     assert_eq!(q.len(), batch * heads * seq * d);
     assert_eq!(k.len(), v.len());
     let vis = Visibility { seq, segments };
@@ -169,15 +190,33 @@ pub fn backward(
     dout: &[f32],
     segments: Option<&[i64]>,
 ) -> FlashGrads {
-    let FlashShape { batch, heads, seq, head_dim: d, block, .. } = *shape;
+    let FlashShape {
+        batch,
+        heads,
+        seq,
+        head_dim: d,
+        block,
+        ..
+    } = *shape;
     assert_eq!(dout.len(), out.len());
     let vis = Visibility { seq, segments };
     let scale = shape.scale();
-    let mut grads = FlashGrads { dq: vec![0.0; q.len()], dk: vec![0.0; k.len()], dv: vec![0.0; v.len()] };
+    let mut grads = FlashGrads {
+        dq: vec![0.0; q.len()],
+        dk: vec![0.0; k.len()],
+        dv: vec![0.0; v.len()],
+    };
     for b in 0..batch {
         for h in 0..heads {
             // D_i = dO_i · O_i, the softmax backward's row term.
-            let delta: Vec<f32> = (0..seq).map(|i| dot(&dout[shape.q_index(b, h, i)..][..d], &out[shape.q_index(b, h, i)..][..d])).collect();
+            let delta: Vec<f32> = (0..seq)
+                .map(|i| {
+                    dot(
+                        &dout[shape.q_index(b, h, i)..][..d],
+                        &out[shape.q_index(b, h, i)..][..d],
+                    )
+                })
+                .collect();
             for k0 in (0..seq).step_by(block) {
                 let k1 = (k0 + block).min(seq);
                 for q0 in (k0..seq).step_by(block) {
@@ -193,7 +232,8 @@ pub fn backward(
                                 continue;
                             }
                             let kv_at = shape.kv_index(b, h, j);
-                            let p = (dot(&q[qi_at..][..d], &k[kv_at..][..d]) * scale - row_lse).exp();
+                            let p =
+                                (dot(&q[qi_at..][..d], &k[kv_at..][..d]) * scale - row_lse).exp();
                             let dp = dot(&dout[qi_at..][..d], &v[kv_at..][..d]);
                             let ds = p * (dp - delta[i]) * scale;
                             for x in 0..d {
@@ -226,21 +266,62 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32], what: &str) {
         assert_eq!(a.len(), b.len(), "{what}");
-        TensorData::new(a.to_vec(), [a.len()]).assert_approx_eq::<f32>(&TensorData::new(b.to_vec(), [b.len()]), Tolerance::absolute(2e-5));
+        TensorData::new(a.to_vec(), [a.len()]).assert_approx_eq::<f32>(
+            &TensorData::new(b.to_vec(), [b.len()]),
+            Tolerance::absolute(2e-5),
+        );
     }
 
     /// Flash forward and backward equal the dense attention and its autodiff gradients.
     fn check(shape: FlashShape, segments: Option<Vec<i64>>) {
         let device = Default::default();
-        let FlashShape { batch, heads, kv_heads, seq, head_dim, .. } = shape;
-        let q = Tensor::<AD, 4>::random([batch, heads, seq, head_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let k = Tensor::<AD, 4>::random([batch, kv_heads, seq, head_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let v = Tensor::<AD, 4>::random([batch, kv_heads, seq, head_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let dout = Tensor::<AD, 4>::random([batch, heads, seq, head_dim], Distribution::Normal(0.0, 1.0), &device);
-        let bias = attention_bias::<AD>(batch, seq, 0, &vec![true; batch * seq], segments.as_deref(), &device);
+        let FlashShape {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            head_dim,
+            ..
+        } = shape;
+        let q = Tensor::<AD, 4>::random(
+            [batch, heads, seq, head_dim],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )
+        .require_grad();
+        let k = Tensor::<AD, 4>::random(
+            [batch, kv_heads, seq, head_dim],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )
+        .require_grad();
+        let v = Tensor::<AD, 4>::random(
+            [batch, kv_heads, seq, head_dim],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )
+        .require_grad();
+        let dout = Tensor::<AD, 4>::random(
+            [batch, heads, seq, head_dim],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let bias = attention_bias::<AD>(
+            batch,
+            seq,
+            0,
+            &vec![true; batch * seq],
+            segments.as_deref(),
+            &device,
+        );
         let dense = scaled_dot_product(q.clone(), k.clone(), v.clone(), &bias);
         let grads = (dense.clone() * dout.clone()).sum().backward();
-        let (fq, fk, fv, fd) = (data(q.clone()), data(k.clone()), data(v.clone()), data(dout));
+        let (fq, fk, fv, fd) = (
+            data(q.clone()),
+            data(k.clone()),
+            data(v.clone()),
+            data(dout),
+        );
         let (out, lse) = forward(&shape, &fq, &fk, &fv, segments.as_deref());
         close(&out, &data(dense), "out");
         let g = backward(&shape, &fq, &fk, &fv, &out, &lse, &fd, segments.as_deref());
@@ -252,30 +333,69 @@ mod tests {
 
     #[test]
     fn causal_with_grouped_heads_matches_dense_attention() {
-        check(FlashShape { batch: 2, heads: 4, kv_heads: 2, seq: 37, head_dim: 8, block: 8 }, None);
+        check(
+            FlashShape {
+                batch: 2,
+                heads: 4,
+                kv_heads: 2,
+                seq: 37,
+                head_dim: 8,
+                block: 8,
+            },
+            None,
+        );
     }
 
     #[test]
     fn packed_rows_match_dense_attention_with_segments() {
         // Row 0: samples of 10, 1, 20 and 9 tokens; row 1: one sample of 40.
-        let mut segments: Vec<i64> = [(0, 10), (1, 1), (2, 20), (3, 9)].iter().flat_map(|&(s, n)| vec![s; n]).collect();
+        let mut segments: Vec<i64> = [(0, 10), (1, 1), (2, 20), (3, 9)]
+            .iter()
+            .flat_map(|&(s, n)| vec![s; n])
+            .collect();
         segments.extend(vec![0; 40]);
-        check(FlashShape { batch: 2, heads: 2, kv_heads: 1, seq: 40, head_dim: 4, block: 16 }, Some(segments));
+        check(
+            FlashShape {
+                batch: 2,
+                heads: 2,
+                kv_heads: 1,
+                seq: 40,
+                head_dim: 4,
+                block: 16,
+            },
+            Some(segments),
+        );
     }
 
     #[test]
     fn a_tile_larger_than_the_row_is_one_dense_pass() {
-        check(FlashShape { batch: 1, heads: 2, kv_heads: 2, seq: 5, head_dim: 4, block: 64 }, None);
+        check(
+            FlashShape {
+                batch: 1,
+                heads: 2,
+                kv_heads: 2,
+                seq: 5,
+                head_dim: 4,
+                block: 64,
+            },
+            None,
+        );
     }
 
     #[test]
     fn hidden_tiles_are_skipped() {
         let segments: Vec<i64> = [vec![0; 8], vec![1; 8]].concat();
-        let vis = Visibility { seq: 16, segments: Some(&segments) };
+        let vis = Visibility {
+            seq: 16,
+            segments: Some(&segments),
+        };
         assert!(!vis.tile_visible(0, 0..8, 8..16), "above the diagonal");
         assert!(!vis.tile_visible(0, 8..16, 0..8), "another sample");
         assert!(vis.tile_visible(0, 8..16, 8..16));
-        let vis = Visibility { seq: 16, segments: None };
+        let vis = Visibility {
+            seq: 16,
+            segments: None,
+        };
         assert!(vis.tile_visible(0, 8..16, 0..8));
     }
 }

@@ -73,10 +73,14 @@ impl Layout {
         let [rows, cols] = shape;
         let [s0, s1] = strides;
         if (s1 == 1 || cols <= 1) && (rows <= 1 || s0 >= cols.max(1)) {
-            return Some(Self::Rows { ld: if rows <= 1 { cols.max(1) } else { s0 } });
+            return Some(Self::Rows {
+                ld: if rows <= 1 { cols.max(1) } else { s0 },
+            });
         }
         if (s0 == 1 || rows <= 1) && (cols <= 1 || s1 >= rows.max(1)) {
-            return Some(Self::Cols { ld: if cols <= 1 { rows.max(1) } else { s1 } });
+            return Some(Self::Cols {
+                ld: if cols <= 1 { rows.max(1) } else { s1 },
+            });
         }
         None
     }
@@ -120,13 +124,32 @@ impl GemmPlan {
     pub(crate) fn new([m, k, n]: [usize; 3], a: Layout, b: Layout) -> Self {
         let (transpose_first, ld_first) = b.blas();
         let (transpose_second, ld_second) = a.blas();
-        Self { transpose_first, transpose_second, m: n, n: m, k, ld_first, ld_second, ldc: n.max(1), batch: 1, stride_first: 0, stride_second: 0, stride_c: 0 }
+        Self {
+            transpose_first,
+            transpose_second,
+            m: n,
+            n: m,
+            k,
+            ld_first,
+            ld_second,
+            ldc: n.max(1),
+            batch: 1,
+            stride_first: 0,
+            stride_second: 0,
+            stride_c: 0,
+        }
     }
 
     /// The same product over `batch` pairs of matrices, `A`'s `stride_a` and `B`'s
     /// `stride_b` elements apart, into contiguous `[batch, m, n]`.
     pub(crate) fn batched(self, batch: usize, stride_a: usize, stride_b: usize) -> Self {
-        Self { batch, stride_first: stride_b, stride_second: stride_a, stride_c: self.m * self.n, ..self }
+        Self {
+            batch,
+            stride_first: stride_b,
+            stride_second: stride_a,
+            stride_c: self.m * self.n,
+            ..self
+        }
     }
 }
 
@@ -138,13 +161,27 @@ mod tests {
 
     /// What a column-major BLAS computes for a plan (the reference GEMM's definition).
     fn blas_gemm(plan: &GemmPlan, first: &[f32], second: &[f32]) -> Vec<f32> {
-        let op = |data: &[f32], transpose: bool, ld: usize, i: usize, j: usize| if transpose { data[j + i * ld] } else { data[i + j * ld] };
+        let op = |data: &[f32], transpose: bool, ld: usize, i: usize, j: usize| {
+            if transpose {
+                data[j + i * ld]
+            } else {
+                data[i + j * ld]
+            }
+        };
         let mut c = vec![0.0; plan.stride_c * (plan.batch - 1) + plan.ldc * plan.n];
         for p in 0..plan.batch {
-            let (first, second) = (&first[p * plan.stride_first..], &second[p * plan.stride_second..]);
+            let (first, second) = (
+                &first[p * plan.stride_first..],
+                &second[p * plan.stride_second..],
+            );
             for j in 0..plan.n {
                 for i in 0..plan.m {
-                    c[p * plan.stride_c + i + j * plan.ldc] = (0..plan.k).map(|l| op(first, plan.transpose_first, plan.ld_first, i, l) * op(second, plan.transpose_second, plan.ld_second, l, j)).sum();
+                    c[p * plan.stride_c + i + j * plan.ldc] = (0..plan.k)
+                        .map(|l| {
+                            op(first, plan.transpose_first, plan.ld_first, i, l)
+                                * op(second, plan.transpose_second, plan.ld_second, l, j)
+                        })
+                        .sum();
                 }
             }
         }
@@ -153,7 +190,12 @@ mod tests {
 
     /// `matrix` (`[rows, cols]`, row-major) stored with the given layout in a buffer
     /// padded by `pad` per line; returns the buffer and its strides.
-    fn store(matrix: &[f32], [rows, cols]: [usize; 2], by_rows: bool, pad: usize) -> (Vec<f32>, [usize; 2]) {
+    fn store(
+        matrix: &[f32],
+        [rows, cols]: [usize; 2],
+        by_rows: bool,
+        pad: usize,
+    ) -> (Vec<f32>, [usize; 2]) {
         if by_rows {
             let ld = cols + pad;
             let mut buf = vec![f32::NAN; rows * ld];
@@ -175,11 +217,31 @@ mod tests {
 
     #[test]
     fn every_layout_pair_poses_the_row_major_product() {
-        for [m, k, n] in [[3, 4, 5], [1, 4, 5], [3, 1, 5], [3, 4, 1], [1, 1, 1], [6, 2, 2]] {
+        for [m, k, n] in [
+            [3, 4, 5],
+            [1, 4, 5],
+            [3, 1, 5],
+            [3, 4, 1],
+            [1, 1, 1],
+            [6, 2, 2],
+        ] {
             let a: Vec<f32> = (0..m * k).map(|v| (v as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..k * n).map(|v| (v as f32 * 0.53).cos()).collect();
-            let expected: Vec<f32> = (0..m * n).map(|idx| (0..k).map(|l| a[(idx / n) * k + l] * b[l * n + idx % n]).sum()).collect();
-            for (a_rows, b_rows, pad) in [(true, true, 0), (true, false, 0), (false, true, 0), (false, false, 0), (true, false, 3), (false, true, 2)] {
+            let expected: Vec<f32> = (0..m * n)
+                .map(|idx| {
+                    (0..k)
+                        .map(|l| a[(idx / n) * k + l] * b[l * n + idx % n])
+                        .sum()
+                })
+                .collect();
+            for (a_rows, b_rows, pad) in [
+                (true, true, 0),
+                (true, false, 0),
+                (false, true, 0),
+                (false, false, 0),
+                (true, false, 3),
+                (false, true, 2),
+            ] {
                 let (a_buf, a_strides) = store(&a, [m, k], a_rows, pad);
                 let (b_buf, b_strides) = store(&b, [k, n], b_rows, pad);
                 let la = Layout::of([m, k], a_strides).unwrap();
@@ -188,7 +250,10 @@ mod tests {
                 let c = blas_gemm(&plan, &b_buf, &a_buf);
                 // C' column-major [n, m] with ldc = n is C row-major [m, n].
                 for (got, want) in c.iter().zip(&expected) {
-                    assert!((got - want).abs() < 1e-5, "{m}x{k}x{n} a_rows {a_rows} b_rows {b_rows} pad {pad}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "{m}x{k}x{n} a_rows {a_rows} b_rows {b_rows} pad {pad}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -201,13 +266,20 @@ mod tests {
         let b: Vec<f32> = (0..k * n).map(|v| (v as f32 * 0.5).cos()).collect(); // one B, shared
         // B stored transposed (a `kᵀ` view), A row-major.
         let (b_buf, b_strides) = store(&b, [k, n], false, 0);
-        let plan = GemmPlan::new([m, k, n], Layout::Rows { ld: k }, Layout::of([k, n], b_strides).unwrap()).batched(2, m * k, 0);
+        let plan = GemmPlan::new(
+            [m, k, n],
+            Layout::Rows { ld: k },
+            Layout::of([k, n], b_strides).unwrap(),
+        )
+        .batched(2, m * k, 0);
         let c = blas_gemm(&plan, &b_buf, &a);
         assert_eq!(c.len(), 2 * m * n);
         for p in 0..2 {
             for i in 0..m {
                 for j in 0..n {
-                    let want: f32 = (0..k).map(|l| a[p * m * k + i * k + l] * b[l * n + j]).sum();
+                    let want: f32 = (0..k)
+                        .map(|l| a[p * m * k + i * k + l] * b[l * n + j])
+                        .sum();
                     assert!((c[p * m * n + i * n + j] - want).abs() < 1e-5);
                 }
             }
@@ -230,7 +302,9 @@ mod tests {
         let a = Tensor::<TestBackend, 3>::random([3, 4, 8], Distribution::Default, &device);
         let b = Tensor::<TestBackend, 3>::random([3, 8, 5], Distribution::Default, &device);
         let expected = a.clone().matmul(b.clone()).into_data();
-        batched_matmul(a, b).into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
+        batched_matmul(a, b)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
     }
 
     #[test]
@@ -239,6 +313,8 @@ mod tests {
         let x = Tensor::<TestBackend, 3>::random([2, 3, 8], Distribution::Default, &device);
         let w = Tensor::<TestBackend, 2>::random([8, 5], Distribution::Default, &device);
         let expected = x.clone().matmul(w.clone().unsqueeze::<3>()).into_data();
-        matmul(x, w).into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
+        matmul(x, w)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
     }
 }

@@ -15,9 +15,19 @@ pub struct LayerCache<B: Backend> {
 
 impl<B: Backend> LayerCache<B> {
     /// Room for `capacity` positions of `[batch, kv_heads, ·, head_dim]`.
-    pub fn new(batch: usize, kv_heads: usize, capacity: usize, head_dim: usize, device: &B::Device) -> Self {
+    pub fn new(
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        device: &B::Device,
+    ) -> Self {
         let shape = [batch, kv_heads, capacity, head_dim];
-        Self { keys: Tensor::zeros(shape, device), values: Tensor::zeros(shape, device), len: 0 }
+        Self {
+            keys: Tensor::zeros(shape, device),
+            values: Tensor::zeros(shape, device),
+            len: 0,
+        }
     }
 
     /// Positions filled so far.
@@ -40,13 +50,19 @@ impl<B: Backend> LayerCache<B> {
     ///
     /// # Shapes
     /// `keys`, `values`: `[B, K, T, D]` → `[B, K, len + T, D]` each.
-    pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub fn append(
+        &mut self,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, k, t, d] = keys.dims();
         let end = self.len + t;
         if end > self.capacity() {
             let extra = end.max(2 * self.capacity()) - self.capacity();
             let device = keys.device();
-            let grow = |buf: Tensor<B, 4>| Tensor::cat(vec![buf, Tensor::zeros([b, k, extra, d], &device)], 2);
+            let grow = |buf: Tensor<B, 4>| {
+                Tensor::cat(vec![buf, Tensor::zeros([b, k, extra, d], &device)], 2)
+            };
             self.keys = grow(self.keys.clone());
             self.values = grow(self.values.clone());
         }
@@ -55,7 +71,10 @@ impl<B: Backend> LayerCache<B> {
         self.values = self.values.clone().slice_assign(slot, values);
         self.len = end;
         let filled = [0..b, 0..k, 0..end, 0..d];
-        (self.keys.clone().slice(filled.clone()), self.values.clone().slice(filled))
+        (
+            self.keys.clone().slice(filled.clone()),
+            self.values.clone().slice(filled),
+        )
     }
 }
 
@@ -68,8 +87,19 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     /// An empty cache for `n_layers` layers with room for `capacity` positions.
-    pub fn new(n_layers: usize, batch: usize, kv_heads: usize, capacity: usize, head_dim: usize, device: &B::Device) -> Self {
-        Self { layers: (0..n_layers).map(|_| LayerCache::new(batch, kv_heads, capacity, head_dim, device)).collect() }
+    pub fn new(
+        n_layers: usize,
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            layers: (0..n_layers)
+                .map(|_| LayerCache::new(batch, kv_heads, capacity, head_dim, device))
+                .collect(),
+        }
     }
 
     /// Positions already cached (the next token's position).
@@ -99,6 +129,9 @@ mod tests {
         assert_eq!(cache.len(), 3);
         assert!(cache.capacity() >= 3);
         assert_eq!(k.into_data().to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
-        assert_eq!(v.into_data().to_vec::<f32>().unwrap(), vec![-1.0, -2.0, -3.0]);
+        assert_eq!(
+            v.into_data().to_vec::<f32>().unwrap(),
+            vec![-1.0, -2.0, -3.0]
+        );
     }
 }

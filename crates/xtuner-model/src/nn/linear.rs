@@ -42,7 +42,11 @@ pub trait LinearLayers<B: Backend>: Sized {
     ///
     /// # Errors
     /// Whatever `f` returns.
-    fn map_linear_layers<E>(self, config: &Self::Config, f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>) -> std::result::Result<Self, E>;
+    fn map_linear_layers<E>(
+        self,
+        config: &Self::Config,
+        f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
+    ) -> std::result::Result<Self, E>;
 
     /// Every linear layer with its site.
     fn linear_layers<'a>(&'a self, config: &Self::Config) -> Vec<(LinearSite, &'a Linear<B>)>;
@@ -79,10 +83,21 @@ pub struct Lora<B: Backend> {
 impl<B: Backend> Lora<B> {
     /// PEFT's initialisation: A kaiming-uniform with a = √5 (bound 1/√d_in), B zeros, so
     /// the adapted layer starts equal to the base.
-    pub fn init(d_in: usize, d_out: usize, r: usize, alpha: f64, dropout: f64, device: &B::Device) -> Self {
+    pub fn init(
+        d_in: usize,
+        d_out: usize,
+        r: usize,
+        alpha: f64,
+        dropout: f64,
+        device: &B::Device,
+    ) -> Self {
         let bound = 1.0 / (d_in.max(1) as f64).sqrt();
         Self {
-            lora_a: Param::from_tensor(Tensor::random([d_in, r], Distribution::Uniform(-bound, bound), device)),
+            lora_a: Param::from_tensor(Tensor::random(
+                [d_in, r],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
             lora_b: Param::from_tensor(Tensor::zeros([r, d_out], device)),
             scale: alpha / r.max(1) as f64,
             dropout,
@@ -91,7 +106,12 @@ impl<B: Backend> Lora<B> {
 
     /// An adapter from `A: [d_in, r]` and `B: [r, d_out]`.
     pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
-        Self { lora_a: Param::from_tensor(a), lora_b: Param::from_tensor(b), scale, dropout }
+        Self {
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            scale,
+            dropout,
+        }
     }
 
     /// The rank r.
@@ -111,7 +131,10 @@ impl<B: Backend> Lora<B> {
             x
         };
         let dtype = x.dtype();
-        matmul(matmul(x, in_dtype(self.lora_a.val(), dtype)), in_dtype(self.lora_b.val(), dtype)) * self.scale
+        matmul(
+            matmul(x, in_dtype(self.lora_a.val(), dtype)),
+            in_dtype(self.lora_b.val(), dtype),
+        ) * self.scale
     }
 
     /// `scale · A·B` as a `[d_in, d_out]` matrix (for merging).
@@ -137,15 +160,40 @@ impl<B: Backend> Linear<B> {
     ///
     /// # Errors
     /// A missing tensor or a shape other than `[d_out, d_in]`.
-    pub fn load(ckpt: &Checkpoint, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
         let weight = ckpt.linear_weight::<B>(&format!("{prefix}.weight"), d_out, d_in, device)?;
-        let bias = if bias { Some(Param::from_tensor(ckpt.tensor::<B, 1>(&format!("{prefix}.bias"), [d_out], device)?)) } else { None };
-        Ok(Self { weight: Param::from_tensor(weight), bias, lora: None, nf4: None })
+        let bias = if bias {
+            Some(Param::from_tensor(ckpt.tensor::<B, 1>(
+                &format!("{prefix}.bias"),
+                [d_out],
+                device,
+            )?))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias,
+            lora: None,
+            nf4: None,
+        })
     }
 
     /// A layer from a `[d_in, d_out]` weight and optional bias.
     pub fn from_tensors(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None, nf4: None }
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+            lora: None,
+            nf4: None,
+        }
     }
 
     /// `[d_in, d_out]`.
@@ -170,7 +218,10 @@ impl<B: Backend> Linear<B> {
     /// `[out, in]`, `{module}.bias`), as `state_dict` names them. An adapter is not
     /// merged in.
     pub fn to_hf_tensors(&self, module: &str) -> Vec<(String, burn::tensor::TensorData)> {
-        let mut out = vec![(format!("{module}.weight"), self.dense_weight().transpose().into_data())];
+        let mut out = vec![(
+            format!("{module}.weight"),
+            self.dense_weight().transpose().into_data(),
+        )];
         if let Some(bias) = &self.bias {
             out.push((format!("{module}.bias"), bias.val().into_data()));
         }
@@ -187,13 +238,23 @@ impl<B: Backend> Linear<B> {
     /// a block size that is 0 or odd, or a non-finite weight.
     pub fn quantize_nf4(self, block_size: usize, double_quant: bool) -> Result<Self> {
         if self.nf4.is_some() {
-            return Err(crate::Error::InvalidInput { name: "linear", message: "the layer is already NF4-quantized".into() });
+            return Err(crate::Error::InvalidInput {
+                name: "linear",
+                message: "the layer is already NF4-quantized".into(),
+            });
         }
         let weight = self.weight.val();
         let device = weight.device();
         let [d_in, d_out] = weight.dims();
-        let rows = weight.transpose().into_data().convert::<f32>().to_vec::<f32>(); // [out, in]
-        let rows = rows.map_err(|e| crate::Error::InvalidInput { name: "linear", message: format!("weight data: {e:?}") })?;
+        let rows = weight
+            .transpose()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>(); // [out, in]
+        let rows = rows.map_err(|e| crate::Error::InvalidInput {
+            name: "linear",
+            message: format!("weight data: {e:?}"),
+        })?;
         let nf4 = Nf4Tensor::quantize(&rows, [d_out, d_in], block_size, double_quant)?;
         Ok(Self {
             weight: Param::from_tensor(Tensor::zeros([0, 0], &device)).set_require_grad(false),
@@ -234,7 +295,8 @@ mod tests {
         let x = Tensor::<TestBackend, 3>::from_floats([[[1.0, 1.0]], [[2.0, -1.0]]], &device);
         let y = linear.forward(x);
         let expected = TensorData::from([[[5.5, 7.0, 8.0]], [[-1.5, -1.0, -1.0]]]);
-        y.into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
+        y.into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
         assert_eq!(linear.dims(), [2, 3]);
     }
 
@@ -245,22 +307,33 @@ mod tests {
         let mut linear = Linear::from_tensors(w, None);
         linear.lora = Some(Lora::init(2, 2, 1, 2.0, 0.0, &device));
         let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
-        linear.forward(x.clone()).into_data().assert_approx_eq::<f32>(&TensorData::from([[3.0, 4.0]]), Tolerance::absolute(1e-6));
+        linear
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&TensorData::from([[3.0, 4.0]]), Tolerance::absolute(1e-6));
         let a = Tensor::<TestBackend, 2>::from_floats([[1.0], [1.0]], &device);
         let b = Tensor::<TestBackend, 2>::from_floats([[0.5, -1.0]], &device);
         let lora = Lora::from_tensors(a, b, 2.0, 0.0);
         // x·A = 7; ·B = [3.5, -7]; ·2 = [7, -14].
-        lora.delta().into_data().assert_approx_eq::<f32>(&TensorData::from([[1.0, -2.0], [1.0, -2.0]]), Tolerance::absolute(1e-6));
+        lora.delta().into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[1.0, -2.0], [1.0, -2.0]]),
+            Tolerance::absolute(1e-6),
+        );
         linear.lora = Some(lora);
-        linear.forward(x).into_data().assert_approx_eq::<f32>(&TensorData::from([[10.0, -10.0]]), Tolerance::absolute(1e-5));
+        linear.forward(x).into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[10.0, -10.0]]),
+            Tolerance::absolute(1e-5),
+        );
     }
 
     #[test]
     fn nf4_layer_with_lora_is_the_dequantized_dense_layer_plus_the_adapter() {
         let device = Default::default();
         let base = Linear::<TestBackend>::new(64, 24, true, &device);
-        let a = Tensor::<TestBackend, 2>::random([64, 4], Distribution::Uniform(-0.1, 0.1), &device);
-        let b = Tensor::<TestBackend, 2>::random([4, 24], Distribution::Uniform(-0.1, 0.1), &device);
+        let a =
+            Tensor::<TestBackend, 2>::random([64, 4], Distribution::Uniform(-0.1, 0.1), &device);
+        let b =
+            Tensor::<TestBackend, 2>::random([4, 24], Distribution::Uniform(-0.1, 0.1), &device);
         let mut linear = base.clone();
         linear.lora = Some(Lora::from_tensors(a.clone(), b.clone(), 2.0, 0.0));
         for double_quant in [false, true] {
@@ -269,27 +342,56 @@ mod tests {
             assert_eq!(q.weight.val().dims(), [0, 0]);
             assert!(q.clone().quantize_nf4(64, double_quant).is_err());
             // The reference: a dense layer holding the dequantized weight, plus the adapter.
-            let rows = base.weight.val().transpose().into_data().to_vec::<f32>().unwrap();
-            let deq = Nf4Tensor::quantize(&rows, [24, 64], 64, double_quant).unwrap().dequantize();
-            let w = Tensor::<TestBackend, 2>::from_data(TensorData::new(deq, [24, 64]), &device).transpose();
+            let rows = base
+                .weight
+                .val()
+                .transpose()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let deq = Nf4Tensor::quantize(&rows, [24, 64], 64, double_quant)
+                .unwrap()
+                .dequantize();
+            let w = Tensor::<TestBackend, 2>::from_data(TensorData::new(deq, [24, 64]), &device)
+                .transpose();
             let mut dense = Linear::from_tensors(w, base.bias.as_ref().map(|b| b.val()));
             dense.lora = Some(Lora::from_tensors(a.clone(), b.clone(), 2.0, 0.0));
-            let x = Tensor::<TestBackend, 3>::random([2, 3, 64], Distribution::Uniform(-1.0, 1.0), &device);
+            let x = Tensor::<TestBackend, 3>::random(
+                [2, 3, 64],
+                Distribution::Uniform(-1.0, 1.0),
+                &device,
+            );
             let expected = dense.forward(x.clone()).into_data();
-            q.forward(x).into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+            q.forward(x)
+                .into_data()
+                .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
             let dequantized = q.dense_weight().into_data().to_vec::<f32>().unwrap();
-            assert_eq!(dequantized, dense.weight.val().into_data().to_vec::<f32>().unwrap());
+            assert_eq!(
+                dequantized,
+                dense.weight.val().into_data().to_vec::<f32>().unwrap()
+            );
         }
-        assert!(Linear::<TestBackend>::new(4, 4, false, &device).quantize_nf4(3, false).is_err());
+        assert!(
+            Linear::<TestBackend>::new(4, 4, false, &device)
+                .quantize_nf4(3, false)
+                .is_err()
+        );
     }
 
     #[test]
     fn nf4_layer_trains_only_its_adapter() {
         type Ad = burn::backend::Autodiff<TestBackend>;
         let device = Default::default();
-        let mut linear = Linear::<Ad>::new(8, 4, false, &device).quantize_nf4(4, true).unwrap();
+        let mut linear = Linear::<Ad>::new(8, 4, false, &device)
+            .quantize_nf4(4, true)
+            .unwrap();
         let a = Tensor::<Ad, 2>::ones([8, 2], &device);
-        linear.lora = Some(Lora::from_tensors(a, Tensor::ones([2, 4], &device), 1.0, 0.0));
+        linear.lora = Some(Lora::from_tensors(
+            a,
+            Tensor::ones([2, 4], &device),
+            1.0,
+            0.0,
+        ));
         let x = Tensor::<Ad, 2>::ones([3, 8], &device).require_grad();
         let grads = linear.forward(x.clone()).sum().backward();
         let lora = linear.lora.as_ref().unwrap();

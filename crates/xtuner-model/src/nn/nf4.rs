@@ -567,10 +567,10 @@ impl<B: Backend> Nf4Weight<B> {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_util::max_abs_diff;
     use super::*;
     use crate::TestBackend;
     use crate::checkpoint::Checkpoint;
+    use crate::test_util::max_abs_diff;
     use std::path::Path;
 
     const GOLDEN: &str = concat!(

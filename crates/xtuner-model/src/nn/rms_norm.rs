@@ -24,12 +24,21 @@ impl<B: Backend> RmsNorm<B> {
     /// `d_model` 0 or a non-positive ε.
     pub fn new(d_model: usize, eps: f64, device: &B::Device) -> Result<Self> {
         if d_model == 0 {
-            return Err(Error::InvalidConfig { key: "hidden_size", message: "must be positive".into() });
+            return Err(Error::InvalidConfig {
+                key: "hidden_size",
+                message: "must be positive".into(),
+            });
         }
         if eps.is_nan() || eps <= 0.0 {
-            return Err(Error::InvalidConfig { key: "rms_norm_eps", message: format!("must be positive, got {eps}") });
+            return Err(Error::InvalidConfig {
+                key: "rms_norm_eps",
+                message: format!("must be positive, got {eps}"),
+            });
         }
-        Ok(Self { weight: Param::from_tensor(Tensor::ones([d_model], device)), eps })
+        Ok(Self {
+            weight: Param::from_tensor(Tensor::ones([d_model], device)),
+            eps,
+        })
     }
 
     /// # Shapes
@@ -48,19 +57,26 @@ impl<B: Backend> RmsNorm<B> {
 mod tests {
     use super::*;
     use crate::TestBackend;
-    use burn::tensor::{Tolerance, TensorData};
+    use burn::tensor::{TensorData, Tolerance};
 
     #[test]
     fn normalises_the_last_axis_and_scales() {
         let device = Default::default();
         let mut norm = RmsNorm::<TestBackend>::new(4, 1e-6, &device).unwrap();
         norm.weight = Param::from_tensor(Tensor::from_floats([1.0, 2.0, 1.0, 0.5], &device));
-        let x = Tensor::<TestBackend, 2>::from_floats([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 2.0]], &device);
+        let x = Tensor::<TestBackend, 2>::from_floats(
+            [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 2.0]],
+            &device,
+        );
         let y = norm.forward(x);
         // Row 0: rms = sqrt(7.5); row 1: rms = 1.
         let r0 = 7.5f32.sqrt();
-        let expected = TensorData::from([[1.0 / r0, 4.0 / r0, 3.0 / r0, 2.0 / r0], [0.0, 0.0, 0.0, 1.0]]);
-        y.into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+        let expected = TensorData::from([
+            [1.0 / r0, 4.0 / r0, 3.0 / r0, 2.0 / r0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]);
+        y.into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
     }
 
     #[test]

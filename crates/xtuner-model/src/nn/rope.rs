@@ -47,19 +47,38 @@ impl Rope {
     ///
     /// # Errors
     /// An odd or zero head dimension, a non-positive θ, or a scaling factor below 1.
-    pub fn new(head_dim: usize, theta: f64, max_position_embeddings: usize, scaling: Option<RopeScaling>) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        max_position_embeddings: usize,
+        scaling: Option<RopeScaling>,
+    ) -> Result<Self> {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(Error::InvalidConfig { key: "head_dim", message: format!("must be even and positive, got {head_dim}") });
+            return Err(Error::InvalidConfig {
+                key: "head_dim",
+                message: format!("must be even and positive, got {head_dim}"),
+            });
         }
         if theta.is_nan() || theta <= 0.0 {
-            return Err(Error::InvalidConfig { key: "rope_theta", message: format!("must be positive, got {theta}") });
+            return Err(Error::InvalidConfig {
+                key: "rope_theta",
+                message: format!("must be positive, got {theta}"),
+            });
         }
         if let Some(RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor }) = scaling
             && (factor.is_nan() || factor < 1.0)
         {
-            return Err(Error::InvalidConfig { key: "rope_scaling.factor", message: format!("must be at least 1, got {factor}") });
+            return Err(Error::InvalidConfig {
+                key: "rope_scaling.factor",
+                message: format!("must be at least 1, got {factor}"),
+            });
         }
-        Ok(Self { head_dim, theta, max_position_embeddings, scaling })
+        Ok(Self {
+            head_dim,
+            theta,
+            max_position_embeddings,
+            scaling,
+        })
     }
 
     /// `inv_freq[i] = θ'^(−2i/D)` for a sequence of `seq_len` tokens (θ' = θ unless
@@ -68,19 +87,25 @@ impl Rope {
         let d = self.head_dim as f64;
         let theta = match self.scaling {
             Some(RopeScaling::Dynamic { factor }) if seq_len > self.max_position_embeddings => {
-                let ratio = factor * seq_len as f64 / self.max_position_embeddings as f64 - (factor - 1.0);
+                let ratio =
+                    factor * seq_len as f64 / self.max_position_embeddings as f64 - (factor - 1.0);
                 self.theta * ratio.powf(d / (d - 2.0))
             }
             _ => self.theta,
         };
-        (0..self.head_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / d)).collect()
+        (0..self.head_dim / 2)
+            .map(|i| theta.powf(-((2 * i) as f64) / d))
+            .collect()
     }
 
     /// The cos and sin tables for the given positions.
     ///
     /// # Shapes
     /// `positions`: `[B, T]` → cos, sin: `[B, T, D]`.
-    pub fn cos_sin<B: Backend>(&self, positions: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    pub fn cos_sin<B: Backend>(
+        &self,
+        positions: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [batch, seq_len] = positions.dims();
         let device = positions.device();
         // The longest sequence decides dynamic scaling, as HF does with the max position.
@@ -93,7 +118,8 @@ impl Rope {
         let inv_freq: Vec<f32> = inv_freq.iter().map(|f| (f * scale) as f32).collect();
         let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device);
         // angles[b, t, i] = pos[b, t] · inv_freq[i]
-        let angles = positions.float().reshape([batch, seq_len, 1]) * inv_freq.reshape([1, 1, half]);
+        let angles =
+            positions.float().reshape([batch, seq_len, 1]) * inv_freq.reshape([1, 1, half]);
         let emb = Tensor::cat(vec![angles.clone(), angles], 2); // [B, T, D]
         (emb.clone().cos(), emb.sin())
     }
@@ -103,7 +129,11 @@ impl Rope {
 ///
 /// # Shapes
 /// `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]` → `[B, H, T, D]`.
-pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
+pub fn apply_rotary<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+) -> Tensor<B, 4> {
     let cos = cos.clone().unsqueeze_dim::<4>(1); // [B, 1, T, D]
     let sin = sin.clone().unsqueeze_dim::<4>(1);
     x.clone() * cos + rotate_half(x) * sin
@@ -134,7 +164,11 @@ mod tests {
         (0..d)
             .map(|j| {
                 let angle = pos * scale * inv[j % (d / 2)];
-                let rotated = if j < d / 2 { -x[j + d / 2] } else { x[j - d / 2] };
+                let rotated = if j < d / 2 {
+                    -x[j + d / 2]
+                } else {
+                    x[j - d / 2]
+                };
                 x[j] * angle.cos() + rotated * angle.sin()
             })
             .collect()
@@ -143,8 +177,13 @@ mod tests {
     fn check(rope: Rope, positions: [[i64; 3]; 1]) {
         let device = Default::default();
         let d = rope.head_dim;
-        let values: Vec<f32> = (0..2 * 3 * d).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
-        let x = Tensor::<TestBackend, 4>::from_data(TensorData::new(values.clone(), [1, 2, 3, d]), &device);
+        let values: Vec<f32> = (0..2 * 3 * d)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let x = Tensor::<TestBackend, 4>::from_data(
+            TensorData::new(values.clone(), [1, 2, 3, d]),
+            &device,
+        );
         let pos = Tensor::<TestBackend, 2, Int>::from_ints(positions, &device);
         let (cos, sin) = rope.cos_sin(pos);
         let y = apply_rotary(x, &cos, &sin);
@@ -152,11 +191,21 @@ mod tests {
         for h in 0..2 {
             for (t, &position) in positions[0].iter().enumerate() {
                 let start = (h * 3 + t) * d;
-                let row: Vec<f64> = values[start..start + d].iter().map(|&v| f64::from(v)).collect();
-                expected.extend(reference(&row, position as f64, &rope, 3).into_iter().map(|v| v as f32));
+                let row: Vec<f64> = values[start..start + d]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect();
+                expected.extend(
+                    reference(&row, position as f64, &rope, 3)
+                        .into_iter()
+                        .map(|v| v as f32),
+                );
             }
         }
-        y.into_data().assert_approx_eq::<f32>(&TensorData::new(expected, [1, 2, 3, d]), Tolerance::absolute(1e-5));
+        y.into_data().assert_approx_eq::<f32>(
+            &TensorData::new(expected, [1, 2, 3, d]),
+            Tolerance::absolute(1e-5),
+        );
     }
 
     #[test]
@@ -168,10 +217,16 @@ mod tests {
 
     #[test]
     fn scaling() {
-        check(Rope::new(8, 10_000.0, 2048, Some(RopeScaling::Linear { factor: 2.0 })).unwrap(), [[0, 4, 9]]);
+        check(
+            Rope::new(8, 10_000.0, 2048, Some(RopeScaling::Linear { factor: 2.0 })).unwrap(),
+            [[0, 4, 9]],
+        );
         // Dynamic NTK only changes θ past the trained context.
         let rope = Rope::new(8, 10_000.0, 2, Some(RopeScaling::Dynamic { factor: 2.0 })).unwrap();
-        assert_eq!(rope.inv_freq(2), Rope::new(8, 10_000.0, 2, None).unwrap().inv_freq(2));
+        assert_eq!(
+            rope.inv_freq(2),
+            Rope::new(8, 10_000.0, 2, None).unwrap().inv_freq(2)
+        );
         assert!(rope.inv_freq(3)[1] < rope.inv_freq(2)[1]);
         check(rope, [[0, 1, 2]]);
     }

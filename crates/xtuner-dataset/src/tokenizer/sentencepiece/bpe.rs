@@ -21,7 +21,10 @@ impl SentencePieceBpe {
         while let Some(rest) = normalized.get(pos..).filter(|r| !r.is_empty()) {
             let (len, frozen) = match self.user_defined.longest_match(rest.as_bytes()) {
                 Some(len) if rest.is_char_boundary(len) => (len, true),
-                _ => (rest.chars().next().map_or(rest.len(), char::len_utf8), false),
+                _ => (
+                    rest.chars().next().map_or(rest.len(), char::len_utf8),
+                    false,
+                ),
             };
             let index = symbols.len();
             symbols.push(Symbol {
@@ -34,9 +37,18 @@ impl SentencePieceBpe {
             pos += len;
         }
 
-        let mut merges = Merges { heap: BinaryHeap::new(), unused_splits: HashMap::new() };
+        let mut merges = Merges {
+            heap: BinaryHeap::new(),
+            unused_splits: HashMap::new(),
+        };
         for right in 1..symbols.len() {
-            self.push_pair(normalized, &symbols, Some(right - 1), Some(right), &mut merges);
+            self.push_pair(
+                normalized,
+                &symbols,
+                Some(right - 1),
+                Some(right),
+                &mut merges,
+            );
         }
         while let Some(top) = merges.heap.pop() {
             let (Some(&left), Some(&right)) = (symbols.get(top.left), symbols.get(top.right))
@@ -58,7 +70,13 @@ impl SentencePieceBpe {
                 s.next = right.next;
             }
             self.push_pair(normalized, &symbols, left.prev, Some(top.left), &mut merges);
-            self.push_pair(normalized, &symbols, Some(top.left), right.next, &mut merges);
+            self.push_pair(
+                normalized,
+                &symbols,
+                Some(top.left),
+                right.next,
+                &mut merges,
+            );
         }
 
         // Walk the surviving symbols. An UNUSED piece is split back into the two symbols
@@ -70,7 +88,9 @@ impl SentencePieceBpe {
             stack.push((symbol.start, symbol.len, 0));
             while let Some((start, len, depth)) = stack.pop() {
                 let text = normalized.get(start..start + len).unwrap_or_default();
-                let found = self.piece_to_id(text).and_then(|id| Some((id, self.kind(id)?)));
+                let found = self
+                    .piece_to_id(text)
+                    .and_then(|id| Some((id, self.kind(id)?)));
                 let id = match found {
                     Some((id, PieceKind::Unused)) if depth > MAX_RESEGMENT_DEPTH => Some(id),
                     Some((_, PieceKind::Unused)) => match merges.unused_splits.get(text) {
@@ -85,7 +105,11 @@ impl SentencePieceBpe {
                     // Not in the vocabulary, or a control/unknown/byte piece.
                     _ => None,
                 };
-                segments.push(Segment { id, start, end: start + len });
+                segments.push(Segment {
+                    id,
+                    start,
+                    end: start + len,
+                });
             }
             cursor = symbol.next;
         }
@@ -101,8 +125,12 @@ impl SentencePieceBpe {
         right: Option<usize>,
         merges: &mut Merges<'a>,
     ) {
-        let (Some(left), Some(right)) = (left, right) else { return };
-        let (Some(l), Some(r)) = (symbols.get(left), symbols.get(right)) else { return };
+        let (Some(left), Some(right)) = (left, right) else {
+            return;
+        };
+        let (Some(l), Some(r)) = (symbols.get(left), symbols.get(right)) else {
+            return;
+        };
         if l.frozen || r.frozen {
             return;
         }
@@ -110,14 +138,21 @@ impl SentencePieceBpe {
         if len > self.max_piece_len {
             return;
         }
-        let Some(text) = normalized.get(l.start..l.start + len) else { return };
+        let Some(text) = normalized.get(l.start..l.start + len) else {
+            return;
+        };
         let Some(piece) = self.piece_to_id(text).and_then(|id| self.piece(id)) else {
             return;
         };
         if !piece.kind.is_mergeable() {
             return;
         }
-        merges.heap.push(Candidate { score: piece.score, left, right, len });
+        merges.heap.push(Candidate {
+            score: piece.score,
+            left,
+            right,
+            len,
+        });
         if piece.kind == PieceKind::Unused {
             // As the C++: the split of the last queued pair with this text wins.
             merges.unused_splits.insert(text, l.len);
@@ -165,7 +200,9 @@ impl Ord for Candidate {
     /// Higher score first, then the leftmost pair. Scores compare in IEEE total order,
     /// as sentencepiece 0.2.3 does by comparing their bit patterns (so -0.0 < 0.0).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -196,7 +233,10 @@ mod tests {
             }
         })
         .unwrap();
-        assert_eq!(spm.encode("Hello world"), [498, 81, 291, 507, 506, 498, 512, 297, 332]);
+        assert_eq!(
+            spm.encode("Hello world"),
+            [498, 81, 291, 507, 506, 498, 512, 297, 332]
+        );
         assert_eq!(spm.encode("yellow"), [498, 130, 291, 401]);
     }
 

@@ -188,7 +188,10 @@ enum PieceKind {
 impl PieceKind {
     /// Whether BPE may form this piece by merging (`pieces_` in sentencepiece).
     fn is_mergeable(self) -> bool {
-        matches!(self, PieceKind::Normal | PieceKind::UserDefined | PieceKind::Unused)
+        matches!(
+            self,
+            PieceKind::Normal | PieceKind::UserDefined | PieceKind::Unused
+        )
     }
 }
 
@@ -243,8 +246,10 @@ impl SentencePieceBpe {
     /// [`SentencePieceError::Io`] when the file cannot be read, else as
     /// [`from_bytes`](Self::from_bytes).
     pub fn from_file(path: &Path) -> Result<Self, SentencePieceError> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| SentencePieceError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| SentencePieceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_bytes(&bytes)
     }
 
@@ -260,7 +265,9 @@ impl SentencePieceBpe {
         if model.pieces.is_empty() {
             return Err(SentencePieceError::EmptyVocab);
         }
-        let trainer = model.trainer_spec.ok_or(SentencePieceError::MissingTrainerSpec)?;
+        let trainer = model
+            .trainer_spec
+            .ok_or(SentencePieceError::MissingTrainerSpec)?;
         let model_type = trainer.model_type.unwrap_or(1);
         if model_type != MODEL_TYPE_BPE {
             return Err(SentencePieceError::UnsupportedModel { model_type });
@@ -283,7 +290,10 @@ impl SentencePieceBpe {
                 return Err(SentencePieceError::EmptyPiece { id });
             }
             if text.len() >= MAX_PIECE_LEN {
-                return Err(SentencePieceError::PieceTooLong { id, len: text.len() });
+                return Err(SentencePieceError::PieceTooLong {
+                    id,
+                    len: text.len(),
+                });
             }
             let mut kind = match raw.r#type.unwrap_or(1) {
                 2 => PieceKind::Unknown,
@@ -295,14 +305,22 @@ impl SentencePieceBpe {
             };
             // Conversion scripts sometimes add a raw "\0" piece; sentencepiece ignores it.
             if text == "\0" && (byte_fallback || kind == PieceKind::Unused) {
-                pieces.push(Piece { text, score: 0.0, kind: PieceKind::Unused });
+                pieces.push(Piece {
+                    text,
+                    score: 0.0,
+                    kind: PieceKind::Unused,
+                });
                 continue;
             }
             if text.contains('\0') {
                 return Err(SentencePieceError::PieceWithNul { id });
             }
             if let Some(&first) = ids.get(&text) {
-                return Err(SentencePieceError::DuplicatePiece { id, piece: text, first });
+                return Err(SentencePieceError::DuplicatePiece {
+                    id,
+                    piece: text,
+                    first,
+                });
             }
             match kind {
                 PieceKind::UserDefined => user_defined.insert(text.as_bytes()),
@@ -328,7 +346,11 @@ impl SentencePieceBpe {
                 max_piece_len = max_piece_len.max(text.len());
             }
             ids.insert(text.clone(), id);
-            pieces.push(Piece { text, score: raw.score.unwrap_or(0.0), kind });
+            pieces.push(Piece {
+                text,
+                score: raw.score.unwrap_or(0.0),
+                kind,
+            });
         }
         if unk_id.is_none() && !byte_fallback {
             return Err(SentencePieceError::MissingUnknown);
@@ -344,11 +366,18 @@ impl SentencePieceBpe {
         };
 
         let normalizer = Normalizer::from_spec(
-            model.normalizer_spec.ok_or(SentencePieceError::MissingNormalizerSpec)?,
+            model
+                .normalizer_spec
+                .ok_or(SentencePieceError::MissingNormalizerSpec)?,
             trainer.treat_whitespace_as_suffix.unwrap_or(false),
         )?;
         let denormalizer = match model.denormalizer_spec {
-            Some(spec) if spec.precompiled_charsmap.as_ref().is_some_and(|m| !m.is_empty()) => {
+            Some(spec)
+                if spec
+                    .precompiled_charsmap
+                    .as_ref()
+                    .is_some_and(|m| !m.is_empty()) =>
+            {
                 Some(Normalizer::from_spec(spec, false)?)
             }
             _ => None,
@@ -363,14 +392,18 @@ impl SentencePieceBpe {
             unk_id,
             bos_id: None,
             eos_id: None,
-            unk_surface: trainer.unk_surface.unwrap_or_else(|| DEFAULT_UNK_SURFACE.to_string()),
+            unk_surface: trainer
+                .unk_surface
+                .unwrap_or_else(|| DEFAULT_UNK_SURFACE.to_string()),
             normalizer,
             denormalizer,
         };
         // As `SentencePieceProcessor::bos_id()`: the id of the named piece, if it is a
         // control piece. A trainer_spec with `bos_id: -1` creates no `<s>`, so it is None.
         let control = |name: Option<String>, default: &str| {
-            let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| default.to_string());
+            let name = name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| default.to_string());
             tokenizer
                 .piece_to_id(&name)
                 .filter(|&id| tokenizer.kind(id) == Some(PieceKind::Control))
@@ -424,7 +457,9 @@ impl SentencePieceBpe {
         let strip_dummy =
             self.normalizer.add_dummy_prefix || self.normalizer.remove_extra_whitespaces;
         for &id in ids {
-            let Some(piece) = self.id_to_piece(id) else { continue };
+            let Some(piece) = self.id_to_piece(id) else {
+                continue;
+            };
             // sentencepiece decodes pieces, mapping each back through its text; only the
             // ignored "\0" piece has no id, and it is written as it is.
             let kind = self.piece_to_id(piece).and_then(|id| self.kind(id));
@@ -498,7 +533,10 @@ impl SentencePieceBpe {
     /// Whether an id is a control piece (`<s>`, `</s>`) or a user-defined piece
     /// (`<|im_start|>`): the ids a chat template inserts rather than text produces.
     pub fn is_special(&self, id: u32) -> bool {
-        matches!(self.kind(id), Some(PieceKind::Control | PieceKind::UserDefined))
+        matches!(
+            self.kind(id),
+            Some(PieceKind::Control | PieceKind::UserDefined)
+        )
     }
 
     fn piece(&self, id: u32) -> Option<&Piece> {
@@ -537,7 +575,11 @@ impl SentencePieceBpe {
                 (None, None) => {
                     // Loading guarantees an `<unk>` when there is no byte fallback.
                     if let Some(unk) = self.unk_id {
-                        tokens.push(Token { id: unk, start, end });
+                        tokens.push(Token {
+                            id: unk,
+                            start,
+                            end,
+                        });
                     }
                 }
             }
@@ -597,9 +639,15 @@ impl Hasher for FxHasher {
 /// The byte of a piece spelled exactly `<0xNN>` with upper-case hex digits.
 fn parse_byte_piece(piece: &str) -> Option<u8> {
     let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    let upper =
-        hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
-    if upper { u8::from_str_radix(hex, 16).ok() } else { None }
+    let upper = hex.len() == 2
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+    if upper {
+        u8::from_str_radix(hex, 16).ok()
+    } else {
+        None
+    }
 }
 
 /// Appends bytes as UTF-8, one U+FFFD for each byte that starts no valid character (as
@@ -625,8 +673,10 @@ fn push_utf8_lossy(out: &mut String, mut bytes: &[u8]) {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str =
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/spm-bpe-tiny");
+    const FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/spm-bpe-tiny"
+    );
 
     fn model_bytes() -> Vec<u8> {
         std::fs::read(format!("{FIXTURE}/tokenizer.model")).unwrap()
@@ -655,13 +705,29 @@ mod tests {
                 .iter()
                 .map(|v| v.as_u64().unwrap() as u32)
                 .collect();
-            let pieces: Vec<&str> =
-                case["pieces"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            let pieces: Vec<&str> = case["pieces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
             assert_eq!(spm.encode(text), ids, "ids of {text:?}");
             let got = spm.encode_pieces(text);
-            assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), ids, "ids of {text:?}");
-            assert_eq!(got.iter().map(|p| p.1.as_str()).collect::<Vec<_>>(), pieces, "{text:?}");
-            assert_eq!(spm.decode(&ids), case["decoded"].as_str().unwrap(), "decode of {text:?}");
+            assert_eq!(
+                got.iter().map(|p| p.0).collect::<Vec<_>>(),
+                ids,
+                "ids of {text:?}"
+            );
+            assert_eq!(
+                got.iter().map(|p| p.1.as_str()).collect::<Vec<_>>(),
+                pieces,
+                "{text:?}"
+            );
+            assert_eq!(
+                spm.decode(&ids),
+                case["decoded"].as_str().unwrap(),
+                "decode of {text:?}"
+            );
         }
     }
 
@@ -669,7 +735,10 @@ mod tests {
     fn special_ids_match_golden() {
         let spm = tiny();
         let golden = golden();
-        assert_eq!(spm.vocab_size() as u64, golden["vocab_size"].as_u64().unwrap());
+        assert_eq!(
+            spm.vocab_size() as u64,
+            golden["vocab_size"].as_u64().unwrap()
+        );
         assert_eq!(spm.bos_id().map(u64::from), golden["bos_id"].as_u64());
         assert_eq!(spm.eos_id().map(u64::from), golden["eos_id"].as_u64());
         assert_eq!(spm.unk_id().map(u64::from), golden["unk_id"].as_u64());
@@ -709,7 +778,10 @@ mod tests {
         let bytes = model_bytes();
         // Every cut: either a protobuf error or a model missing its specs or pieces.
         for len in 0..bytes.len() {
-            assert!(SentencePieceBpe::from_bytes(&bytes[..len]).is_err(), "cut at {len}");
+            assert!(
+                SentencePieceBpe::from_bytes(&bytes[..len]).is_err(),
+                "cut at {len}"
+            );
         }
         assert!(SentencePieceBpe::from_bytes(&[0xff; 64]).is_err());
         assert!(SentencePieceBpe::from_bytes(b"not a model at all").is_err());
@@ -729,21 +801,36 @@ mod tests {
     #[test]
     fn non_bpe_models_are_rejected() {
         let unigram = edited(|m| m.trainer_spec.as_mut().unwrap().model_type = Some(1));
-        assert!(matches!(unigram, Err(SentencePieceError::UnsupportedModel { model_type: 1 })));
+        assert!(matches!(
+            unigram,
+            Err(SentencePieceError::UnsupportedModel { model_type: 1 })
+        ));
         let err = unigram.unwrap_err().to_string();
         assert!(err.contains("UNIGRAM"), "{err}");
         let default_type = edited(|m| m.trainer_spec.as_mut().unwrap().model_type = None);
-        assert!(matches!(default_type, Err(SentencePieceError::UnsupportedModel { .. })));
+        assert!(matches!(
+            default_type,
+            Err(SentencePieceError::UnsupportedModel { .. })
+        ));
     }
 
     #[test]
     fn vocabulary_defects_are_errors() {
         let no_fallback = edited(|m| m.trainer_spec.as_mut().unwrap().byte_fallback = Some(false));
-        assert!(matches!(no_fallback, Err(SentencePieceError::UnexpectedBytePiece { .. })));
+        assert!(matches!(
+            no_fallback,
+            Err(SentencePieceError::UnexpectedBytePiece { .. })
+        ));
         let missing_byte = edited(|m| m.pieces[9].r#type = Some(1));
-        assert!(matches!(missing_byte, Err(SentencePieceError::MissingBytePiece { byte: 0 })));
+        assert!(matches!(
+            missing_byte,
+            Err(SentencePieceError::MissingBytePiece { byte: 0 })
+        ));
         let duplicate = edited(|m| m.pieces[300].piece = Some("▁a".into()));
-        assert!(matches!(duplicate, Err(SentencePieceError::DuplicatePiece { first: 265, .. })));
+        assert!(matches!(
+            duplicate,
+            Err(SentencePieceError::DuplicatePiece { first: 265, .. })
+        ));
         let no_unk = edited(|m| {
             m.pieces[0].r#type = Some(3);
             m.trainer_spec.as_mut().unwrap().byte_fallback = Some(false);
@@ -753,15 +840,27 @@ mod tests {
         });
         assert!(matches!(no_unk, Err(SentencePieceError::MissingUnknown)));
         let clash = edited(|m| m.pieces[300].piece = Some("<s>".into()));
-        assert!(matches!(clash, Err(SentencePieceError::DuplicatePiece { first: 1, .. })));
+        assert!(matches!(
+            clash,
+            Err(SentencePieceError::DuplicatePiece { first: 1, .. })
+        ));
         let nul = edited(|m| m.pieces[300].piece = Some("a\0b".into()));
-        assert!(matches!(nul, Err(SentencePieceError::PieceWithNul { id: 300 })));
+        assert!(matches!(
+            nul,
+            Err(SentencePieceError::PieceWithNul { id: 300 })
+        ));
         let empty = edited(|m| m.pieces[400].piece = Some(String::new()));
-        assert!(matches!(empty, Err(SentencePieceError::EmptyPiece { id: 400 })));
+        assert!(matches!(
+            empty,
+            Err(SentencePieceError::EmptyPiece { id: 400 })
+        ));
         let bad_map = edited(|m| {
             m.normalizer_spec.as_mut().unwrap().precompiled_charsmap = Some(vec![9, 0, 0, 0, 1])
         });
-        assert!(matches!(bad_map, Err(SentencePieceError::CorruptCharsMap { .. })));
+        assert!(matches!(
+            bad_map,
+            Err(SentencePieceError::CorruptCharsMap { .. })
+        ));
     }
 
     #[test]
@@ -769,7 +868,10 @@ mod tests {
         // sentencepiece 0.2.3 loads both; ids and decodes below are what it gives.
         let no_unk = edited(|m| m.pieces[0].r#type = Some(3)).unwrap();
         assert_eq!(no_unk.unk_id(), None);
-        assert_eq!(no_unk.encode("Hello wörld"), [498, 81, 291, 333, 274, 204, 191, 505, 332]);
+        assert_eq!(
+            no_unk.encode("Hello wörld"),
+            [498, 81, 291, 333, 274, 204, 191, 505, 332]
+        );
         assert_eq!(no_unk.decode(&[0, 100]), "[");
         let nul = edited(|m| m.pieces[300].piece = Some("\0".into())).unwrap();
         assert_eq!(nul.decode(&[300, 100]), "\0[");

@@ -26,7 +26,10 @@ impl fmt::Debug for Normalizer {
             .field("add_dummy_prefix", &self.add_dummy_prefix)
             .field("remove_extra_whitespaces", &self.remove_extra_whitespaces)
             .field("escape_whitespaces", &self.escape_whitespaces)
-            .field("treat_whitespace_as_suffix", &self.treat_whitespace_as_suffix)
+            .field(
+                "treat_whitespace_as_suffix",
+                &self.treat_whitespace_as_suffix,
+            )
             .field("charsmap", &self.charsmap.is_some())
             .finish()
     }
@@ -67,7 +70,11 @@ impl Normalizer {
         if rest.is_empty() {
             return out;
         }
-        let space = if self.escape_whitespaces { SPACE_SYMBOL } else { " " };
+        let space = if self.escape_whitespaces {
+            SPACE_SYMBOL
+        } else {
+            " "
+        };
         if self.add_dummy_prefix && !self.treat_whitespace_as_suffix {
             out.push_str(space);
         }
@@ -156,9 +163,14 @@ impl CharsMap {
         if pool.last() != Some(&0) {
             return Err(corrupt("replacement strings are not NUL-terminated"));
         }
-        let units =
-            trie.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok(CharsMap { units, pool: pool.to_vec() })
+        let units = trie
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(CharsMap {
+            units,
+            pool: pool.to_vec(),
+        })
     }
 
     /// The longest rule matching a prefix of `input` that ends on a character boundary:
@@ -176,7 +188,9 @@ impl CharsMap {
         let mut node = offset(*self.units.first()?);
         for (i, byte) in input.bytes().enumerate() {
             node ^= usize::from(byte);
-            let Some(&unit) = self.units.get(node) else { break };
+            let Some(&unit) = self.units.get(node) else {
+                break;
+            };
             if label(unit) != u32::from(byte) {
                 break;
             }
@@ -222,7 +236,9 @@ impl PrefixTrie {
         let mut node = 0;
         for &byte in key {
             let next_index = self.nodes.len();
-            let Some(current) = self.nodes.get_mut(node) else { return };
+            let Some(current) = self.nodes.get_mut(node) else {
+                return;
+            };
             node = match current.children.binary_search_by_key(&byte, |c| c.0) {
                 Ok(k) => current.children.get(k).map_or(next_index, |c| c.1),
                 Err(k) => {
@@ -242,7 +258,9 @@ impl PrefixTrie {
         let mut node = self.nodes.first()?;
         let mut best = None;
         for (i, byte) in text.iter().enumerate() {
-            let Ok(k) = node.children.binary_search_by_key(byte, |c| c.0) else { break };
+            let Ok(k) = node.children.binary_search_by_key(byte, |c| c.0) else {
+                break;
+            };
             let Some(child) = node.children.get(k).and_then(|c| self.nodes.get(c.1)) else {
                 break;
             };
@@ -266,14 +284,24 @@ mod tests {
         let collapse =
             edited(|m| m.normalizer_spec.as_mut().unwrap().remove_extra_whitespaces = Some(true))
                 .unwrap();
-        let pieces: Vec<String> =
-            collapse.encode_pieces("  two  spaces ").into_iter().map(|p| p.1).collect();
+        let pieces: Vec<String> = collapse
+            .encode_pieces("  two  spaces ")
+            .into_iter()
+            .map(|p| p.1)
+            .collect();
         assert_eq!(pieces, ["▁t", "w", "o", "▁s", "p", "a", "ces"]);
-        assert_eq!(collapse.encode("  two  spaces "), collapse.encode("two spaces"));
+        assert_eq!(
+            collapse.encode("  two  spaces "),
+            collapse.encode("two spaces")
+        );
         assert_eq!(collapse.encode("   "), Vec::<u32>::new());
         let no_prefix =
             edited(|m| m.normalizer_spec.as_mut().unwrap().add_dummy_prefix = Some(false)).unwrap();
-        let pieces: Vec<String> = no_prefix.encode_pieces("a b").into_iter().map(|p| p.1).collect();
+        let pieces: Vec<String> = no_prefix
+            .encode_pieces("a b")
+            .into_iter()
+            .map(|p| p.1)
+            .collect();
         assert_eq!(pieces, ["a", "▁b"]);
         assert_eq!(no_prefix.decode(&no_prefix.encode(" a")), " a");
     }
