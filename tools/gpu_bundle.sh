@@ -1,23 +1,29 @@
 #!/bin/bash
 # Prepares target/gpu/ for a lent GPU machine (see docs/BENCHMARKS.md, "Training on a
-# GPU"): the CUDA release build of xtuner, the cuBLAS seam's test and the xtask binary,
+# GPU"): the CUDA release build of xtuner, the cuBLAS seam's and flash kernels' tests and
+# the xtask binary,
 # stripped (the carry limit is 64 MiB), and the CPU side of the parity check on the tiny
 # fixture.
 # Run from the repository root; ../shared/fixtures must be beside the clone.
 # Then, on the machine: `bash tools/gpu_check.sh` with `target/gpu` carried.
 set -euo pipefail
 CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo build --release -p xtuner-cli --features cuda
-gemm_test=$(CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo test --release -p xtuner-model --features cuda --test cuda_gemm --no-run --message-format=json \
-    | python3 -c 'import json,sys;print([m["executable"] for m in map(json.loads,sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable")][-1])')
+test_binary() {
+    CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo test --release -p xtuner-model --features cuda --test "$1" --no-run --message-format=json \
+        | python3 -c 'import json,sys;print([m["executable"] for m in map(json.loads,sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable")][-1])'
+}
+gemm_test=$(test_binary cuda_gemm)
+flash_test=$(test_binary flash_kernel)
 cargo build --release -p xtask -p xtuner-cli
 G=target/gpu
 rm -rf "$G" && mkdir -p "$G/parity/model"
 strip -o "$G/xtuner" target/cuda/release/xtuner
 strip -o "$G/xtask" target/release/xtask
 strip -o "$G/cuda_gemm" "$gemm_test"
-# Stripped, the three are ~75 MB; gzipped, ~20 MB. gpu_check.sh unpacks them.
-tar czf "$G/bin.tar.gz" -C "$G" xtuner xtask cuda_gemm
-rm "$G/xtuner" "$G/xtask" "$G/cuda_gemm"
+strip -o "$G/flash_kernel" "$flash_test"
+# Stripped, the four are ~100 MB; gzipped, ~25 MB. gpu_check.sh unpacks them.
+tar czf "$G/bin.tar.gz" -C "$G" xtuner xtask cuda_gemm flash_kernel
+rm "$G/xtuner" "$G/xtask" "$G/cuda_gemm" "$G/flash_kernel"
 cp ../shared/fixtures/internlm2-tiny/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$G/parity/model/"
 python3 - "$G/parity" <<'PY'
 import json, sys

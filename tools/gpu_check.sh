@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device checks for the CUDA path, run on a lent GPU machine with target/gpu carried
-# (tools/gpu_bundle.sh makes it): the cuBLAS seam against Burn's matmul, a smoke run with
-# and without cuBLAS, CPU-vs-CUDA losses on the tiny fixture, then `xtask bench train`
+# (tools/gpu_bundle.sh makes it): the cuBLAS seam against Burn's matmul, the flash
+# kernels against their reference, a smoke run with and without cuBLAS and flash attention, CPU-vs-CUDA losses on the tiny fixture, then `xtask bench train`
 # against PyTorch. Results land in $OUT.
 export CUDA_PATH=/usr/local/cuda
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
@@ -18,11 +18,16 @@ nproc; date -u
 echo "== cuBLAS seam $SECONDS"
 timeout 120 $G/cuda_gemm > $OUT/cuda_gemm.txt 2>&1; echo "rc $?"
 tail -15 $OUT/cuda_gemm.txt
+echo "== flash kernels $SECONDS"
+timeout 120 $G/flash_kernel > $OUT/flash_kernel.txt 2>&1; echo "rc $?"
+tail -15 $OUT/flash_kernel.txt
 echo "== smoke $SECONDS"
 timeout 120 $X bench --device cuda --preset internlm2-tiny --vocab-size 1000 --seq-len 256 --warmup 1 --steps 3 > $OUT/smoke.json 2> $OUT/smoke.err; echo "rc $?"
 tail -3 $OUT/smoke.err; cat $OUT/smoke.json
 XTUNER_GEMM=burn timeout 120 $X bench --device cuda --preset internlm2-tiny --vocab-size 1000 --seq-len 256 --warmup 1 --steps 3 > $OUT/smoke_burn_gemm.json 2>&1; echo "rc $?"
 tail -1 $OUT/smoke_burn_gemm.json
+XTUNER_ATTENTION=dense timeout 120 $X bench --device cuda --preset internlm2-tiny --vocab-size 1000 --seq-len 256 --warmup 1 --steps 3 > $OUT/smoke_dense_attention.json 2>&1; echo "rc $?"
+tail -1 $OUT/smoke_dense_attention.json
 echo "== parity $SECONDS"
 cd $G/parity
 timeout 120 $X train run.toml --work-dir cuda --device cuda > $OUT/parity_cuda.out 2>&1; echo "rc $?"
@@ -49,4 +54,10 @@ echo "== bench $SECONDS (left $LEFT)"
 timeout $LEFT $G/xtask bench train --xtuner $X --modes lora,full,qlora --warmup 2 --steps 3 --timeout 130 --out $OUT/bench.md 2> $OUT/bench.err
 echo "bench rc $?"
 tail -30 $OUT/bench.err
+LEFT=$((BUDGET - SECONDS))
+if [ $LEFT -gt 60 ]; then
+    echo "== LoRA with materialised attention scores $SECONDS (left $LEFT)"
+    XTUNER_ATTENTION=dense timeout $LEFT $G/xtask bench train --xtuner $X --modes lora --warmup 2 --steps 3 --timeout 130 --out $OUT/bench_dense_attention.md 2> $OUT/bench_dense_attention.err
+    echo "rc $?"; tail -5 $OUT/bench_dense_attention.err
+fi
 echo "== done $SECONDS"

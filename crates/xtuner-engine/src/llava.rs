@@ -30,7 +30,7 @@ use xtuner_model::clip_vit::{ClipVisionTower, HiddenAct};
 use xtuner_model::image::{ImageProcessor, probe};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{Llava, image_features};
-use xtuner_model::nn::attention::attention_bias;
+use xtuner_model::nn::attention::AttentionMask;
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
@@ -541,7 +541,7 @@ pub fn llava_loss_backward<B: AutodiffBackend>(
     let tokens = key_valid.iter().filter(|&&v| v).count();
     let input = DecoderInput {
         positions: inputs.position_ids,
-        bias: attention_bias(b, t, 0, &key_valid, None, device),
+        mask: AttentionMask::new(b, t, &key_valid, None, device),
     };
     let (sum, trained, grads) = decoder_loss_backward(
         model,

@@ -72,7 +72,7 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
         x = layer
             .clone()
             .no_grad()
-            .forward(x, &cos, &sin, &input.bias, None);
+            .forward(x, &cos, &sin, &input.mask, None);
     }
 
     // 2. Norm, head and loss on the last output.
@@ -91,7 +91,7 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
         let Some(g) = grad.take() else { break };
         let x = Tensor::<B, 3>::from_inner(saved[i].clone()).require_grad();
         B::seed(&device, layer_seed(i));
-        let y = layer.forward(x.clone(), &cos, &sin, &input.bias, None);
+        let y = layer.forward(x.clone(), &cos, &sin, &input.mask, None);
         let (grads, input_grad) = backward_from(model, y, g, Some(&x));
         accumulator.accumulate(model, grads);
         grad = input_grad;
@@ -179,7 +179,7 @@ mod tests {
         let positions: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
         let input = DecoderInput {
             positions: Tensor::from_data(TensorData::new(positions, [b, t]), &device),
-            bias: xtuner_model::nn::attention::attention_bias(b, t, 0, &valid, None, &device),
+            mask: xtuner_model::nn::attention::AttentionMask::new(b, t, &valid, None, &device),
         };
         let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
         for model in [&full, &lora] {

@@ -28,7 +28,7 @@ use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
 use xtuner_model::generate::{GenerationConfig, generate};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{IMAGE_TOKEN_INDEX, prepare_inputs_labels_for_multimodal};
-use xtuner_model::nn::attention::attention_bias;
+use xtuner_model::nn::attention::AttentionMask;
 use xtuner_model::sampling::SamplingConfig;
 
 use crate::checkpoint::{self, TrainState};
@@ -245,15 +245,14 @@ pub fn batch_tensors<B: Backend>(
             })
             .collect()
     });
-    let bias = attention_bias(
+    let mask = AttentionMask::new(
         batch.batch_size,
         batch.seq_len,
-        0,
         &batch.attention_mask,
         segments.as_deref(),
         device,
     );
-    (ids, DecoderInput { positions, bias })
+    (ids, DecoderInput { positions, mask })
 }
 
 /// One micro-batch: forward, the token-mean loss, and the backward pass of the loss

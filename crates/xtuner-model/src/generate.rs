@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::internlm2::{DecoderInput, InternLm2};
+use crate::nn::attention::AttentionMask;
 use crate::nn::kv_cache::KvCache;
 use crate::sampling::{Sampler, SamplingConfig};
 
@@ -79,7 +80,7 @@ pub fn generate<B: Backend>(
             Tensor::<B, 2, Int>::from_data(TensorData::new(vec![pos as i64], [1, 1]), &device);
         let input = DecoderInput {
             positions,
-            bias: Tensor::zeros([1, 1, 1, pos + 1], &device),
+            mask: AttentionMask::Bias(Tensor::zeros([1, 1, 1, pos + 1], &device)),
         };
         logits = last_logits(model.forward(ids, &input, Some(&mut cache)));
     }

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::keys::{Family, QkvKeys, internlm2_qkv_rows};
 use crate::checkpoint::peft::PeftAdapter;
-use crate::nn::attention::Attention;
+use crate::nn::attention::{Attention, AttentionMask};
 use crate::nn::kv_cache::KvCache;
 pub use crate::nn::linear::LinearSite;
 use crate::nn::linear::{Linear, LinearLayers};
@@ -373,8 +373,8 @@ pub struct InternLm2<B: Backend> {
 pub struct DecoderInput<B: Backend> {
     /// Position of each token `[B, T]` (restarting per packed sample).
     pub positions: Tensor<B, 2, Int>,
-    /// Additive attention mask `[B, 1, T, S]` (see [`crate::nn::attention::attention_bias`]).
-    pub bias: Tensor<B, 4>,
+    /// Which keys each query sees.
+    pub mask: AttentionMask<B>,
 }
 
 impl<B: Backend> DecoderInput<B> {
@@ -385,14 +385,7 @@ impl<B: Backend> DecoderInput<B> {
         let positions: Vec<i64> = (0..batch).flat_map(|_| 0..t as i64).collect();
         Self {
             positions: Tensor::from_data(TensorData::new(positions, [batch, t]), device),
-            bias: crate::nn::attention::attention_bias(
-                batch,
-                t,
-                0,
-                &vec![true; batch * t],
-                None,
-                device,
-            ),
+            mask: AttentionMask::causal(batch, t, device),
         }
     }
 }
@@ -449,7 +442,7 @@ impl<B: Backend> InternLm2<B> {
         let mut h = embeds;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
-            h = layer.forward(h, &cos, &sin, &input.bias, layer_cache);
+            h = layer.forward(h, &cos, &sin, &input.mask, layer_cache);
         }
         self.norm.forward(h)
     }
@@ -495,13 +488,13 @@ impl<B: Backend> Block<B> {
         x: Tensor<B, 3>,
         cos: &Tensor<B, 3>,
         sin: &Tensor<B, 3>,
-        bias: &Tensor<B, 4>,
+        mask: &AttentionMask<B>,
         cache: Option<&mut crate::nn::kv_cache::LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .attention
-                .forward(self.attention_norm.forward(x), cos, sin, bias, cache);
+                .forward(self.attention_norm.forward(x), cos, sin, mask, cache);
         h.clone() + self.feed_forward.forward(self.ffn_norm.forward(h))
     }
 }

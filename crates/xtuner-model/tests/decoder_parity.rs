@@ -11,7 +11,7 @@ use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::generate::{GenerationConfig, StopReason, generate};
 use xtuner_model::internlm2::{DecoderInput, InternLm2};
-use xtuner_model::nn::attention::attention_bias;
+use xtuner_model::nn::attention::AttentionMask;
 use xtuner_model::nn::kv_cache::KvCache;
 use xtuner_model::sampling::SamplingConfig;
 
@@ -75,7 +75,7 @@ fn internlm2_packed_logits_keep_samples_apart() {
     let device = Default::default();
     let input = DecoderInput {
         positions: ids_tensor(&positions, [1, t]),
-        bias: attention_bias(1, t, 0, &vec![true; t], Some(&segments), &device),
+        mask: AttentionMask::new(1, t, &vec![true; t], Some(&segments), &device),
     };
     let logits = model.forward(ids_tensor(row0, [1, t]), &input, None);
     assert_close(logits, &golden, "packed_logits");
@@ -123,7 +123,7 @@ fn cached_decoding_equals_the_full_forward() {
     for (pos, &id) in ids.iter().enumerate().skip(5) {
         let input = DecoderInput {
             positions: ids_tensor(&[pos as i64], [1, 1]),
-            bias: Tensor::zeros([1, 1, 1, pos + 1], &device),
+            mask: AttentionMask::Bias(Tensor::zeros([1, 1, 1, pos + 1], &device)),
         };
         steps.push(model.forward(ids_tensor(&[id], [1, 1]), &input, Some(&mut cache)));
     }
@@ -141,14 +141,7 @@ fn right_padding_does_not_change_real_tokens() {
     let alone = model.forward(ids_tensor(&ids[..4], [1, 4]), &causal_input(1, 4), None);
     let input = DecoderInput {
         positions: ids_tensor(&[0, 1, 2, 3, 0, 0], [1, 6]),
-        bias: attention_bias(
-            1,
-            6,
-            0,
-            &[true, true, true, true, false, false],
-            None,
-            &device,
-        ),
+        mask: AttentionMask::new(1, 6, &[true, true, true, true, false, false], None, &device),
     };
     let padded = model.forward(ids_tensor(&[1, 17, 300, 42, 0, 0], [1, 6]), &input, None);
     let padded = padded.slice([0..1, 0..4, 0..512]);

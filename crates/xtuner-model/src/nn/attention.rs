@@ -2,6 +2,11 @@
 //! training and generation need: causal, right padding, and packed rows whose samples
 //! must not see each other (varlen attention, as segment ids).
 //!
+//! A training step's mask is [`AttentionMask::Causal`]: on Burn's CubeCL backends it runs
+//! as flash attention ([`super::flash_cube`]), which never holds the `[T × S]` scores;
+//! elsewhere, and for any other mask, the scores are materialised
+//! ([`scaled_dot_product`]). `XTUNER_ATTENTION=dense` forces the latter everywhere.
+//!
 //! The projection is one fused `wqkv` linear whose output columns are laid out
 //! `[q heads (H·D) | k heads (K·D) | v heads (K·D)]`; loaders convert InternLM2's
 //! KV-group-interleaved rows and Llama's separate q/k/v into it. Query head `j` uses KV
@@ -14,7 +19,7 @@
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use crate::nn::gemm::batched_matmul;
 use crate::nn::kv_cache::LayerCache;
@@ -42,15 +47,14 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// # Shapes
-    /// `x`: `[B, T, C]`; `cos`, `sin`: `[B, T, D]`; `bias`: `[B, 1, T, S]` additive mask
-    /// (see [`attention_bias`]) → `[B, T, C]`. With a cache, the new keys and values are
-    /// appended to it and S counts the cached ones too.
+    /// `x`: `[B, T, C]`; `cos`, `sin`: `[B, T, D]` → `[B, T, C]`. With a cache, the new
+    /// keys and values are appended to it and S counts the cached ones too.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: &Tensor<B, 3>,
         sin: &Tensor<B, 3>,
-        bias: &Tensor<B, 4>,
+        mask: &AttentionMask<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -64,14 +68,145 @@ impl<B: Backend> Attention<B> {
         let value = value.reshape([b, t, k, d]).swap_dims(1, 2); // [B, K, T, D]
         let q = apply_rotary(q, cos, sin);
         let key = apply_rotary(key, cos, sin);
-        let (key, value) = match cache {
-            Some(cache) => cache.append(key, value), // [B, K, S, D]
-            None => (key, value),
-        };
-        let out = scaled_dot_product(q, key, value, bias); // [B, H, T, D]
+        let out = match (cache, mask) {
+            (None, AttentionMask::Causal(segments)) => {
+                match flash_attention(&q, &key, &value, segments) {
+                    Some(out) => out,
+                    None => scaled_dot_product(q, key, value, &mask.bias(t)),
+                }
+            }
+            (Some(cache), _) => {
+                let (key, value) = cache.append(key, value); // [B, K, S, D]
+                let bias = mask.bias(key.dims()[2]);
+                scaled_dot_product(q, key, value, &bias)
+            }
+            (None, AttentionMask::Bias(bias)) => scaled_dot_product(q, key, value, bias),
+        }; // [B, H, T, D]
         let out = out.swap_dims(1, 2).reshape([b, t, h * d]); // [B, T, H·D]
         self.wo.forward(out)
     }
+}
+
+/// Which keys each query may see.
+#[derive(Debug, Clone)]
+pub enum AttentionMask<B: Backend> {
+    /// Causal, with packed samples kept apart by segment ids `[B, T]`, non-decreasing
+    /// along each row: a training step's mask (padding at the end of a row is a segment
+    /// of its own), which flash attention serves. With cached keys, the new queries see
+    /// all of them (one sample continues).
+    Causal(Tensor<B, 2, Int>),
+    /// An additive mask `[B, 1, T, S]` (see [`attention_bias`]): padding anywhere.
+    Bias(Tensor<B, 4>),
+}
+
+impl<B: Backend> AttentionMask<B> {
+    /// The mask of rows whose tokens are valid where `key_valid` says and, with
+    /// `segments`, belong to those packed samples (ids per token, any value on padding):
+    /// [`Self::Causal`] when every row's padding is at its end and its samples are in
+    /// order, [`Self::Bias`] otherwise.
+    pub fn new(
+        batch: usize,
+        t: usize,
+        key_valid: &[bool],
+        segments: Option<&[i64]>,
+        device: &B::Device,
+    ) -> Self {
+        match causal_segments(batch, t, key_valid, segments) {
+            Some(ids) => Self::Causal(Tensor::from_data(TensorData::new(ids, [batch, t]), device)),
+            None => Self::Bias(attention_bias(batch, t, 0, key_valid, segments, device)),
+        }
+    }
+
+    /// Plain causal rows (one sample each, no padding).
+    pub fn causal(batch: usize, t: usize, device: &B::Device) -> Self {
+        Self::Causal(Tensor::zeros([batch, t], device))
+    }
+
+    /// The additive `[B, 1, T, S]` form, for `s` keys (`s - T` of them cached).
+    pub fn bias(&self, s: usize) -> Tensor<B, 4> {
+        let segments = match self {
+            Self::Bias(bias) => return bias.clone(),
+            Self::Causal(segments) => segments,
+        };
+        let [b, t] = segments.dims();
+        let device = segments.device();
+        let past = s.saturating_sub(t) as i64;
+        let query = Tensor::<B, 1, Int>::arange(past..past + t as i64, &device).reshape([1, t, 1]);
+        let key = Tensor::<B, 1, Int>::arange(0..s as i64, &device).reshape([1, 1, s]);
+        let mut visible: Tensor<B, 3, Bool> =
+            key.expand([b, t, s]).lower_equal(query.expand([b, t, s]));
+        if s == t {
+            let same = segments
+                .clone()
+                .reshape([b, t, 1])
+                .expand([b, t, t])
+                .equal(segments.clone().reshape([b, 1, t]).expand([b, t, t]));
+            visible = visible.bool_and(same);
+        }
+        Tensor::<B, 3>::full([b, t, s], MASKED, &device)
+            .mask_fill(visible, 0.0)
+            .reshape([b, 1, t, s])
+    }
+}
+
+/// Segment ids that make `key_valid` and `segments` a causal mask: each row's samples
+/// in order, its padding after them as one more segment. `None` when a row has padding
+/// before a valid token or samples out of order.
+fn causal_segments(
+    batch: usize,
+    t: usize,
+    key_valid: &[bool],
+    segments: Option<&[i64]>,
+) -> Option<Vec<i32>> {
+    let mut ids = Vec::with_capacity(batch * t);
+    for b in 0..batch {
+        let row = |j: usize| b * t + j;
+        let valid = |j: usize| key_valid.get(row(j)).copied().unwrap_or(false);
+        let len = (0..t).take_while(|&j| valid(j)).count();
+        if (len..t).any(valid) {
+            return None;
+        }
+        let seg = |j: usize| segments.map_or(Some(0), |s| s.get(row(j)).copied());
+        let mut last = i64::MIN;
+        for j in 0..len {
+            let id = seg(j)?;
+            if id < last || i32::try_from(id).is_err() {
+                return None;
+            }
+            last = id;
+            ids.push(id as i32);
+        }
+        let pad = if len == 0 {
+            0
+        } else {
+            i32::try_from(last).ok()?.checked_add(1)?
+        };
+        ids.extend(std::iter::repeat_n(pad, t - len));
+    }
+    Some(ids)
+}
+
+/// Causal attention through the flash kernels, where the backend has them and
+/// `XTUNER_ATTENTION=dense` does not switch them off; `None` otherwise.
+///
+/// # Shapes
+/// `q`: `[B, H, T, D]`; `k`, `v`: `[B, K, T, D]`; `segments`: `[B, T]`, non-decreasing
+/// along each row (see [`AttentionMask::Causal`]) → `[B, H, T, D]`.
+pub fn flash_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    segments: &Tensor<B, 2, Int>,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        static DENSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*DENSE.get_or_init(|| std::env::var("XTUNER_ATTENTION").is_ok_and(|v| v == "dense")) {
+            return super::flash_cube::attention(q, k, v, segments);
+        }
+    }
+    let _ = (q, k, v, segments);
+    None
 }
 
 /// `softmax(q·kᵀ/√D + bias)·v` with K key/value heads shared by groups of query heads.
@@ -162,6 +297,65 @@ mod tests {
         // With two cached keys, the single new query sees all three.
         let bias = attention_bias::<TestBackend>(1, 1, 2, &[true; 3], None, &device);
         assert_eq!(bias.into_data().to_vec::<f32>().unwrap(), vec![0.0; 3]);
+    }
+
+    fn visible(bias: Tensor<TestBackend, 4>) -> Vec<bool> {
+        bias.into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&x| x == 0.0)
+            .collect()
+    }
+
+    #[test]
+    fn causal_mask_equals_the_bias_on_real_queries() {
+        let device = Default::default();
+        // Row 0: samples of 2 and 3 tokens, then one padding token; row 1: 6 tokens.
+        let valid = [[true; 5].as_slice(), &[false], &[true; 6]].concat();
+        let segments = [0, 0, 1, 1, 1, -1, 0, 0, 0, 0, 0, 0];
+        let mask = AttentionMask::<TestBackend>::new(2, 6, &valid, Some(&segments), &device);
+        let AttentionMask::Causal(ids) = &mask else {
+            panic!("right padding and ordered samples are causal")
+        };
+        assert_eq!(
+            ids.to_data().convert::<i64>().to_vec::<i64>().unwrap(),
+            [0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 0, 0]
+        );
+        let (causal, bias) = (
+            visible(mask.bias(6)),
+            visible(attention_bias(2, 6, 0, &valid, Some(&segments), &device)),
+        );
+        for (at, (c, b)) in causal.iter().zip(&bias).enumerate() {
+            let query = at / 6; // row-major [B, T, S] over both rows
+            if valid[query] {
+                assert_eq!(c, b, "query {query}, key {}", at % 6);
+            }
+        }
+        // With two cached keys, the new query sees all three.
+        assert_eq!(
+            visible(AttentionMask::<TestBackend>::causal(1, 1, &device).bias(3)),
+            [true; 3]
+        );
+    }
+
+    #[test]
+    fn padding_first_or_samples_out_of_order_keep_the_bias() {
+        assert_eq!(
+            causal_segments(1, 3, &[false, true, true], None),
+            None,
+            "left padding"
+        );
+        assert_eq!(
+            causal_segments(1, 3, &[true; 3], Some(&[1, 0, 0])),
+            None,
+            "samples out of order"
+        );
+        assert_eq!(
+            causal_segments(2, 2, &[true, true, false, false], None),
+            Some(vec![0, 0, 0, 0]),
+            "an all-padding row"
+        );
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Layers shared by every model: the weight-product seam (cuBLAS on CUDA), linear layers, norms, rotary embedding, attention
-//! (and the tiled flash-attention reference a GPU kernel is checked against),
+//! (flash attention: CubeCL kernels for the GPU backends, and the tiled reference they are
+//! checked against),
 //! the gated MLP and the KV cache.
 
 pub mod attention;
 #[cfg(feature = "cuda")]
 mod cublas;
 pub mod flash;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod flash_cube;
 pub mod gemm;
 pub mod kv_cache;
 pub mod linear;
