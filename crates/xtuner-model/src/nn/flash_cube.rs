@@ -48,6 +48,47 @@ fn block_for(head_dim: usize, shared_bytes: usize) -> usize {
 mod kernel {
     use cubecl::prelude::*;
 
+    /// Rows `r0..r0 + block` of two `[.., T, D]` tensors (from row `row0` of the
+    /// flattened tensor), in f32, into two shared tiles; zeros past the row's end.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn load_rows<F: Float>(
+        a: &Tensor<F>,
+        b: &Tensor<F>,
+        a_tile: &mut SharedMemory<f32>,
+        b_tile: &mut SharedMemory<f32>,
+        row0: usize,
+        r0: usize,
+        seq: usize,
+        #[comptime] block: usize,
+        #[comptime] head_dim: usize,
+    ) {
+        let u = UNIT_POS_X as usize;
+        #[unroll]
+        for r in 0..head_dim {
+            let e = r * block + u;
+            let row = r0 + e / head_dim;
+            let mut x = 0.0f32;
+            let mut y = 0.0f32;
+            if row < seq {
+                x = f32::cast_from(a[(row0 + row) * head_dim + e % head_dim]);
+                y = f32::cast_from(b[(row0 + row) * head_dim + e % head_dim]);
+            }
+            a_tile[e] = x;
+            b_tile[e] = y;
+        }
+    }
+
+    /// The segment of token `j` of the row starting at `seg_row`; 0 past its end.
+    #[cube]
+    fn segment_at(segments: &Tensor<i32>, seg_row: usize, j: usize, seq: usize) -> i32 {
+        let mut id = 0i32;
+        if j < seq {
+            id = segments[seg_row + j];
+        }
+        id
+    }
+
     /// Forward: `out = softmax(q·kᵀ·scale + mask)·v` and `lse` per query.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
@@ -106,24 +147,8 @@ mod kernel {
         let first_seg = segments[seg_row + q0];
         for kt in 0..q_last / block + 1 {
             let k0 = kt * block;
-            #[unroll]
-            for r in 0..head_dim {
-                let e = r * block + u;
-                let j = k0 + e / head_dim;
-                let mut kv = 0.0f32;
-                let mut vv = 0.0f32;
-                if j < seq {
-                    kv = f32::cast_from(k[(kv_row0 + j) * head_dim + e % head_dim]);
-                    vv = f32::cast_from(v[(kv_row0 + j) * head_dim + e % head_dim]);
-                }
-                k_tile[e] = kv;
-                v_tile[e] = vv;
-            }
-            let mut sj = 0i32;
-            if k0 + u < seq {
-                sj = segments[seg_row + k0 + u];
-            }
-            seg_tile[u] = sj;
+            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, kv_row0, k0, seq, block, head_dim);
+            seg_tile[u] = segment_at(segments, seg_row, k0 + u, seq);
             sync_cube();
 
             let k_last = min(k0 + block, seq) - 1;
@@ -240,24 +265,8 @@ mod kernel {
         let first_seg = segments[seg_row + q0];
         for kt in 0..q_last / block + 1 {
             let k0 = kt * block;
-            #[unroll]
-            for r in 0..head_dim {
-                let e = r * block + u;
-                let j = k0 + e / head_dim;
-                let mut kv = 0.0f32;
-                let mut vv = 0.0f32;
-                if j < seq {
-                    kv = f32::cast_from(k[(kv_row0 + j) * head_dim + e % head_dim]);
-                    vv = f32::cast_from(v[(kv_row0 + j) * head_dim + e % head_dim]);
-                }
-                k_tile[e] = kv;
-                v_tile[e] = vv;
-            }
-            let mut sj = 0i32;
-            if k0 + u < seq {
-                sj = segments[seg_row + k0 + u];
-            }
-            seg_tile[u] = sj;
+            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, kv_row0, k0, seq, block, head_dim);
+            seg_tile[u] = segment_at(segments, seg_row, k0 + u, seq);
             sync_cube();
 
             let k_last = min(k0 + block, seq) - 1;
@@ -360,28 +369,14 @@ mod kernel {
             let q_row0 = (b * heads as usize + kv_head * group + g) * seq;
             let q0 = (first_tile + step % per_head) * block;
             {
-                #[unroll]
-                for r in 0..head_dim {
-                    let e = r * block + u;
-                    let i = q0 + e / head_dim;
-                    let mut qv = 0.0f32;
-                    let mut dov = 0.0f32;
-                    if i < seq {
-                        qv = f32::cast_from(q[(q_row0 + i) * head_dim + e % head_dim]);
-                        dov = f32::cast_from(dout[(q_row0 + i) * head_dim + e % head_dim]);
-                    }
-                    q_tile[e] = qv;
-                    do_tile[e] = dov;
-                }
-                let mut si = 0i32;
+                load_rows::<F>(q, dout, &mut q_tile, &mut do_tile, q_row0, q0, seq, block, head_dim);
+                seg_tile[u] = segment_at(segments, seg_row, q0 + u, seq);
                 let mut li = 0.0f32;
                 let mut di = 0.0f32;
                 if q0 + u < seq {
-                    si = segments[seg_row + q0 + u];
                     li = lse[q_row0 + q0 + u];
                     di = delta[q_row0 + q0 + u];
                 }
-                seg_tile[u] = si;
                 lse_tile[u] = li;
                 delta_tile[u] = di;
                 sync_cube();
