@@ -147,7 +147,17 @@ mod kernel {
         let first_seg = segments[seg_row + q0];
         for kt in 0..q_last / block + 1 {
             let k0 = kt * block;
-            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, kv_row0, k0, seq, block, head_dim);
+            load_rows::<F>(
+                k,
+                v,
+                &mut k_tile,
+                &mut v_tile,
+                kv_row0,
+                k0,
+                seq,
+                block,
+                head_dim,
+            );
             seg_tile[u] = segment_at(segments, seg_row, k0 + u, seq);
             sync_cube();
 
@@ -265,7 +275,17 @@ mod kernel {
         let first_seg = segments[seg_row + q0];
         for kt in 0..q_last / block + 1 {
             let k0 = kt * block;
-            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, kv_row0, k0, seq, block, head_dim);
+            load_rows::<F>(
+                k,
+                v,
+                &mut k_tile,
+                &mut v_tile,
+                kv_row0,
+                k0,
+                seq,
+                block,
+                head_dim,
+            );
             seg_tile[u] = segment_at(segments, seg_row, k0 + u, seq);
             sync_cube();
 
@@ -369,7 +389,17 @@ mod kernel {
             let q_row0 = (b * heads as usize + kv_head * group + g) * seq;
             let q0 = (first_tile + step % per_head) * block;
             {
-                load_rows::<F>(q, dout, &mut q_tile, &mut do_tile, q_row0, q0, seq, block, head_dim);
+                load_rows::<F>(
+                    q,
+                    dout,
+                    &mut q_tile,
+                    &mut do_tile,
+                    q_row0,
+                    q0,
+                    seq,
+                    block,
+                    head_dim,
+                );
                 seg_tile[u] = segment_at(segments, seg_row, q0 + u, seq);
                 let mut li = 0.0f32;
                 let mut di = 0.0f32;
