@@ -89,6 +89,44 @@ mod kernel {
         id
     }
 
+    /// Where a unit of a query-tile cube works (grid: query tiles, heads, batch).
+    #[derive(CubeType)]
+    struct QueryUnit {
+        /// The unit's index in its cube.
+        u: usize,
+        /// The tile's first query.
+        q0: usize,
+        /// The unit's query.
+        i: usize,
+        /// Whether that query exists (the last tile may be partial).
+        live: bool,
+        /// Row offset of this head's queries in `[B, H, T, D]` (or `[B, H, T]`).
+        q_row0: usize,
+        /// Row offset of its KV head's keys in `[B, K, T, D]`.
+        kv_row0: usize,
+        /// Offset of this row's segment ids in `[B, T]`.
+        seg_row: usize,
+    }
+
+    #[cube]
+    fn query_unit(seq: usize, heads: u32, kv_heads: u32, #[comptime] block: usize) -> QueryUnit {
+        let b = CUBE_POS_Z as usize;
+        let h = CUBE_POS_Y as usize;
+        let q0 = CUBE_POS_X as usize * block;
+        let u = UNIT_POS_X as usize;
+        let i = q0 + u;
+        let kv_head = h / (heads / kv_heads) as usize;
+        QueryUnit {
+            u,
+            q0,
+            i,
+            live: i < seq,
+            q_row0: (b * heads as usize + h) * seq,
+            kv_row0: (b * kv_heads as usize + kv_head) * seq,
+            seg_row: b * seq,
+        }
+    }
+
     /// Forward: `out = softmax(q·kᵀ·scale + mask)·v` and `lse` per query.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
@@ -108,16 +146,15 @@ mod kernel {
         #[define(F)] _dtype: StorageType,
     ) {
         let seq = seq as usize;
-        let b = CUBE_POS_Z as usize;
-        let h = CUBE_POS_Y as usize;
-        let q0 = CUBE_POS_X as usize * block;
-        let u = UNIT_POS_X as usize;
-        let i = q0 + u;
-        let live = i < seq;
-        let kv_head = h / (heads / kv_heads) as usize;
-        let q_row0 = (b * heads as usize + h) * seq;
-        let kv_row0 = (b * kv_heads as usize + kv_head) * seq;
-        let seg_row = b * seq;
+        let QueryUnit {
+            u,
+            q0,
+            i,
+            live,
+            q_row0,
+            kv_row0,
+            seg_row,
+        } = query_unit(seq, heads, kv_heads, block);
 
         // This unit's query, pre-scaled, and its running statistics.
         let mut qi = Array::<f32>::new(head_dim);
@@ -231,16 +268,15 @@ mod kernel {
         #[define(F)] _dtype: StorageType,
     ) {
         let seq = seq as usize;
-        let b = CUBE_POS_Z as usize;
-        let h = CUBE_POS_Y as usize;
-        let q0 = CUBE_POS_X as usize * block;
-        let u = UNIT_POS_X as usize;
-        let i = q0 + u;
-        let live = i < seq;
-        let kv_head = h / (heads / kv_heads) as usize;
-        let q_row0 = (b * heads as usize + h) * seq;
-        let kv_row0 = (b * kv_heads as usize + kv_head) * seq;
-        let seg_row = b * seq;
+        let QueryUnit {
+            u,
+            q0,
+            i,
+            live,
+            q_row0,
+            kv_row0,
+            seg_row,
+        } = query_unit(seq, heads, kv_heads, block);
 
         let mut qi = Array::<f32>::new(head_dim);
         let mut doi = Array::<f32>::new(head_dim);
