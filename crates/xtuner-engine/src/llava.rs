@@ -34,6 +34,7 @@ use xtuner_model::nn::attention::AttentionMask;
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
+use crate::optim::MASTER_DTYPE;
 use crate::recompute::decoder_loss_backward;
 use crate::train::{self, MicroStep, Progress, Recipe, Resume, Start, TrainSummary, write_json};
 use crate::{Error, Result, lora};
@@ -164,12 +165,16 @@ pub fn assemble<B: Backend>(
         )?,
         (Some(l), None) => lora::attach(llm, decoder, l, device)?,
         (None, _) if llava.freeze_llm => llm.no_grad(),
-        (None, Some(dir)) => InternLm2::load_from(
-            &Checkpoint::open(&dir.join("model.safetensors"))?,
-            decoder,
-            None,
-            device,
-        )?,
+        (None, Some(dir)) => {
+            // The checkpoint holds every weight, as f32 masters that stay f32.
+            drop(llm);
+            InternLm2::load_from(
+                &Checkpoint::open(&dir.join("model.safetensors"))?.with_dtype(MASTER_DTYPE),
+                decoder,
+                None,
+                device,
+            )?
+        }
         (None, None) => llm,
     };
     let (tower, tower_config) = ClipVisionTower::<B>::load(&llava.visual_encoder, device)?;
@@ -184,7 +189,8 @@ pub fn assemble<B: Backend>(
         (Some(l), None) => lora::attach(tower, &(), l, device)?,
         (None, _) if llava.freeze_visual_encoder => tower.no_grad(),
         (None, Some(dir)) => {
-            let ckpt = Checkpoint::open(&dir.join("visual_encoder"))?;
+            drop(tower);
+            let ckpt = Checkpoint::open(&dir.join("visual_encoder"))?.with_dtype(MASTER_DTYPE);
             ClipVisionTower::load_from(&ckpt, &tower_config, device)?
         }
         (None, None) => tower,
@@ -213,7 +219,8 @@ pub fn assemble<B: Backend>(
     };
     let projector = match projector_dir {
         Some(dir) => {
-            let (projector, found) = Projector::load(&dir, device)?;
+            // Trained here: its f32 weights stay f32 (the master copy) on a bf16 backend.
+            let (projector, found) = Projector::load(&dir, Some(MASTER_DTYPE), device)?;
             if found.visual_hidden_size != projector_config.visual_hidden_size
                 || found.llm_hidden_size != projector_config.llm_hidden_size
             {

@@ -457,12 +457,17 @@ pub fn train<B: AutodiffBackend>(
                 Some(l) => {
                     lora::attach_peft(base, &decoder, &PeftAdapter::open(&dir)?, l.dropout, device)?
                 }
-                None => InternLm2::load_from(
-                    &Checkpoint::open(&dir.join("model.safetensors"))?,
-                    &decoder,
-                    None,
-                    device,
-                )?,
+                None => {
+                    // The checkpoint holds every weight; the base is not needed alongside.
+                    drop(base);
+                    // Its f32 masters load as f32, not rounded to a bf16 backend's default.
+                    InternLm2::load_from(
+                        &Checkpoint::open(&dir.join("model.safetensors"))?.with_dtype(MASTER_DTYPE),
+                        &decoder,
+                        None,
+                        device,
+                    )?
+                }
             };
             Start {
                 model,

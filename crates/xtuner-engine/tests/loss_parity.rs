@@ -71,7 +71,8 @@ fn llava_logits_and_loss_match_the_reference() {
     let clip_golden = Checkpoint::open(&fixture("clip-vit-tiny/golden.safetensors")).unwrap();
     let (llm, _) = InternLm2::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
     let (tower, _) = ClipVisionTower::<B>::load(&fixture("clip-vit-tiny"), &device).unwrap();
-    let (projector, _) = Projector::<B>::load(&fixture("llava-tiny/projector"), &device).unwrap();
+    let (projector, _) =
+        Projector::<B>::load(&fixture("llava-tiny/projector"), None, &device).unwrap();
 
     let pixels = clip_golden.float_data("pixel_values").unwrap();
     let pixels = Tensor::<B, 4>::from_data(pixels, &device);

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorCreationOptions, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
@@ -613,10 +613,10 @@ impl<B: Backend> InternLm2<B> {
                 attention_norm: norm(
                     src.vector(&format!("{}.weight", keys.attention_norm), hidden)?,
                     c.rms_norm_eps,
-                    device,
+                    ckpt.options(device),
                 )?,
                 attention: Attention {
-                    wqkv: linear(qkv_rows, qkv_out, hidden, qkv_bias, device),
+                    wqkv: linear(qkv_rows, qkv_out, hidden, qkv_bias, ckpt.options(device)),
                     wo: src.linear(&keys.wo, h * d, hidden, c.o_bias, device)?,
                     n_heads: h,
                     n_kv_heads: k,
@@ -625,7 +625,7 @@ impl<B: Backend> InternLm2<B> {
                 ffn_norm: norm(
                     src.vector(&format!("{}.weight", keys.ffn_norm), hidden)?,
                     c.rms_norm_eps,
-                    device,
+                    ckpt.options(device),
                 )?,
                 feed_forward: FeedForward {
                     w1: src.linear(&keys.w1, hidden, c.intermediate_size, c.mlp_bias, device)?,
@@ -651,7 +651,7 @@ impl<B: Backend> InternLm2<B> {
             norm: norm(
                 src.vector(&format!("{}.weight", family.norm()), hidden)?,
                 c.rms_norm_eps,
-                device,
+                ckpt.options(device),
             )?,
             output,
             rope: c.rope,
@@ -949,7 +949,7 @@ impl Source<'_> {
         let bias = bias
             .then(|| self.vector(&format!("{module}.bias"), d_out))
             .transpose()?;
-        Ok(linear(rows, d_out, d_in, bias, device))
+        Ok(linear(rows, d_out, d_in, bias, self.ckpt.options(device)))
     }
 }
 
@@ -959,17 +959,21 @@ fn linear<B: Backend>(
     out: usize,
     inp: usize,
     bias: Option<Vec<f32>>,
-    device: &B::Device,
+    options: TensorCreationOptions<B>,
 ) -> Linear<B> {
-    let weight = Tensor::<B, 2>::from_data(TensorData::new(rows, [out, inp]), device).transpose();
-    let bias = bias.map(|b| Tensor::<B, 1>::from_data(TensorData::new(b, [out]), device));
+    let bias = bias.map(|b| Tensor::<B, 1>::from_data(TensorData::new(b, [out]), options.clone()));
+    let weight = Tensor::<B, 2>::from_data(TensorData::new(rows, [out, inp]), options).transpose();
     Linear::from_tensors(weight, bias)
 }
 
-fn norm<B: Backend>(weight: Vec<f32>, eps: f64, device: &B::Device) -> Result<RmsNorm<B>> {
-    let mut norm = RmsNorm::new(weight.len(), eps, device)?;
+fn norm<B: Backend>(
+    weight: Vec<f32>,
+    eps: f64,
+    options: TensorCreationOptions<B>,
+) -> Result<RmsNorm<B>> {
     let n = weight.len();
-    norm.weight = Param::from_tensor(Tensor::from_data(TensorData::new(weight, [n]), device));
+    let mut norm = RmsNorm::new(n, eps, &options.device)?;
+    norm.weight = Param::from_tensor(Tensor::from_data(TensorData::new(weight, [n]), options));
     Ok(norm)
 }
 

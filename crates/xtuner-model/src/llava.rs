@@ -359,7 +359,7 @@ mod tests {
         let (tower, _) =
             ClipVisionTower::<B>::load(&fixtures().join("clip-vit-tiny"), &device).unwrap();
         let (projector, _) =
-            Projector::<B>::load(&fixtures().join("llava-tiny/projector"), &device).unwrap();
+            Projector::<B>::load(&fixtures().join("llava-tiny/projector"), None, &device).unwrap();
         let pixel_values = golden_float::<4>("clip-vit-tiny/golden.safetensors", "pixel_values");
         let features = image_features(&tower, &projector, pixel_values, -2).unwrap();
         let err = max_abs_tensor(

@@ -18,8 +18,8 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
@@ -154,14 +154,23 @@ impl<B: Backend> Projector<B> {
         })
     }
 
-    /// Loads a saved projector directory (`config.json` + safetensors).
+    /// Loads a saved projector directory (`config.json` + safetensors), its weights in
+    /// `dtype` (the backend's default for `None`; see [`Checkpoint::with_dtype`]).
     ///
     /// # Errors
     /// As [`ProjectorConfig::from_file`] and [`Projector::load_from`]; tensors the
     /// projector does not use are [`Error::UnexpectedTensors`].
-    pub fn load(dir: &Path, device: &B::Device) -> Result<(Self, ProjectorConfig)> {
+    pub fn load(
+        dir: &Path,
+        dtype: Option<DType>,
+        device: &B::Device,
+    ) -> Result<(Self, ProjectorConfig)> {
         let config = ProjectorConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
+        let ckpt = match dtype {
+            Some(dtype) => ckpt.with_dtype(dtype),
+            None => ckpt,
+        };
         let projector = Self::load_from(&ckpt, "", &config, device)?;
         let unexpected = ckpt.unused_keys();
         if !unexpected.is_empty() {
@@ -235,7 +244,7 @@ mod tests {
     fn loads_the_fixture_projector() {
         let device = Default::default();
         let (projector, config) =
-            Projector::<TestBackend>::load(&fixtures().join("llava-tiny/projector"), &device)
+            Projector::<TestBackend>::load(&fixtures().join("llava-tiny/projector"), None, &device)
                 .unwrap();
         assert_eq!(config, ProjectorConfig::new(32, 64));
         assert_eq!(projector.model.len(), 2);

@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
-use burn::tensor::{Int, Tensor, TensorData, Tolerance};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{DType, Int, Tensor, TensorData, Tolerance};
 use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::generate::{GenerationConfig, StopReason, generate};
@@ -60,6 +61,40 @@ fn internlm2_logits() {
         &causal_input(shape[0], shape[1]),
         None,
     );
+    assert_close(logits, &golden, "logits");
+}
+
+/// A checkpoint opened `with_dtype` gives every weight that dtype, not the backend's
+/// default: how a resumed run keeps its f32 masters on a bf16 backend. Here F64 on the f32
+/// CPU backend stands in for f32 on bf16; the model still computes and matches the
+/// reference.
+#[test]
+fn a_checkpoint_loaded_in_another_dtype_keeps_every_weight_in_it() {
+    struct Dtypes(Vec<DType>);
+    impl ModuleVisitor<B> for Dtypes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push(param.val().dtype());
+        }
+    }
+    let device = Default::default();
+    let (_, config) = InternLm2::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
+    let ckpt = Checkpoint::open(&fixture("internlm2-tiny"))
+        .unwrap()
+        .with_dtype(DType::F64);
+    let model = InternLm2::<B>::load_from(&ckpt, &config, None, &device).unwrap();
+    let mut dtypes = Dtypes(Vec::new());
+    model.visit(&mut dtypes);
+    assert!(dtypes.0.len() > 10, "visited {} weights", dtypes.0.len());
+    assert!(dtypes.0.iter().all(|&d| d == DType::F64), "{:?}", dtypes.0);
+
+    let golden = Checkpoint::open(&fixture("internlm2-tiny/golden.safetensors")).unwrap();
+    let (ids, shape) = ints(&golden, "input_ids");
+    let logits = model.forward(
+        ids_tensor(&ids, [shape[0], shape[1]]),
+        &causal_input(shape[0], shape[1]),
+        None,
+    );
+    assert_eq!(logits.dtype(), DType::F32);
     assert_close(logits, &golden, "logits");
 }
 

@@ -208,7 +208,7 @@ fn load_image_features<B: Backend>(
     } else {
         tower
     };
-    let (projector, _) = Projector::<B>::load(&llava.join("projector"), device)?;
+    let (projector, _) = Projector::<B>::load(&llava.join("projector"), None, device)?;
     // XTuner's chat always pads the image to a square.
     let processor = ImageProcessor::from_file(tower_dir.join("preprocessor_config.json"), true)?;
     let pixels = processor.preprocess_file::<B>(image, device)?;

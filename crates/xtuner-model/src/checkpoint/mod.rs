@@ -23,7 +23,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 
 use self::safetensors::{SafetensorsFile, ShardIndex};
 pub use self::save::{SaveDtype, parse_size, save_safetensors};
@@ -50,6 +50,9 @@ pub struct Checkpoint {
     keys: BTreeMap<String, usize>,
     /// Keys loaded so far; a mutex so that loading takes `&self` and the checkpoint stays `Sync`.
     used: Mutex<BTreeSet<String>>,
+    /// The dtype float tensors are created in ([`Checkpoint::with_dtype`]); `None` is the
+    /// backend's default.
+    dtype: Option<DType>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -111,7 +114,25 @@ impl Checkpoint {
             files,
             keys,
             used: Mutex::new(BTreeSet::new()),
+            dtype: None,
         })
+    }
+
+    /// Float tensors loaded from this checkpoint are created in `dtype` rather than the
+    /// backend's default: the f32 master weights a run resumes from stay f32 on a bf16
+    /// backend instead of being rounded to bf16 on the way in.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// How float tensors of this checkpoint are created on `device` (its dtype, if set).
+    pub fn options<B: Backend>(&self, device: &B::Device) -> TensorCreationOptions<B> {
+        let options = TensorCreationOptions::new(device.clone());
+        match self.dtype {
+            Some(dtype) => options.with_dtype(dtype),
+            None => options,
+        }
     }
 
     /// The path given to [`Checkpoint::open`].
@@ -173,7 +194,7 @@ impl Checkpoint {
         self.check_shape(key, &shape)?;
         let data = self.float_data(key)?;
         self.mark_used(key);
-        Ok(Tensor::from_data(data, device))
+        Ok(Tensor::from_data(data, self.options(device)))
     }
 
     /// Loads a PyTorch `Linear` weight, stored `[out_features, in_features]`, transposed to
@@ -209,7 +230,7 @@ impl Checkpoint {
         self.mark_used(key);
         Ok(Tensor::from_data(
             TensorData::new(transposed, [in_features, out_features]),
-            device,
+            self.options(device),
         ))
     }
 
