@@ -13,17 +13,17 @@ test_binary() {
         | python3 -c 'import json,sys;print([m["executable"] for m in map(json.loads,sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable")][-1])'
 }
 gemm_test=$(test_binary cuda_gemm)
-flash_test=$(test_binary flash_kernel)
+flash_test=$(test_binary cube_kernels)
 cargo build --release -p xtask -p xtuner-cli
 G=target/gpu
 rm -rf "$G" && mkdir -p "$G/parity/model"
 strip -o "$G/xtuner" target/cuda/release/xtuner
 strip -o "$G/xtask" target/release/xtask
 strip -o "$G/cuda_gemm" "$gemm_test"
-strip -o "$G/flash_kernel" "$flash_test"
+strip -o "$G/cube_kernels" "$flash_test"
 # Stripped, the four are ~100 MB; gzipped, ~25 MB. gpu_check.sh unpacks them.
-tar czf "$G/bin.tar.gz" -C "$G" xtuner xtask cuda_gemm flash_kernel
-rm "$G/xtuner" "$G/xtask" "$G/cuda_gemm" "$G/flash_kernel"
+tar czf "$G/bin.tar.gz" -C "$G" xtuner xtask cuda_gemm cube_kernels
+rm "$G/xtuner" "$G/xtask" "$G/cuda_gemm" "$G/cube_kernels"
 cp ../shared/fixtures/internlm2-tiny/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$G/parity/model/"
 python3 - "$G/parity" <<'PY'
 import json, sys

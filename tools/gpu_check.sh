@@ -18,9 +18,9 @@ nproc; date -u
 echo "== cuBLAS seam $SECONDS"
 timeout 120 $G/cuda_gemm > $OUT/cuda_gemm.txt 2>&1; echo "rc $?"
 tail -15 $OUT/cuda_gemm.txt
-echo "== flash kernels $SECONDS"
-timeout 120 $G/flash_kernel > $OUT/flash_kernel.txt 2>&1; echo "rc $?"
-tail -15 $OUT/flash_kernel.txt
+echo "== CubeCL kernels (flash attention, NF4) $SECONDS"
+timeout 120 $G/cube_kernels > $OUT/cube_kernels.txt 2>&1; echo "rc $?"
+tail -15 $OUT/cube_kernels.txt
 echo "== smoke $SECONDS"
 timeout 120 $X bench --device cuda --preset internlm2-tiny --vocab-size 1000 --seq-len 256 --warmup 1 --steps 3 > $OUT/smoke.json 2> $OUT/smoke.err; echo "rc $?"
 tail -3 $OUT/smoke.err; cat $OUT/smoke.json

@@ -14,7 +14,7 @@
 //! mixed dtypes, an empty matrix) keeps Burn's matmul, and so does the whole process when
 //! cuBLAS cannot be loaded or fails once (logged), or with `XTUNER_GEMM=burn`.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -34,6 +34,7 @@ use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as driver, sys as driver_sys};
 
+use super::cube::same;
 use super::gemm::{GemmPlan, Layout};
 
 /// Burn's CUDA backend with float element `F` (what `burn::backend::Cuda<F, i32>` is
@@ -123,11 +124,6 @@ fn route<B: Backend, F: FloatElement, const R: usize>(
         return same(&tracked_gemm::<F, R>(a, b));
     }
     None
-}
-
-/// `value` as type `U`, when that is its type (a cheap clone: tensors are handles).
-fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
-    (value as &dyn Any).downcast_ref::<U>().cloned()
 }
 
 /// The autodiff op: forward through cuBLAS, and a backward that is two more products.

@@ -15,7 +15,6 @@
 //! the diagonal are skipped. Inputs are `[B, H, T, D]` queries and `[B, K, T, D]` keys
 //! and values in the backend's float dtype; arithmetic is f32.
 
-use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 
 use burn::backend::Autodiff;
@@ -28,8 +27,10 @@ use burn::tensor::{DType, Int, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_cubecl::{BoolElement, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
+
+use super::cube::{Cube, CubeOp, dispatch, same};
 
 /// Query or key rows per cube, from the head dimension and the device's shared memory:
 /// two f32 tiles of `block × D` must fit, and 64 rows at most.
@@ -697,71 +698,44 @@ pub(crate) fn attention<B: Backend>(
     if seq == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return None;
     }
-    #[cfg(feature = "cuda")]
-    {
-        use cubecl::cuda::CudaRuntime;
-        let served = route::<B, CudaRuntime, half::bf16, i32, u8>(q, k, v, segments)
-            .or_else(|| route::<B, CudaRuntime, half::f16, i32, u8>(q, k, v, segments))
-            .or_else(|| route::<B, CudaRuntime, f32, i32, u8>(q, k, v, segments));
-        if served.is_some() {
-            return served;
-        }
-    }
-    #[cfg(feature = "wgpu")]
-    {
-        use cubecl::wgpu::WgpuRuntime;
-        let served = route::<B, WgpuRuntime, f32, i32, u32>(q, k, v, segments);
-        if served.is_some() {
-            return served;
-        }
-    }
-    None
+    dispatch(&Flash { q, k, v, segments })
 }
 
-type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+/// The operands of one [`attention`] call.
+struct Flash<'a, B: Backend> {
+    q: &'a Tensor<B, 4>,
+    k: &'a Tensor<B, 4>,
+    v: &'a Tensor<B, 4>,
+    segments: &'a Tensor<B, 2, Int>,
+}
 
-/// The op when `B` is `CubeBackend<R, F, I, BT>` or `Autodiff` of it.
-fn route<B, R, F, I, BT>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
-    segments: &Tensor<B, 2, Int>,
-) -> Option<Tensor<B, 4>>
-where
-    B: Backend,
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    let int = |s: Tensor<Cube<R, F, I, BT>, 2, Int>| -> CubeTensor<R> {
-        burn_cubecl::kernel::cast(s.into_primitive(), DType::I32)
-    };
-    if TypeId::of::<B>() == TypeId::of::<Cube<R, F, I, BT>>() {
-        let [q, k, v] = [q, k, v].map(same::<_, Tensor<Cube<R, F, I, BT>, 4>>);
-        let (q, k, v) = (
-            q?.into_primitive().tensor(),
-            k?.into_primitive().tensor(),
-            v?.into_primitive().tensor(),
-        );
-        let segments = int(same(segments)?);
-        let (out, _) = forward(q, k, v, segments);
-        return same(&Tensor::<Cube<R, F, I, BT>, 4>::from_primitive(
+impl<B: Backend> CubeOp<B> for Flash<'_, B> {
+    type Output = Tensor<B, 4>;
+
+    fn plain<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+        &self,
+    ) -> Option<Tensor<B, 4>> {
+        let [q, k, v] = [self.q, self.k, self.v].map(|t| {
+            same::<_, Tensor<Cube<R, F, I, BT>, 4>>(t).map(|t| t.into_primitive().tensor())
+        });
+        let segments: Tensor<Cube<R, F, I, BT>, 2, Int> = same(self.segments)?;
+        let segments = burn_cubecl::kernel::cast(segments.into_primitive(), DType::I32);
+        let (out, _) = forward(q?, k?, v?, segments);
+        same(&Tensor::<Cube<R, F, I, BT>, 4>::from_primitive(
             TensorPrimitive::Float(out),
-        ));
+        ))
     }
-    if TypeId::of::<B>() == TypeId::of::<Autodiff<Cube<R, F, I, BT>>>() {
-        let [q, k, v] = [q, k, v].map(same::<_, Tensor<Autodiff<Cube<R, F, I, BT>>, 4>>);
-        let segments: Tensor<Autodiff<Cube<R, F, I, BT>>, 2, Int> = same(segments)?;
-        let segments = int(Tensor::from_primitive(segments.into_primitive()));
-        return same(&tracked::<R, F, I, BT>(q?, k?, v?, segments));
-    }
-    None
-}
 
-/// `value` as type `U`, when that is its type (a cheap clone: tensors are handles).
-fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
-    (value as &dyn Any).downcast_ref::<U>().cloned()
+    fn autodiff<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+        &self,
+    ) -> Option<Tensor<B, 4>> {
+        let [q, k, v] =
+            [self.q, self.k, self.v].map(same::<_, Tensor<Autodiff<Cube<R, F, I, BT>>, 4>>);
+        let segments: Tensor<Autodiff<Cube<R, F, I, BT>>, 2, Int> = same(self.segments)?;
+        // Autodiff's int tensors are its inner backend's.
+        let segments = burn_cubecl::kernel::cast(segments.into_primitive(), DType::I32);
+        same(&tracked::<R, F, I, BT>(q?, k?, v?, segments))
+    }
 }
 
 fn tracked<R, F, I, BT>(

@@ -9,13 +9,13 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Tensor};
 
 use crate::Result;
 use crate::checkpoint::Checkpoint;
 use crate::nn::gemm::matmul;
 use crate::nn::nf4::{Nf4Tensor, Nf4Weight};
-use crate::nn::precision::in_dtype;
+use crate::nn::precision::{compute_dtype, in_dtype};
 
 /// Where a linear layer of a model sits: what adapters, quantization and export
 /// need to know about it.
@@ -209,8 +209,17 @@ impl<B: Backend> Linear<B> {
     /// use this, not `weight`, which is an empty placeholder for an NF4 layer.
     pub fn dense_weight(&self) -> Tensor<B, 2> {
         match &self.nf4 {
-            Some(nf4) => nf4.dequantize(),
+            Some(nf4) => nf4.dequantize(compute_dtype::<B>()),
             None => self.weight.val(),
+        }
+    }
+
+    /// The base weight in `dtype`, as a forward reads it: an NF4 weight dequantized
+    /// straight into it, a dense one cast when stored wider (master weights).
+    fn weight_in(&self, dtype: DType) -> Tensor<B, 2> {
+        match &self.nf4 {
+            Some(nf4) => nf4.dequantize(dtype),
+            None => in_dtype(self.weight.val(), dtype),
         }
     }
 
@@ -269,7 +278,7 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         // Weights stored wider than the input (master weights) are read in its dtype.
         let dtype = x.dtype();
-        let mut y = matmul(x.clone(), in_dtype(self.dense_weight(), dtype));
+        let mut y = matmul(x.clone(), self.weight_in(dtype));
         if let Some(bias) = &self.bias {
             y = y + in_dtype(bias.val(), dtype).unsqueeze::<D>();
         }

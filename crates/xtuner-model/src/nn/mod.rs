@@ -4,6 +4,8 @@
 //! the gated MLP and the KV cache.
 
 pub mod attention;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod cube;
 #[cfg(feature = "cuda")]
 mod cublas;
 pub mod flash;
@@ -14,6 +16,8 @@ pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod nf4;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod nf4_cube;
 pub mod precision;
 pub mod rms_norm;
 pub mod rope;

@@ -33,8 +33,9 @@
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 
+use crate::nn::precision::in_dtype;
 use crate::{Error, Result};
 
 /// The 16 NF4 levels (bitsandbytes' `get_4bit_type("nf4")`: quantiles of N(0, 1) scaled to
@@ -470,17 +471,17 @@ fn invalid(name: &'static str, message: String) -> Error {
 pub struct Nf4Weight<B: Backend> {
     /// The codes, `codes_per_word` per element, the first in the most significant
     /// nibble, the tail padded with the code of 0; never negative.
-    packed: Tensor<B, 1, Int>,
-    /// The per-block absmax (decoded when double-quantized), `[n_blocks]`.
-    absmax: Tensor<B, 1>,
-    /// [`NF4_LEVELS`], `[16]`.
-    levels: Tensor<B, 1>,
+    pub(super) packed: Tensor<B, 1, Int>,
+    /// The per-block absmax (decoded when double-quantized), `[n_blocks]`, in f32.
+    pub(super) absmax: Tensor<B, 1>,
+    /// [`NF4_LEVELS`], `[16]`, in f32.
+    pub(super) levels: Tensor<B, 1>,
     /// `[rows, cols]` of the quantized matrix (`[d_out, d_in]`).
-    shape: [usize; 2],
+    pub(super) shape: [usize; 2],
     /// Elements per absmax block.
-    block_size: usize,
+    pub(super) block_size: usize,
     /// Codes per element of `packed`.
-    codes_per_word: usize,
+    pub(super) codes_per_word: usize,
 }
 
 impl<B: Backend> Nf4Weight<B> {
@@ -511,8 +512,13 @@ impl<B: Backend> Nf4Weight<B> {
         let n_blocks = absmax.len();
         Self {
             packed: Tensor::from_data(TensorData::new(words, [n_words]), device),
-            absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), device),
-            levels: Tensor::from_data(TensorData::new(NF4_LEVELS.to_vec(), [16]), device),
+            // f32 whatever the backend computes in: a bf16 absmax or level would round
+            // each weight twice before the product.
+            absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), (device, DType::F32)),
+            levels: Tensor::from_data(
+                TensorData::new(NF4_LEVELS.to_vec(), [16]),
+                (device, DType::F32),
+            ),
             shape: nf4.shape,
             block_size: nf4.block_size,
             codes_per_word,
@@ -529,12 +535,34 @@ impl<B: Backend> Nf4Weight<B> {
         self.block_size
     }
 
-    /// The dense weight, `NF4_LEVELS[code] · absmax` in f32.
+    /// The dense weight in `dtype`: `NF4_LEVELS[code] · absmax` computed in f32, rounded
+    /// once. On the GPU backends that is one kernel ([`super::nf4_cube`]).
     ///
     /// # Shapes
     /// → `[d_in, d_out]` (Burn's Linear layout: the transpose of the PyTorch `[out, in]`
     /// matrix that was quantized).
-    pub fn dequantize(&self) -> Tensor<B, 2> {
+    pub fn dequantize(&self, dtype: DType) -> Tensor<B, 2> {
+        self.dequantize_kernel(dtype)
+            .unwrap_or_else(|| in_dtype(self.dequantize_f32(), dtype))
+    }
+
+    /// [`Nf4Weight::dequantize`] through the GPU kernel; `None` where this build has none
+    /// for `B` (the CPU backends, or a build without the `cuda` and `wgpu` features).
+    pub fn dequantize_kernel(&self, dtype: DType) -> Option<Tensor<B, 2>> {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        {
+            // [rows, cols] → [cols, rows] = [d_in, d_out], a view.
+            super::nf4_cube::dequantize(self, dtype).map(Tensor::transpose)
+        }
+        #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+        {
+            let _ = dtype;
+            None
+        }
+    }
+
+    /// [`Nf4Weight::dequantize`] in f32 through Burn's tensor ops (any backend).
+    fn dequantize_f32(&self) -> Tensor<B, 2> {
         let [rows, cols] = self.shape;
         let numel = rows * cols;
         let [n_words] = self.packed.dims();
@@ -652,7 +680,7 @@ mod tests {
         let w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device);
         assert_eq!(w.dims(), [128, 96]);
         let y = x
-            .matmul(w.dequantize())
+            .matmul(w.dequantize(DType::F32))
             .into_data()
             .to_vec::<f32>()
             .unwrap();
@@ -673,7 +701,7 @@ mod tests {
             let weight = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device);
             // NdArray's i64 holds 15 codes: 4.3 bits a weight.
             assert_eq!(weight.packed.dims(), [(96 * 128usize).div_ceil(15)]);
-            let device_w = weight.dequantize();
+            let device_w = weight.dequantize(DType::F32);
             assert_eq!(
                 device_w.into_data().to_vec::<f32>().unwrap(),
                 host.transpose().into_data().to_vec::<f32>().unwrap()
@@ -684,7 +712,7 @@ mod tests {
         let nf4 = Nf4Tensor::quantize(&values, [3, 5], 4, false).unwrap();
         let host =
             Tensor::<TestBackend, 2>::from_data(TensorData::new(nf4.dequantize(), [3, 5]), &device);
-        let device_w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device).dequantize();
+        let device_w = Nf4Weight::<TestBackend>::from_tensor(&nf4, &device).dequantize(DType::F32);
         assert_eq!(
             device_w.into_data().to_vec::<f32>().unwrap(),
             host.transpose().into_data().to_vec::<f32>().unwrap()

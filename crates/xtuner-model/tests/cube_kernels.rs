@@ -1,6 +1,6 @@
-//! The flash-attention kernels on a GPU backend against the reference path
-//! (`nn::flash`), forward and backward: `--features wgpu` (any Vulkan driver; lavapipe
-//! runs it on a CPU) or `--features cuda`.
+//! Our CubeCL kernels on a GPU backend against their reference paths: flash attention
+//! (`nn::flash`), forward and backward, and NF4 dequantization (`Nf4Tensor::dequantize`);
+//! `--features wgpu` (any Vulkan driver; lavapipe runs it on a CPU) or `--features cuda`.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,6 +9,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use xtuner_model::nn::attention::{AttentionMask, flash_attention, scaled_dot_product};
 use xtuner_model::nn::flash::{self, FlashShape};
+use xtuner_model::nn::nf4::{Nf4Tensor, Nf4Weight};
 
 fn random(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
@@ -176,6 +177,59 @@ fn training_mask_matches_dense<B: AutodiffBackend>(device: &B::Device) {
     assert!(failure.is_none(), "{failure:?}");
 }
 
+/// The dequantization kernel gives the host's `NF4_LEVELS[code] · absmax` rounded once to
+/// `dtype`, exactly, on `B` and on its autodiff wrapper.
+fn nf4_kernel_matches_the_host<B: AutodiffBackend>(device: &B::Device, dtype: DType) {
+    let cases = [
+        ([96, 128], 64, false),
+        ([96, 128], 64, true),
+        ([3, 5], 4, false), // a partial last block, an odd count: a half-filled byte
+        ([257, 33], 64, true), // a partial last word and block
+        // More cubes of 256 than one grid dimension holds (65,535 on WebGPU).
+        ([4100, 4096], 64, true),
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for (shape, block, double_quant) in cases {
+        let [rows, cols] = shape;
+        let nf4 = Nf4Tensor::quantize(&random(&mut rng, rows * cols), shape, block, double_quant)
+            .unwrap();
+        let host = nf4.dequantize();
+        let transposed: Vec<f32> = (0..rows * cols)
+            .map(|i| host[(i % rows) * cols + i / rows])
+            .collect();
+        let want = Tensor::<B::InnerBackend, 1>::from_data(
+            TensorData::new(transposed, [rows * cols]),
+            device,
+        )
+        .cast(dtype)
+        .cast(DType::F32)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+        let flat = |t: Tensor<B::InnerBackend, 2>| {
+            assert_eq!(t.dims(), [cols, rows]);
+            assert_eq!(t.dtype(), dtype);
+            t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
+        };
+        let plain = Nf4Weight::<B::InnerBackend>::from_tensor(&nf4, device)
+            .dequantize_kernel(dtype)
+            .expect("this backend runs the NF4 kernel");
+        let tracked = Nf4Weight::<B>::from_tensor(&nf4, device)
+            .dequantize_kernel(dtype)
+            .expect("this backend runs the NF4 kernel under autodiff");
+        for (got, path) in [(flat(plain), "plain"), (flat(tracked.inner()), "autodiff")] {
+            let bad = got.iter().zip(&want).position(|(g, w)| g != w);
+            assert!(
+                bad.is_none(),
+                "{shape:?} block {block} double_quant {double_quant} ({path}): [{}] {} vs {}",
+                bad.unwrap_or(0),
+                got[bad.unwrap_or(0)],
+                want[bad.unwrap_or(0)]
+            );
+        }
+    }
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_kernels_match_the_reference() {
@@ -185,6 +239,7 @@ fn wgpu_kernels_match_the_reference() {
         check::<B>(&device, DType::F32, shape, segments, 1e-4);
     }
     training_mask_matches_dense::<B>(&device);
+    nf4_kernel_matches_the_host::<B>(&device, DType::F32);
 }
 
 #[cfg(feature = "cuda")]
@@ -199,4 +254,6 @@ fn cuda_kernels_match_the_reference() {
         check::<Bf16>(&device, DType::BF16, shape, segments, 2e-2);
     }
     training_mask_matches_dense::<F32>(&device);
+    nf4_kernel_matches_the_host::<F32>(&device, DType::F32);
+    nf4_kernel_matches_the_host::<Bf16>(&device, DType::BF16);
 }
