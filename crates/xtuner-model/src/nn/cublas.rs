@@ -253,14 +253,21 @@ fn cublas_gemms(products: &[(Primitive, Primitive)]) -> Result<Vec<Primitive>, S
             Some(blas) if blas.device == device.index => blas,
             _ => slot.insert(Blas::new(device.index)?),
         };
+        let mut queued = Ok(());
         for p in &prepared {
             let [a, b, c] = p.pointers;
             // SAFETY: the pointers are live allocations of at least the planned extents
             // (the layouts and strides were read from the tensors' own shapes and
             // strides), held by `p._held` until the stream is synchronised below.
-            unsafe { blas.gemm(&p.plan, p.data_type, b, a, c)? };
+            queued = unsafe { blas.gemm(&p.plan, p.data_type, b, a, c) };
+            if queued.is_err() {
+                break;
+            }
         }
-        blas.synchronize()
+        // Even after a failure: products already queued must finish before `prepared`
+        // releases the memory they write.
+        let synchronised = blas.synchronize();
+        queued.and(synchronised)
     })?;
     PRODUCTS.fetch_add(prepared.len() as u64, Ordering::Relaxed);
     Ok(prepared.into_iter().map(|p| p.output).collect())

@@ -25,7 +25,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
@@ -524,13 +524,15 @@ impl Sizes {
         1.0 / (self.head_dim as f32).sqrt()
     }
 
+    /// A new tensor with packed rows, as the kernels index it (Burn's default allocation
+    /// may pad rows on CUDA).
     fn empty<R: CubeRuntime>(
         &self,
         like: &CubeTensor<R>,
         dims: Vec<usize>,
         dtype: DType,
     ) -> CubeTensor<R> {
-        empty_device_dtype::<R>(
+        empty_device_contiguous_dtype::<R>(
             like.client.clone(),
             like.device.clone(),
             Shape::from(dims),

@@ -12,7 +12,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeRuntime, FloatElement, IntElement};
 use cubecl::calculate_cube_count_elemwise;
@@ -82,7 +82,9 @@ impl<B: Backend> Dequantize<'_, B> {
         );
         let [rows, cols] = self.nf4.shape;
         let client = packed.client.clone();
-        let out = empty_device_dtype::<R>(
+        // Packed rows, as the kernel writes them (Burn's default allocation may pad rows
+        // on CUDA).
+        let out = empty_device_contiguous_dtype::<R>(
             client.clone(),
             packed.device.clone(),
             Shape::from(vec![rows, cols]),
