@@ -331,7 +331,7 @@ fn markdown(args: &TrainArgs, results: &[(&Run, Value)]) -> String {
         "`cargo xtask bench train` — {} shape, {} × {} tokens per step, LoRA r {}, {} timed steps after {} warm-up; {device}\n\n",
         args.preset, args.batch_size, args.seq_len, args.lora_r, args.steps, args.warmup
     );
-    text.push_str("| mode | side | act. ckpt | tokens/s | model TFLOP/s | peak GPU memory (nvidia-smi) | vs PyTorch (same ckpt) |\n|---|---|---|---:|---:|---:|---:|\n");
+    text.push_str("| mode | side | act. ckpt | tokens/s | model TFLOP/s | peak GPU memory (nvidia-smi) | model state (counted) | vs PyTorch (same ckpt) |\n|---|---|---|---:|---:|---:|---:|---:|\n");
     for (run, v) in results {
         let tps = v["tokens_per_s"].as_f64();
         let reference = results
@@ -352,16 +352,20 @@ fn markdown(args: &TrainArgs, results: &[(&Run, Value)]) -> String {
             .or(v["skipped"].as_str())
             .map(|e| format!(" ({e})"))
             .unwrap_or_default();
+        let gib = |x: Option<f64>| x.map_or_else(|| "—".to_string(), |x| format!("{x:.1} GiB"));
         text.push_str(&format!(
-            "| {} | {}{status} | {} | {} | {} | {} | {ratio} |\n",
+            "| {} | {}{status} | {} | {} | {} | {} | {} | {ratio} |\n",
             run.mode,
             run.side,
             if run.checkpointing { "yes" } else { "no" },
             cell(tps, 0),
             cell(v["tflops"].as_f64(), 1),
-            v["peak_gpu_mib"]
+            gib(v["peak_gpu_mib"].as_f64().map(|m| m / 1024.0)),
+            // Parameters, gradients, AdamW moments and frozen or NF4 weights, as
+            // `xtuner bench` counts them; activations and workspaces are the rest.
+            gib(v["model_state_bytes"]
                 .as_f64()
-                .map_or_else(|| "—".to_string(), |m| format!("{:.1} GiB", m / 1024.0)),
+                .map(|b| b / (1u64 << 30) as f64)),
         ));
     }
     text
@@ -409,14 +413,15 @@ mod tests {
         let results = vec![
             (
                 &runs[0],
-                json!({"tokens_per_s": 5000.0, "tflops": 60.0, "peak_gpu_mib": 10240.0}),
+                json!({"tokens_per_s": 5000.0, "tflops": 60.0, "peak_gpu_mib": 10240.0,
+                       "model_state_bytes": 3u64 << 30}),
             ),
             (&runs[1], json!({"tokens_per_s": 10000.0, "tflops": 120.0})),
             (&runs[3], json!({"error": "timed out"})),
         ];
         let table = markdown(&cli.args, &results);
         assert!(
-            table.contains("| lora | xtuner-rs | no | 5000 | 60.0 | 10.0 GiB | 0.50× |"),
+            table.contains("| lora | xtuner-rs | no | 5000 | 60.0 | 10.0 GiB | 3.0 GiB | 0.50× |"),
             "{table}"
         );
         assert!(table.contains("pytorch (timed out) | yes | — |"), "{table}");

@@ -16,6 +16,7 @@ use serde::Serialize;
 use xtuner_dataset::PackedRow;
 use xtuner_dataset::collate::collate;
 use xtuner_model::internlm2::{DecoderConfig, InternLm2};
+use xtuner_model::nn::linear::LinearLayers;
 
 use crate::config::{LoraConfig, OptimizerConfig};
 use crate::lora;
@@ -67,6 +68,9 @@ pub struct StepReport {
     pub matmul_params: usize,
     /// Trainable parameters.
     pub trainable_params: usize,
+    /// The model's resident state before activations: trainable parameters with their
+    /// gradients and AdamW moments, frozen weights, NF4 weights (see [`crate::memory`]).
+    pub model_state_bytes: usize,
     /// Model FLOPs per token (PaLM).
     pub flops_per_token: f64,
     /// Seconds per step: mean over the timed steps.
@@ -129,7 +133,7 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
     }
     // As a training run: trainable parameters (and so AdamW's moments) in f32.
     let mut model = crate::optim::master_weights(model, crate::optim::MASTER_DTYPE);
-    let trainable_params = crate::train::count_trainable(&model);
+    let memory = crate::memory::ModelMemory::of(&model, model.nf4_bytes(&decoder));
     sync::<B>(device)?;
     let setup_s = setup.elapsed().as_secs_f64();
 
@@ -171,7 +175,8 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
     Ok(StepReport {
         bench: bench.clone(),
         matmul_params: decoder.matmul_params(),
-        trainable_params,
+        trainable_params: memory.trainable_params,
+        model_state_bytes: memory.total_bytes(),
         flops_per_token: flops,
         step_s,
         tokens_per_s,

@@ -11,6 +11,7 @@ pub mod error;
 pub mod llava;
 pub mod lora;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod recompute;
 pub mod schedule;

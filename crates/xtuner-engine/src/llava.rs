@@ -31,6 +31,7 @@ use xtuner_model::image::{ImageProcessor, probe};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{Llava, image_features};
 use xtuner_model::nn::attention::AttentionMask;
+use xtuner_model::nn::linear::LinearLayers;
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
@@ -435,6 +436,10 @@ struct LlavaRecipe<'a, B: Backend> {
 
 impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
     type Model = Llava<B>;
+
+    fn nf4_bytes(&self, model: &Llava<B>) -> usize {
+        model.llm.nf4_bytes(self.decoder) + model.visual_encoder.nf4_bytes(&())
+    }
 
     fn forward_backward(
         &self,

@@ -29,11 +29,13 @@ use xtuner_model::generate::{GenerationConfig, generate};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{IMAGE_TOKEN_INDEX, prepare_inputs_labels_for_multimodal};
 use xtuner_model::nn::attention::AttentionMask;
+use xtuner_model::nn::linear::LinearLayers;
 use xtuner_model::sampling::SamplingConfig;
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::lora;
+use crate::memory::ModelMemory;
 use crate::optim::{MASTER_DTYPE, adamw, adamw_state_in, clip_grad_norm, master_weights};
 use crate::recompute::decoder_loss_backward;
 use crate::schedule::LrSchedule;
@@ -60,8 +62,8 @@ pub enum TrainEvent {
         start_iter: usize,
         /// Training rows.
         rows: usize,
-        /// Trainable parameters.
-        trainable_params: usize,
+        /// The model's resident state (trainable parameters among it).
+        memory: ModelMemory,
     },
     /// An optimizer step was taken.
     Step(StepStats),
@@ -310,6 +312,10 @@ pub trait Recipe<B: AutodiffBackend> {
         accumulative_counts: usize,
     ) -> Result<MicroStep>;
 
+    /// The device memory of the model's NF4 weights (QLoRA), which parameter visitors
+    /// do not see.
+    fn nf4_bytes(&self, model: &Self::Model) -> usize;
+
     /// Writes the trained weights into `dir` in Hugging Face formats.
     ///
     /// # Errors
@@ -515,6 +521,10 @@ struct DecoderRecipe<'a, B: Backend> {
 impl<B: AutodiffBackend> Recipe<B> for DecoderRecipe<'_, B> {
     type Model = InternLm2<B>;
 
+    fn nf4_bytes(&self, model: &InternLm2<B>) -> usize {
+        model.nf4_bytes(self.decoder)
+    }
+
     fn forward_backward(
         &self,
         model: &InternLm2<B>,
@@ -594,12 +604,17 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let batches_per_epoch = rows.div_ceil(t.batch_size);
     let total_iters = t.max_iters.unwrap_or(batches_per_epoch * t.max_epochs);
     let schedule = LrSchedule::new(&config.optimizer, &config.schedule, total_iters);
-    let trainable = count_trainable(&model);
+    let memory = ModelMemory::of(&model, recipe.nf4_bytes(&model));
+    tracing::info!(
+        trainable_params = memory.trainable_params,
+        model_state_bytes = memory.total_bytes(),
+        "model state"
+    );
     progress.event(&TrainEvent::Started {
         total_iters,
         start_iter,
         rows,
-        trainable_params: trainable,
+        memory,
     });
     let mut log = JsonLog::open(&work_dir.join("train_log.jsonl"))?;
 
@@ -835,20 +850,6 @@ pub fn copy_tokenizer_files(tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-pub(crate) fn count_trainable<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> usize {
-    struct Count(usize);
-    impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if param.is_require_grad() {
-                self.0 += param.shape().num_elements();
-            }
-        }
-    }
-    let mut count = Count(0);
-    model.visit(&mut count);
-    count.0
 }
 
 /// XTuner's evaluate-chat hook: answers the config's evaluation inputs with the

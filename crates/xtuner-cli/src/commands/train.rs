@@ -10,6 +10,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 use xtuner_dataset::Tokenizer;
+use xtuner_engine::memory::ModelMemory;
 use xtuner_engine::train::{Progress, Resume, TrainEvent, build_model, train, write_weights};
 use xtuner_engine::{LoadedConfig, lora};
 use xtuner_model::checkpoint::peft::PeftAdapter;
@@ -31,11 +32,13 @@ impl Progress for CliProgress {
                 total_iters,
                 start_iter,
                 rows,
-                trainable_params,
+                memory,
             } => {
                 eprintln!(
-                    "{rows} training rows, {total_iters} iterations, {trainable_params} trainable parameters"
+                    "{rows} training rows, {total_iters} iterations, {} trainable parameters",
+                    memory.trainable_params
                 );
+                eprintln!("{}", model_state_line(memory));
                 if *start_iter > 0 {
                     eprintln!("resuming at iteration {start_iter}");
                 }
@@ -81,6 +84,40 @@ impl Progress for CliProgress {
                 self.println(&format!("saved iteration {iter} to {}", path.display()))
             }
         }
+    }
+}
+
+/// The model's resident state, as the start of a run reports it: what must fit on the
+/// device before activations.
+fn model_state_line(m: &ModelMemory) -> String {
+    let mut line = format!(
+        "model state {}: trainable {} + gradients {} + AdamW moments {}, frozen {}",
+        size(m.total_bytes()),
+        size(m.trainable_bytes),
+        size(m.gradient_bytes()),
+        size(m.optimizer_bytes()),
+        size(m.frozen_bytes),
+    );
+    if m.nf4_bytes > 0 {
+        line.push_str(&format!(", NF4 {}", size(m.nf4_bytes)));
+    }
+    line.push_str(" (activations come on top)");
+    line
+}
+
+/// `bytes` in the largest binary unit that keeps a leading digit (`1.5 GiB`, `380 KiB`).
+fn size(bytes: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value >= 100.0 {
+        format!("{value:.0} {}", units[unit])
+    } else {
+        format!("{value:.1} {}", units[unit])
     }
 }
 
@@ -345,4 +382,18 @@ pub fn bench(bench: &xtuner_engine::bench::StepBench, device: Device) -> Result<
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(380 * 1024 * 1024), "380 MiB");
+        assert_eq!(size(6 * 1024 * 1024 * 1024 + 512 * 1024 * 1024), "6.5 GiB");
+    }
 }

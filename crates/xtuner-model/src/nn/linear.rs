@@ -50,6 +50,16 @@ pub trait LinearLayers<B: Backend>: Sized {
 
     /// Every linear layer with its site.
     fn linear_layers<'a>(&'a self, config: &Self::Config) -> Vec<(LinearSite, &'a Linear<B>)>;
+
+    /// The device memory of the NF4 weights (QLoRA's base): constants, which Burn's
+    /// module visitors do not see.
+    fn nf4_bytes(&self, config: &Self::Config) -> usize {
+        self.linear_layers(config)
+            .iter()
+            .filter_map(|(_, linear)| linear.nf4.as_ref())
+            .map(Nf4Weight::device_bytes)
+            .sum()
+    }
 }
 
 /// A linear layer. Field names are the checkpoint's key segments (`weight`, `bias`).

@@ -525,6 +525,14 @@ impl<B: Backend> Nf4Weight<B> {
         }
     }
 
+    /// The device memory this weight holds: its packed codes, absmax and levels.
+    pub fn device_bytes(&self) -> usize {
+        let bytes = |n: usize, dtype: DType| n * dtype.size();
+        bytes(self.packed.dims()[0], self.packed.dtype())
+            + bytes(self.absmax.dims()[0], self.absmax.dtype())
+            + bytes(self.levels.dims()[0], self.levels.dtype())
+    }
+
     /// `[d_in, d_out]`: Burn's Linear layout, the transpose of the quantized matrix.
     pub fn dims(&self) -> [usize; 2] {
         [self.shape[1], self.shape[0]]
