@@ -6,7 +6,8 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use xtuner_model::nn::precision::scalar;
 
 /// Label of positions that are not trained.
 pub const IGNORE_INDEX: i64 = -100;
@@ -36,7 +37,7 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> LossS
     let [b, t, v] = logits.dims();
     if t < 2 {
         return LossSum {
-            sum: Tensor::zeros([1], &logits.device()),
+            sum: Tensor::zeros([1], (&logits.device(), DType::F32)),
             tokens: 0,
         };
     }
@@ -83,7 +84,9 @@ fn shifted_loss<B: Backend>(
     }
     let tokens = weights.iter().filter(|&&w| w > 0.0).count();
     let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, n, 1]), &device);
-    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [b, n]), &device);
+    // f32, as the log-probabilities are: the backend's default may be bf16.
+    let weights =
+        Tensor::<B, 2>::from_data(TensorData::new(weights, [b, n]), (&device, DType::F32));
     let log_probs = log_softmax(logits, 2).gather(2, targets).reshape([b, n]);
     let sum = (log_probs * weights).sum().neg().reshape([1]);
     LossSum { sum, tokens }
@@ -151,7 +154,7 @@ pub(crate) fn head_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
         let to = (from + chunk.max(1)).min(positions);
         let logits = lm_head(cut.clone().slice([0..b, from..to, 0..c]));
         let loss = shifted_loss(logits, labels, t, from);
-        loss_sum += f64::from(loss.sum.clone().into_scalar().elem::<f32>());
+        loss_sum += scalar(loss.sum.clone());
         let mut grads = (loss.sum * scale).backward();
         if let Some(g) = cut.grad_remove(&mut grads) {
             hidden_grad = Some(match hidden_grad.take() {

@@ -10,7 +10,7 @@ use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{AdamW, AdamWConfig, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
-use xtuner_model::nn::precision::in_dtype;
+use xtuner_model::nn::precision::{in_dtype, scalar};
 
 use crate::config::OptimizerConfig;
 
@@ -119,9 +119,7 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         sum_squares: None,
     };
     model.visit(&mut visitor);
-    visitor
-        .sum_squares
-        .map_or(0.0, |s| f64::from(s.into_scalar().to_f32()).sqrt())
+    visitor.sum_squares.map_or(0.0, |s| scalar(s).sqrt())
 }
 
 /// Scales all gradients so their global norm is at most `max_norm` (factor
@@ -137,16 +135,6 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         model.visit(&mut ScaleVisitor { grads, factor });
     }
     norm
-}
-
-trait ToF32 {
-    fn to_f32(self) -> f32;
-}
-
-impl<E: burn::tensor::ElementConversion> ToF32 for E {
-    fn to_f32(self) -> f32 {
-        self.elem()
-    }
 }
 
 #[cfg(test)]

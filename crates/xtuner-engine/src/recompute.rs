@@ -22,8 +22,9 @@
 use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Distribution, ElementConversion, Tensor};
+use burn::tensor::{DType, Distribution, Tensor};
 use xtuner_model::internlm2::{DecoderInput, InternLm2};
+use xtuner_model::nn::precision::scalar;
 
 use crate::loss::{backward_from, chunked_lm_loss_backward, head_loss_backward};
 
@@ -56,10 +57,12 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
 
     let device = embeds.device();
-    let step_seed =
-        Tensor::<B::InnerBackend, 1>::random([1], Distribution::Uniform(0.0, 1.0), &device)
-            .into_scalar()
-            .elem::<f64>();
+    // Drawn in f32: a bf16 draw would take one of only a few hundred values.
+    let step_seed = scalar(Tensor::<B::InnerBackend, 1>::random(
+        [1],
+        Distribution::Uniform(0.0, 1.0),
+        (&device, DType::F32),
+    ));
     let layer_seed = |i: usize| ((step_seed * f64::from(u32::MAX)) as u64).wrapping_add(i as u64);
     let (cos, sin) = llm.rope.cos_sin(input.positions.clone());
 

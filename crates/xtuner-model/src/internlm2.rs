@@ -396,8 +396,10 @@ impl<B: Backend> InternLm2<B> {
     /// # Shapes
     /// `ids`: `[B, T]` → `[B, T, C]`.
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let table = in_dtype(self.tok_embeddings.val(), compute_dtype::<B>());
-        burn::tensor::module::embedding(table, ids)
+        // Gathered from the table as stored, then cast: casting an f32 master table
+        // first would copy it whole and sum its gradient in bf16.
+        let rows = burn::tensor::module::embedding(self.tok_embeddings.val(), ids);
+        in_dtype(rows, compute_dtype::<B>())
     }
 
     /// Logits for every position of token ids.

@@ -351,7 +351,7 @@ pub fn eval(
         let (ids, input) = xtuner_engine::train::batch_tensors::<B>(&batch, &device);
         let loss =
             xtuner_engine::loss::causal_lm_loss(model.forward(ids, &input, None), &batch.labels);
-        sum += f64::from(loss.sum.into_scalar());
+        sum += xtuner_model::nn::precision::scalar(loss.sum);
         tokens += loss.tokens;
     }
     let mean = sum / tokens.max(1) as f64;

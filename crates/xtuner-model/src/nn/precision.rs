@@ -12,6 +12,13 @@ pub fn compute_dtype<B: Backend>() -> DType {
     <B::FloatElem as Element>::dtype()
 }
 
+/// The first value of `t` on the host, read in the tensor's own dtype. (`into_scalar`
+/// reads in the backend's default float type, which rounds an f32 loss or norm to bf16
+/// on a bf16 backend.)
+pub fn scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
+}
+
 /// `t` in `dtype`: a cast only when it is in another one.
 pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if t.dtype() == dtype { t } else { t.cast(dtype) }
@@ -28,6 +35,7 @@ mod tests {
         let t = Tensor::<TestBackend, 1>::from_floats([1.5, -2.0], &Default::default());
         let wide = in_dtype(t, DType::F64);
         assert_eq!(wide.dtype(), DType::F64);
+        assert_eq!(scalar(wide.clone()), 1.5);
         let back = in_dtype(wide, DType::F32);
         assert_eq!(back.dtype(), DType::F32);
         assert_eq!(back.into_data().to_vec::<f32>().unwrap(), vec![1.5, -2.0]);

@@ -10,8 +10,9 @@
 //! once the sequence is longer than `max_position_embeddings`.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
+use crate::nn::precision::{compute_dtype, in_dtype};
 use crate::{Error, Result};
 
 /// `rope_scaling` of a Hugging Face config.
@@ -98,7 +99,9 @@ impl Rope {
             .collect()
     }
 
-    /// The cos and sin tables for the given positions.
+    /// The cos and sin tables for the given positions, computed in f32 (as transformers
+    /// does) and returned in the compute dtype. (Positions in bf16 would be exact only up
+    /// to 256.)
     ///
     /// # Shapes
     /// `positions`: `[B, T]` → cos, sin: `[B, T, D]`.
@@ -116,12 +119,17 @@ impl Rope {
         };
         let half = self.head_dim / 2;
         let inv_freq: Vec<f32> = inv_freq.iter().map(|f| (f * scale) as f32).collect();
-        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device);
+        let inv_freq =
+            Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), (&device, DType::F32));
         // angles[b, t, i] = pos[b, t] · inv_freq[i]
-        let angles =
-            positions.float().reshape([batch, seq_len, 1]) * inv_freq.reshape([1, 1, half]);
+        let angles = positions.cast(FloatDType::F32).reshape([batch, seq_len, 1])
+            * inv_freq.reshape([1, 1, half]);
         let emb = Tensor::cat(vec![angles.clone(), angles], 2); // [B, T, D]
-        (emb.clone().cos(), emb.sin())
+        let dtype = compute_dtype::<B>();
+        (
+            in_dtype(emb.clone().cos(), dtype),
+            in_dtype(emb.sin(), dtype),
+        )
     }
 }
 
@@ -134,8 +142,8 @@ pub fn apply_rotary<B: Backend>(
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
 ) -> Tensor<B, 4> {
-    let cos = cos.clone().unsqueeze_dim::<4>(1); // [B, 1, T, D]
-    let sin = sin.clone().unsqueeze_dim::<4>(1);
+    let cos = in_dtype(cos.clone(), x.dtype()).unsqueeze_dim::<4>(1); // [B, 1, T, D]
+    let sin = in_dtype(sin.clone(), x.dtype()).unsqueeze_dim::<4>(1);
     x.clone() * cos + rotate_half(x) * sin
 }
 
