@@ -111,8 +111,17 @@ impl Rope {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [batch, seq_len] = positions.dims();
         let device = positions.device();
-        // The longest sequence decides dynamic scaling, as HF does with the max position.
-        let inv_freq = self.inv_freq(seq_len);
+        // Dynamic scaling follows the sequence length so far, the largest position + 1
+        // (a decoding step with a cache sees one token but the whole length, as
+        // transformers passes it); other kinds do not depend on it.
+        let longest = match self.scaling {
+            Some(RopeScaling::Dynamic { .. }) if seq_len > 0 => {
+                let max = positions.clone().max().into_data().iter::<i64>().next();
+                max.map_or(seq_len, |m| usize::try_from(m).unwrap_or(0) + 1)
+            }
+            _ => seq_len,
+        };
+        let inv_freq = self.inv_freq(longest);
         let scale = match self.scaling {
             Some(RopeScaling::Linear { factor }) => 1.0 / factor,
             _ => 1.0,
@@ -236,7 +245,28 @@ mod tests {
             Rope::new(8, 10_000.0, 2, None).unwrap().inv_freq(2)
         );
         assert!(rope.inv_freq(3)[1] < rope.inv_freq(2)[1]);
-        check(rope, [[0, 1, 2]]);
+        check(rope.clone(), [[0, 1, 2]]);
+        // A decoding step (one token at position 5) is rotated as the last row of the
+        // whole sequence, not as a sequence of one token.
+        let device = Default::default();
+        let table = |ids: Vec<i64>| {
+            let n = ids.len();
+            let pos =
+                Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+            let (cos, sin) = rope.cos_sin(pos);
+            (
+                cos.slice([0..1, n - 1..n, 0..8]),
+                sin.slice([0..1, n - 1..n, 0..8]),
+            )
+        };
+        let (step_cos, step_sin) = table(vec![5]);
+        let (full_cos, full_sin) = table((0..6).collect());
+        step_cos
+            .into_data()
+            .assert_approx_eq::<f32>(&full_cos.into_data(), Tolerance::absolute(1e-6));
+        step_sin
+            .into_data()
+            .assert_approx_eq::<f32>(&full_sin.into_data(), Tolerance::absolute(1e-6));
     }
 
     #[test]
