@@ -245,7 +245,7 @@ mod tests {
             Rope::new(8, 10_000.0, 2, None).unwrap().inv_freq(2)
         );
         assert!(rope.inv_freq(3)[1] < rope.inv_freq(2)[1]);
-        check(rope.clone(), [[0, 1, 2]]);
+        check(rope, [[0, 1, 2]]);
         // A decoding step (one token at position 5) is rotated as the last row of the
         // whole sequence, not as a sequence of one token.
         let device = Default::default();
