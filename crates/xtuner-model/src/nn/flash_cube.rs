@@ -604,6 +604,13 @@ fn backward<R: CubeRuntime>(
         lse,
         segments,
     } = saved;
+    // The upstream gradient arrives in whatever dtype the graph produced it in; it is
+    // cast before it is made contiguous, as a cast's output may have padded rows.
+    let dout = if dout.dtype == q.dtype {
+        dout
+    } else {
+        burn_cubecl::kernel::cast(dout, q.dtype)
+    };
     let (q, k, v, out, dout) = (
         into_contiguous(q),
         into_contiguous(k),
@@ -612,12 +619,6 @@ fn backward<R: CubeRuntime>(
         into_contiguous(dout),
     );
     let (lse, segments) = (into_contiguous(lse), into_contiguous(segments));
-    // The upstream gradient arrives in whatever dtype the graph produced it in.
-    let dout = if dout.dtype == q.dtype {
-        dout
-    } else {
-        burn_cubecl::kernel::cast(dout, q.dtype)
-    };
     let n = Sizes::of(&q, &k);
     let client = q.client.clone();
     let dtype = q.dtype;
@@ -695,9 +696,13 @@ pub(crate) fn attention<B: Backend>(
     {
         return None;
     }
-    let [_, heads, seq, _] = q.dims();
+    let [batch, heads, seq, head_dim] = q.dims();
     let kv_heads = k.dims()[1];
-    if seq == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+    // An empty grid is a launch error on CUDA; the kernels index in 32 bits.
+    let fits = [q.shape().num_elements(), k.shape().num_elements()]
+        .iter()
+        .all(|&n| n < u32::MAX as usize);
+    if [batch, heads, seq, head_dim, kv_heads].contains(&0) || heads % kv_heads != 0 || !fits {
         return None;
     }
     dispatch(&Flash { q, k, v, segments })

@@ -55,7 +55,9 @@ pub(super) fn dequantize<B: Backend>(nf4: &Nf4Weight<B>, dtype: DType) -> Option
         && nf4.packed.dtype() == DType::I32
         && nf4.absmax.dtype() == DType::F32
         && nf4.levels.dtype() == DType::F32
-        && nf4.shape.iter().all(|&d| d > 0);
+        && nf4.shape.iter().all(|&d| d > 0)
+        // The kernel indexes in 32 bits.
+        && nf4.shape[0] * nf4.shape[1] < u32::MAX as usize;
     if !served {
         return None;
     }
