@@ -167,14 +167,9 @@ pub fn assemble<B: Backend>(
         (Some(l), None) => lora::attach(llm, decoder, l, device)?,
         (None, _) if llava.freeze_llm => llm.no_grad(),
         (None, Some(dir)) => {
-            // The checkpoint holds every weight, as f32 masters that stay f32.
+            // The checkpoint holds every weight.
             drop(llm);
-            InternLm2::load_from(
-                &Checkpoint::open(&dir.join("model.safetensors"))?.with_dtype(MASTER_DTYPE),
-                decoder,
-                None,
-                device,
-            )?
+            train::load_full_weights(dir, decoder, device)?
         }
         (None, None) => llm,
     };

@@ -127,8 +127,11 @@ mod tests {
         let qlora = lora::attach(quantized, &decoder, &config, &device).unwrap();
         let memory = ModelMemory::of(&qlora, qlora.nf4_bytes(&decoder));
         assert_eq!(memory.trainable_params, adapted);
-        // The quantized layers keep an empty placeholder weight.
-        assert_eq!(memory.frozen_bytes, 4 * (norms + embeddings));
+        // The quantized layers keep a 1×1 placeholder weight.
+        assert_eq!(
+            memory.frozen_bytes,
+            4 * (norms + embeddings + per_layer.len() * layers)
+        );
         // NdArray's i64 words hold 15 codes; one f32 absmax per 64 weights; 16 levels.
         let nf4: usize = per_layer
             .iter()

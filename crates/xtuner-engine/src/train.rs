@@ -466,13 +466,7 @@ pub fn train<B: AutodiffBackend>(
                 None => {
                     // The checkpoint holds every weight; the base is not needed alongside.
                     drop(base);
-                    // Its f32 masters load as f32, not rounded to a bf16 backend's default.
-                    InternLm2::load_from(
-                        &Checkpoint::open(&dir.join("model.safetensors"))?.with_dtype(MASTER_DTYPE),
-                        &decoder,
-                        None,
-                        device,
-                    )?
+                    load_full_weights(&dir, &decoder, device)?
                 }
             };
             Start {
@@ -787,6 +781,21 @@ pub fn write_weights<B: Backend>(
     }
 }
 
+/// The whole decoder as a full fine-tune's checkpoint or export directory holds it
+/// (`model.safetensors`, or the shards of a large model), its weights in f32: a run's
+/// master weights, not rounded to a bf16 backend's default on the way in.
+///
+/// # Errors
+/// A missing or unreadable checkpoint, or weights that do not fit `decoder`.
+pub fn load_full_weights<B: Backend>(
+    dir: &Path,
+    decoder: &DecoderConfig,
+    device: &B::Device,
+) -> Result<InternLm2<B>> {
+    let ckpt = Checkpoint::open(dir)?.with_dtype(MASTER_DTYPE);
+    Ok(InternLm2::load_from(&ckpt, decoder, None, device)?)
+}
+
 /// A randomly initialised (preset) base is written once to `work_dir/base_model` as a
 /// Hugging Face model directory, so that its adapters can be chatted with, evaluated
 /// and merged like those of a downloaded model.
@@ -964,6 +973,41 @@ impl JsonLog {
     fn write(&mut self, event: &TrainEvent) {
         if let (Some(file), Ok(line)) = (self.file.as_mut(), serde_json::to_string(event)) {
             let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    /// A model larger than the shard limit is saved in shards; resuming and converting
+    /// read them through the index.
+    #[test]
+    fn full_weights_load_from_shards() {
+        type B = NdArray<f32>;
+        let device = Default::default();
+        let decoder = DecoderConfig::preset("internlm2-tiny", 300).unwrap();
+        let model = InternLm2::<B>::random(&decoder, &device).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files = save_safetensors(
+            dir.path(),
+            "model",
+            model.to_hf_tensors(&decoder),
+            SaveDtype::F32,
+            Some(100_000),
+        )
+        .unwrap();
+        assert!(files.len() > 2, "{files:?}");
+        assert!(!dir.path().join("model.safetensors").exists());
+        let loaded = load_full_weights::<B>(dir.path(), &decoder, &device).unwrap();
+        for ((key, want), (_, got)) in model
+            .to_hf_tensors(&decoder)
+            .into_iter()
+            .zip(loaded.to_hf_tensors(&decoder))
+        {
+            assert_eq!(got, want, "{key}");
         }
     }
 }

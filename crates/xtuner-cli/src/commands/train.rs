@@ -14,7 +14,7 @@ use xtuner_engine::memory::ModelMemory;
 use xtuner_engine::train::{Progress, Resume, TrainEvent, build_model, train, write_weights};
 use xtuner_engine::{LoadedConfig, lora};
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::checkpoint::{Checkpoint, SaveDtype, parse_size, save_safetensors};
+use xtuner_model::checkpoint::{SaveDtype, parse_size, save_safetensors};
 use xtuner_model::internlm2::InternLm2;
 
 use crate::backend::{self, Device};
@@ -256,12 +256,8 @@ pub fn pth_to_hf(
             write_weights(&model, &decoder, c, out, dtype, &tokenizer)?;
         }
         (None, "full") => {
-            let model = InternLm2::<B>::load_from(
-                &Checkpoint::open(&checkpoint.join("model.safetensors"))?,
-                &decoder,
-                None,
-                &device,
-            )?;
+            let model =
+                xtuner_engine::train::load_full_weights::<B>(checkpoint, &decoder, &device)?;
             let bos = tokenizer.bos_ids().first().copied();
             let eos = tokenizer.eos_ids().first().copied();
             std::fs::write(

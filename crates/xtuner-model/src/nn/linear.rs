@@ -72,7 +72,7 @@ pub struct Linear<B: Backend> {
     /// A low-rank adapter, when one is attached.
     pub lora: Option<Lora<B>>,
     /// QLoRA's 4-bit storage of the base weight, when quantized
-    /// ([`Linear::quantize_nf4`]); `weight` is then an empty `[0, 0]` placeholder.
+    /// ([`Linear::quantize_nf4`]); `weight` is then a `[1, 1]` placeholder.
     pub nf4: Option<Nf4Weight<B>>,
 }
 
@@ -103,12 +103,13 @@ impl<B: Backend> Lora<B> {
     ) -> Self {
         let bound = 1.0 / (d_in.max(1) as f64).sqrt();
         Self {
+            // Trained, so f32 from the start (PEFT's init), whatever the backend computes in.
             lora_a: Param::from_tensor(Tensor::random(
                 [d_in, r],
                 Distribution::Uniform(-bound, bound),
-                device,
+                (device, DType::F32),
             )),
-            lora_b: Param::from_tensor(Tensor::zeros([r, d_out], device)),
+            lora_b: Param::from_tensor(Tensor::zeros([r, d_out], (device, DType::F32))),
             scale: alpha / r.max(1) as f64,
             dropout,
         }
@@ -216,7 +217,7 @@ impl<B: Backend> Linear<B> {
 
     /// The base weight as a dense `[d_in, d_out]` matrix: `weight`, or the NF4 storage
     /// dequantized. Code that reads or rewrites the base weight (export, merging) must
-    /// use this, not `weight`, which is an empty placeholder for an NF4 layer.
+    /// use this, not `weight`, which is a 1×1 placeholder for an NF4 layer.
     pub fn dense_weight(&self) -> Tensor<B, 2> {
         match &self.nf4 {
             Some(nf4) => nf4.dequantize(compute_dtype::<B>()),
@@ -276,7 +277,9 @@ impl<B: Backend> Linear<B> {
         })?;
         let nf4 = Nf4Tensor::quantize(&rows, [d_out, d_in], block_size, double_quant)?;
         Ok(Self {
-            weight: Param::from_tensor(Tensor::zeros([0, 0], &device)).set_require_grad(false),
+            // Not `[0, 0]`: filling an empty tensor is a zero-size kernel launch, which
+            // CUDA rejects (cubecl 0.10 does not skip it).
+            weight: Param::from_tensor(Tensor::zeros([1, 1], &device)).set_require_grad(false),
             bias: self.bias,
             lora: self.lora,
             nf4: Some(Nf4Weight::from_tensor(&nf4, &device)),
@@ -358,7 +361,7 @@ mod tests {
         for double_quant in [false, true] {
             let q = linear.clone().quantize_nf4(64, double_quant).unwrap();
             assert_eq!(q.dims(), [64, 24]);
-            assert_eq!(q.weight.val().dims(), [0, 0]);
+            assert_eq!(q.weight.val().dims(), [1, 1]);
             assert!(q.clone().quantize_nf4(64, double_quant).is_err());
             // The reference: a dense layer holding the dequantized weight, plus the adapter.
             let rows = base
@@ -418,7 +421,7 @@ mod tests {
         assert!(x.grad(&grads).is_some());
         assert!(linear.weight.grad(&grads).is_none());
         // The NF4 tensors are constants: the only parameters left are the placeholder and the adapter.
-        assert_eq!(linear.num_params(), 8 * 2 + 2 * 4);
+        assert_eq!(linear.num_params(), 1 + 8 * 2 + 2 * 4);
     }
 
     #[test]
