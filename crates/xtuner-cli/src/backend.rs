@@ -35,7 +35,7 @@ pub fn check(device: Device) -> Result<()> {
 pub fn on_cuda<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|info| {
-        tracing::debug!("CUDA backend panic: {info}")
+        tracing::warn!("CUDA backend panic: {info}")
     }));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
     std::panic::set_hook(quiet);

@@ -67,8 +67,12 @@ impl<B: Backend> LayerCache<B> {
             self.values = grow(self.values.clone());
         }
         let slot = [0..b, 0..k, self.len..end, 0..d];
-        self.keys = self.keys.clone().slice_assign(slot.clone(), keys);
-        self.values = self.values.clone().slice_assign(slot, values);
+        // The buffers are moved out, not cloned, so the write happens in place: Burn
+        // copies a tensor it does not hold alone before writing into it.
+        let buffer = std::mem::replace(&mut self.keys, keys.clone());
+        self.keys = buffer.slice_assign(slot.clone(), keys);
+        let buffer = std::mem::replace(&mut self.values, values.clone());
+        self.values = buffer.slice_assign(slot, values);
         self.len = end;
         let filled = [0..b, 0..k, 0..end, 0..d];
         (
