@@ -1,11 +1,11 @@
 #!/bin/bash
 # Prepares target/gpu/ for a lent GPU machine (see docs/BENCHMARKS.md, "Training on a
-# GPU"): the CUDA release build of xtuner, the cuBLAS seam's and flash kernels' tests and
-# the xtask binary,
+# GPU"): the CUDA release build of xtuner, the cuBLAS seam's and CubeCL kernels' tests
+# and the xtask binary,
 # stripped (the carry limit is 64 MiB), and the CPU side of the parity check on the tiny
 # fixture.
 # Run from the repository root; ../shared/fixtures must be beside the clone.
-# Then, on the machine: `bash tools/gpu_check.sh` with `target/gpu` carried.
+# Then, on the machine: `BUDGET=470 bash tools/gpu_check.sh` with `target/gpu` carried.
 set -euo pipefail
 CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo build --release -p xtuner-cli --features cuda
 test_binary() {
@@ -24,6 +24,8 @@ strip -o "$G/cube_kernels" "$flash_test"
 # Stripped, the four are ~100 MB; gzipped, ~25 MB. gpu_check.sh unpacks them.
 tar czf "$G/bin.tar.gz" -C "$G" xtuner xtask cuda_gemm cube_kernels
 rm "$G/xtuner" "$G/xtask" "$G/cuda_gemm" "$G/cube_kernels"
+# What the binaries were built from (gpu_check.sh prints it); "+dirty" if uncommitted.
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates xtask Cargo.toml Cargo.lock || echo +dirty)" > "$G/commit.txt"
 cp ../shared/fixtures/internlm2-tiny/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$G/parity/model/"
 python3 - "$G/parity" <<'PY'
 import json, sys
