@@ -45,6 +45,18 @@ fn assert_close(got: Tensor<B, 3>, ckpt: &Checkpoint, key: &str) {
         .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-4));
 }
 
+/// `model`'s logits for the golden `input_ids` equal the golden `key`.
+fn assert_golden_logits(model: &InternLm2<B>, golden: &Checkpoint, key: &str) -> Tensor<B, 3> {
+    let (ids, shape) = ints(golden, "input_ids");
+    let logits = model.forward(
+        ids_tensor(&ids, [shape[0], shape[1]]),
+        &causal_input(shape[0], shape[1]),
+        None,
+    );
+    assert_close(logits.clone(), golden, key);
+    logits
+}
+
 fn load(dir: &str, adapter: Option<&PeftAdapter>) -> InternLm2<B> {
     InternLm2::<B>::load(&fixture(dir), adapter, &Default::default())
         .unwrap()
@@ -55,13 +67,7 @@ fn load(dir: &str, adapter: Option<&PeftAdapter>) -> InternLm2<B> {
 fn internlm2_logits() {
     let golden = Checkpoint::open(&fixture("internlm2-tiny/golden.safetensors")).unwrap();
     let model = load("internlm2-tiny", None);
-    let (ids, shape) = ints(&golden, "input_ids");
-    let logits = model.forward(
-        ids_tensor(&ids, [shape[0], shape[1]]),
-        &causal_input(shape[0], shape[1]),
-        None,
-    );
-    assert_close(logits, &golden, "logits");
+    assert_golden_logits(&model, &golden, "logits");
 }
 
 /// A checkpoint opened `with_dtype` gives every weight that dtype, not the backend's
@@ -88,14 +94,8 @@ fn a_checkpoint_loaded_in_another_dtype_keeps_every_weight_in_it() {
     assert!(dtypes.0.iter().all(|&d| d == DType::F64), "{:?}", dtypes.0);
 
     let golden = Checkpoint::open(&fixture("internlm2-tiny/golden.safetensors")).unwrap();
-    let (ids, shape) = ints(&golden, "input_ids");
-    let logits = model.forward(
-        ids_tensor(&ids, [shape[0], shape[1]]),
-        &causal_input(shape[0], shape[1]),
-        None,
-    );
+    let logits = assert_golden_logits(&model, &golden, "logits");
     assert_eq!(logits.dtype(), DType::F32);
-    assert_close(logits, &golden, "logits");
 }
 
 #[test]
@@ -191,13 +191,7 @@ fn peft_adapter_merged_at_load() {
     let adapter = PeftAdapter::open(&fixture("internlm2-tiny/lora")).unwrap();
     assert_eq!(adapter.scale(), 2.0);
     let model = load("internlm2-tiny", Some(&adapter));
-    let (ids, shape) = ints(&golden, "input_ids");
-    let logits = model.forward(
-        ids_tensor(&ids, [shape[0], shape[1]]),
-        &causal_input(shape[0], shape[1]),
-        None,
-    );
-    assert_close(logits.clone(), &golden, "logits");
+    let logits = assert_golden_logits(&model, &golden, "logits");
     assert_close(logits, &golden, "merged_logits");
 }
 
@@ -210,13 +204,7 @@ fn merged_checkpoint_matches_the_adapter() {
             .unwrap();
     let merged = Checkpoint::open(&fixture("internlm2-tiny/lora/merged.safetensors")).unwrap();
     let model = InternLm2::<B>::load_from(&merged, &config, None, &Default::default()).unwrap();
-    let (ids, shape) = ints(&golden, "input_ids");
-    let logits = model.forward(
-        ids_tensor(&ids, [shape[0], shape[1]]),
-        &causal_input(shape[0], shape[1]),
-        None,
-    );
-    assert_close(logits, &golden, "merged_logits");
+    assert_golden_logits(&model, &golden, "merged_logits");
 }
 
 #[test]
@@ -229,13 +217,7 @@ fn llama_and_qwen2_through_their_own_keys() {
             dir == "qwen2-tiny",
             "{dir}: Qwen2 ties its embeddings"
         );
-        let (ids, shape) = ints(&golden, "input_ids");
-        let logits = model.forward(
-            ids_tensor(&ids, [shape[0], shape[1]]),
-            &causal_input(shape[0], shape[1]),
-            None,
-        );
-        assert_close(logits, &golden, "logits");
+        assert_golden_logits(&model, &golden, "logits");
     }
 }
 
