@@ -27,7 +27,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
@@ -231,7 +231,9 @@ impl HiddenAct {
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
-            Self::Gelu => gelu(x),
+            // Written out rather than Burn's `gelu`: its backward is the derivative of
+            // the tanh approximation (off by up to 1e-3), this one's is exact.
+            Self::Gelu => x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5,
             Self::GeluTanh => {
                 let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715)
                     * (2.0 / std::f64::consts::PI).sqrt();
@@ -963,6 +965,16 @@ mod tests {
         assert!(
             (exact[2] - 1.9544997).abs() < 1e-5 && (tanh[2] - 1.9545977).abs() < 1e-5,
             "{exact:?} {tanh:?}"
+        );
+
+        // Exact GELU's gradient is Φ(x) + x·φ(x), not the tanh approximation's.
+        type Ad = burn::backend::Autodiff<TestBackend>;
+        let x = Tensor::<Ad, 1>::from_floats([-3.0, -1.0, 0.5, 2.0], &device).require_grad();
+        let grads = HiddenAct::Gelu.forward(x.clone()).sum().backward();
+        let expected = [-0.011945647f32, -0.08331547, 0.8674951, 1.0852318];
+        x.grad(&grads).unwrap().into_data().assert_approx_eq::<f32>(
+            &TensorData::new(expected.to_vec(), [4]),
+            burn::tensor::Tolerance::absolute(1e-5),
         );
 
         let norm = LayerNorm::<TestBackend>::new(4, 1e-5, &device);
