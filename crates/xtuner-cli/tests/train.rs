@@ -4,44 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
-
-fn xtuner(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtuner"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn failed(out: &Output) -> String {
-    assert!(
-        !out.status.success(),
-        "should fail: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
+mod common;
+use common::{failed, fixtures, ok, xtuner};
 
 /// A run directory with a config training LoRA on the fixture model.
 fn setup(lora: bool) -> tempfile::TempDir {
@@ -297,25 +266,31 @@ fn full_fine_tune_exports_a_model_that_loads() {
 fn bad_training_setups_are_clear_errors() {
     let dir = setup(true);
     let d = dir.path();
-    let err = failed(&xtuner(
-        &[
-            "train",
-            "run.toml",
-            "--cfg-options",
-            "model.path=\"nowhere\"",
-        ],
-        d,
-    ));
+    let err = failed(
+        &xtuner(
+            &[
+                "train",
+                "run.toml",
+                "--cfg-options",
+                "model.path=\"nowhere\"",
+            ],
+            d,
+        ),
+        1,
+    );
     assert!(err.contains("nowhere"), "{err}");
-    let err = failed(&xtuner(
-        &[
-            "train",
-            "run.toml",
-            "--cfg-options",
-            "lora.target_modules=[\"q_proj\"]",
-        ],
-        d,
-    ));
+    let err = failed(
+        &xtuner(
+            &[
+                "train",
+                "run.toml",
+                "--cfg-options",
+                "lora.target_modules=[\"q_proj\"]",
+            ],
+            d,
+        ),
+        2,
+    );
     assert!(err.contains("q_proj") && err.contains("wqkv"), "{err}");
     // A checkpoint of another config cannot be resumed.
     ok(&xtuner(
@@ -323,17 +298,20 @@ fn bad_training_setups_are_clear_errors() {
         d,
     ));
     let other = d.join("work_dirs/run/iter_4");
-    let err = failed(&xtuner(
-        &[
-            "train",
-            "run.toml",
-            "--cfg-options",
-            "lora.r=8",
-            "--resume",
-            other.to_str().unwrap(),
-        ],
-        d,
-    ));
+    let err = failed(
+        &xtuner(
+            &[
+                "train",
+                "run.toml",
+                "--cfg-options",
+                "lora.r=8",
+                "--resume",
+                other.to_str().unwrap(),
+            ],
+            d,
+        ),
+        2,
+    );
     assert!(err.contains("another config"), "{err}");
 }
 
@@ -413,17 +391,20 @@ fn qlora_trains_on_an_nf4_base() {
 fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = setup(true);
     let d = dir.path();
-    let err = failed(&xtuner(
-        &[
-            "train",
-            "run.toml",
-            "--cfg-options",
-            "optimizer.lr=1e30",
-            "optimizer.max_norm=1e30",
-            "checkpoint.save_steps=2",
-        ],
-        d,
-    ));
+    let err = failed(
+        &xtuner(
+            &[
+                "train",
+                "run.toml",
+                "--cfg-options",
+                "optimizer.lr=1e30",
+                "optimizer.max_norm=1e30",
+                "checkpoint.save_steps=2",
+            ],
+            d,
+        ),
+        1,
+    );
     assert!(
         err.contains("the loss became") && err.contains("iter_2"),
         "{err}"
@@ -626,10 +607,10 @@ fn bench_reports_a_training_step() {
     assert_eq!(report["bench"]["mode"], "qlora");
     assert_eq!(report["losses"].as_array().unwrap().len(), 3);
     assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
-    let err = failed(&xtuner(
-        &["bench", "--preset", "internlm2-huge"],
-        dir.path(),
-    ));
+    let err = failed(
+        &xtuner(&["bench", "--preset", "internlm2-huge"], dir.path()),
+        2,
+    );
     assert!(
         err.contains("internlm2-huge") && err.contains("internlm2-tiny"),
         "{err}"
@@ -784,7 +765,7 @@ fn a_missing_llava_image_is_an_error_or_a_skipped_record() {
         "train.max_iters=1",
         "evaluation.inputs=[]",
     ];
-    let err = failed(&xtuner(&args, &repo));
+    let err = failed(&xtuner(&args, &repo), 1);
     assert!(
         err.contains("no_such_picture.png") && err.contains("skip_bad_records"),
         "{err}"

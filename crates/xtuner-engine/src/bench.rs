@@ -129,7 +129,7 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
             dropout: 0.0,
             target_modules: Vec::new(),
         };
-        model = lora::attach(model, &decoder, &config, device)?;
+        model = lora::attach(model, &decoder, &config, 0, device)?;
     }
     // As a training run: trainable parameters (and so AdamW's moments) in f32.
     let mut model = crate::optim::master_weights(model, crate::optim::MASTER_DTYPE);

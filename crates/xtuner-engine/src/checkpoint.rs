@@ -4,8 +4,10 @@
 //!
 //! Contents: the trainable weights in Hugging Face formats (LoRA: a PEFT adapter,
 //! `adapter_config.json` + `adapter_model.safetensors`; full: `config.json` +
-//! `model.safetensors`), the optimizer state (`optimizer.bin`, Burn's record) and
-//! `state.json` (iteration, the config's fingerprint).
+//! `model.safetensors`), the optimizer state (AdamW's moments in f32 in
+//! `optimizer_moments.safetensors`, keyed `{param id}.moment_1|2`; the rest in
+//! `optimizer.bin`, Burn's record) and `state.json` (iteration, the config's
+//! fingerprint).
 
 use std::fs;
 use std::path::{Path, PathBuf};

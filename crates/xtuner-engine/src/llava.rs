@@ -25,7 +25,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use xtuner_dataset::collate::collate;
 use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer};
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
+use xtuner_model::checkpoint::{Checkpoint, SaveDtype, copy_side_files, save_safetensors};
 use xtuner_model::clip_vit::{ClipVisionTower, HiddenAct};
 use xtuner_model::image::{ImageProcessor, probe};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
@@ -68,7 +68,7 @@ pub fn train<B: AutodiffBackend>(
         },
         None => {
             // The projector and fresh adapters draw from the seeded generator.
-            B::seed(device, config.train.seed.wrapping_add(1));
+            B::seed(device, train::init_seed(config));
             Start {
                 model: assemble(config, llm, &decoder, None, device)?,
                 iter: 0,
@@ -164,7 +164,7 @@ pub fn assemble<B: Backend>(
             l.dropout,
             device,
         )?,
-        (Some(l), None) => lora::attach(llm, decoder, l, device)?,
+        (Some(l), None) => lora::attach(llm, decoder, l, train::init_seed(config), device)?,
         (None, _) if llava.freeze_llm => llm.no_grad(),
         (None, Some(dir)) => {
             // The checkpoint holds every weight.
@@ -182,7 +182,7 @@ pub fn assemble<B: Backend>(
             l.dropout,
             device,
         )?,
-        (Some(l), None) => lora::attach(tower, &(), l, device)?,
+        (Some(l), None) => lora::attach(tower, &(), l, train::init_seed(config), device)?,
         (None, _) if llava.freeze_visual_encoder => tower.no_grad(),
         (None, Some(dir)) => {
             drop(tower);
@@ -307,15 +307,11 @@ pub fn write_llava<B: Backend>(
             dtype,
             None,
         )?;
-        for name in ["config.json", "preprocessor_config.json"] {
-            let from = source.join(name);
-            if from.is_file() {
-                std::fs::copy(&from, tower_dir.join(name)).map_err(|e| Error::Io {
-                    path: from.clone(),
-                    source: e,
-                })?;
-            }
-        }
+        copy_side_files(
+            source,
+            &["config.json", "preprocessor_config.json"],
+            &tower_dir,
+        )?;
     }
     Ok(())
 }

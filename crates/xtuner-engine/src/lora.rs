@@ -10,6 +10,8 @@ use std::collections::BTreeSet;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::internlm2::{DecoderConfig, InternLm2, LinearSite};
 use xtuner_model::nn::linear::{Linear, LinearLayers, Lora};
@@ -72,7 +74,8 @@ pub fn quantize_base<B: Backend>(
     })
 }
 
-/// Freezes the whole model and attaches fresh adapters (PEFT's init) to the targets.
+/// Freezes the whole model and attaches fresh adapters (PEFT's init, [`fresh_lora`]
+/// seeded with `seed`) to the targets.
 ///
 /// # Errors
 /// An unknown target.
@@ -80,6 +83,7 @@ pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(
     model: M,
     config: &M::Config,
     lora: &LoraConfig,
+    seed: u64,
     device: &B::Device,
 ) -> Result<M> {
     let targets = resolve_targets(&model, config, &lora.target_modules)?;
@@ -87,18 +91,48 @@ pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(
         .no_grad()
         .map_linear_layers(config, |site, mut linear: Linear<B>| {
             if targets.contains(&site.name) {
-                let [d_in, d_out] = linear.dims();
-                linear.lora = Some(Lora::init(
-                    d_in,
-                    d_out,
-                    lora.r,
-                    lora.alpha,
-                    lora.dropout,
-                    device,
-                ));
+                linear.lora = Some(fresh_lora(&site.module, linear.dims(), lora, seed, device));
             }
             Ok(linear)
         })
+}
+
+/// PEFT's initialisation of the adapter of layer `module` (`[d_in, d_out]`): A
+/// kaiming-uniform with a = √5, i.e. uniform in ±1/√d_in, B zeros, so the adapted layer
+/// starts equal to the base. Both are f32 (the masters' dtype) whatever the backend
+/// computes in.
+///
+/// A is drawn on the host from ChaCha8 seeded with `seed`, on a stream named by the
+/// module: a config starts from the same adapters on the CPU and the GPU, and a layer's
+/// start does not depend on which other layers are targeted.
+pub fn fresh_lora<B: Backend>(
+    module: &str,
+    [d_in, d_out]: [usize; 2],
+    lora: &LoraConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Lora<B> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream_of(module));
+    let bound = 1.0 / (d_in.max(1) as f32).sqrt();
+    let a: Vec<f32> = (0..d_in * lora.r)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    let options = (device, crate::optim::MASTER_DTYPE);
+    Lora::from_tensors(
+        Tensor::from_data(TensorData::new(a, [d_in, lora.r]), options),
+        Tensor::zeros([lora.r, d_out], options),
+        lora.alpha / lora.r.max(1) as f64,
+        lora.dropout,
+    )
+}
+
+/// A stable 64-bit name for `module` (FNV-1a of its bytes): the random stream its
+/// adapter is drawn from.
+fn stream_of(module: &str) -> u64 {
+    module.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Freezes the model and attaches the adapters of a PEFT directory (trainable), to
@@ -269,4 +303,62 @@ pub fn write_adapter<B: Backend, M: LinearLayers<B>>(
         dtype,
         None,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::DType;
+
+    type B = burn::backend::NdArray<f32>;
+
+    fn a_of(lora: &Lora<B>) -> Vec<f32> {
+        lora.lora_a.val().into_data().to_vec().unwrap()
+    }
+
+    /// PEFT's init, drawn from the run's seed and the module's name alone: the backend's
+    /// generator plays no part, so the CPU and the GPU start from the same adapters.
+    #[test]
+    fn fresh_adapters_depend_on_the_seed_and_the_module_only() {
+        let device = Default::default();
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+        };
+        let draw = |module: &str, seed: u64, backend_seed: u64| {
+            B::seed(&device, backend_seed);
+            fresh_lora::<B>(module, [64, 24], &config, seed, &device)
+        };
+        let first = draw("model.layers.0.attention.wqkv", 7, 1);
+        let a = a_of(&first);
+        assert_eq!(a.len(), 64 * 4);
+        let bound = 1.0 / 8.0;
+        assert!(a.iter().all(|v| v.abs() <= bound), "{a:?}");
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let var = a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32;
+        // Uniform(±1/8): mean 0, variance (1/8)²/3.
+        assert!(
+            mean.abs() < 0.02 && (var * 192.0 - 1.0).abs() < 0.2,
+            "{mean} {var}"
+        );
+        assert_eq!(first.lora_a.val().dtype(), DType::F32);
+        assert_eq!(first.lora_b.val().dims(), [4, 24]);
+        assert!(
+            first
+                .lora_b
+                .val()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+        assert!((first.scale - 2.0).abs() < 1e-12);
+
+        assert_eq!(a_of(&draw("model.layers.0.attention.wqkv", 7, 2)), a);
+        assert_ne!(a_of(&draw("model.layers.1.attention.wqkv", 7, 1)), a);
+        assert_ne!(a_of(&draw("model.layers.0.attention.wqkv", 8, 1)), a);
+    }
 }

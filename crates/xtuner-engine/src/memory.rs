@@ -115,7 +115,7 @@ mod tests {
         };
 
         let model = InternLm2::<B>::random(&decoder, &device).unwrap();
-        let lora = lora::attach(model.clone(), &decoder, &config, &device).unwrap();
+        let lora = lora::attach(model.clone(), &decoder, &config, 0, &device).unwrap();
         let memory = ModelMemory::of(&lora, lora.nf4_bytes(&decoder));
         assert_eq!(memory.trainable_params, adapted);
         assert_eq!(memory.trainable_bytes, 4 * adapted);
@@ -124,7 +124,7 @@ mod tests {
         assert_eq!(memory.total_bytes(), 16 * adapted + memory.frozen_bytes);
 
         let quantized = lora::quantize_base(model, &decoder, 64, true).unwrap();
-        let qlora = lora::attach(quantized, &decoder, &config, &device).unwrap();
+        let qlora = lora::attach(quantized, &decoder, &config, 0, &device).unwrap();
         let memory = ModelMemory::of(&qlora, qlora.nf4_bytes(&decoder));
         assert_eq!(memory.trainable_params, adapted);
         // The quantized layers keep a 1×1 placeholder weight.

@@ -9,7 +9,9 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{AdamW, AdamWConfig, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::nn::precision::{in_dtype, scalar};
 
 use crate::config::OptimizerConfig;
@@ -44,21 +46,26 @@ pub fn master_weights<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, dtype:
     model.map(&mut Widen(dtype))
 }
 
-/// AdamW's saved moments in `dtype`. Burn loads a record's tensors in the backend's
-/// default dtype (bf16 on `Cuda<bf16>`), so a resumed run brings them back to the
-/// masters' dtype before they meet f32 gradients.
-pub fn adamw_state_in<B, R>(record: R, dtype: DType) -> R
+/// A function over AdamW's moments, one parameter's at a time, for every rank.
+trait MapMoment<B: Backend> {
+    /// The moment stored as `key` (`{param id}.moment_1` or `.moment_2`), replaced.
+    fn map<const D: usize>(&mut self, key: String, moment: Tensor<B, D>) -> Tensor<B, D>;
+}
+
+/// Applies `f` to both moments of every parameter's AdamW state.
+fn map_moments<B, R>(record: R, f: &mut impl MapMoment<B::InnerBackend>) -> R
 where
     B: AutodiffBackend,
     R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>
         + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
 {
-    macro_rules! widen {
-        ($record:expr, $($rank:ident),*) => {
+    macro_rules! each_rank {
+        ($id:expr, $record:expr, $($rank:ident),*) => {
             match $record {
                 $(AdaptorRecordV1::$rank(mut state) => {
-                    state.momentum.moment_1 = in_dtype(state.momentum.moment_1, dtype);
-                    state.momentum.moment_2 = in_dtype(state.momentum.moment_2, dtype);
+                    let m = &mut state.momentum;
+                    m.moment_1 = f.map(format!("{}.moment_1", $id), m.moment_1.clone());
+                    m.moment_2 = f.map(format!("{}.moment_2", $id), m.moment_2.clone());
                     AdaptorRecordV1::$rank(state)
                 })*
             }
@@ -68,14 +75,109 @@ where
         .into_iter()
         .map(|(id, record)| {
             let AdaptorRecord::V1(v1) = record;
-            (
-                id,
-                AdaptorRecord::V1(widen!(
-                    v1, Rank0, Rank1, Rank2, Rank3, Rank4, Rank5, Rank6, Rank7, Rank8
-                )),
-            )
+            let v1 = each_rank!(
+                id, v1, Rank0, Rank1, Rank2, Rank3, Rank4, Rank5, Rank6, Rank7, Rank8
+            );
+            (id, AdaptorRecord::V1(v1))
         })
         .collect()
+}
+
+/// AdamW's saved moments in `dtype`. Burn loads a record's tensors in the backend's
+/// default dtype (bf16 on `Cuda<bf16>`), so a resumed run brings them back to the
+/// masters' dtype before they meet f32 gradients.
+pub fn adamw_state_in<B, R>(record: R, dtype: DType) -> R
+where
+    B: AutodiffBackend,
+    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>
+        + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
+{
+    struct InDtype(DType);
+    impl<B: Backend> MapMoment<B> for InDtype {
+        fn map<const D: usize>(&mut self, _: String, moment: Tensor<B, D>) -> Tensor<B, D> {
+            in_dtype(moment, self.0)
+        }
+    }
+    map_moments(record, &mut InDtype(dtype))
+}
+
+/// Splits AdamW's state for saving: the record with every moment replaced by a
+/// one-element placeholder, and the moments themselves, keyed `{param id}.moment_1`
+/// and `.moment_2`, to be written as safetensors.
+///
+/// Burn's recorder would bring the moments back in the backend's default dtype
+/// (`Record::from_item` converts to `B::FloatElem`), rounding a bf16 run's f32 moments
+/// to bf16 on resume; written apart, they come back as they were
+/// ([`join_adamw_state`]).
+pub fn split_adamw_state<B, R>(record: R) -> (R, Vec<(String, TensorData)>)
+where
+    B: AutodiffBackend,
+    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>
+        + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
+{
+    struct Take(Vec<(String, TensorData)>);
+    impl<B: Backend> MapMoment<B> for Take {
+        fn map<const D: usize>(&mut self, key: String, moment: Tensor<B, D>) -> Tensor<B, D> {
+            let placeholder = Tensor::zeros([1; D], &moment.device());
+            self.0.push((key, moment.into_data()));
+            placeholder
+        }
+    }
+    let mut take = Take(Vec::new());
+    let record = map_moments(record, &mut take);
+    (record, take.0)
+}
+
+/// The record of [`split_adamw_state`] with its moments read back from `moments`,
+/// created in the checkpoint's dtype (see [`Checkpoint::with_dtype`]).
+///
+/// # Errors
+/// A moment missing from `moments`, or not of its parameter's rank.
+pub fn join_adamw_state<B, R>(
+    record: R,
+    moments: &Checkpoint,
+    device: &B::Device,
+) -> Result<R, xtuner_model::Error>
+where
+    B: AutodiffBackend,
+    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>
+        + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
+{
+    struct Put<'a, B: Backend> {
+        moments: &'a Checkpoint,
+        device: &'a B::Device,
+        error: Option<xtuner_model::Error>,
+    }
+    impl<B: Backend> MapMoment<B> for Put<'_, B> {
+        fn map<const D: usize>(&mut self, key: String, moment: Tensor<B, D>) -> Tensor<B, D> {
+            let path = self.moments.path().to_path_buf();
+            let read = match self.moments.shape(&key).map(<[usize; D]>::try_from) {
+                Some(Ok(shape)) => self.moments.tensor::<B, D>(&key, shape, self.device),
+                Some(Err(shape)) => Err(xtuner_model::Error::BadConfig {
+                    path,
+                    message: format!("`{key}` has {} dimensions, its parameter {D}", shape.len()),
+                }),
+                None => Err(xtuner_model::Error::MissingTensor { key, path }),
+            };
+            match read {
+                Ok(tensor) => tensor,
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                    moment
+                }
+            }
+        }
+    }
+    let mut put = Put::<B::InnerBackend> {
+        moments,
+        device,
+        error: None,
+    };
+    let record = map_moments(record, &mut put);
+    match put.error {
+        Some(e) => Err(e),
+        None => Ok(record),
+    }
 }
 
 struct NormVisitor<'a, B: AutodiffBackend> {
@@ -186,10 +288,8 @@ mod tests {
             .collect()
     }
 
-    /// f64 masters on the f32 CPU backend stand in for f32 masters of a bf16 GPU run:
-    /// the layers compute in f32, the parameters, gradients and moments stay f64.
-    #[test]
-    fn wide_master_weights_train_like_the_plain_model_and_keep_their_dtype() {
+    /// A tiny LoRA model and one packed row to train it on.
+    fn lora_setup() -> (InternLm2<B>, xtuner_dataset::collate::Batch) {
         let device = Default::default();
         let decoder = DecoderConfig::preset("internlm2-tiny", 300).unwrap();
         <B as burn::tensor::backend::Backend>::seed(&device, 3);
@@ -200,14 +300,92 @@ mod tests {
             dropout: 0.0,
             target_modules: Vec::new(),
         };
-        let model = crate::lora::attach(base, &decoder, &lora, &device).unwrap();
+        let model = crate::lora::attach(base, &decoder, &lora, 3, &device).unwrap();
         let ids: Vec<i64> = (0..32).map(|i| (i * 37 % 300) as i64).collect();
         let rows = [PackedRow {
             labels: ids.clone(),
             input_ids: ids,
             cumulative_len: vec![0, 32],
         }];
-        let batch = collate(&rows.iter().collect::<Vec<_>>(), false);
+        (model, collate(&rows.iter().collect::<Vec<_>>(), false))
+    }
+
+    /// Every moment of a rank-2 record, sorted by `{param id}.{1|2}`.
+    fn moments_of<R: Clone + IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>>(
+        record: &R,
+    ) -> Vec<(String, Vec<f32>)> {
+        let mut out: Vec<(String, Vec<f32>)> = record
+            .clone()
+            .into_iter()
+            .flat_map(|(id, r)| {
+                let m = r.into_state::<2>().momentum;
+                [
+                    (format!("{id}.1"), m.moment_1.into_data().to_vec().unwrap()),
+                    (format!("{id}.2"), m.moment_2.into_data().to_vec().unwrap()),
+                ]
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// A saved AdamW state comes back bit for bit through the safetensors side of the
+    /// split, the recorder's side keeping only placeholders; a moment missing from the
+    /// file is an error that names it.
+    #[test]
+    fn adamw_moments_round_trip_exactly_apart_from_the_record() {
+        let device = Default::default();
+        let (mut model, batch) = lora_setup();
+        let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
+        for _ in 0..2 {
+            let (_, grads) = forward_backward(&model, &batch, 1, false, &device);
+            (model, _) = optimizer_step(model, &mut optimizer, grads, 1e-3, 1.0);
+        }
+        let record = optimizer.to_record();
+        let saved = moments_of(&record);
+        assert!(
+            saved
+                .iter()
+                .all(|(_, m)| m.len() > 1 && m.iter().any(|&v| v != 0.0))
+        );
+
+        let (placeholders, moments) = split_adamw_state(record);
+        assert_eq!(moments.len(), saved.len());
+        assert!(moments_of(&placeholders).iter().all(|(_, m)| m.len() == 1));
+        let dir = tempfile::tempdir().unwrap();
+        let files = xtuner_model::checkpoint::save_safetensors(
+            dir.path(),
+            "moments",
+            moments,
+            xtuner_model::checkpoint::SaveDtype::F32,
+            None,
+        )
+        .unwrap();
+        let ckpt = Checkpoint::open(&files[0]).unwrap().with_dtype(DType::F32);
+        let loaded = join_adamw_state(placeholders.clone(), &ckpt, &device).unwrap();
+        assert_eq!(moments_of(&loaded), saved);
+        assert!(moment_dtypes(&loaded).iter().all(|&d| d == DType::F32));
+        optimizer = optimizer.load_record(loaded);
+        let (_, grads) = forward_backward(&model, &batch, 1, false, &device);
+        let _ = optimizer_step(model, &mut optimizer, grads, 1e-3, 1.0);
+
+        let mut extra = placeholders;
+        let state = extra.values().next().unwrap().clone();
+        let other = ParamId::new();
+        extra.insert(other, state);
+        let message = join_adamw_state(extra, &ckpt, &device)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(message.contains(&format!("`{other}.moment_")), "{message}");
+    }
+
+    /// f64 masters on the f32 CPU backend stand in for f32 masters of a bf16 GPU run:
+    /// the layers compute in f32, the parameters, gradients and moments stay f64.
+    #[test]
+    fn wide_master_weights_train_like_the_plain_model_and_keep_their_dtype() {
+        let device = Default::default();
+        let (model, batch) = lora_setup();
         let train = |mut model: InternLm2<B>| {
             let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
             let mut losses = Vec::new();

@@ -158,6 +158,7 @@ mod tests {
                 dropout: 0.0,
                 target_modules: vec![],
             },
+            5,
             &device,
         )
         .unwrap();

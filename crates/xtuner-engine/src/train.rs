@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::record::AdaptorRecord;
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -24,7 +25,7 @@ use xtuner_dataset::encode::IMAGE_TOKEN;
 use xtuner_dataset::sampler::{length_grouped, shuffled};
 use xtuner_dataset::{PackedRow, Tokenizer, load_or_process};
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
+use xtuner_model::checkpoint::{Checkpoint, SaveDtype, copy_side_files, save_safetensors};
 use xtuner_model::generate::{GenerationConfig, generate};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{IMAGE_TOKEN_INDEX, prepare_inputs_labels_for_multimodal};
@@ -36,7 +37,10 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::lora;
 use crate::memory::ModelMemory;
-use crate::optim::{MASTER_DTYPE, adamw, adamw_state_in, clip_grad_norm, master_weights};
+use crate::optim::{
+    MASTER_DTYPE, adamw, adamw_state_in, clip_grad_norm, join_adamw_state, master_weights,
+    split_adamw_state,
+};
 use crate::recompute::decoder_loss_backward;
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
@@ -476,11 +480,12 @@ pub fn train<B: AutodiffBackend>(
             }
         }
         None => {
-            // Fresh adapters draw their init from the seeded generator, so two runs of a
-            // config are the same run.
-            B::seed(device, config.train.seed.wrapping_add(1));
+            // Fresh adapters draw their init from the run's seed, so two runs of a config
+            // are the same run, on any backend.
+            let seed = init_seed(config);
+            B::seed(device, seed);
             let model = match &config.lora {
-                Some(l) => lora::attach(base, &decoder, l, device)?,
+                Some(l) => lora::attach(base, &decoder, l, seed, device)?,
                 None => base,
             };
             Start {
@@ -590,7 +595,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                 path: dir.clone(),
                 message: format!("optimizer state: {e}"),
             })?;
-        optimizer = optimizer.load_record(adamw_state_in(record, MASTER_DTYPE));
+        optimizer = optimizer.load_record(load_adamw_moments(record, dir, device)?);
     }
 
     let t = &config.train;
@@ -720,8 +725,16 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                 config.checkpoint.save_total_limit,
                 |dir| {
                     recipe.write_weights(&model.valid(), dir, SaveDtype::F32)?;
+                    let (record, moments) = split_adamw_state(optimizer.to_record());
+                    save_safetensors(
+                        dir,
+                        OPTIMIZER_MOMENTS,
+                        moments,
+                        SaveDtype::F32,
+                        Some(DEFAULT_SHARD_SIZE),
+                    )?;
                     BinFileRecorder::<FullPrecisionSettings>::new()
-                        .record(optimizer.to_record(), dir.join("optimizer"))
+                        .record(record, dir.join("optimizer"))
                         .map_err(|e| Error::Config {
                             path: dir.to_path_buf(),
                             message: format!("saving the optimizer state: {e}"),
@@ -764,21 +777,67 @@ pub fn write_weights<B: Backend>(
             let base = config.model.path.as_ref().map(|p| p.display().to_string());
             lora::write_adapter(dir, l, model, decoder, Some("CAUSAL_LM"), base, dtype)
         }
-        None => {
-            let bos = tokenizer.bos_ids().first().copied();
-            let eos = tokenizer.eos_ids().first().copied();
-            write_json(&dir.join("config.json"), &decoder.to_hf_json(bos, eos))?;
-            let files = save_safetensors(
-                dir,
-                "model",
-                model.to_hf_tensors(decoder),
-                dtype,
-                Some(2_000_000_000),
-            )?;
-            copy_tokenizer_files(tokenizer, dir)?;
-            Ok(files)
-        }
+        None => save_hf_model(model, decoder, tokenizer, dir, dtype, DEFAULT_SHARD_SIZE),
     }
+}
+
+/// transformers' default `max_shard_size` for the checkpoints a run writes.
+pub const DEFAULT_SHARD_SIZE: u64 = 2_000_000_000;
+
+/// The decoder as a Hugging Face model directory, as `save_pretrained` writes it:
+/// `config.json`, the weights (sharded above `max_shard_size` bytes) and the tokenizer
+/// files. Returns the weight files written.
+///
+/// # Errors
+/// A file that cannot be written, or a tokenizer file that cannot be copied.
+pub fn save_hf_model<B: Backend>(
+    model: &InternLm2<B>,
+    decoder: &DecoderConfig,
+    tokenizer: &Tokenizer,
+    dir: &Path,
+    dtype: SaveDtype,
+    max_shard_size: u64,
+) -> Result<Vec<PathBuf>> {
+    let bos = tokenizer.bos_ids().first().copied();
+    let eos = tokenizer.eos_ids().first().copied();
+    write_json(&dir.join("config.json"), &decoder.to_hf_json(bos, eos))?;
+    let files = save_safetensors(
+        dir,
+        "model",
+        model.to_hf_tensors(decoder),
+        dtype,
+        Some(max_shard_size),
+    )?;
+    copy_tokenizer_files(tokenizer, dir)?;
+    Ok(files)
+}
+
+/// The seed that a fresh run's new weights (adapters, a projector) are drawn with: the
+/// config's seed plus one (a preset base is drawn with the seed itself).
+pub fn init_seed(config: &TrainConfig) -> u64 {
+    config.train.seed.wrapping_add(1)
+}
+
+/// The stem of the safetensors file (or shards) holding AdamW's moments in a checkpoint.
+const OPTIMIZER_MOMENTS: &str = "optimizer_moments";
+
+/// A saved AdamW record with its moments restored in the masters' dtype: read from the
+/// checkpoint's `optimizer_moments` safetensors exactly as they were saved, or, for a
+/// checkpoint written before they were kept apart, taken from the record (rounded to the
+/// backend's default dtype on the way in) and widened.
+fn load_adamw_moments<B, R>(record: R, dir: &Path, device: &B::Device) -> Result<R>
+where
+    B: AutodiffBackend,
+    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>
+        + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
+{
+    let single = dir.join(format!("{OPTIMIZER_MOMENTS}.safetensors"));
+    let index = dir.join(format!("{OPTIMIZER_MOMENTS}.safetensors.index.json"));
+    let Some(path) = [single, index].into_iter().find(|p| p.is_file()) else {
+        return Ok(adamw_state_in(record, MASTER_DTYPE));
+    };
+    let moments = Checkpoint::open(&path)?.with_dtype(MASTER_DTYPE);
+    Ok(join_adamw_state(record, &moments, device)?)
 }
 
 /// The whole decoder as a full fine-tune's checkpoint or export directory holds it
@@ -816,20 +875,14 @@ fn save_base_model<B: Backend>(
             path: tmp_parent.to_path_buf(),
             source: e,
         })?;
-    let bos = tokenizer.bos_ids().first().copied();
-    let eos = tokenizer.eos_ids().first().copied();
-    write_json(
-        &tmp.path().join("config.json"),
-        &decoder.to_hf_json(bos, eos),
-    )?;
-    save_safetensors(
+    save_hf_model(
+        model,
+        decoder,
+        tokenizer,
         tmp.path(),
-        "model",
-        model.to_hf_tensors(decoder),
         SaveDtype::F32,
-        Some(2_000_000_000),
+        DEFAULT_SHARD_SIZE,
     )?;
-    copy_tokenizer_files(tokenizer, tmp.path())?;
     let kept = tmp.keep();
     std::fs::rename(&kept, dir).map_err(|e| Error::Io {
         path: dir.to_path_buf(),
@@ -838,27 +891,21 @@ fn save_base_model<B: Backend>(
     Ok(())
 }
 
+/// The files a tokenizer is saved as, beside a model (`save_pretrained`'s).
+pub const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
 /// Copies the tokenizer files beside a saved model, as `save_pretrained` does.
 ///
 /// # Errors
 /// An unreadable or unwritable file.
 pub fn copy_tokenizer_files(tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     let source_dir = tokenizer.source().parent().unwrap_or(Path::new("."));
-    for name in [
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        let from = source_dir.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, dir.join(name)).map_err(|e| Error::Io {
-                path: from.clone(),
-                source: e,
-            })?;
-        }
-    }
-    Ok(())
+    Ok(copy_side_files(source_dir, &TOKENIZER_FILES, dir)?)
 }
 
 /// XTuner's evaluate-chat hook: answers the config's evaluation inputs with the

@@ -14,7 +14,7 @@ use xtuner_engine::memory::ModelMemory;
 use xtuner_engine::train::{Progress, Resume, TrainEvent, build_model, train, write_weights};
 use xtuner_engine::{LoadedConfig, lora};
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::checkpoint::{SaveDtype, parse_size, save_safetensors};
+use xtuner_model::checkpoint::{SaveDtype, copy_side_files, parse_size, save_safetensors};
 use xtuner_model::internlm2::InternLm2;
 
 use crate::backend::{self, Device};
@@ -258,20 +258,14 @@ pub fn pth_to_hf(
         (None, "full") => {
             let model =
                 xtuner_engine::train::load_full_weights::<B>(checkpoint, &decoder, &device)?;
-            let bos = tokenizer.bos_ids().first().copied();
-            let eos = tokenizer.eos_ids().first().copied();
-            std::fs::write(
-                out.join("config.json"),
-                serde_json::to_string_pretty(&decoder.to_hf_json(bos, eos))?,
-            )?;
-            save_safetensors(
+            xtuner_engine::train::save_hf_model(
+                &model,
+                &decoder,
+                &tokenizer,
                 out,
-                "model",
-                model.to_hf_tensors(&decoder),
                 dtype,
-                Some(parse_size(max_shard_size)?),
+                parse_size(max_shard_size)?,
             )?;
-            xtuner_engine::train::copy_tokenizer_files(&tokenizer, out)?;
         }
         (_, mode) => bail!(
             "{}: a `{mode}` checkpoint does not fit this config",
@@ -307,20 +301,8 @@ pub fn merge(
         dtype,
         Some(parse_size(max_shard_size)?),
     )?;
-    for name in [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        let from = base.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, out.join(name))
-                .with_context(|| format!("copying {}", from.display()))?;
-        }
-    }
+    copy_side_files(base, &["config.json", "generation_config.json"], out)?;
+    copy_side_files(base, &xtuner_engine::train::TOKENIZER_FILES, out)?;
     println!("saved to {}", out.display());
     Ok(())
 }

@@ -26,7 +26,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 
 use self::safetensors::{SafetensorsFile, ShardIndex};
-pub use self::save::{SaveDtype, parse_size, save_safetensors};
+pub use self::save::{SaveDtype, copy_side_files, parse_size, save_safetensors};
 use crate::{Error, Result};
 
 /// The single-file name transformers writes and looks for first.

@@ -290,6 +290,29 @@ fn write_file(dir: &Path, name: &str, tensors: &[(&str, Encoded<'_>)]) -> Result
     Ok(path)
 }
 
+/// Copies the files a saved model carries beside its weights (configs, tokenizer) from
+/// `from` to `to`: each of `names` that `from` holds, each atomically. Absent names are
+/// skipped.
+///
+/// # Errors
+/// A file that cannot be read or written, named.
+pub fn copy_side_files(from: &Path, names: &[&str], to: &Path) -> Result<()> {
+    for name in names {
+        let source = from.join(name);
+        if source.is_file() {
+            write_atomic(&to.join(name), |tmp| {
+                std::fs::copy(&source, tmp)
+                    .map(drop)
+                    .map_err(|e| Error::Io {
+                        path: source.clone(),
+                        source: e,
+                    })
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs `write` on a temporary path beside `path`, syncs it and renames it over `path`.
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path

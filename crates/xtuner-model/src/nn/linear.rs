@@ -91,30 +91,6 @@ pub struct Lora<B: Backend> {
 }
 
 impl<B: Backend> Lora<B> {
-    /// PEFT's initialisation: A kaiming-uniform with a = √5 (bound 1/√d_in), B zeros, so
-    /// the adapted layer starts equal to the base.
-    pub fn init(
-        d_in: usize,
-        d_out: usize,
-        r: usize,
-        alpha: f64,
-        dropout: f64,
-        device: &B::Device,
-    ) -> Self {
-        let bound = 1.0 / (d_in.max(1) as f64).sqrt();
-        Self {
-            // Trained, so f32 from the start (PEFT's init), whatever the backend computes in.
-            lora_a: Param::from_tensor(Tensor::random(
-                [d_in, r],
-                Distribution::Uniform(-bound, bound),
-                (device, DType::F32),
-            )),
-            lora_b: Param::from_tensor(Tensor::zeros([r, d_out], (device, DType::F32))),
-            scale: alpha / r.max(1) as f64,
-            dropout,
-        }
-    }
-
     /// An adapter from `A: [d_in, r]` and `B: [r, d_out]`.
     pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
         Self {
@@ -327,7 +303,13 @@ mod tests {
         let device = Default::default();
         let w = Tensor::<TestBackend, 2>::from_floats([[1.0, 0.0], [0.0, 1.0]], &device);
         let mut linear = Linear::from_tensors(w, None);
-        linear.lora = Some(Lora::init(2, 2, 1, 2.0, 0.0, &device));
+        let a = Tensor::<TestBackend, 2>::from_floats([[0.3], [-0.2]], &device);
+        linear.lora = Some(Lora::from_tensors(
+            a,
+            Tensor::zeros([1, 2], &device),
+            2.0,
+            0.0,
+        ));
         let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
         linear
             .forward(x.clone())
