@@ -19,3 +19,11 @@ pub mod train;
 
 pub use config::{LoadedConfig, TrainConfig};
 pub use error::{Error, Result};
+
+/// FNV-1a, 64-bit: a hash of `bytes` that stays the same across builds and platforms
+/// (parameter ids, config fingerprints, random streams are named with it).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -67,7 +67,9 @@ pub fn train<B: AutodiffBackend>(
             checkpoint: Some(dir),
         },
         None => {
-            // The projector and fresh adapters draw from the seeded generator.
+            // A fresh projector is drawn from the backend's generator, seeded here (so two
+            // runs of a config on one backend are the same run); fresh adapters are drawn
+            // on the host from the same seed.
             B::seed(device, train::init_seed(config));
             Start {
                 model: assemble(config, llm, &decoder, None, device)?,

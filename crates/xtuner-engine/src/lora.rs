@@ -113,7 +113,7 @@ pub fn fresh_lora<B: Backend>(
     device: &B::Device,
 ) -> Lora<B> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(stream_of(module));
+    rng.set_stream(crate::fnv1a(module.as_bytes()));
     let bound = 1.0 / (d_in.max(1) as f32).sqrt();
     let a: Vec<f32> = (0..d_in * lora.r)
         .map(|_| rng.random_range(-bound..bound))
@@ -125,14 +125,6 @@ pub fn fresh_lora<B: Backend>(
         lora.alpha / lora.r.max(1) as f64,
         lora.dropout,
     )
-}
-
-/// A stable 64-bit name for `module` (FNV-1a of its bytes): the random stream its
-/// adapter is drawn from.
-fn stream_of(module: &str) -> u64 {
-    module.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// Freezes the model and attaches the adapters of a PEFT directory (trainable), to

@@ -52,7 +52,8 @@ trait MapMoment<B: Backend> {
     fn map<const D: usize>(&mut self, key: String, moment: Tensor<B, D>) -> Tensor<B, D>;
 }
 
-/// Applies `f` to both moments of every parameter's AdamW state.
+/// Applies `f` to the moments of every parameter's AdamW state (both, and AMSGrad's
+/// running maximum where one is kept).
 fn map_moments<B, R>(record: R, f: &mut impl MapMoment<B::InnerBackend>) -> R
 where
     B: AutodiffBackend,
@@ -66,6 +67,9 @@ where
                     let m = &mut state.momentum;
                     m.moment_1 = f.map(format!("{}.moment_1", $id), m.moment_1.clone());
                     m.moment_2 = f.map(format!("{}.moment_2", $id), m.moment_2.clone());
+                    if let Some(max) = m.max_moment_2.take() {
+                        m.max_moment_2 = Some(f.map(format!("{}.max_moment_2", $id), max));
+                    }
                     AdaptorRecordV1::$rank(state)
                 })*
             }
@@ -103,7 +107,8 @@ where
 
 /// Splits AdamW's state for saving: the record with every moment replaced by a
 /// one-element placeholder, and the moments themselves, keyed `{param id}.moment_1`
-/// and `.moment_2`, to be written as safetensors.
+/// and `.moment_2` (and `.max_moment_2` with AMSGrad), sorted, to be written as
+/// safetensors.
 ///
 /// Burn's recorder would bring the moments back in the backend's default dtype
 /// (`Record::from_item` converts to `B::FloatElem`), rounding a bf16 run's f32 moments
@@ -125,7 +130,40 @@ where
     }
     let mut take = Take(Vec::new());
     let record = map_moments(record, &mut take);
+    // In key order, so that a checkpoint's file does not depend on the map's order.
+    take.0.sort_by(|a, b| a.0.cmp(&b.0));
     (record, take.0)
+}
+
+/// Whether a loaded record holds AdamW's moments themselves, rather than the
+/// placeholders [`split_adamw_state`] leaves (every moment one element): a record
+/// without trainable parameters holds them trivially.
+pub fn holds_adamw_moments<B, R>(record: R) -> (R, bool)
+where
+    B: AutodiffBackend,
+    R: IntoIterator<Item = (ParamId, AdaptorRecord<AdamW, B>)>
+        + FromIterator<(ParamId, AdaptorRecord<AdamW, B>)>,
+{
+    struct Count {
+        moments: usize,
+        placeholders: usize,
+    }
+    impl<B: Backend> MapMoment<B> for Count {
+        fn map<const D: usize>(&mut self, _: String, moment: Tensor<B, D>) -> Tensor<B, D> {
+            self.moments += 1;
+            if moment.shape().num_elements() == 1 {
+                self.placeholders += 1;
+            }
+            moment
+        }
+    }
+    let mut count = Count {
+        moments: 0,
+        placeholders: 0,
+    };
+    let record = map_moments(record, &mut count);
+    let holds = count.moments == 0 || count.placeholders < count.moments;
+    (record, holds)
 }
 
 /// The record of [`split_adamw_state`] with its moments read back from `moments`,
@@ -349,9 +387,14 @@ mod tests {
                 .all(|(_, m)| m.len() > 1 && m.iter().any(|&v| v != 0.0))
         );
 
+        let (record, holds) = holds_adamw_moments(record);
+        assert!(holds);
         let (placeholders, moments) = split_adamw_state(record);
         assert_eq!(moments.len(), saved.len());
+        assert!(moments.windows(2).all(|w| w[0].0 < w[1].0), "sorted by key");
         assert!(moments_of(&placeholders).iter().all(|(_, m)| m.len() == 1));
+        let (placeholders, holds) = holds_adamw_moments(placeholders);
+        assert!(!holds);
         let dir = tempfile::tempdir().unwrap();
         let files = xtuner_model::checkpoint::save_safetensors(
             dir.path(),

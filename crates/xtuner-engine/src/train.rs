@@ -38,8 +38,8 @@ use crate::config::{LoadedConfig, TrainConfig};
 use crate::lora;
 use crate::memory::ModelMemory;
 use crate::optim::{
-    MASTER_DTYPE, adamw, adamw_state_in, clip_grad_norm, join_adamw_state, master_weights,
-    split_adamw_state,
+    MASTER_DTYPE, adamw, adamw_state_in, clip_grad_norm, holds_adamw_moments, join_adamw_state,
+    master_weights, split_adamw_state,
 };
 use crate::recompute::decoder_loss_backward;
 use crate::schedule::LrSchedule;
@@ -191,12 +191,8 @@ impl<B: Backend> ModuleMapper<B> for StableIds {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (_, tensor, mapper) = param.consume();
-        // FNV-1a of the dotted path.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in self.path.join(".").bytes() {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-        Param::from_mapped_value(ParamId::from(hash), tensor, mapper)
+        let id = ParamId::from(crate::fnv1a(self.path.join(".").as_bytes()));
+        Param::from_mapped_value(id, tensor, mapper)
     }
 }
 
@@ -207,11 +203,7 @@ fn config_fingerprint(config: &TrainConfig) -> String {
         "lora": config.lora, "llava": config.llava,
         "train": { "batch_size": config.train.batch_size, "seed": config.train.seed },
     });
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in relevant.to_string().bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    format!("{:016x}", crate::fnv1a(relevant.to_string().as_bytes()))
 }
 
 /// The rows of each epoch, in order.
@@ -480,8 +472,8 @@ pub fn train<B: AutodiffBackend>(
             }
         }
         None => {
-            // Fresh adapters draw their init from the run's seed, so two runs of a config
-            // are the same run, on any backend.
+            // Fresh adapters are drawn from the run's seed (on the host, so the same on
+            // every backend), so two runs of a config are the same run.
             let seed = init_seed(config);
             B::seed(device, seed);
             let model = match &config.lora {
@@ -825,6 +817,10 @@ const OPTIMIZER_MOMENTS: &str = "optimizer_moments";
 /// checkpoint's `optimizer_moments` safetensors exactly as they were saved, or, for a
 /// checkpoint written before they were kept apart, taken from the record (rounded to the
 /// backend's default dtype on the way in) and widened.
+///
+/// # Errors
+/// The moments file missing from a checkpoint whose record keeps only placeholders, or
+/// a moment missing from it.
 fn load_adamw_moments<B, R>(record: R, dir: &Path, device: &B::Device) -> Result<R>
 where
     B: AutodiffBackend,
@@ -833,7 +829,16 @@ where
 {
     let single = dir.join(format!("{OPTIMIZER_MOMENTS}.safetensors"));
     let index = dir.join(format!("{OPTIMIZER_MOMENTS}.safetensors.index.json"));
-    let Some(path) = [single, index].into_iter().find(|p| p.is_file()) else {
+    let Some(path) = [single.clone(), index].into_iter().find(|p| p.is_file()) else {
+        let (record, holds_moments) = holds_adamw_moments(record);
+        if !holds_moments {
+            return Err(Error::Config {
+                path: single,
+                message: "missing: the optimizer state beside it keeps AdamW's moments \
+                          in this file"
+                    .into(),
+            });
+        }
         return Ok(adamw_state_in(record, MASTER_DTYPE));
     };
     let moments = Checkpoint::open(&path)?.with_dtype(MASTER_DTYPE);

@@ -300,13 +300,20 @@ pub fn copy_side_files(from: &Path, names: &[&str], to: &Path) -> Result<()> {
     for name in names {
         let source = from.join(name);
         if source.is_file() {
-            write_atomic(&to.join(name), |tmp| {
-                std::fs::copy(&source, tmp)
-                    .map(drop)
-                    .map_err(|e| Error::Io {
-                        path: source.clone(),
+            let target = to.join(name);
+            write_atomic(&target, |tmp| {
+                std::fs::copy(&source, tmp).map(drop).map_err(|e| {
+                    // Name the side that failed: the file read, or the one written.
+                    let unreadable = File::open(&source).is_err();
+                    Error::Io {
+                        path: if unreadable {
+                            source.clone()
+                        } else {
+                            target.clone()
+                        },
                         source: e,
-                    })
+                    }
+                })
             })?;
         }
     }
