@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod init;
 pub mod llava;
 pub mod lora;
 pub mod loss;

@@ -31,14 +31,14 @@ use xtuner_model::image::{ImageProcessor, probe};
 use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{Llava, image_features};
 use xtuner_model::nn::attention::AttentionMask;
-use xtuner_model::nn::linear::LinearLayers;
+use xtuner_model::nn::linear::{Linear, LinearLayers};
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
 use crate::optim::MASTER_DTYPE;
 use crate::recompute::decoder_loss_backward;
 use crate::train::{self, MicroStep, Progress, Recipe, Resume, Start, TrainSummary, write_json};
-use crate::{Error, Result, lora};
+use crate::{Error, Result, init, lora};
 
 /// The checkpoint mode of LLaVA runs.
 pub const MODE: &str = "llava";
@@ -67,9 +67,8 @@ pub fn train<B: AutodiffBackend>(
             checkpoint: Some(dir),
         },
         None => {
-            // A fresh projector is drawn from the backend's generator, seeded here (so two
-            // runs of a config on one backend are the same run); fresh adapters are drawn
-            // on the host from the same seed.
+            // A fresh projector and fresh adapters are drawn on the host from the run's
+            // seed (the same on every backend); the backend's generator is seeded too.
             B::seed(device, train::init_seed(config));
             Start {
                 model: assemble(config, llm, &decoder, None, device)?,
@@ -235,7 +234,7 @@ pub fn assemble<B: Backend>(
             }
             projector
         }
-        None => Projector::new(&projector_config, device)?,
+        None => fresh_projector(&projector_config, train::init_seed(config), device)?,
     };
     Ok(Llava {
         llm,
@@ -316,6 +315,37 @@ pub fn write_llava<B: Backend>(
         )?;
     }
     Ok(())
+}
+
+/// A new projector as PyTorch's `nn.Linear` starts it (weight and bias uniform in
+/// ±1/√d_in), drawn on the host ([`crate::init`]) as `projector.model.{2i}.weight` and
+/// `.bias`, so a config's pretraining starts from the same projector on every backend.
+///
+/// # Errors
+/// A config that does not validate.
+fn fresh_projector<B: Backend>(
+    config: &ProjectorConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Projector<B>> {
+    config.validate()?;
+    let model = (0..config.depth)
+        .map(|i| {
+            let (d_in, d_out) = config.dims(i);
+            let bound = init::kaiming_bound(d_in);
+            let key = format!("projector.model.{}", 2 * i);
+            let weight =
+                init::uniform(&format!("{key}.weight"), [d_in, d_out], bound, seed, device);
+            let bias = config
+                .bias
+                .then(|| init::uniform(&format!("{key}.bias"), [d_out], bound, seed, device));
+            Linear::from_tensors(weight, bias)
+        })
+        .collect();
+    Ok(Projector {
+        model,
+        activation: config.hidden_act,
+    })
 }
 
 fn create_dir(dir: &Path) -> Result<()> {

@@ -10,13 +10,12 @@ use std::collections::BTreeSet;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::internlm2::{DecoderConfig, InternLm2, LinearSite};
 use xtuner_model::nn::linear::{Linear, LinearLayers, Lora};
 
 use crate::config::LoraConfig;
+use crate::init;
 use crate::{Error, Result};
 
 /// The module names that LoRA targets: the given ones (checked), or XTuner's default,
@@ -100,11 +99,8 @@ pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(
 /// PEFT's initialisation of the adapter of layer `module` (`[d_in, d_out]`): A
 /// kaiming-uniform with a = √5, i.e. uniform in ±1/√d_in, B zeros, so the adapted layer
 /// starts equal to the base. Both are f32 (the masters' dtype) whatever the backend
-/// computes in.
-///
-/// A is drawn on the host from ChaCha8 seeded with `seed`, on a stream named by the
-/// module: a config starts from the same adapters on the CPU and the GPU, and a layer's
-/// start does not depend on which other layers are targeted.
+/// computes in; A is drawn on the host ([`crate::init`]) as `{module}.lora_A`, so a
+/// config starts from the same adapters on the CPU and the GPU.
 pub fn fresh_lora<B: Backend>(
     module: &str,
     [d_in, d_out]: [usize; 2],
@@ -112,16 +108,17 @@ pub fn fresh_lora<B: Backend>(
     seed: u64,
     device: &B::Device,
 ) -> Lora<B> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(crate::fnv1a(module.as_bytes()));
-    let bound = 1.0 / (d_in.max(1) as f32).sqrt();
-    let a: Vec<f32> = (0..d_in * lora.r)
-        .map(|_| rng.random_range(-bound..bound))
-        .collect();
-    let options = (device, crate::optim::MASTER_DTYPE);
+    let key = format!("{module}.lora_A");
+    let a = init::uniform(
+        &key,
+        [d_in, lora.r],
+        init::kaiming_bound(d_in),
+        seed,
+        device,
+    );
     Lora::from_tensors(
-        Tensor::from_data(TensorData::new(a, [d_in, lora.r]), options),
-        Tensor::zeros([lora.r, d_out], options),
+        a,
+        Tensor::zeros([lora.r, d_out], (device, crate::optim::MASTER_DTYPE)),
         lora.alpha / lora.r.max(1) as f64,
         lora.dropout,
     )
@@ -304,14 +301,10 @@ mod tests {
 
     type B = burn::backend::NdArray<f32>;
 
-    fn a_of(lora: &Lora<B>) -> Vec<f32> {
-        lora.lora_a.val().into_data().to_vec().unwrap()
-    }
-
-    /// PEFT's init, drawn from the run's seed and the module's name alone: the backend's
-    /// generator plays no part, so the CPU and the GPU start from the same adapters.
+    /// PEFT's init: A uniform in ±1/√d_in, `[d_in, r]`, f32 and the same for the same
+    /// seed and module; B zeros; scale α/r.
     #[test]
-    fn fresh_adapters_depend_on_the_seed_and_the_module_only() {
+    fn fresh_adapters_start_as_pefts() {
         let device = Default::default();
         let config = LoraConfig {
             r: 4,
@@ -319,38 +312,37 @@ mod tests {
             dropout: 0.0,
             target_modules: Vec::new(),
         };
-        let draw = |module: &str, seed: u64, backend_seed: u64| {
-            B::seed(&device, backend_seed);
-            fresh_lora::<B>(module, [64, 24], &config, seed, &device)
-        };
-        let first = draw("model.layers.0.attention.wqkv", 7, 1);
-        let a = a_of(&first);
-        assert_eq!(a.len(), 64 * 4);
-        let bound = 1.0 / 8.0;
-        assert!(a.iter().all(|v| v.abs() <= bound), "{a:?}");
-        let mean = a.iter().sum::<f32>() / a.len() as f32;
-        let var = a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32;
-        // Uniform(±1/8): mean 0, variance (1/8)²/3.
-        assert!(
-            mean.abs() < 0.02 && (var * 192.0 - 1.0).abs() < 0.2,
-            "{mean} {var}"
+        let lora = fresh_lora::<B>(
+            "model.layers.0.attention.wqkv",
+            [64, 24],
+            &config,
+            7,
+            &device,
         );
-        assert_eq!(first.lora_a.val().dtype(), DType::F32);
-        assert_eq!(first.lora_b.val().dims(), [4, 24]);
+        let a = lora.lora_a.val();
+        assert_eq!((a.dims(), a.dtype()), ([64, 4], DType::F32));
+        let values: Vec<f32> = a.into_data().to_vec().unwrap();
+        assert!(values.iter().all(|v| v.abs() <= 0.125) && values.iter().any(|&v| v != 0.0));
+        let again = fresh_lora::<B>(
+            "model.layers.0.attention.wqkv",
+            [64, 24],
+            &config,
+            7,
+            &device,
+        );
+        assert_eq!(
+            again.lora_a.val().into_data().to_vec::<f32>().unwrap(),
+            values
+        );
+        let b = lora.lora_b.val();
+        assert_eq!(b.dims(), [4, 24]);
         assert!(
-            first
-                .lora_b
-                .val()
-                .into_data()
+            b.into_data()
                 .to_vec::<f32>()
                 .unwrap()
                 .iter()
                 .all(|&v| v == 0.0)
         );
-        assert!((first.scale - 2.0).abs() < 1e-12);
-
-        assert_eq!(a_of(&draw("model.layers.0.attention.wqkv", 7, 2)), a);
-        assert_ne!(a_of(&draw("model.layers.1.attention.wqkv", 7, 1)), a);
-        assert_ne!(a_of(&draw("model.layers.0.attention.wqkv", 8, 1)), a);
+        assert!((lora.scale - 2.0).abs() < 1e-12);
     }
 }

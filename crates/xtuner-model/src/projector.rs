@@ -113,8 +113,8 @@ impl ProjectorConfig {
         Ok(())
     }
 
-    /// `(d_in, d_out)` of linear layer `i`.
-    fn dims(&self, i: usize) -> (usize, usize) {
+    /// `(d_in, d_out)` of linear layer `i` (saved as `model.{2i}`).
+    pub fn dims(&self, i: usize) -> (usize, usize) {
         let d_in = if i == 0 {
             self.visual_hidden_size
         } else {
@@ -135,8 +135,9 @@ pub struct Projector<B: Backend> {
 }
 
 impl<B: Backend> Projector<B> {
-    /// A randomly initialised projector (PyTorch `nn.Linear` init), as XTuner's
-    /// pretraining stage starts from.
+    /// A randomly initialised projector (PyTorch `nn.Linear` init) from the backend's
+    /// generator. (Training draws its new projector on the host instead, so that it is
+    /// the same on every backend: `xtuner_engine::init`.)
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] when the config does not validate.
