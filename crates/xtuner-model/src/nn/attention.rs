@@ -16,6 +16,8 @@
 //! Dimension legend: B batch, T new tokens, S keys (cached + new), H query heads,
 //! K KV heads, D head dim, C hidden.
 
+use std::sync::{Arc, OnceLock};
+
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
@@ -69,7 +71,7 @@ impl<B: Backend> Attention<B> {
         let q = apply_rotary(q, cos, sin);
         let key = apply_rotary(key, cos, sin);
         let out = match (cache, mask) {
-            (None, AttentionMask::Causal(segments)) => {
+            (None, AttentionMask::Causal { segments, .. }) => {
                 match flash_attention(&q, &key, &value, segments) {
                     Some(out) => out,
                     None => scaled_dot_product(q, key, value, &mask.bias(t)),
@@ -94,7 +96,13 @@ pub enum AttentionMask<B: Backend> {
     /// along each row: a training step's mask (padding at the end of a row is a segment
     /// of its own), which flash attention serves. With cached keys, the new queries see
     /// all of them (one sample continues).
-    Causal(Tensor<B, 2, Int>),
+    Causal {
+        /// Segment ids `[B, T]`.
+        segments: Tensor<B, 2, Int>,
+        /// The additive form for `S` keys, built when a layer first needs it (where
+        /// flash attention does not serve) and shared by the other layers.
+        dense: Arc<OnceLock<(usize, Tensor<B, 4>)>>,
+    },
     /// An additive mask `[B, 1, T, S]` (see [`attention_bias`]): padding anywhere.
     Bias(Tensor<B, 4>),
 }
@@ -112,41 +120,69 @@ impl<B: Backend> AttentionMask<B> {
         device: &B::Device,
     ) -> Self {
         match causal_segments(batch, t, key_valid, segments) {
-            Some(ids) => Self::Causal(Tensor::from_data(TensorData::new(ids, [batch, t]), device)),
+            Some(ids) => {
+                Self::causal_from(Tensor::from_data(TensorData::new(ids, [batch, t]), device))
+            }
             None => Self::Bias(attention_bias(batch, t, 0, key_valid, segments, device)),
         }
     }
 
     /// Plain causal rows (one sample each, no padding).
     pub fn causal(batch: usize, t: usize, device: &B::Device) -> Self {
-        Self::Causal(Tensor::zeros([batch, t], device))
+        Self::causal_from(Tensor::zeros([batch, t], device))
+    }
+
+    fn causal_from(segments: Tensor<B, 2, Int>) -> Self {
+        Self::Causal {
+            segments,
+            dense: Arc::default(),
+        }
+    }
+
+    /// The segment ids of a [`Self::Causal`] mask.
+    pub fn segments(&self) -> Option<&Tensor<B, 2, Int>> {
+        match self {
+            Self::Causal { segments, .. } => Some(segments),
+            Self::Bias(_) => None,
+        }
     }
 
     /// The additive `[B, 1, T, S]` form, for `s` keys (`s - T` of them cached).
     pub fn bias(&self, s: usize) -> Tensor<B, 4> {
-        let segments = match self {
-            Self::Bias(bias) => return bias.clone(),
-            Self::Causal(segments) => segments,
-        };
-        let [b, t] = segments.dims();
-        let device = segments.device();
-        let past = s.saturating_sub(t) as i64;
-        let query = Tensor::<B, 1, Int>::arange(past..past + t as i64, &device).reshape([1, t, 1]);
-        let key = Tensor::<B, 1, Int>::arange(0..s as i64, &device).reshape([1, 1, s]);
-        let mut visible: Tensor<B, 3, Bool> =
-            key.expand([b, t, s]).lower_equal(query.expand([b, t, s]));
-        if s == t {
-            let same = segments
-                .clone()
-                .reshape([b, t, 1])
-                .expand([b, t, t])
-                .equal(segments.clone().reshape([b, 1, t]).expand([b, t, t]));
-            visible = visible.bool_and(same);
+        match self {
+            Self::Bias(bias) => bias.clone(),
+            Self::Causal { segments, dense } => {
+                let (built_for, bias) = dense.get_or_init(|| (s, causal_bias(segments, s)));
+                if *built_for == s {
+                    bias.clone()
+                } else {
+                    causal_bias(segments, s)
+                }
+            }
         }
-        Tensor::<B, 3>::full([b, t, s], MASKED, &device)
-            .mask_fill(visible, 0.0)
-            .reshape([b, 1, t, s])
     }
+}
+
+/// The additive form of causal rows with segment ids `[B, T]`, for `s` keys.
+fn causal_bias<B: Backend>(segments: &Tensor<B, 2, Int>, s: usize) -> Tensor<B, 4> {
+    let [b, t] = segments.dims();
+    let device = segments.device();
+    let past = s.saturating_sub(t) as i64;
+    let query = Tensor::<B, 1, Int>::arange(past..past + t as i64, &device).reshape([1, t, 1]);
+    let key = Tensor::<B, 1, Int>::arange(0..s as i64, &device).reshape([1, 1, s]);
+    let mut visible: Tensor<B, 3, Bool> =
+        key.expand([b, t, s]).lower_equal(query.expand([b, t, s]));
+    if s == t {
+        let same = segments
+            .clone()
+            .reshape([b, t, 1])
+            .expand([b, t, t])
+            .equal(segments.clone().reshape([b, 1, t]).expand([b, t, t]));
+        visible = visible.bool_and(same);
+    }
+    Tensor::<B, 3>::full([b, t, s], MASKED, &device)
+        .mask_fill(visible, 0.0)
+        .reshape([b, 1, t, s])
 }
 
 /// Segment ids that make `key_valid` and `segments` a causal mask: each row's samples
@@ -315,7 +351,7 @@ mod tests {
         let valid = [[true; 5].as_slice(), &[false], &[true; 6]].concat();
         let segments = [0, 0, 1, 1, 1, -1, 0, 0, 0, 0, 0, 0];
         let mask = AttentionMask::<TestBackend>::new(2, 6, &valid, Some(&segments), &device);
-        let AttentionMask::Causal(ids) = &mask else {
+        let Some(ids) = mask.segments() else {
             panic!("right padding and ordered samples are causal")
         };
         assert_eq!(
@@ -332,6 +368,14 @@ mod tests {
                 assert_eq!(c, b, "query {query}, key {}", at % 6);
             }
         }
+        // The additive form is built once and shared; other key counts get their own.
+        assert_eq!(visible(mask.bias(6)), causal);
+        assert_eq!(
+            visible(mask.bias(8))[..8],
+            [true, true, true, false, false, false, false, false],
+            "row 0's first query, two keys cached before it"
+        );
+        assert_eq!(visible(mask.bias(6)), causal);
         // With two cached keys, the new query sees all three.
         assert_eq!(
             visible(AttentionMask::<TestBackend>::causal(1, 1, &device).bias(3)),
