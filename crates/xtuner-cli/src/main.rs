@@ -13,6 +13,11 @@ use clap::Parser;
 
 use args::{Cli, Command, ConvertCommand, DatasetCommand};
 
+/// mimalloc instead of the system allocator: tokenization and CPU training allocate
+/// many short-lived buffers (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
