@@ -56,55 +56,58 @@ impl PackedRow {
 
 /// Packs samples, in order, into rows of `max_length` tokens (see the module docs).
 /// `max_length` must be positive (the config layer checks it).
-pub fn pack(samples: &[EncodedSample], max_length: usize) -> Vec<PackedRow> {
+///
+/// The samples are consumed one at a time, each freed once its tokens are in the rows,
+/// so the data set is held about once, not three times (samples, their concatenation
+/// and the rows).
+pub fn pack(samples: impl IntoIterator<Item = EncodedSample>, max_length: usize) -> Vec<PackedRow> {
     let max_length = max_length.max(1);
-    let total: usize = samples.iter().map(EncodedSample::len).sum();
-    let mut ids = Vec::with_capacity(total);
-    let mut labels = Vec::with_capacity(total);
-    // Global sample ends, ascending.
-    let mut ends = Vec::with_capacity(samples.len());
-    for s in samples {
-        ids.extend_from_slice(&s.input_ids);
-        labels.extend_from_slice(&s.labels);
-        ends.push(ids.len());
-    }
-    if total < max_length {
-        if total == 0 {
-            return Vec::new();
+    let mut rows = Vec::new();
+    let mut current = PackedRow::open(max_length);
+    for sample in samples {
+        let mut at = 0;
+        while at < sample.len() {
+            if current.len() == max_length {
+                rows.push(current.close(max_length));
+            }
+            let take = (max_length - current.len()).min(sample.len() - at);
+            current
+                .input_ids
+                .extend_from_slice(&sample.input_ids[at..at + take]);
+            current
+                .labels
+                .extend_from_slice(&sample.labels[at..at + take]);
+            at += take;
         }
-        return vec![row(&ids, &labels, &ends, 0, total)];
+        // The sample's end, unless it ended the previous row (then it is that row's end).
+        if !current.is_empty() {
+            current.cumulative_len.push(current.len());
+        }
     }
-    (0..total / max_length)
-        .map(|chunk| {
-            row(
-                &ids,
-                &labels,
-                &ends,
-                chunk * max_length,
-                (chunk + 1) * max_length,
-            )
-        })
-        .collect()
+    // A last full row is kept, a shorter tail only when it is all there is.
+    if current.len() == max_length || (rows.is_empty() && !current.is_empty()) {
+        rows.push(current.close(max_length));
+    }
+    rows
 }
 
-fn row(ids: &[i64], labels: &[i64], ends: &[usize], start: usize, end: usize) -> PackedRow {
-    // Boundaries strictly after `start` up to `end`, shifted to the row; the row end is
-    // always a boundary (a cut sample ends there).
-    let first = ends.partition_point(|&e| e <= start);
-    let mut cumulative_len = vec![0];
-    cumulative_len.extend(
-        ends[first..]
-            .iter()
-            .take_while(|&&e| e <= end)
-            .map(|&e| e - start),
-    );
-    if cumulative_len.last() != Some(&(end - start)) {
-        cumulative_len.push(end - start);
+impl PackedRow {
+    /// An empty row with room for `max_length` tokens.
+    fn open(max_length: usize) -> Self {
+        Self {
+            input_ids: Vec::with_capacity(max_length),
+            labels: Vec::with_capacity(max_length),
+            cumulative_len: vec![0],
+        }
     }
-    PackedRow {
-        input_ids: ids[start..end].to_vec(),
-        labels: labels[start..end].to_vec(),
-        cumulative_len,
+
+    /// This row, its end made a boundary (a cut sample ends there); `self` starts over.
+    fn close(&mut self, max_length: usize) -> Self {
+        let len = self.len();
+        if self.cumulative_len.last() != Some(&len) {
+            self.cumulative_len.push(len);
+        }
+        std::mem::replace(self, Self::open(max_length))
     }
 }
 
@@ -122,7 +125,7 @@ mod tests {
 
     #[test]
     fn cuts_samples_and_drops_the_short_tail() {
-        let rows = pack(&[sample(5, 0), sample(4, 100), sample(4, 200)], 4);
+        let rows = pack([sample(5, 0), sample(4, 100), sample(4, 200)], 4);
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].cumulative_len, vec![0, 4]);
         assert_eq!(rows[1].cumulative_len, vec![0, 1, 4]);
@@ -133,17 +136,87 @@ mod tests {
 
     #[test]
     fn boundary_on_a_row_end_is_not_repeated() {
-        let rows = pack(&[sample(4, 0), sample(4, 10)], 4);
+        let rows = pack([sample(4, 0), sample(4, 10)], 4);
         assert_eq!(rows[0].cumulative_len, vec![0, 4]);
         assert_eq!(rows[1].cumulative_len, vec![0, 4]);
         assert_eq!(rows[1].max_seqlen(), 4);
     }
 
+    /// The definition, written as directly as possible: concatenate everything, cut
+    /// every `max_length` tokens, mark every sample end inside a row and the row's end.
+    fn concatenate_and_cut(lengths: &[usize], max_length: usize) -> Vec<PackedRow> {
+        let mut ends = Vec::new();
+        let mut total = 0;
+        for &len in lengths {
+            total += len;
+            ends.push(total);
+        }
+        let ids: Vec<i64> = (0..total as i64).collect();
+        let cuts: Vec<(usize, usize)> = if total < max_length {
+            if total == 0 { vec![] } else { vec![(0, total)] }
+        } else {
+            (0..total / max_length)
+                .map(|r| (r * max_length, (r + 1) * max_length))
+                .collect()
+        };
+        cuts.into_iter()
+            .map(|(start, end)| {
+                let mut cumulative_len = vec![0];
+                cumulative_len.extend(
+                    ends.iter()
+                        .filter(|&&e| e > start && e <= end)
+                        .map(|&e| e - start),
+                );
+                if cumulative_len.last() != Some(&(end - start)) {
+                    cumulative_len.push(end - start);
+                }
+                PackedRow {
+                    input_ids: ids[start..end].to_vec(),
+                    labels: ids[start..end].iter().map(|i| -i).collect(),
+                    cumulative_len,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streaming_equals_concatenate_and_cut() {
+        // A fixed LCG: lengths 0..=12 (empty samples included), rows of 1..=9 tokens.
+        let mut state = 12345u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % n) as usize
+        };
+        for _ in 0..500 {
+            let lengths: Vec<usize> = (0..next(8)).map(|_| next(13)).collect();
+            let max_length = 1 + next(9);
+            let mut first = 0i64;
+            let samples: Vec<EncodedSample> = lengths
+                .iter()
+                .map(|&len| {
+                    let ids: Vec<i64> = (first..first + len as i64).collect();
+                    first += len as i64;
+                    EncodedSample {
+                        labels: ids.iter().map(|i| -i).collect(),
+                        input_ids: ids,
+                    }
+                })
+                .collect();
+            assert_eq!(
+                pack(samples, max_length),
+                concatenate_and_cut(&lengths, max_length),
+                "lengths {lengths:?}, rows of {max_length}"
+            );
+        }
+    }
+
     #[test]
     fn less_than_one_row_gives_one_short_row() {
-        let rows = pack(&[sample(2, 0), sample(3, 10)], 100);
+        let rows = pack([sample(2, 0), sample(3, 10)], 100);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].cumulative_len, vec![0, 2, 5]);
-        assert!(pack(&[], 8).is_empty());
+        assert!(pack([], 8).is_empty());
     }
 }

@@ -282,6 +282,7 @@ pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDatase
     spec.validate()?;
     let records = load_records(spec)?;
     let (mut kept, mut stats) = encode_records(spec, tokenizer, &records)?;
+    drop(records); // before packing, which briefly holds the samples and the rows
     if kept.is_empty() {
         return Err(Error::EmptyDataset {
             reason: format!(
@@ -299,8 +300,7 @@ pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDatase
                 .filter_map(|i| slots.get_mut(i).and_then(Option::take))
                 .collect();
         }
-        let samples: Vec<EncodedSample> = kept.into_iter().map(|k| k.sample).collect();
-        let rows = pack(&samples, spec.max_length);
+        let rows = pack(kept.into_iter().map(|k| k.sample), spec.max_length);
         ProcessedDataset {
             rows,
             ..ProcessedDataset::default()

@@ -125,7 +125,7 @@ fn every_pack_case_matches_xtuner() {
                 labels: ids(l),
             })
             .collect();
-        let rows = pack(&samples, chunk);
+        let rows = pack(samples, chunk);
         let result = &case["result"];
         let expected_ids: Vec<Vec<i64>> =
             serde_json::from_value(result["input_ids"].clone()).unwrap();

@@ -59,8 +59,7 @@ pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
         println!("labels:    {:?}", trace.encoded.labels);
     }
     if spec.pack_to_max_length {
-        let samples: Vec<EncodedSample> = kept.into_iter().map(|k| k.sample).collect();
-        let rows = pack(&samples, spec.max_length);
+        let rows = pack(kept.into_iter().map(|k| k.sample), spec.max_length);
         println!(
             "=== packed: {} rows of {} tokens ===",
             rows.len(),
@@ -240,7 +239,8 @@ pub fn pack_file(max_length: usize, varlen: bool, out: &Path, encoded: &Path) ->
         }
         samples.push(sample);
     }
-    let rows = pack(&samples, max_length);
+    let n_samples = samples.len();
+    let rows = pack(samples, max_length);
     let mut writer = create(out)?;
     for row in &rows {
         serde_json::to_writer(&mut writer, &packed_json(row, varlen))?;
@@ -249,7 +249,7 @@ pub fn pack_file(max_length: usize, varlen: bool, out: &Path, encoded: &Path) ->
     writer
         .flush()
         .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("{} samples packed into {} rows", samples.len(), rows.len());
+    eprintln!("{n_samples} samples packed into {} rows", rows.len());
     Ok(())
 }
 
