@@ -4,7 +4,9 @@
 //! Samples that cross a row boundary are cut: the head ends one row, the tail starts the
 //! next. Given the whole data set as one batch, as here, a tail shorter than
 //! `max_length` is dropped when at least one full row was produced; when the data holds
-//! less than one row, it all becomes one shorter row.
+//! less than one row, it all becomes one shorter row. An empty sample adds nothing
+//! (XTuner's Packer would record it as a zero-length sample, which changes no position
+//! and no attention; the pipeline never produces one).
 //!
 //! Every row records its sample boundaries ([`PackedRow::cumulative_len`]: row-local
 //! offsets starting at 0 and ending at the row length, a cut adding a boundary at the row
@@ -57,14 +59,18 @@ impl PackedRow {
 /// Packs samples, in order, into rows of `max_length` tokens (see the module docs).
 /// `max_length` must be positive (the config layer checks it).
 ///
-/// The samples are consumed one at a time, each freed once its tokens are in the rows,
-/// so the data set is held about once, not three times (samples, their concatenation
-/// and the rows).
+/// The samples are consumed one at a time, each freed once its tokens are copied into
+/// the rows, so the data set is held about once, not three times (samples, their
+/// concatenation and the rows). Each sample's `labels` are as long as its `input_ids`.
 pub fn pack(samples: impl IntoIterator<Item = EncodedSample>, max_length: usize) -> Vec<PackedRow> {
     let max_length = max_length.max(1);
     let mut rows = Vec::new();
     let mut current = PackedRow::open(max_length);
     for sample in samples {
+        debug_assert_eq!(sample.input_ids.len(), sample.labels.len());
+        if sample.is_empty() {
+            continue;
+        }
         let mut at = 0;
         while at < sample.len() {
             if current.len() == max_length {
@@ -79,35 +85,45 @@ pub fn pack(samples: impl IntoIterator<Item = EncodedSample>, max_length: usize)
                 .extend_from_slice(&sample.labels[at..at + take]);
             at += take;
         }
-        // The sample's end, unless it ended the previous row (then it is that row's end).
-        if !current.is_empty() {
-            current.cumulative_len.push(current.len());
-        }
+        // The sample ends inside the row (or at its end, which closing will not repeat).
+        current.cumulative_len.push(current.len());
     }
     // A last full row is kept, a shorter tail only when it is all there is.
     if current.len() == max_length || (rows.is_empty() && !current.is_empty()) {
-        rows.push(current.close(max_length));
+        rows.push(current.finish());
     }
     rows
 }
 
+/// Tokens a new row reserves at most: rows of up to this size are allocated once, a
+/// longer `max_length` grows as it fills (an absurd one cannot abort the process).
+const ROW_RESERVE: usize = 1 << 16;
+
 impl PackedRow {
     /// An empty row with room for `max_length` tokens.
     fn open(max_length: usize) -> Self {
+        let room = max_length.min(ROW_RESERVE);
         Self {
-            input_ids: Vec::with_capacity(max_length),
-            labels: Vec::with_capacity(max_length),
+            input_ids: Vec::with_capacity(room),
+            labels: Vec::with_capacity(room),
             cumulative_len: vec![0],
         }
     }
 
-    /// This row, its end made a boundary (a cut sample ends there); `self` starts over.
+    /// This row, finished; `self` starts over.
     fn close(&mut self, max_length: usize) -> Self {
+        std::mem::replace(self, Self::open(max_length)).finish()
+    }
+
+    /// The row with its end made a boundary (a cut sample ends there) and no spare room.
+    fn finish(mut self) -> Self {
         let len = self.len();
         if self.cumulative_len.last() != Some(&len) {
             self.cumulative_len.push(len);
         }
-        std::mem::replace(self, Self::open(max_length))
+        self.input_ids.shrink_to_fit();
+        self.labels.shrink_to_fit();
+        self
     }
 }
 
@@ -143,11 +159,12 @@ mod tests {
     }
 
     /// The definition, written as directly as possible: concatenate everything, cut
-    /// every `max_length` tokens, mark every sample end inside a row and the row's end.
+    /// every `max_length` tokens, mark every (non-empty) sample's end inside a row and the
+    /// row's end.
     fn concatenate_and_cut(lengths: &[usize], max_length: usize) -> Vec<PackedRow> {
         let mut ends = Vec::new();
         let mut total = 0;
-        for &len in lengths {
+        for &len in lengths.iter().filter(|&&len| len > 0) {
             total += len;
             ends.push(total);
         }
@@ -218,5 +235,9 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].cumulative_len, vec![0, 2, 5]);
         assert!(pack([], 8).is_empty());
+        // A row size far beyond the data reserves no more than the data needs.
+        let rows = pack([sample(3, 0)], usize::MAX);
+        assert_eq!(rows[0].cumulative_len, vec![0, 3]);
+        assert_eq!(rows[0].input_ids.capacity(), 3);
     }
 }

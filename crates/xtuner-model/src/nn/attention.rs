@@ -99,9 +99,9 @@ pub enum AttentionMask<B: Backend> {
     Causal {
         /// Segment ids `[B, T]`.
         segments: Tensor<B, 2, Int>,
-        /// The additive form for `S` keys, built when a layer first needs it (where
-        /// flash attention does not serve) and shared by the other layers.
-        dense: Arc<OnceLock<(usize, Tensor<B, 4>)>>,
+        /// The additive form, built when a layer first needs it (where flash attention
+        /// does not serve) and shared by the other layers.
+        dense: DenseBias<B>,
     },
     /// An additive mask `[B, 1, T, S]` (see [`attention_bias`]): padding anywhere.
     Bias(Tensor<B, 4>),
@@ -135,7 +135,7 @@ impl<B: Backend> AttentionMask<B> {
     fn causal_from(segments: Tensor<B, 2, Int>) -> Self {
         Self::Causal {
             segments,
-            dense: Arc::default(),
+            dense: DenseBias::default(),
         }
     }
 
@@ -152,7 +152,7 @@ impl<B: Backend> AttentionMask<B> {
         match self {
             Self::Bias(bias) => bias.clone(),
             Self::Causal { segments, dense } => {
-                let (built_for, bias) = dense.get_or_init(|| (s, causal_bias(segments, s)));
+                let (built_for, bias) = dense.0.get_or_init(|| (s, causal_bias(segments, s)));
                 if *built_for == s {
                     bias.clone()
                 } else {
@@ -160,6 +160,18 @@ impl<B: Backend> AttentionMask<B> {
                 }
             }
         }
+    }
+}
+
+/// The additive form of a [`AttentionMask::Causal`] mask for the key count it was first
+/// asked for, shared by the mask's clones. Only an empty one can be made outside, so a
+/// mask never serves another mask's bias.
+#[derive(Debug, Clone)]
+pub struct DenseBias<B: Backend>(Arc<OnceLock<(usize, Tensor<B, 4>)>>);
+
+impl<B: Backend> Default for DenseBias<B> {
+    fn default() -> Self {
+        Self(Arc::default())
     }
 }
 
