@@ -4,7 +4,9 @@
 //! - `demo-llava-data`: generate the LLaVA demo (pictures, data, tokenizer, tower) under
 //!   `configs/demo_llava/`;
 //! - `bench data`: time the data pipeline through the release `xtuner` binary;
-//! - `bench train`: time training steps on a GPU against PyTorch + PEFT.
+//! - `bench train`: time training steps on a GPU against PyTorch + PEFT;
+//! - `check`: check the layout: the crate graph as designed, no import cycles between a
+//!   crate's modules, no source file over 800 lines (tests aside).
 //!
 //! xtask imports no workspace crate: it drives `xtuner` as a subprocess, so it builds
 //! and runs whatever state the library crates are in. Every path is relative to the
@@ -12,6 +14,7 @@
 
 mod bench;
 mod bench_train;
+mod check;
 mod corpus;
 mod demo;
 mod demo_llava;
@@ -26,7 +29,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo xtask",
-    about = "Project chores: demo data and benchmarks"
+    about = "Project chores: demo data, benchmarks and checks"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -44,6 +47,8 @@ enum Task {
         #[command(subcommand)]
         bench: Bench,
     },
+    /// Check the layout: the crate graph, module import cycles, file lengths.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,5 +88,6 @@ fn run(cli: &Cli) -> Result<()> {
         Task::Bench {
             bench: Bench::Train(args),
         } => bench_train::train(args),
+        Task::Check => check::run(),
     }
 }

@@ -205,19 +205,19 @@ fn error_chain(error: &anyhow::Error) -> String {
     out
 }
 
-/// 2 for mistakes in what the user asked for (config, names, settings), 1 otherwise.
+/// 2 for mistakes in what the user asked for (config, names, settings), 1 otherwise:
+/// each library's error says which of its kinds are usage mistakes.
 fn exit_code(error: &anyhow::Error) -> u8 {
-    use xtuner_dataset::Error as D;
     let usage = error.chain().any(|cause| {
         cause
             .downcast_ref::<xtuner_engine::Error>()
-            .is_some_and(|e| matches!(e, xtuner_engine::Error::Config { .. }))
+            .is_some_and(xtuner_engine::Error::is_usage)
             || cause
                 .downcast_ref::<xtuner_template::Error>()
-                .is_some_and(|e| !matches!(e, xtuner_template::Error::NoSystemField { .. }))
+                .is_some_and(xtuner_template::Error::is_usage)
             || cause
-                .downcast_ref::<D>()
-                .is_some_and(|e| matches!(e, D::UnknownFormat { .. } | D::InvalidSetting { .. }))
+                .downcast_ref::<xtuner_dataset::Error>()
+                .is_some_and(xtuner_dataset::Error::is_usage)
     });
     if usage { 2 } else { 1 }
 }
@@ -235,4 +235,38 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::exit_code;
+    use xtuner_engine::LoadedConfig;
+
+    /// A config mistake (an unknown key) is a usage error: exit 2.
+    #[test]
+    fn an_unknown_key_exits_2() {
+        let err = LoadedConfig::from_text(
+            "[model]\npreset = \"internlm2-tiny\"\nsurprise = 1\n",
+            Path::new("run.toml"),
+            "run",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(exit_code(&anyhow::Error::from(err)), 2);
+    }
+
+    /// A failure of the run itself (a checkpoint's optimizer state that cannot be
+    /// written: `run`'s tests in xtuner-engine show the loop reports it as this
+    /// variant) is not the user's mistake: exit 1, even inside the CLI's context.
+    #[test]
+    fn a_failing_optimizer_state_write_exits_1() {
+        let err = xtuner_engine::Error::Checkpoint {
+            path: "work_dirs/run/iter_4/optimizer.bin".into(),
+            message: "saving the optimizer state: Is a directory".into(),
+        };
+        let err = anyhow::Error::from(err).context("training");
+        assert_eq!(exit_code(&err), 1);
+    }
 }

@@ -313,14 +313,15 @@ fn bad_training_setups_are_clear_errors() {
         2,
     );
     assert!(err.contains("another config"), "{err}");
-    // A checkpoint that lost its AdamW moments does not resume from placeholders.
+    // A checkpoint that lost its AdamW moments does not resume from placeholders. A
+    // damaged checkpoint is a failure of the run's files, not a config mistake: exit 1.
     fs::remove_file(other.join("optimizer_moments.safetensors")).unwrap();
     let err = failed(
         &xtuner(
             &["train", "run.toml", "--resume", other.to_str().unwrap()],
             d,
         ),
-        2,
+        1,
     );
     assert!(
         err.contains("optimizer_moments.safetensors") && err.contains("missing"),

@@ -18,12 +18,7 @@ use xtuner_template::Turn;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// Label of a position that is not trained.
-pub const IGNORE_INDEX: i64 = -100;
-/// Input id that marks where an image's features are spliced in (LLaVA).
-pub const IMAGE_TOKEN_INDEX: i64 = -200;
-/// The text that stands for an image in a prompt.
-pub const IMAGE_TOKEN: &str = "<image>";
+pub use xtuner_template::tokens::{IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX};
 
 /// One encoded sample.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

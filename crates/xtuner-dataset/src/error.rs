@@ -109,6 +109,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the error is a mistake in what the user asked for (an unknown format, a
+    /// bad setting) rather than in the data or the files.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownFormat { .. } | Self::InvalidSetting { .. }
+        )
+    }
+
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

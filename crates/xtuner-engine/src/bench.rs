@@ -15,13 +15,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use xtuner_dataset::PackedRow;
 use xtuner_dataset::collate::collate;
-use xtuner_model::internlm2::{DecoderConfig, InternLm2};
+use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
 
 use crate::config::{LoraConfig, OptimizerConfig};
 use crate::lora;
 use crate::optim::adamw;
-use crate::train::{forward_backward, optimizer_step};
+use crate::step::{forward_backward, optimizer_step};
 use crate::{Error, Result};
 
 /// What is trained.
@@ -107,18 +107,19 @@ fn sync<B: AutodiffBackend>(device: &B::Device) -> Result<()> {
 /// # Errors
 /// An unknown preset; a quantizer that refuses the shape.
 pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<StepReport> {
-    let decoder =
-        DecoderConfig::preset(&bench.preset, bench.vocab_size).ok_or_else(|| Error::Config {
-            path: std::path::PathBuf::new(),
-            message: format!(
+    let decoder = DecoderConfig::preset(&bench.preset, bench.vocab_size).ok_or_else(|| {
+        Error::setting(
+            "--preset",
+            format!(
                 "unknown preset `{}`; known: {}",
                 bench.preset,
                 DecoderConfig::PRESETS.join(", ")
             ),
-        })?;
+        )
+    })?;
     let setup = Instant::now();
     B::seed(device, 0);
-    let mut model = InternLm2::<B>::random(&decoder, device)?;
+    let mut model = Decoder::<B>::random(&decoder, device)?;
     if bench.mode == BenchMode::Qlora {
         model = lora::quantize_base(model, &decoder, 64, true)?;
     }
@@ -152,7 +153,7 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<
         .collect();
     let batch = collate(&rows.iter().collect::<Vec<_>>(), false);
 
-    let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
+    let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, Decoder<B>>();
     let mut losses = Vec::with_capacity(bench.warmup + bench.steps);
     let mut timed = None;
     let mut gemms_before = 0;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::RunMode;
 use crate::{Error, Result};
 
 /// File naming the newest checkpoint (as MMEngine's `last_checkpoint`).
@@ -26,8 +27,8 @@ pub struct TrainState {
     pub iter: usize,
     /// Hash of the settings a resumed run must share (model, data, LoRA, schedule).
     pub config_fingerprint: String,
-    /// `lora` or `full`.
-    pub mode: String,
+    /// The kind of run that wrote it.
+    pub mode: RunMode,
 }
 
 fn io(path: &Path, source: std::io::Error) -> Error {
@@ -55,7 +56,7 @@ pub fn save(
         .map_err(|e| io(work_dir, e))?;
     fill(tmp.path())?;
     let state_path = tmp.path().join("state.json");
-    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Config {
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Serialize {
         path: state_path.clone(),
         message: e.to_string(),
     })?;
@@ -129,7 +130,7 @@ pub fn latest(work_dir: &Path) -> Result<Option<PathBuf>> {
 pub fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join("state.json");
     let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
         path,
         message: format!("not a training checkpoint: {e}"),
     })
@@ -143,7 +144,7 @@ mod tests {
         TrainState {
             iter,
             config_fingerprint: "x".into(),
-            mode: "lora".into(),
+            mode: RunMode::Lora,
         }
     }
 

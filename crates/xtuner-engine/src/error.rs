@@ -25,6 +25,26 @@ pub enum Error {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// A setting of the run's config is invalid (the key names it; the file is added
+    /// where the config was loaded).
+    #[error("`{key}`: {message}")]
+    Setting {
+        /// The config key (`model.preset`, `lora.target_modules`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A checkpoint could not be written or read back (optimizer state, `state.json`).
+    #[error("{}: {message}", path.display())]
+    Checkpoint {
+        /// The checkpoint file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A prompt template could not render a prompt.
+    #[error(transparent)]
+    Template(#[from] xtuner_template::Error),
     /// A model could not be built or loaded.
     #[error(transparent)]
     Model(#[from] xtuner_model::Error),
@@ -53,7 +73,44 @@ pub enum Error {
     /// The data pipeline failed.
     #[error(transparent)]
     Data(#[from] xtuner_dataset::Error),
+    /// A value could not be serialized (a JSON or TOML file the run writes).
+    #[error("{}: {message}", path.display())]
+    Serialize {
+        /// The file it was for.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The device failed to run the queued work.
     #[error("the device failed: {0}")]
     Device(String),
+}
+
+impl Error {
+    /// Whether the error is a mistake in what the user asked for (a config or setting),
+    /// rather than a failure of the run: the CLI exits with 2 for these, 1 otherwise.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Config { .. } | Self::Setting { .. } => true,
+            Self::Template(e) => e.is_usage(),
+            Self::Data(e) => e.is_usage(),
+            _ => false,
+        }
+    }
+
+    /// A setting error for `key`.
+    pub(crate) fn setting(key: &str, message: impl Into<String>) -> Self {
+        Self::Setting {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error on `path`.
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

@@ -1,9 +1,8 @@
 //! LoRA policy: which layers get adapters (XTuner's rule), how they start (PEFT's
-//! initialisation, or a PEFT adapter directory), freezing the base, merging, and the
-//! PEFT export layout (`base_model.model.<module>.lora_A.weight` `[r, in]`,
-//! `.lora_B.weight` `[out, r]`, with the fused q/k/v rows back in checkpoint order).
-//! The same policy serves every model with [`LinearLayers`]: the decoder and, for
-//! LLaVA, the CLIP vision tower.
+//! initialisation, or a PEFT adapter directory), freezing the base, QLoRA's NF4 base
+//! and merging. The same policy serves every model with [`LinearLayers`]: the decoder
+//! and, for LLaVA, the CLIP vision tower. Writing adapters is
+//! [`crate::export::peft`]'s.
 
 use std::collections::BTreeSet;
 
@@ -11,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::internlm2::{DecoderConfig, InternLm2, LinearSite};
+use xtuner_model::decoder::{Decoder, DecoderConfig, LinearSite};
 use xtuner_model::nn::linear::{Linear, LinearLayers, Lora};
 
 use crate::config::LoraConfig;
@@ -39,13 +38,13 @@ pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(
     }
     for target in targets {
         if !names.contains(target) {
-            return Err(Error::Config {
-                path: Default::default(),
-                message: format!(
-                    "`target_modules`: `{target}` is not a linear layer of this model; valid: {}",
+            return Err(Error::setting(
+                "target_modules",
+                format!(
+                    "`{target}` is not a linear layer of this model; valid: {}",
                     names.iter().cloned().collect::<Vec<_>>().join(", ")
                 ),
-            });
+            ));
         }
     }
     Ok(targets.iter().cloned().collect())
@@ -58,11 +57,11 @@ pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(
 /// # Errors
 /// A block size the quantizer refuses.
 pub fn quantize_base<B: Backend>(
-    model: InternLm2<B>,
+    model: Decoder<B>,
     config: &DecoderConfig,
     block_size: usize,
     double_quant: bool,
-) -> Result<InternLm2<B>> {
+) -> Result<Decoder<B>> {
     let head = config.family.output();
     model.map_linears(config, |site, linear: Linear<B>| -> Result<Linear<B>> {
         if site.module == head {
@@ -180,47 +179,6 @@ fn permute_out_rows(b: Vec<f32>, site: &LinearSite, r: usize) -> Vec<f32> {
     }
 }
 
-/// The adapters as PEFT tensors (`base_model.model.<module>.lora_A.weight` `[r, in]`,
-/// `lora_B.weight` `[out, r]`), ready for `adapter_model.safetensors`.
-pub fn peft_tensors<B: Backend, M: LinearLayers<B>>(
-    model: &M,
-    config: &M::Config,
-) -> Vec<(String, TensorData)> {
-    let mut out = Vec::new();
-    for (site, linear) in model.linear_layers(config) {
-        let Some(lora) = &linear.lora else { continue };
-        let [_, d_out] = linear.dims();
-        let r = lora.rank();
-        let a = lora.lora_a.val().transpose().into_data(); // [r, in]
-        let b_ours: Vec<f32> = lora
-            .lora_b
-            .val()
-            .transpose()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap_or_default(); // [out, r]
-        let b = match &site.out_rows {
-            Some(order) => {
-                let mut b = vec![0f32; d_out * r];
-                for (ours, &theirs) in order.iter().enumerate() {
-                    b[theirs * r..(theirs + 1) * r]
-                        .copy_from_slice(&b_ours[ours * r..(ours + 1) * r]);
-                }
-                b
-            }
-            None => b_ours,
-        };
-        let prefix = format!("base_model.model.{}", site.module);
-        out.push((format!("{prefix}.lora_A.weight"), a));
-        out.push((
-            format!("{prefix}.lora_B.weight"),
-            TensorData::new(b, [d_out, r]),
-        ));
-    }
-    out
-}
-
 /// Folds every adapter into its base weight (`W + scale·A·B`) and removes it.
 pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M {
     let merged: std::result::Result<_, std::convert::Infallible> =
@@ -237,61 +195,6 @@ pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M 
         Ok(model) => model,
         Err(never) => match never {},
     }
-}
-
-/// `adapter_config.json` of a PEFT LoRA adapter with these settings.
-pub fn adapter_config_json(
-    lora: &LoraConfig,
-    targets: &BTreeSet<String>,
-    task_type: Option<&str>,
-    base: Option<String>,
-) -> serde_json::Value {
-    serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
-        "bias": "none",
-        "target_modules": targets,
-        "fan_in_fan_out": false,
-        "use_rslora": false,
-        "use_dora": false,
-        "inference_mode": true,
-        "base_model_name_or_path": base,
-    })
-}
-
-/// Writes a PEFT adapter directory: `adapter_config.json` and
-/// `adapter_model.safetensors` with the model's adapters.
-///
-/// # Errors
-/// An unwritable directory.
-pub fn write_adapter<B: Backend, M: LinearLayers<B>>(
-    dir: &std::path::Path,
-    lora: &LoraConfig,
-    model: &M,
-    config: &M::Config,
-    task_type: Option<&str>,
-    base: Option<String>,
-    dtype: xtuner_model::checkpoint::SaveDtype,
-) -> Result<Vec<std::path::PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
-    let targets = resolve_targets(model, config, &lora.target_modules)?;
-    crate::train::write_json(
-        &dir.join("adapter_config.json"),
-        &adapter_config_json(lora, &targets, task_type, base),
-    )?;
-    Ok(xtuner_model::checkpoint::save_safetensors(
-        dir,
-        "adapter_model",
-        peft_tensors(model, config),
-        dtype,
-        None,
-    )?)
 }
 
 #[cfg(test)]

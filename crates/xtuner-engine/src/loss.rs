@@ -8,9 +8,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use xtuner_model::nn::precision::scalar;
-
-/// Label of positions that are not trained.
-pub const IGNORE_INDEX: i64 = -100;
+pub use xtuner_template::tokens::IGNORE_INDEX;
 
 /// The summed loss and the number of trained labels (so micro-batches can be
 /// combined into one token mean).
@@ -209,7 +207,7 @@ mod tests {
     fn chunked_loss_and_gradients_equal_the_whole_logits_ones() {
         use burn::backend::Autodiff;
         use burn::module::{Module, ModuleVisitor, Param};
-        use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
+        use xtuner_model::decoder::{Decoder, DecoderConfig, DecoderInput};
 
         type AD = Autodiff<B>;
         struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);
@@ -230,7 +228,7 @@ mod tests {
         for tie in [false, true] {
             config.tie_word_embeddings = tie;
             <AD as burn::tensor::backend::Backend>::seed(&device, 3);
-            let model = InternLm2::<AD>::random(&config, &device).unwrap();
+            let model = Decoder::<AD>::random(&config, &device).unwrap();
             let (b, t) = (2, 9);
             let ids: Vec<i64> = (0..b * t).map(|i| (i * 7 % 50) as i64).collect();
             let mut labels = ids.clone();

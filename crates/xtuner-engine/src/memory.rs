@@ -74,7 +74,7 @@ mod tests {
     use crate::config::LoraConfig;
     use crate::lora;
     use burn::backend::{Autodiff, NdArray};
-    use xtuner_model::internlm2::{DecoderConfig, InternLm2};
+    use xtuner_model::decoder::{Decoder, DecoderConfig};
     use xtuner_model::nn::linear::LinearLayers;
 
     type B = Autodiff<NdArray<f32>>;
@@ -114,7 +114,7 @@ mod tests {
             target_modules: Vec::new(),
         };
 
-        let model = InternLm2::<B>::random(&decoder, &device).unwrap();
+        let model = Decoder::<B>::random(&decoder, &device).unwrap();
         let lora = lora::attach(model.clone(), &decoder, &config, 0, &device).unwrap();
         let memory = ModelMemory::of(&lora, lora.nf4_bytes(&decoder));
         assert_eq!(memory.trainable_params, adapted);

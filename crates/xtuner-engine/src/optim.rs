@@ -284,10 +284,10 @@ mod tests {
     use burn::optim::Optimizer;
     use xtuner_dataset::PackedRow;
     use xtuner_dataset::collate::collate;
-    use xtuner_model::internlm2::{DecoderConfig, InternLm2};
+    use xtuner_model::decoder::{Decoder, DecoderConfig};
 
     use crate::config::{LoraConfig, OptimizerConfig};
-    use crate::train::{forward_backward, optimizer_step};
+    use crate::step::{forward_backward, optimizer_step};
 
     type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
 
@@ -327,11 +327,11 @@ mod tests {
     }
 
     /// A tiny LoRA model and one packed row to train it on.
-    fn lora_setup() -> (InternLm2<B>, xtuner_dataset::collate::Batch) {
+    fn lora_setup() -> (Decoder<B>, xtuner_dataset::collate::Batch) {
         let device = Default::default();
         let decoder = DecoderConfig::preset("internlm2-tiny", 300).unwrap();
         <B as burn::tensor::backend::Backend>::seed(&device, 3);
-        let base = InternLm2::<B>::random(&decoder, &device).unwrap();
+        let base = Decoder::<B>::random(&decoder, &device).unwrap();
         let lora = LoraConfig {
             r: 4,
             alpha: 8.0,
@@ -374,7 +374,7 @@ mod tests {
     fn adamw_moments_round_trip_exactly_apart_from_the_record() {
         let device = Default::default();
         let (mut model, batch) = lora_setup();
-        let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
+        let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, Decoder<B>>();
         for _ in 0..2 {
             let (_, grads) = forward_backward(&model, &batch, 1, false, &device);
             (model, _) = optimizer_step(model, &mut optimizer, grads, 1e-3, 1.0);
@@ -429,8 +429,8 @@ mod tests {
     fn wide_master_weights_train_like_the_plain_model_and_keep_their_dtype() {
         let device = Default::default();
         let (model, batch) = lora_setup();
-        let train = |mut model: InternLm2<B>| {
-            let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, InternLm2<B>>();
+        let train = |mut model: Decoder<B>| {
+            let mut optimizer = adamw(&OptimizerConfig::default()).init::<B, Decoder<B>>();
             let mut losses = Vec::new();
             for _ in 0..3 {
                 let (loss, grads) = forward_backward(&model, &batch, 1, false, &device);

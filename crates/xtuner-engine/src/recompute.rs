@@ -23,7 +23,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution, Tensor};
-use xtuner_model::internlm2::{DecoderInput, InternLm2};
+use xtuner_model::decoder::{Decoder, DecoderInput};
 use xtuner_model::nn::precision::scalar;
 
 use crate::loss::{backward_from, chunked_lm_loss_backward, head_loss_backward};
@@ -40,7 +40,7 @@ pub const LOGITS_PER_CHUNK: usize = 1 << 25;
 /// its gradient); `labels`: `[B, T]`.
 pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
-    llm: &InternLm2<B>,
+    llm: &Decoder<B>,
     embeds: Tensor<B, 3>,
     input: &DecoderInput<B>,
     labels: &[i64],
@@ -113,7 +113,7 @@ mod tests {
     use burn::module::{ModuleVisitor, Param};
     use burn::tensor::backend::Backend;
     use burn::tensor::{Int, TensorData, Tolerance};
-    use xtuner_model::internlm2::DecoderConfig;
+    use xtuner_model::decoder::DecoderConfig;
 
     use super::*;
 
@@ -128,7 +128,7 @@ mod tests {
         }
     }
 
-    fn gradients(model: &InternLm2<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
+    fn gradients(model: &Decoder<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
         let mut collect = Collect(grads, Vec::new());
         model.visit(&mut collect);
         collect.1
@@ -148,7 +148,7 @@ mod tests {
             config.n_layers,
         ) = (32, 48, 8, 8, 3);
         <AD as Backend>::seed(&device, 5);
-        let full = InternLm2::<AD>::random(&config, &device).unwrap();
+        let full = Decoder::<AD>::random(&config, &device).unwrap();
         let lora = crate::lora::attach(
             full.clone(),
             &config,

@@ -12,13 +12,15 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use burn::tensor::Tensor;
 use xtuner_dataset::collate::Batch;
+use xtuner_engine::LoadedConfig;
 use xtuner_engine::config::TrainConfig;
-use xtuner_engine::llava::{assemble, llava_loss_backward, write_llava};
+use xtuner_engine::export::llava::write_llava;
+use xtuner_engine::export::peft::peft_tensors;
 use xtuner_engine::optim::adamw;
-use xtuner_engine::train::optimizer_step;
-use xtuner_engine::{LoadedConfig, lora};
+use xtuner_engine::recipe::llava::{assemble, llava_section};
+use xtuner_engine::step::{llava_loss_backward, optimizer_step};
 use xtuner_model::checkpoint::{Checkpoint, SaveDtype};
-use xtuner_model::internlm2::{DecoderConfig, InternLm2};
+use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::llava::Llava;
 
 type B = NdArray<f32>;
@@ -56,7 +58,7 @@ fn model<Bk: burn::tensor::backend::Backend>(
     checkpoint: Option<&Path>,
 ) -> (Llava<Bk>, DecoderConfig) {
     let device = Default::default();
-    let (llm, decoder) = InternLm2::<Bk>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
+    let (llm, decoder) = Decoder::<Bk>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
     (
         assemble(config, llm, &decoder, checkpoint, &device).unwrap(),
         decoder,
@@ -124,13 +126,13 @@ fn snapshot<Bk: burn::tensor::backend::Backend>(
             );
         }
     };
-    add("llm", model.llm.to_hf_tensors(decoder));
+    add("llm", model.llm.to_hf_tensors(decoder).unwrap());
     add("visual_encoder", model.visual_encoder.to_hf_tensors());
     add("projector", model.projector.to_hf_tensors());
-    add("llm_adapter", lora::peft_tensors(&model.llm, decoder));
+    add("llm_adapter", peft_tensors(&model.llm, decoder).unwrap());
     add(
         "visual_encoder_adapter",
-        lora::peft_tensors(&model.visual_encoder, &()),
+        peft_tensors(&model.visual_encoder, &()).unwrap(),
     );
     out
 }
@@ -148,7 +150,7 @@ fn train_steps(
     let (batch, pixels, _) = golden_batch();
     for _ in 0..steps {
         let checkpointing = config.model.activation_checkpointing;
-        let (_, _, _, grads) = llava_loss_backward(
+        let grads = llava_loss_backward(
             &llava,
             &batch,
             pixels.clone(),
@@ -157,7 +159,8 @@ fn train_steps(
             checkpointing,
             &device,
         )
-        .unwrap();
+        .unwrap()
+        .grads;
         (llava, _) = optimizer_step(llava, &mut optimizer, grads, config.optimizer.lr, 1.0);
     }
     let after = snapshot(&llava.valid(), &decoder);
@@ -183,7 +186,7 @@ fn the_training_loss_matches_the_reference() {
     let (batch, pixels, want) = golden_batch();
     // With and without recomputing each layer in backward (activation checkpointing).
     for checkpointing in [false, true] {
-        let (loss, trained, tokens, grads) = llava_loss_backward(
+        let step = llava_loss_backward(
             &llava,
             &batch,
             pixels.clone(),
@@ -193,6 +196,8 @@ fn the_training_loss_matches_the_reference() {
             &Default::default(),
         )
         .unwrap();
+        let (loss, trained, tokens, grads) =
+            (step.loss, step.trained_tokens, step.tokens, step.grads);
         assert!(
             ((loss as f32 - want) / want).abs() < 1e-4,
             "{loss} vs {want}"
@@ -269,6 +274,7 @@ fn finetune_trains_the_projector_and_the_adapters_and_saves_them_in_xtuners_layo
     write_llava(
         &llava.valid(),
         &config,
+        llava_section(&config).unwrap(),
         &decoder,
         &tokenizer,
         dir.path(),

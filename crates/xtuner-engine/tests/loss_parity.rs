@@ -9,7 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use xtuner_engine::loss::causal_lm_loss;
 use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::internlm2::{DecoderInput, InternLm2};
+use xtuner_model::decoder::{Decoder, DecoderInput};
 
 type B = NdArray<f32>;
 
@@ -19,7 +19,7 @@ fn fixture(path: &str) -> PathBuf {
         .join(path)
 }
 
-fn loss_of(model: &InternLm2<B>, golden: &Checkpoint) -> f32 {
+fn loss_of(model: &Decoder<B>, golden: &Checkpoint) -> f32 {
     let device = Default::default();
     let data = golden.int_data("input_ids").unwrap();
     let [b, t] = [data.shape[0], data.shape[1]];
@@ -47,14 +47,14 @@ fn expected(golden: &Checkpoint) -> f32 {
 fn base_and_adapter_losses_match_the_reference() {
     let device = Default::default();
     let golden = Checkpoint::open(&fixture("internlm2-tiny/golden.safetensors")).unwrap();
-    let (model, _) = InternLm2::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
+    let (model, _) = Decoder::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
     let (got, want) = (loss_of(&model, &golden), expected(&golden));
     assert!(((got - want) / want).abs() < 1e-4, "{got} vs {want}");
 
     let golden = Checkpoint::open(&fixture("internlm2-tiny/lora/golden.safetensors")).unwrap();
     let adapter = PeftAdapter::open(&fixture("internlm2-tiny/lora")).unwrap();
     let (model, _) =
-        InternLm2::<B>::load(&fixture("internlm2-tiny"), Some(&adapter), &device).unwrap();
+        Decoder::<B>::load(&fixture("internlm2-tiny"), Some(&adapter), &device).unwrap();
     let (got, want) = (loss_of(&model, &golden), expected(&golden));
     assert!(((got - want) / want).abs() < 1e-4, "{got} vs {want}");
 }
@@ -69,7 +69,7 @@ fn llava_logits_and_loss_match_the_reference() {
     let device = Default::default();
     let golden = Checkpoint::open(&fixture("llava-tiny/golden.safetensors")).unwrap();
     let clip_golden = Checkpoint::open(&fixture("clip-vit-tiny/golden.safetensors")).unwrap();
-    let (llm, _) = InternLm2::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
+    let (llm, _) = Decoder::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
     let (tower, _) = ClipVisionTower::<B>::load(&fixture("clip-vit-tiny"), &device).unwrap();
     let (projector, _) =
         Projector::<B>::load(&fixture("llava-tiny/projector"), None, &device).unwrap();

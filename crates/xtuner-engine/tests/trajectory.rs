@@ -11,13 +11,14 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData, Tolerance};
 use serde_json::Value;
 use xtuner_engine::config::OptimizerConfig;
-use xtuner_engine::lora::{attach_peft, peft_tensors};
+use xtuner_engine::export::peft::peft_tensors;
+use xtuner_engine::lora::attach_peft;
 use xtuner_engine::loss::causal_lm_loss;
 use xtuner_engine::optim::{adamw, clip_grad_norm};
 use xtuner_engine::schedule::LrSchedule;
 use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::internlm2::{DecoderInput, InternLm2};
+use xtuner_model::decoder::{Decoder, DecoderInput};
 
 type B = Autodiff<NdArray<f32>>;
 
@@ -54,7 +55,7 @@ fn six_lora_steps_follow_the_reference_trajectory() {
         eta_min: 0.0,
     };
 
-    let (base, config) = InternLm2::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
+    let (base, config) = Decoder::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
     let adapter = PeftAdapter::open(&fixture("internlm2-tiny/lora")).unwrap();
     let mut model = attach_peft(base, &config, &adapter, 0.0, &device).unwrap();
 
@@ -71,7 +72,7 @@ fn six_lora_steps_follow_the_reference_trajectory() {
     let input = DecoderInput::causal(b, t, &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
 
-    let mut optimizer = adamw(&optimizer_config).init::<B, InternLm2<B>>();
+    let mut optimizer = adamw(&optimizer_config).init::<B, Decoder<B>>();
     for (step, expected) in history.iter().enumerate() {
         let lr = schedule.lr(step);
         let want_lr = expected["lr"].as_f64().unwrap();
@@ -101,7 +102,7 @@ fn six_lora_steps_follow_the_reference_trajectory() {
         "internlm2-tiny/lora_train/adapter_model.safetensors",
     ))
     .unwrap();
-    let ours = peft_tensors(&model.valid(), &config);
+    let ours = peft_tensors(&model.valid(), &config).unwrap();
     assert_eq!(ours.len(), trained.keys().len());
     for (key, data) in ours {
         let want = trained

@@ -27,13 +27,14 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::sigmoid;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
+use crate::nn::activation::HiddenAct;
 use crate::nn::attention::scaled_dot_product;
+use crate::nn::layer_norm::LayerNorm;
 use crate::nn::linear::{Linear, LinearLayers, LinearSite};
 use crate::nn::precision::in_dtype;
 use crate::{Error, Result};
@@ -204,42 +205,6 @@ impl TryFrom<HfClipVisionConfig> for ClipVisionConfig {
             hidden_act: hf.hidden_act,
             layer_norm_eps: hf.layer_norm_eps,
         })
-    }
-}
-
-/// A transformers activation (`ACT2FN` key), shared by the CLIP MLP and XTuner's
-/// projector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-pub enum HiddenAct {
-    /// `x · sigmoid(1.702 x)`, OpenAI CLIP's.
-    #[default]
-    #[serde(rename = "quick_gelu")]
-    QuickGelu,
-    /// Exact GELU, `x · Φ(x)` with the erf (PyTorch `nn.GELU()`).
-    #[serde(rename = "gelu")]
-    Gelu,
-    /// The tanh approximation of GELU.
-    #[serde(rename = "gelu_pytorch_tanh", alias = "gelu_new", alias = "gelu_fast")]
-    GeluTanh,
-}
-
-impl HiddenAct {
-    /// Applies the activation element-wise.
-    ///
-    /// # Shapes
-    /// Any shape → same shape.
-    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
-            // Written out rather than Burn's `gelu`: its backward is the derivative of
-            // the tanh approximation (off by up to 1e-3), this one's is exact.
-            Self::Gelu => x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5,
-            Self::GeluTanh => {
-                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715)
-                    * (2.0 / std::f64::consts::PI).sqrt();
-                x * (inner.tanh() + 1.0) * 0.5
-            }
-        }
     }
 }
 
@@ -761,43 +726,6 @@ impl<B: Backend> ClipMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.fc2
             .forward(self.activation.forward(self.fc1.forward(x)))
-    }
-}
-
-/// LayerNorm over the last axis, `(x − mean) / √(var + ε) · weight + bias` (biased
-/// variance), computed in f32. Fields are the checkpoint key segments.
-#[derive(Module, Debug)]
-pub struct LayerNorm<B: Backend> {
-    /// Scale, `[C]`.
-    pub weight: Param<Tensor<B, 1>>,
-    /// Shift, `[C]`.
-    pub bias: Param<Tensor<B, 1>>,
-    /// ε.
-    pub eps: f64,
-}
-
-impl<B: Backend> LayerNorm<B> {
-    /// An identity-initialised norm (weight 1, bias 0).
-    pub fn new(d_model: usize, eps: f64, device: &B::Device) -> Self {
-        Self {
-            weight: Param::from_tensor(Tensor::ones([d_model], device)),
-            bias: Param::from_tensor(Tensor::zeros([d_model], device)),
-            eps,
-        }
-    }
-
-    /// # Shapes
-    /// `x`: `[..., C]` → same shape.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let mean = x.clone().mean_dim(D - 1);
-        let centered = x - mean;
-        let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = centered / (var + self.eps).sqrt();
-        let weight = self.weight.val().cast(DType::F32).unsqueeze::<D>();
-        let bias = self.bias.val().cast(DType::F32).unsqueeze::<D>();
-        (normed * weight + bias).cast(dtype)
     }
 }
 

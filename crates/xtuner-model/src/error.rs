@@ -114,6 +114,12 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A tensor's values could not be read on the host.
+    #[error("reading a tensor's values on the host: {message}")]
+    HostRead {
+        /// What went wrong.
+        message: String,
+    },
     /// An image file that cannot be opened, decoded or preprocessed.
     #[error("image {}: {message}", path.display())]
     Image {

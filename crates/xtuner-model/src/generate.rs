@@ -6,9 +6,11 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::internlm2::{DecoderInput, InternLm2};
+use crate::Result;
+use crate::decoder::{Decoder, DecoderInput};
 use crate::nn::attention::AttentionMask;
 use crate::nn::kv_cache::KvCache;
+use crate::nn::precision::host_vec;
 use crate::sampling::{Sampler, SamplingConfig};
 
 /// What ends a generation.
@@ -34,16 +36,19 @@ pub enum StopReason {
 }
 
 /// Generates from a prompt given as embeddings (`[1, T, C]`; text prompts use
-/// [`InternLm2::embed`], LLaVA splices image features in) whose token ids, if any, are
+/// [`Decoder::embed`], LLaVA splices image features in) whose token ids, if any, are
 /// `prompt_ids` (for the repetition penalty). `on_token` sees each new id and returns
 /// `false` to stop after it. Returns the new ids (without a final EOS) and the reason.
+///
+/// # Errors
+/// Logits that cannot be read on the host.
 pub fn generate<B: Backend>(
-    model: &InternLm2<B>,
+    model: &Decoder<B>,
     prompt: Tensor<B, 3>,
     prompt_ids: &[u32],
     config: &GenerationConfig,
     mut on_token: impl FnMut(u32) -> bool,
-) -> (Vec<u32>, StopReason) {
+) -> Result<(Vec<u32>, StopReason)> {
     let [batch, t, _] = prompt.dims();
     let device = prompt.device();
     let first = model.layers.first();
@@ -62,16 +67,16 @@ pub fn generate<B: Backend>(
     let mut generated = Vec::new();
 
     let input = DecoderInput::causal(batch, t, &device);
-    let mut logits = last_logits(model.forward_embeds(prompt, &input, Some(&mut cache)));
+    let mut logits = last_logits(model.forward_embeds(prompt, &input, Some(&mut cache)))?;
     for _ in 0..config.max_new_tokens {
         let id = sampler.next(&mut logits, &history);
         if config.eos_token_ids.contains(&id) {
-            return (generated, StopReason::Eos);
+            return Ok((generated, StopReason::Eos));
         }
         generated.push(id);
         history.push(id);
         if !on_token(id) {
-            return (generated, StopReason::Stopped);
+            return Ok((generated, StopReason::Stopped));
         }
         let pos = cache.len();
         let ids =
@@ -82,17 +87,14 @@ pub fn generate<B: Backend>(
             positions,
             mask: AttentionMask::Bias(Tensor::zeros([1, 1, 1, pos + 1], &device)),
         };
-        logits = last_logits(model.forward(ids, &input, Some(&mut cache)));
+        logits = last_logits(model.forward(ids, &input, Some(&mut cache)))?;
     }
-    (generated, StopReason::Length)
+    Ok((generated, StopReason::Length))
 }
 
 /// The logits of the last position of the first row, on the host.
-fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
+fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Result<Vec<f32>> {
     let [_, t, v] = logits.dims();
     let last = logits.slice([0..1, t.saturating_sub(1)..t, 0..v]);
-    last.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap_or_default()
+    host_vec(last.into_data())
 }

@@ -1,18 +1,24 @@
 //! Models in Burn, generic over the backend.
 //!
-//! - [`internlm2`]: the InternLM2 decoder, which also serves Llama and Qwen2 checkpoints;
+//! - [`decoder`]: the one decoder (InternLM2, Llama, Qwen2 checkpoints; families differ
+//!   in key names and small settings, not in code);
 //! - [`nn`]: the layers it is built from (the [`nn::linear`] matmul seam, RMSNorm,
 //!   rotate-half RoPE, grouped-query attention, SwiGLU, the KV cache);
-//! - [`checkpoint`]: Hugging Face safetensors I/O, key names, PEFT adapters;
-//! - [`generate`] and [`sampling`]: decoding with a KV cache.
+//! - [`checkpoint`]: Hugging Face safetensors I/O, key names, PEFT adapters, and each
+//!   model's conversion from and to its checkpoint layout;
+//! - [`clip_vit`], [`projector`], [`llava`] and [`image`]: the LLaVA parts (the CLIP
+//!   vision tower, XTuner's projector, the splice of image features into the text, CLIP
+//!   image preprocessing);
+//! - [`generate`] and [`sampling`]: decoding with a KV cache;
+//! - [`device`]: device memory figures; [`error`]: the crate's error type.
 
 pub mod checkpoint;
 pub mod clip_vit;
+pub mod decoder;
 pub mod device;
 pub mod error;
 pub mod generate;
 pub mod image;
-pub mod internlm2;
 pub mod llava;
 pub mod nn;
 pub mod projector;

@@ -25,14 +25,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::clip_vit::ClipVisionTower;
-use crate::internlm2::InternLm2;
+use crate::decoder::Decoder;
 use crate::projector::Projector;
 use crate::{Error, Result};
 
-/// The placeholder id of an image in `input_ids` (XTuner's `IMAGE_TOKEN_INDEX`).
-pub const IMAGE_TOKEN_INDEX: i64 = -200;
-/// The label that carries no loss (XTuner's `IGNORE_INDEX`).
-pub const IGNORE_INDEX: i64 = -100;
+pub use xtuner_template::tokens::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 
 /// The LLM's inputs after the splice (XTuner passes them with `input_ids=None`).
 #[derive(Debug, Clone)]
@@ -70,7 +67,7 @@ pub fn image_features<B: Backend>(
 #[derive(Module, Debug)]
 pub struct Llava<B: Backend> {
     /// The language model.
-    pub llm: InternLm2<B>,
+    pub llm: Decoder<B>,
     /// The vision tower.
     pub visual_encoder: ClipVisionTower<B>,
     /// Vision hidden size → LLM hidden size.

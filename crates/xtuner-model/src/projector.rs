@@ -23,7 +23,7 @@ use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
-use crate::clip_vit::HiddenAct;
+use crate::nn::activation::HiddenAct;
 use crate::nn::linear::Linear;
 use crate::{Error, Result};
 
@@ -43,6 +43,19 @@ pub struct ProjectorConfig {
     /// Whether the linear layers have biases.
     #[serde(default = "default_bias")]
     pub bias: bool,
+}
+
+/// What a projector's `config.json` holds: [`ProjectorConfig`] and the keys that
+/// name the model for transformers.
+#[derive(Debug, serde::Serialize)]
+pub struct ProjectorConfigFile<'a> {
+    /// `projector`.
+    pub model_type: &'static str,
+    /// `["ProjectorModel"]`.
+    pub architectures: [&'static str; 1],
+    /// The settings.
+    #[serde(flatten)]
+    pub config: &'a ProjectorConfig,
 }
 
 fn default_depth() -> usize {
@@ -80,17 +93,14 @@ impl ProjectorConfig {
         Ok(config)
     }
 
-    /// The `config.json` XTuner's `ProjectorModel.save_pretrained` writes.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).unwrap_or_default();
-        if let Some(map) = value.as_object_mut() {
-            map.insert("model_type".into(), "projector".into());
-            map.insert(
-                "architectures".into(),
-                serde_json::json!(["ProjectorModel"]),
-            );
+    /// The `config.json` XTuner's `ProjectorModel.save_pretrained` writes: these
+    /// settings with its `model_type` and `architectures`.
+    pub fn to_json(&self) -> ProjectorConfigFile<'_> {
+        ProjectorConfigFile {
+            model_type: "projector",
+            architectures: ["ProjectorModel"],
+            config: self,
         }
-        value
     }
 
     /// Checks that every size is positive.

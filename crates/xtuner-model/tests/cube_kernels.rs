@@ -8,7 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use xtuner_model::nn::attention::{AttentionMask, flash_attention, scaled_dot_product};
-use xtuner_model::nn::flash::{self, FlashShape};
+use xtuner_model::nn::flash::reference::{self as flash, FlashShape};
 use xtuner_model::nn::nf4::{Nf4Tensor, Nf4Weight};
 
 fn random(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {

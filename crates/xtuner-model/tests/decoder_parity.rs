@@ -10,8 +10,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Int, Tensor, TensorData, Tolerance};
 use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
+use xtuner_model::decoder::{Decoder, DecoderInput};
 use xtuner_model::generate::{GenerationConfig, StopReason, generate};
-use xtuner_model::internlm2::{DecoderInput, InternLm2};
 use xtuner_model::nn::attention::AttentionMask;
 use xtuner_model::nn::kv_cache::KvCache;
 use xtuner_model::sampling::SamplingConfig;
@@ -46,7 +46,7 @@ fn assert_close(got: Tensor<B, 3>, ckpt: &Checkpoint, key: &str) {
 }
 
 /// `model`'s logits for the golden `input_ids` equal the golden `key`.
-fn assert_golden_logits(model: &InternLm2<B>, golden: &Checkpoint, key: &str) -> Tensor<B, 3> {
+fn assert_golden_logits(model: &Decoder<B>, golden: &Checkpoint, key: &str) -> Tensor<B, 3> {
     let (ids, shape) = ints(golden, "input_ids");
     let logits = model.forward(
         ids_tensor(&ids, [shape[0], shape[1]]),
@@ -57,8 +57,8 @@ fn assert_golden_logits(model: &InternLm2<B>, golden: &Checkpoint, key: &str) ->
     logits
 }
 
-fn load(dir: &str, adapter: Option<&PeftAdapter>) -> InternLm2<B> {
-    InternLm2::<B>::load(&fixture(dir), adapter, &Default::default())
+fn load(dir: &str, adapter: Option<&PeftAdapter>) -> Decoder<B> {
+    Decoder::<B>::load(&fixture(dir), adapter, &Default::default())
         .unwrap()
         .0
 }
@@ -83,11 +83,11 @@ fn a_checkpoint_loaded_in_another_dtype_keeps_every_weight_in_it() {
         }
     }
     let device = Default::default();
-    let (_, config) = InternLm2::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
+    let (_, config) = Decoder::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
     let ckpt = Checkpoint::open(&fixture("internlm2-tiny"))
         .unwrap()
         .with_dtype(DType::F64);
-    let model = InternLm2::<B>::load_from(&ckpt, &config, None, &device).unwrap();
+    let model = Decoder::<B>::load_from(&ckpt, &config, None, &device).unwrap();
     let mut dtypes = Dtypes(Vec::new());
     model.visit(&mut dtypes);
     assert!(dtypes.0.len() > 10, "visited {} weights", dtypes.0.len());
@@ -132,7 +132,7 @@ fn internlm2_greedy_generation() {
             ..Default::default()
         },
     };
-    let (new, reason) = generate(&model, embeds, &prompt_ids, &config, |_| true);
+    let (new, reason) = generate(&model, embeds, &prompt_ids, &config, |_| true).unwrap();
     assert_eq!(reason, StopReason::Length);
     let all: Vec<i64> = prompt
         .iter()
@@ -200,10 +200,10 @@ fn merged_checkpoint_matches_the_adapter() {
     // merged.safetensors holds the base weights with the adapter merged by PEFT.
     let golden = Checkpoint::open(&fixture("internlm2-tiny/lora/golden.safetensors")).unwrap();
     let config =
-        xtuner_model::internlm2::DecoderConfig::from_file(&fixture("internlm2-tiny/config.json"))
+        xtuner_model::decoder::DecoderConfig::from_file(&fixture("internlm2-tiny/config.json"))
             .unwrap();
     let merged = Checkpoint::open(&fixture("internlm2-tiny/lora/merged.safetensors")).unwrap();
-    let model = InternLm2::<B>::load_from(&merged, &config, None, &Default::default()).unwrap();
+    let model = Decoder::<B>::load_from(&merged, &config, None, &Default::default()).unwrap();
     assert_golden_logits(&model, &golden, "merged_logits");
 }
 
@@ -226,7 +226,7 @@ fn a_wrong_adapter_or_checkpoint_is_an_error_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     // The InternLM2 adapter on the Llama model: modules it does not have.
     let adapter = PeftAdapter::open(&fixture("internlm2-tiny/lora")).unwrap();
-    let err = InternLm2::<B>::load(&fixture("llama-tiny"), Some(&adapter), &Default::default())
+    let err = Decoder::<B>::load(&fixture("llama-tiny"), Some(&adapter), &Default::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("attention.wqkv"), "{err}");
@@ -240,7 +240,7 @@ fn a_wrong_adapter_or_checkpoint_is_an_error_naming_the_tensor() {
         .unwrap()
         .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(dir.path().join("config.json"), config).unwrap();
-    let err = InternLm2::<B>::load(dir.path(), None, &Default::default())
+    let err = Decoder::<B>::load(dir.path(), None, &Default::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -252,7 +252,7 @@ fn a_wrong_adapter_or_checkpoint_is_an_error_naming_the_tensor() {
 #[test]
 fn save_and_load_round_trip_every_family_exactly() {
     use xtuner_model::checkpoint::{SaveDtype, save_safetensors};
-    use xtuner_model::internlm2::DecoderConfig;
+    use xtuner_model::decoder::DecoderConfig;
     for dir in ["internlm2-tiny", "llama-tiny", "qwen2-tiny"] {
         let config = DecoderConfig::from_file(&fixture(&format!("{dir}/config.json"))).unwrap();
         let model = load(dir, None);
@@ -260,7 +260,7 @@ fn save_and_load_round_trip_every_family_exactly() {
         save_safetensors(
             out.path(),
             "model",
-            model.to_hf_tensors(&config),
+            model.to_hf_tensors(&config).unwrap(),
             SaveDtype::F32,
             Some(20_000),
         )

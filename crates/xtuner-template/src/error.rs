@@ -43,3 +43,11 @@ pub enum Error {
         message: String,
     },
 }
+
+impl Error {
+    /// Whether the error is a mistake in what the user asked for (a template name or
+    /// field), rather than in the data a template was applied to.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Self::NoSystemField { .. })
+    }
+}

@@ -17,21 +17,20 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
 use xtuner_dataset::Tokenizer;
+use xtuner_engine::chat::ChatSession;
 use xtuner_engine::lora;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::clip_vit::ClipVisionTower;
-use xtuner_model::generate::{GenerationConfig, StopReason, generate};
+use xtuner_model::decoder::Decoder;
+use xtuner_model::generate::GenerationConfig;
 use xtuner_model::image::ImageProcessor;
-use xtuner_model::internlm2::InternLm2;
-use xtuner_model::llava::{
-    IMAGE_TOKEN_INDEX, image_features, prepare_inputs_labels_for_multimodal,
-};
+use xtuner_model::llava::image_features;
 use xtuner_model::projector::Projector;
 use xtuner_model::sampling::SamplingConfig;
-use xtuner_template::{ChatTemplate, PromptTemplate, SystemTemplate};
+use xtuner_template::{PromptTemplate, SystemTemplate};
 
 use crate::backend::{self, Device};
 
@@ -104,7 +103,7 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         (None, None) => None,
     };
     let adapter = adapter_dir.as_deref().map(PeftAdapter::open).transpose()?;
-    let (model, _) = InternLm2::<B>::load(&args.model, adapter.as_ref(), &device)
+    let (model, _) = Decoder::<B>::load(&args.model, adapter.as_ref(), &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let image = match &args.llava {
         Some(llava) => Some(load_image_features::<B>(args, llava, &device)?),
@@ -116,28 +115,23 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         .map(|t| t.stop_words.clone())
         .unwrap_or_default();
     stop_words.extend(args.stop_words.iter().cloned());
-    let mut session = Session {
-        model: &model,
-        tokenizer: &tokenizer,
-        template: template.as_ref(),
+    let mut session = ChatSession::new(
+        &model,
+        &tokenizer,
+        template.as_ref(),
         system,
         stop_words,
-        config: GenerationConfig {
+        GenerationConfig {
             max_new_tokens: args.max_new_tokens,
             eos_token_ids: tokenizer.eos_ids().to_vec(),
             sampling: args.sampling,
         },
-        history: Vec::new(),
-        stream: !args.no_streamer,
-        device,
         image,
-    };
+        device,
+    );
+    let stream = !args.no_streamer;
     if let Some(prompt) = &args.prompt {
-        let answer = session.turn(prompt)?;
-        if !session.stream {
-            println!("{answer}");
-        }
-        return Ok(());
+        return answer(&mut session, prompt, stream);
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -164,22 +158,39 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         match text.trim() {
             "EXIT" => return Ok(()),
             "RESET" => {
-                session.history.clear();
+                session.reset();
                 eprintln!("Log: History responses have been removed!");
             }
             "" if eof => return Ok(()),
             "" => {}
-            _ => {
-                let answer = session.turn(&text)?;
-                if !session.stream {
-                    println!("{answer}");
-                }
-            }
+            _ => answer(&mut session, &text, stream)?,
         }
         if eof {
             return Ok(());
         }
     }
+}
+
+/// One turn: the answer printed as it is generated (`stream`), or at the end.
+fn answer<B: Backend>(session: &mut ChatSession<'_, B>, input: &str, stream: bool) -> Result<()> {
+    let mut stdout = std::io::stdout();
+    let answer = session.turn(input, |piece| {
+        if stream {
+            write!(stdout, "{piece}")
+                .and_then(|()| stdout.flush())
+                .map_err(|e| xtuner_engine::Error::Io {
+                    path: "standard output".into(),
+                    source: e,
+                })?;
+        }
+        Ok(())
+    })?;
+    if stream {
+        println!();
+    } else {
+        println!("{answer}");
+    }
+    Ok(())
 }
 
 /// Runs the image through the vision tower and projector: `[1, P, C]` features.
@@ -227,133 +238,4 @@ fn system_prompt(args: &ChatArgs) -> Result<String> {
         (None, Some(name)) => name.parse::<SystemTemplate>()?.text_for_bot(&args.bot_name),
         (None, None) => String::new(),
     })
-}
-
-/// A conversation in progress.
-struct Session<'a, B: Backend> {
-    model: &'a InternLm2<B>,
-    tokenizer: &'a Tokenizer,
-    template: Option<&'a ChatTemplate>,
-    system: String,
-    stop_words: Vec<String>,
-    config: GenerationConfig,
-    /// Ids of the conversation so far (prompts, answers, separators; the image as -200).
-    history: Vec<i64>,
-    stream: bool,
-    device: B::Device,
-    /// Projected image features `[1, P, C]` (LLaVA).
-    image: Option<Tensor<B, 3>>,
-}
-
-impl<B: Backend> Session<'_, B> {
-    /// Answers one user input; returns the answer text (stop word removed).
-    fn turn(&mut self, input: &str) -> Result<String> {
-        let first = self.history.is_empty();
-        // LLaVA: the image opens the first user message, as XTuner's chat puts it.
-        let with_image = first && self.image.is_some();
-        let input = if with_image {
-            format!("<image>\n{input}")
-        } else {
-            input.to_string()
-        };
-        let text = match self.template {
-            Some(t) => {
-                let system = if first { self.system.as_str() } else { "" };
-                t.prompt(system, &input, 1)?
-            }
-            None => input,
-        };
-        if first {
-            self.history
-                .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
-        }
-        if with_image {
-            self.push_image_prompt(&text)?;
-        } else {
-            self.push_text(&text)?;
-        }
-        let ids = self.history.clone();
-        let embeds = self.embeds(&ids)?;
-        let prompt_ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
-        let mut printed = 0;
-        let mut stdout = std::io::stdout();
-        let mut generated: Vec<u32> = Vec::new();
-        let tokenizer = self.tokenizer;
-        let stop_words = &self.stop_words;
-        let stream = self.stream;
-        let (new, reason) = generate(self.model, embeds, &prompt_ids, &self.config, |id| {
-            generated.push(id);
-            let text = tokenizer.decode(&generated).unwrap_or_default();
-            // Print what is new once it decodes to whole characters.
-            if stream
-                && !text.ends_with('\u{fffd}')
-                && text.is_char_boundary(printed.min(text.len()))
-            {
-                let _ = write!(stdout, "{}", &text[printed.min(text.len())..]);
-                let _ = stdout.flush();
-                printed = text.len();
-            }
-            let flat: String = text.chars().filter(|c| *c != '\r' && *c != '\n').collect();
-            !stop_words.iter().any(|w| flat.ends_with(w.as_str()))
-        });
-        if stream {
-            println!();
-        }
-        let mut answer = self.tokenizer.decode(&new)?;
-        if reason == StopReason::Stopped
-            && let Some(word) = self
-                .stop_words
-                .iter()
-                .find(|w| answer.trim_end().ends_with(w.as_str()))
-        {
-            let cut = answer.trim_end().len() - word.len();
-            answer.truncate(cut);
-        }
-        self.history.extend(new.iter().map(|&i| i64::from(i)));
-        if reason == StopReason::Eos {
-            self.history
-                .extend(self.tokenizer.eos_ids().iter().map(|&i| i64::from(i)));
-        }
-        if reason == StopReason::Length {
-            self.history.clear();
-        } else if let Some(t) = self.template {
-            self.push_text(&t.sep)?;
-        }
-        Ok(answer)
-    }
-
-    fn push_text(&mut self, text: &str) -> Result<()> {
-        self.history
-            .extend(self.tokenizer.encode(text)?.into_iter().map(i64::from));
-        Ok(())
-    }
-
-    /// The first prompt of a LLaVA chat: `<image>` marks where the features go.
-    fn push_image_prompt(&mut self, text: &str) -> Result<()> {
-        let (before, after) = text.split_once("<image>").unwrap_or(("", text));
-        self.push_text(before)?;
-        self.history.push(IMAGE_TOKEN_INDEX);
-        self.push_text(after)
-    }
-
-    /// Embeddings of the history, with the image's features spliced in.
-    fn embeds(&self, ids: &[i64]) -> Result<Tensor<B, 3>> {
-        let tokens = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(ids.to_vec(), [1, ids.len()]),
-            &self.device,
-        );
-        match &self.image {
-            Some(features) if ids.contains(&IMAGE_TOKEN_INDEX) => {
-                let spliced = prepare_inputs_labels_for_multimodal(
-                    tokens,
-                    None,
-                    None,
-                    features.clone(),
-                    |text| self.model.embed(text.unsqueeze::<2>()).squeeze_dim::<2>(0),
-                )?;
-                Ok(spliced.inputs_embeds)
-            }
-            _ => Ok(self.model.embed(tokens)),
-        }
-    }
 }

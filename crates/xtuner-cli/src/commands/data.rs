@@ -118,7 +118,7 @@ fn decode(tokenizer: &Tokenizer, ids: &[i64]) -> Result<String> {
     let mut out = String::new();
     for (is_image, run) in runs(ids, |&id| id < 0) {
         if is_image {
-            out.push_str(&"<image>".repeat(run.len()));
+            out.push_str(&xtuner_template::tokens::IMAGE_TOKEN.repeat(run.len()));
         } else {
             let run: Vec<u32> = run
                 .iter()

@@ -5,17 +5,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 use xtuner_dataset::Tokenizer;
+use xtuner_engine::export::write_toml;
 use xtuner_engine::memory::ModelMemory;
-use xtuner_engine::train::{Progress, Resume, TrainEvent, build_model, train, write_weights};
-use xtuner_engine::{LoadedConfig, lora};
+use xtuner_engine::{LoadedConfig, Progress, Resume, TrainEvent, train};
 use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::checkpoint::{SaveDtype, copy_side_files, parse_size, save_safetensors};
-use xtuner_model::internlm2::InternLm2;
+use xtuner_model::checkpoint::{SaveDtype, parse_size};
+use xtuner_model::decoder::Decoder;
 
 use crate::backend::{self, Device};
 use crate::configs;
@@ -152,21 +152,20 @@ pub fn run_train(
     {
         let stop = stop.clone();
         // Ctrl-C: finish the current step, save a checkpoint, exit.
-        let _ = ctrlc::set_handler(move || {
+        let handler = ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
             eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit at once)");
         });
+        if let Err(e) = handler {
+            eprintln!("warning: Ctrl-C will not save a checkpoint ({e})");
+        }
     }
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating the work dir {}", work_dir.display()))?;
     let resolved = work_dir.join(format!("{}.toml", loaded.name));
-    std::fs::write(
-        &resolved,
-        toml::to_string_pretty(&loaded.config).unwrap_or_default(),
-    )
-    .with_context(|| format!("writing {}", resolved.display()))?;
+    write_toml(&resolved, &loaded.config)?;
     match device {
         Device::Cpu => train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop),
         #[cfg(feature = "cuda")]
@@ -213,8 +212,8 @@ fn train_on<B: AutodiffBackend>(
 }
 
 /// `xtuner convert pth_to_hf CONFIG CHECKPOINT OUT_DIR`: a checkpoint's weights in
-/// Hugging Face formats (PEFT adapter for LoRA, a full model dir otherwise), 16-bit
-/// unless `--fp32`.
+/// Hugging Face formats (PEFT adapter for LoRA, a full model dir otherwise, XTuner's
+/// layout for LLaVA), 16-bit unless `--fp32`.
 pub fn pth_to_hf(
     config: &str,
     overrides: &[String],
@@ -223,58 +222,15 @@ pub fn pth_to_hf(
     fp32: bool,
     max_shard_size: &str,
 ) -> Result<()> {
-    type B = backend::Cpu;
     let loaded = configs::load(config, overrides)?;
-    let c = &loaded.config;
-    let state = xtuner_engine::checkpoint::read_state(checkpoint)?;
-    let device = Default::default();
     let dtype = if fp32 { SaveDtype::F32 } else { SaveDtype::F16 };
-    if c.llava.is_some() {
-        xtuner_engine::llava::export::<B>(c, checkpoint, out, dtype, &device)?;
-        std::fs::write(
-            out.join("xtuner_config.toml"),
-            toml::to_string_pretty(c).unwrap_or_default(),
-        )?;
-        println!("saved to {}", out.display());
-        return Ok(());
-    }
-    let tokenizer = Tokenizer::from_path(
-        c.tokenizer_path()
-            .context("the config names no tokenizer")?,
-    )?;
-    let (base, decoder) = build_model::<B>(c, &tokenizer, &device)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    match (&c.lora, state.mode.as_str()) {
-        (Some(l), "lora") => {
-            let model = lora::attach_peft(
-                base,
-                &decoder,
-                &PeftAdapter::open(checkpoint)?,
-                l.dropout,
-                &device,
-            )?;
-            write_weights(&model, &decoder, c, out, dtype, &tokenizer)?;
-        }
-        (None, "full") => {
-            let model =
-                xtuner_engine::train::load_full_weights::<B>(checkpoint, &decoder, &device)?;
-            xtuner_engine::train::save_hf_model(
-                &model,
-                &decoder,
-                &tokenizer,
-                out,
-                dtype,
-                parse_size(max_shard_size)?,
-            )?;
-        }
-        (_, mode) => bail!(
-            "{}: a `{mode}` checkpoint does not fit this config",
-            checkpoint.display()
-        ),
-    }
-    std::fs::write(
-        out.join("xtuner_config.toml"),
-        toml::to_string_pretty(c).unwrap_or_default(),
+    xtuner_engine::convert::pth_to_hf::<backend::Cpu>(
+        &loaded,
+        checkpoint,
+        out,
+        dtype,
+        parse_size(max_shard_size)?,
+        &Default::default(),
     )?;
     println!("saved to {}", out.display());
     Ok(())
@@ -288,21 +244,15 @@ pub fn merge(
     max_shard_size: &str,
     fp32: bool,
 ) -> Result<()> {
-    type B = backend::Cpu;
-    let device = Default::default();
-    let adapter = PeftAdapter::open(adapter)?;
-    let (model, decoder) = InternLm2::<B>::load(base, Some(&adapter), &device)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let dtype = if fp32 { SaveDtype::F32 } else { SaveDtype::F16 };
-    save_safetensors(
+    xtuner_engine::convert::merge::<backend::Cpu>(
+        base,
+        adapter,
         out,
-        "model",
-        model.to_hf_tensors(&decoder),
         dtype,
-        Some(parse_size(max_shard_size)?),
+        parse_size(max_shard_size)?,
+        &Default::default(),
     )?;
-    copy_side_files(base, &["config.json", "generation_config.json"], out)?;
-    copy_side_files(base, &xtuner_engine::train::TOKENIZER_FILES, out)?;
     println!("saved to {}", out.display());
     Ok(())
 }
@@ -319,14 +269,14 @@ pub fn eval(
     type B = backend::Cpu;
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
     let adapter = adapter.map(PeftAdapter::open).transpose()?;
-    let (model, _) = InternLm2::<B>::load(model_dir, adapter.as_ref(), &device)?;
+    let (model, _) = Decoder::<B>::load(model_dir, adapter.as_ref(), &device)?;
     let tokenizer = Tokenizer::from_path(model_dir)?;
     let spec = crate::commands::data::plain_spec(data, format, template, max_length)?;
     let dataset = xtuner_dataset::pipeline::process(&spec, &tokenizer)?;
     let (mut sum, mut tokens) = (0f64, 0usize);
     for row in &dataset.rows {
         let batch = xtuner_dataset::collate::collate(&[row], false);
-        let (ids, input) = xtuner_engine::train::batch_tensors::<B>(&batch, &device);
+        let (ids, input) = xtuner_engine::step::batch_tensors::<B>(&batch, &device);
         let loss =
             xtuner_engine::loss::causal_lm_loss(model.forward(ids, &input, None), &batch.labels);
         sum += xtuner_model::nn::precision::scalar(loss.sum);

@@ -6,13 +6,11 @@
 //! between) until an assistant message closes the turn, and user text after the last
 //! assistant message is dropped.
 
+use xtuner_template::tokens::IMAGE_TOKEN;
 use xtuner_template::{Conversation, Turn};
 
 use super::fields::{Element, Fields, py_strip};
 use super::{FormatError, Sample};
-
-/// LLaVA's image placeholder (XTuner's `DEFAULT_IMAGE_TOKEN`).
-const IMAGE_TOKEN: &str = "<image>";
 
 /// `openai_map_fn`: `messages` with roles system, user and assistant.
 ///

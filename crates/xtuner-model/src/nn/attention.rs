@@ -250,7 +250,7 @@ pub fn flash_attention<B: Backend>(
     {
         static DENSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if !*DENSE.get_or_init(|| std::env::var("XTUNER_ATTENTION").is_ok_and(|v| v == "dense")) {
-            return super::flash_cube::attention(q, k, v, segments);
+            return crate::nn::flash::cube::attention(q, k, v, segments);
         }
     }
     let _ = (q, k, v, segments);

@@ -3,21 +3,17 @@
 //! checked against),
 //! the gated MLP and the KV cache.
 
+pub mod activation;
 pub mod attention;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube;
-#[cfg(feature = "cuda")]
-mod cublas;
 pub mod flash;
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-mod flash_cube;
 pub mod gemm;
 pub mod kv_cache;
+pub mod layer_norm;
 pub mod linear;
 pub mod mlp;
 pub mod nf4;
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-mod nf4_cube;
 pub mod precision;
 pub mod rms_norm;
 pub mod rope;

@@ -5,7 +5,9 @@
 //! is f32 and every cast here is skipped.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Element, Tensor};
+use burn::tensor::{DType, Element, Tensor, TensorData};
+
+use crate::{Error, Result};
 
 /// The dtype the backend computes in (bf16 for `Cuda<bf16>`, f32 on the CPU).
 pub fn compute_dtype<B: Backend>() -> DType {
@@ -17,6 +19,19 @@ pub fn compute_dtype<B: Backend>() -> DType {
 /// on a bf16 backend.)
 pub fn scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
     t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
+}
+
+/// A tensor's values on the host as `E`, converted from whatever dtype they have.
+///
+/// # Errors
+/// Values that cannot be read as `E` (never for a numeric tensor), named rather than
+/// read as an empty vector.
+pub fn host_vec<E: Element>(data: TensorData) -> Result<Vec<E>> {
+    data.convert::<E>()
+        .into_vec::<E>()
+        .map_err(|e| Error::HostRead {
+            message: format!("{e:?}"),
+        })
 }
 
 /// `t` in `dtype`: a cast only when it is in another one.

@@ -2,7 +2,7 @@
 //! models multiplies through [`matmul`], so this is the one place a backend-specific
 //! GEMM plugs in.
 //!
-//! On the CPU it is Burn's matmul. A CUDA build routes it to cuBLAS ([`super::cublas`]),
+//! On the CPU it is Burn's matmul. A CUDA build routes it to cuBLAS ([`cublas`]),
 //! forward and backward, on the buffers Burn already owns: on an H200 Burn's CubeCL GEMM
 //! reaches 92 TFLOP/s in bf16 where cuBLAS reaches 770.
 //!
@@ -10,6 +10,9 @@
 //! column-major BLAS without copying: a matrix stored row by row is, read column by
 //! column, its own transpose, so `C = A·B` is asked as `Cᵀ = Bᵀ·Aᵀ`, and a transposed
 //! view (a weight's `Wᵀ` in backward) becomes a transpose flag instead of a copy.
+
+#[cfg(feature = "cuda")]
+mod cublas;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -20,7 +23,7 @@ use burn::tensor::backend::Backend;
 /// `x`: `[..., k]`, `w`: `[k, n]` → `[..., n]`.
 pub fn matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
     #[cfg(feature = "cuda")]
-    let x = match super::cublas::matmul(x, &w) {
+    let x = match cublas::matmul(x, &w) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -33,7 +36,7 @@ pub fn matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> T
 /// `a`: `[N, m, k]`, `b`: `[N, k, n]` → `[N, m, n]`.
 pub fn batched_matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
     #[cfg(feature = "cuda")]
-    let a = match super::cublas::batched_matmul(a, &b) {
+    let a = match cublas::batched_matmul(a, &b) {
         Ok(c) => return c,
         Err(a) => a,
     };
@@ -44,7 +47,7 @@ pub fn batched_matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B,
 /// feature): how a benchmark or test tells which GEMM served it.
 pub fn cublas_products() -> u64 {
     #[cfg(feature = "cuda")]
-    return super::cublas::products();
+    return cublas::products();
     #[cfg(not(feature = "cuda"))]
     0
 }

@@ -18,8 +18,8 @@ use burn_cubecl::{BoolElement, CubeRuntime, FloatElement, IntElement};
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::CubeDim;
 
-use super::cube::{Cube, CubeOp, dispatch, same};
-use super::nf4::Nf4Weight;
+use super::Nf4Weight;
+use crate::nn::cube::{Cube, CubeOp, dispatch, same};
 
 mod kernel {
     use cubecl::prelude::*;

@@ -10,9 +10,12 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use xtuner_dataset::DataSpec;
 use xtuner_dataset::format::{ColumnMap, DataFormat};
 use xtuner_template::{ChatTemplate, PromptTemplate, SystemTemplate};
+
+mod load;
+
+pub use load::LoadedConfig;
 
 use crate::{Error, Result};
 
@@ -56,19 +59,119 @@ pub struct TrainConfig {
     pub llava: Option<LlavaConfig>,
 }
 
-/// Where the LLM comes from.
+/// Where the LLM comes from, and how its layers are run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawModelConfig", into = "RawModelConfig")]
 pub struct ModelConfig {
-    /// A Hugging Face model directory (config.json + safetensors).
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// Or a named shape initialised at random (demos and benchmarks), e.g. `internlm2-tiny`.
-    #[serde(default)]
-    pub preset: Option<String>,
+    /// The weights: a Hugging Face directory or a random-init preset.
+    pub source: ModelSource,
     /// Recompute each decoder layer in the backward pass to save memory.
-    #[serde(default = "yes")]
     pub activation_checkpointing: bool,
+}
+
+/// Where a run's LLM comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face model directory (config.json + safetensors): `model.path`.
+    Path(PathBuf),
+    /// A named shape initialised at random, seeded by `train.seed` (demos and
+    /// benchmarks): `model.preset`, e.g. `internlm2-tiny`.
+    Preset(String),
+}
+
+impl ModelConfig {
+    /// The model directory, when the model is one.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.source {
+            ModelSource::Path(path) => Some(path),
+            ModelSource::Preset(_) => None,
+        }
+    }
+}
+
+/// `[model]` as the file spells it: exactly one of `path` and `preset`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelConfig {
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    preset: Option<String>,
+    #[serde(default = "yes")]
+    activation_checkpointing: bool,
+}
+
+impl TryFrom<RawModelConfig> for ModelConfig {
+    type Error = String;
+
+    fn try_from(raw: RawModelConfig) -> std::result::Result<Self, String> {
+        let source = match (raw.path, raw.preset) {
+            (Some(path), None) => ModelSource::Path(path),
+            (None, Some(preset)) => ModelSource::Preset(preset),
+            _ => {
+                return Err(
+                    "`model`: give exactly one of `path` (a Hugging Face model dir) \
+                            and `preset` (a random-init shape)"
+                        .into(),
+                );
+            }
+        };
+        Ok(Self {
+            source,
+            activation_checkpointing: raw.activation_checkpointing,
+        })
+    }
+}
+
+impl From<ModelConfig> for RawModelConfig {
+    fn from(model: ModelConfig) -> Self {
+        let (path, preset) = match model.source {
+            ModelSource::Path(path) => (Some(path), None),
+            ModelSource::Preset(name) => (None, Some(name)),
+        };
+        Self {
+            path,
+            preset,
+            activation_checkpointing: model.activation_checkpointing,
+        }
+    }
+}
+
+/// The kind of run a config describes, recorded in every checkpoint's `state.json`:
+/// a checkpoint resumes and converts only under a config of its own kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    /// LoRA (or QLoRA) adapters on the decoder.
+    Lora,
+    /// Every weight of the decoder (fine-tuning or incremental pre-training).
+    Full,
+    /// LLaVA: the decoder, the vision tower and the projector.
+    Llava,
+}
+
+impl std::fmt::Display for RunMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Lora => "lora",
+            Self::Full => "full",
+            Self::Llava => "llava",
+        })
+    }
+}
+
+impl TrainConfig {
+    /// The kind of run: LLaVA with a `[llava]` section, else LoRA with a `[lora]`
+    /// section, else full.
+    pub fn mode(&self) -> RunMode {
+        if self.llava.is_some() {
+            RunMode::Llava
+        } else if self.lora.is_some() {
+            RunMode::Lora
+        } else {
+            RunMode::Full
+        }
+    }
 }
 
 /// Where the tokenizer comes from.
@@ -147,8 +250,9 @@ impl TemplateConfig {
     /// The template this section describes.
     ///
     /// # Errors
-    /// Neither a name nor an instruction, or a field with a bad placeholder.
-    pub fn resolve(&self) -> std::result::Result<ChatTemplate, String> {
+    /// Neither a name nor an instruction ([`Error::Setting`]), or a field with a bad
+    /// placeholder ([`Error::Template`]).
+    pub fn resolve(&self) -> Result<ChatTemplate> {
         let mut template = match (self.name, &self.instruction) {
             (Some(name), _) => name.template(),
             (None, Some(instruction)) => ChatTemplate {
@@ -160,7 +264,12 @@ impl TemplateConfig {
                 sep: String::new(),
                 stop_words: Vec::new(),
             },
-            (None, None) => return Err("give `name` (a built-in template) or `instruction`".into()),
+            (None, None) => {
+                return Err(Error::setting(
+                    "template",
+                    "give `name` (a built-in template) or `instruction`",
+                ));
+            }
         };
         if let Some(v) = &self.system {
             template.system = Some(v.clone());
@@ -180,7 +289,7 @@ impl TemplateConfig {
         if let Some(v) = &self.stop_words {
             template.stop_words = v.clone();
         }
-        template.validate().map_err(|e| e.to_string())?;
+        template.validate()?;
         Ok(template)
     }
 }
@@ -500,311 +609,6 @@ fn default_select_layer() -> i64 {
 }
 fn default_projector_depth() -> usize {
     2
-}
-
-/// A config file as loaded: the settings, and where they came from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoadedConfig {
-    /// The settings. Relative paths are relative to the working directory, as in
-    /// XTuner's configs.
-    pub config: TrainConfig,
-    /// The file.
-    pub path: PathBuf,
-    /// The config's name (file stem), which names its work dir.
-    pub name: String,
-}
-
-impl LoadedConfig {
-    /// Reads a config file, applies `key=value` overrides and checks every value.
-    ///
-    /// # Errors
-    /// An unreadable file, TOML syntax, an unknown key, a wrong type or a bad value;
-    /// the message names the file and the key.
-    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Self::from_text(&text, path, &name, overrides)
-    }
-
-    /// Parses config text; `path` and `name` are used for messages and the work dir.
-    ///
-    /// # Errors
-    /// As [`LoadedConfig::from_file`].
-    pub fn from_text(text: &str, path: &Path, name: &str, overrides: &[String]) -> Result<Self> {
-        let bad = |message: String| Error::Config {
-            path: path.to_path_buf(),
-            message,
-        };
-        let config: TrainConfig = if overrides.is_empty() {
-            // Straight from the text, so errors carry line and column.
-            toml::from_str(text).map_err(|e| bad(e.to_string()))?
-        } else {
-            let mut table: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
-            for item in overrides {
-                apply_override(&mut table, item)
-                    .map_err(|m| bad(format!("--cfg-options {item}: {m}")))?;
-            }
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    bad(format!("after --cfg-options: {}", e.message()))
-                })?
-        };
-        config
-            .validate()
-            .map_err(|(key, message)| bad(format!("`{key}`: {message}")))?;
-        Ok(Self {
-            config,
-            path: path.to_path_buf(),
-            name: name.to_string(),
-        })
-    }
-
-    /// The work dir: `checkpoint.work_dir`, else `work_dirs/<config name>`.
-    pub fn work_dir(&self) -> PathBuf {
-        self.config
-            .checkpoint
-            .work_dir
-            .clone()
-            .unwrap_or_else(|| Path::new("work_dirs").join(&self.name))
-    }
-}
-
-/// Sets `a.b.c = value` in a TOML table (the value read as TOML, else as a string).
-fn apply_override(table: &mut toml::Table, item: &str) -> std::result::Result<(), String> {
-    let (key, raw) = item.split_once('=').ok_or("expected key=value")?;
-    let key = key.trim();
-    let value = parse_override_value(raw.trim());
-    let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|k| !k.is_empty()).ok_or("empty key")?;
-    let mut node = table;
-    for part in parts {
-        let entry = node
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        node = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("`{part}` is not a table"))?;
-    }
-    node.insert(last.to_string(), value);
-    Ok(())
-}
-
-fn parse_override_value(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-impl TrainConfig {
-    /// Checks values that parse but make no sense; returns the key and the reason.
-    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        fn check(
-            ok: bool,
-            key: &'static str,
-            message: &str,
-        ) -> std::result::Result<(), (&'static str, String)> {
-            if ok {
-                Ok(())
-            } else {
-                Err((key, message.to_string()))
-            }
-        }
-        check(
-            self.model.path.is_some() != self.model.preset.is_some(),
-            "model",
-            "give exactly one of `path` (a Hugging Face model dir) and `preset` (a random-init shape)",
-        )?;
-        check(
-            self.model.path.is_some() || self.tokenizer.path.is_some(),
-            "tokenizer.path",
-            "required when the model is a preset",
-        )?;
-        check(
-            !self.data.files.is_empty(),
-            "data.files",
-            "at least one data file or folder",
-        )?;
-        check(
-            self.data.max_length > 0,
-            "data.max_length",
-            "must be at least 1",
-        )?;
-        check(
-            !self.data.use_varlen_attn || self.data.pack_to_max_length,
-            "data.use_varlen_attn",
-            "needs data.pack_to_max_length = true",
-        )?;
-        if let Some(t) = &self.template {
-            t.resolve().map_err(|m| ("template", m))?;
-        }
-        check(
-            self.template.is_some() || !needs_template(self.data.format),
-            "template",
-            "this data format needs a prompt template ([template] name = \"...\")",
-        )?;
-        if let Some(lora) = &self.lora {
-            check(lora.r > 0, "lora.r", "must be at least 1")?;
-            check(lora.alpha > 0.0, "lora.alpha", "must be positive")?;
-            check(
-                (0.0..1.0).contains(&lora.dropout),
-                "lora.dropout",
-                "must be in [0, 1)",
-            )?;
-        }
-        if let Some(q) = &self.quantization {
-            check(
-                q.bits == 4,
-                "quantization.bits",
-                "only 4-bit NF4 is supported",
-            )?;
-            let frozen_llava = self.llava.as_ref().is_some_and(|l| l.freeze_llm);
-            check(
-                self.lora.is_some() || frozen_llava,
-                "quantization",
-                "a quantized base cannot be trained: add a [lora] section",
-            )?;
-            check(
-                q.block_size > 0 && q.block_size % 2 == 0,
-                "quantization.block_size",
-                "must be a positive even number",
-            )?;
-        }
-        let o = &self.optimizer;
-        check(
-            o.lr > 0.0 && o.lr.is_finite(),
-            "optimizer.lr",
-            "must be positive",
-        )?;
-        check(
-            o.betas.iter().all(|b| (0.0..1.0).contains(b)),
-            "optimizer.betas",
-            "each must be in [0, 1)",
-        )?;
-        check(o.eps > 0.0, "optimizer.eps", "must be positive")?;
-        check(
-            o.weight_decay >= 0.0,
-            "optimizer.weight_decay",
-            "must not be negative",
-        )?;
-        check(o.max_norm > 0.0, "optimizer.max_norm", "must be positive")?;
-        let s = &self.schedule;
-        check(
-            (0.0..=1.0).contains(&s.warmup_ratio),
-            "schedule.warmup_ratio",
-            "must be in [0, 1]",
-        )?;
-        check(
-            s.warmup_start_factor > 0.0 && s.warmup_start_factor <= 1.0,
-            "schedule.warmup_start_factor",
-            "must be in (0, 1]",
-        )?;
-        check(
-            s.eta_min >= 0.0 && s.eta_min <= o.lr,
-            "schedule.eta_min",
-            "must be in [0, optimizer.lr]",
-        )?;
-        let t = &self.train;
-        check(t.batch_size > 0, "train.batch_size", "must be at least 1")?;
-        check(
-            t.accumulative_counts > 0,
-            "train.accumulative_counts",
-            "must be at least 1",
-        )?;
-        check(
-            t.max_epochs > 0 || t.max_iters.is_some(),
-            "train.max_epochs",
-            "must be at least 1",
-        )?;
-        check(
-            t.max_iters != Some(0),
-            "train.max_iters",
-            "must be at least 1",
-        )?;
-        check(
-            t.log_interval > 0,
-            "train.log_interval",
-            "must be at least 1",
-        )?;
-        check(
-            !self.data.use_varlen_attn || t.batch_size == 1,
-            "train.batch_size",
-            "must be 1 with data.use_varlen_attn (as XTuner)",
-        )?;
-        let c = &self.checkpoint;
-        check(
-            c.save_steps > 0,
-            "checkpoint.save_steps",
-            "must be at least 1",
-        )?;
-        check(
-            c.save_total_limit == -1 || c.save_total_limit > 0,
-            "checkpoint.save_total_limit",
-            "must be -1 (keep all) or at least 1",
-        )?;
-        check(
-            self.evaluation.freq > 0,
-            "evaluation.freq",
-            "must be at least 1",
-        )?;
-        if let Some(llava) = &self.llava {
-            check(
-                llava.projector_depth > 0,
-                "llava.projector_depth",
-                "must be at least 1",
-            )?;
-            check(
-                !self.data.pack_to_max_length,
-                "data.pack_to_max_length",
-                "LLaVA data is not packed: set it to false",
-            )?;
-        }
-        Ok(())
-    }
-
-    /// The data-processing part of the config, with its template.
-    ///
-    /// # Errors
-    /// A template section that does not resolve (already checked by `validate`).
-    pub fn data_spec(&self) -> Result<DataSpec> {
-        let template = self
-            .template
-            .as_ref()
-            .map(TemplateConfig::resolve)
-            .transpose()
-            .map_err(|message| Error::Config {
-                path: PathBuf::new(),
-                message,
-            })?;
-        Ok(DataSpec {
-            files: self.data.files.clone(),
-            format: self.data.format,
-            columns: self.data.columns.clone(),
-            template,
-            max_length: self.data.max_length,
-            pack_to_max_length: self.data.pack_to_max_length,
-            shuffle_before_pack: self.data.shuffle_before_pack,
-            seed: self.train.seed,
-            max_dataset_length: self.data.max_dataset_length,
-            skip_bad_records: self.data.skip_bad_records,
-        })
-    }
-
-    /// The tokenizer's location: `tokenizer.path`, else the model directory.
-    pub fn tokenizer_path(&self) -> Option<&Path> {
-        self.tokenizer
-            .path
-            .as_deref()
-            .or(self.model.path.as_deref())
-    }
 }
 
 fn needs_template(format: DataFormat) -> bool {

@@ -17,50 +17,44 @@
 //! counted when `data.skip_bad_records` is set.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
-use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use xtuner_dataset::collate::collate;
 use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer};
-use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::checkpoint::{Checkpoint, SaveDtype, copy_side_files, save_safetensors};
-use xtuner_model::clip_vit::{ClipVisionTower, HiddenAct};
+use xtuner_model::checkpoint::{Checkpoint, SaveDtype};
+use xtuner_model::clip_vit::ClipVisionTower;
+use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::image::{ImageProcessor, probe};
-use xtuner_model::internlm2::{DecoderConfig, DecoderInput, InternLm2};
 use xtuner_model::llava::{Llava, image_features};
-use xtuner_model::nn::attention::AttentionMask;
+use xtuner_model::nn::activation::HiddenAct;
 use xtuner_model::nn::linear::{Linear, LinearLayers};
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
+use super::{Saved, attach_part, base_model, init_seed, load_full_weights, prepare};
+use crate::chat::evaluate_chat;
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
+use crate::export::llava::write_llava;
 use crate::optim::MASTER_DTYPE;
-use crate::recompute::decoder_loss_backward;
-use crate::train::{self, MicroStep, Progress, Recipe, Resume, Start, TrainSummary, write_json};
-use crate::{Error, Result, init, lora};
-
-/// The checkpoint mode of LLaVA runs.
-pub const MODE: &str = "llava";
+use crate::run::{self, MicroStep, Recipe, RunContext, Start, TrainSummary, resume_point};
+use crate::step::llava_loss_backward;
+use crate::{Error, Result, init};
 
 /// Runs (or resumes) a LLaVA config.
 ///
 /// # Errors
-/// As [`train::train`]; a missing or unreadable image (unless skipped).
+/// As [`run::run`]; a missing or unreadable image (unless skipped).
 pub fn train<B: AutodiffBackend>(
-    loaded: &LoadedConfig,
-    work_dir: &Path,
-    resume: Option<Resume>,
-    device: &B::Device,
-    progress: &mut dyn Progress,
-    stop: &AtomicBool,
+    ctx: RunContext<'_, B>,
+    resume: Option<run::Resume>,
 ) -> Result<TrainSummary> {
+    let (loaded, work_dir, device) = (ctx.loaded, ctx.work_dir, ctx.device);
     let config = &loaded.config;
     let llava = llava_section(config)?;
-    let (dataset, tokenizer) = train::prepare(loaded, work_dir)?;
+    let (dataset, tokenizer) = prepare(loaded, work_dir)?;
     let images = Images::check(llava, &dataset, config.data.skip_bad_records)?;
-    let (llm, decoder) = train::base_model::<B>(config, &tokenizer, work_dir, device)?;
-    let start = match train::resume_point(config, work_dir, resume, MODE)? {
+    let (llm, decoder) = base_model::<B>(config, &tokenizer, work_dir, device)?;
+    let start = match resume_point(config, work_dir, resume)? {
         Some((dir, iter)) => Start {
             model: assemble(config, llm, &decoder, Some(&dir), device)?,
             iter,
@@ -69,7 +63,7 @@ pub fn train<B: AutodiffBackend>(
         None => {
             // A fresh projector and fresh adapters are drawn on the host from the run's
             // seed (the same on every backend); the backend's generator is seeded too.
-            B::seed(device, train::init_seed(config));
+            B::seed(device, init_seed(config));
             Start {
                 model: assemble(config, llm, &decoder, None, device)?,
                 iter: 0,
@@ -88,7 +82,6 @@ pub fn train<B: AutodiffBackend>(
         }
         _ => None,
     };
-    let lengths = images.modality_lengths(&dataset);
     let recipe = LlavaRecipe {
         config,
         llava,
@@ -99,48 +92,35 @@ pub fn train<B: AutodiffBackend>(
         eval_image,
         device,
     };
-    train::run(
-        &recipe, start, &lengths, MODE, loaded, work_dir, device, progress, stop,
-    )
+    run::run(&recipe, start, ctx)
 }
 
-/// `convert pth_to_hf` of a LLaVA checkpoint: XTuner's layout in `out`.
+/// Builds the model of a LLaVA checkpoint again (the parts the config names, the
+/// trained ones read from the checkpoint), with its decoder config and tokenizer.
 ///
 /// # Errors
-/// A checkpoint of another mode, or one that does not fit the config.
-pub fn export<B: Backend>(
-    config: &TrainConfig,
+/// A checkpoint that does not fit the config.
+pub fn restore<B: Backend>(
+    loaded: &LoadedConfig,
     checkpoint: &Path,
-    out: &Path,
-    dtype: SaveDtype,
     device: &B::Device,
-) -> Result<()> {
-    let state = crate::checkpoint::read_state(checkpoint)?;
-    if state.mode != MODE {
-        return Err(Error::Config {
-            path: checkpoint.to_path_buf(),
-            message: format!("a `{}` checkpoint, not a LLaVA one", state.mode),
-        });
-    }
-    let tokenizer_path = config.tokenizer_path().ok_or_else(|| Error::Config {
-        path: PathBuf::new(),
-        message: "`tokenizer.path`: required".into(),
-    })?;
-    let tokenizer = Tokenizer::from_path(tokenizer_path)?;
-    let (llm, decoder) = train::build_model::<B>(config, &tokenizer, device)?;
+) -> Result<(Llava<B>, DecoderConfig, Tokenizer)> {
+    let config = &loaded.config;
+    let tokenizer = Tokenizer::from_path(super::tokenizer_path(loaded)?)?;
+    let (llm, decoder) = super::build_model::<B>(config, &tokenizer, device)?;
     let model = assemble(config, llm, &decoder, Some(checkpoint), device)?;
-    std::fs::create_dir_all(out).map_err(|e| Error::Io {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
-    write_llava(&model, config, &decoder, &tokenizer, out, dtype)
+    Ok((model, decoder, tokenizer))
 }
 
-fn llava_section(config: &TrainConfig) -> Result<&LlavaConfig> {
-    config.llava.as_ref().ok_or_else(|| Error::Config {
-        path: PathBuf::new(),
-        message: "`[llava]`: this is not a LLaVA config".into(),
-    })
+/// The `[llava]` section of a LLaVA config.
+///
+/// # Errors
+/// A config without one.
+pub fn llava_section(config: &TrainConfig) -> Result<&LlavaConfig> {
+    config
+        .llava
+        .as_ref()
+        .ok_or_else(|| Error::setting("llava", "this is not a LLaVA config"))
 }
 
 /// The LLaVA module of a config: the vision tower from `llava.visual_encoder`, the
@@ -151,47 +131,48 @@ fn llava_section(config: &TrainConfig) -> Result<&LlavaConfig> {
 /// Missing or mismatched parts, naming the file.
 pub fn assemble<B: Backend>(
     config: &TrainConfig,
-    llm: InternLm2<B>,
+    llm: Decoder<B>,
     decoder: &DecoderConfig,
     checkpoint: Option<&Path>,
     device: &B::Device,
 ) -> Result<Llava<B>> {
     let llava = llava_section(config)?;
-    let llm = match (&config.lora, checkpoint) {
-        (Some(l), Some(dir)) => lora::attach_peft(
-            llm,
-            decoder,
-            &PeftAdapter::open(&dir.join("llm_adapter"))?,
-            l.dropout,
-            device,
-        )?,
-        (Some(l), None) => lora::attach(llm, decoder, l, train::init_seed(config), device)?,
-        (None, _) if llava.freeze_llm => llm.no_grad(),
-        (None, Some(dir)) => {
-            // The checkpoint holds every weight.
-            drop(llm);
-            train::load_full_weights(dir, decoder, device)?
-        }
-        (None, None) => llm,
-    };
+    let seed = init_seed(config);
+    let llm_saved = checkpoint.map(|dir| (dir.join("llm_adapter"), dir.to_path_buf()));
+    let llm = attach_part(
+        llm,
+        decoder,
+        config.lora.as_ref(),
+        llava.freeze_llm,
+        llm_saved
+            .as_ref()
+            .map(|(adapter, full)| Saved { adapter, full }),
+        seed,
+        device,
+        |dir| load_full_weights(dir, decoder, device),
+    )?;
     let (tower, tower_config) = ClipVisionTower::<B>::load(&llava.visual_encoder, device)?;
-    let tower = match (&llava.visual_encoder_lora, checkpoint) {
-        (Some(l), Some(dir)) => lora::attach_peft(
-            tower,
-            &(),
-            &PeftAdapter::open(&dir.join("visual_encoder_adapter"))?,
-            l.dropout,
-            device,
-        )?,
-        (Some(l), None) => lora::attach(tower, &(), l, train::init_seed(config), device)?,
-        (None, _) if llava.freeze_visual_encoder => tower.no_grad(),
-        (None, Some(dir)) => {
-            drop(tower);
-            let ckpt = Checkpoint::open(&dir.join("visual_encoder"))?.with_dtype(MASTER_DTYPE);
-            ClipVisionTower::load_from(&ckpt, &tower_config, device)?
-        }
-        (None, None) => tower,
-    };
+    let tower_saved = checkpoint.map(|dir| {
+        (
+            dir.join("visual_encoder_adapter"),
+            dir.join("visual_encoder"),
+        )
+    });
+    let tower = attach_part(
+        tower,
+        &(),
+        llava.visual_encoder_lora.as_ref(),
+        llava.freeze_visual_encoder,
+        tower_saved
+            .as_ref()
+            .map(|(adapter, full)| Saved { adapter, full }),
+        seed,
+        device,
+        |dir| {
+            let ckpt = Checkpoint::open(dir)?.with_dtype(MASTER_DTYPE);
+            Ok(ClipVisionTower::load_from(&ckpt, &tower_config, device)?)
+        },
+    )?;
     let projector_config = ProjectorConfig {
         visual_hidden_size: tower_config.hidden_size,
         llm_hidden_size: decoder.hidden_size,
@@ -234,87 +215,13 @@ pub fn assemble<B: Backend>(
             }
             projector
         }
-        None => fresh_projector(&projector_config, train::init_seed(config), device)?,
+        None => fresh_projector(&projector_config, seed, device)?,
     };
     Ok(Llava {
         llm,
         visual_encoder: tower,
         projector,
     })
-}
-
-/// Writes the trained parts in XTuner's LLaVA layout (see the module docs).
-///
-/// # Errors
-/// An unwritable directory.
-pub fn write_llava<B: Backend>(
-    model: &Llava<B>,
-    config: &TrainConfig,
-    decoder: &DecoderConfig,
-    tokenizer: &Tokenizer,
-    dir: &Path,
-    dtype: SaveDtype,
-) -> Result<()> {
-    let llava = llava_section(config)?;
-    let projector_dir = dir.join("projector");
-    create_dir(&projector_dir)?;
-    let projector_config = ProjectorConfig {
-        visual_hidden_size: model.visual_encoder.embeddings.patch_embedding.dims()[1],
-        llm_hidden_size: decoder.hidden_size,
-        depth: model.projector.model.len(),
-        hidden_act: model.projector.activation,
-        bias: model
-            .projector
-            .model
-            .first()
-            .is_some_and(|l| l.bias.is_some()),
-    };
-    write_json(
-        &projector_dir.join("config.json"),
-        &projector_config.to_json(),
-    )?;
-    save_safetensors(
-        &projector_dir,
-        "model",
-        model.projector.to_hf_tensors(),
-        dtype,
-        None,
-    )?;
-    if config.lora.is_some() {
-        let llm_dir = dir.join("llm_adapter");
-        create_dir(&llm_dir)?;
-        train::write_weights(&model.llm, decoder, config, &llm_dir, dtype, tokenizer)?;
-    } else if !llava.freeze_llm {
-        train::write_weights(&model.llm, decoder, config, dir, dtype, tokenizer)?;
-    }
-    let source = &llava.visual_encoder;
-    if let Some(l) = &llava.visual_encoder_lora {
-        lora::write_adapter(
-            &dir.join("visual_encoder_adapter"),
-            l,
-            &model.visual_encoder,
-            &(),
-            None,
-            Some(source.display().to_string()),
-            dtype,
-        )?;
-    } else if !llava.freeze_visual_encoder {
-        let tower_dir = dir.join("visual_encoder");
-        create_dir(&tower_dir)?;
-        save_safetensors(
-            &tower_dir,
-            "model",
-            model.visual_encoder.to_hf_tensors(),
-            dtype,
-            None,
-        )?;
-        copy_side_files(
-            source,
-            &["config.json", "preprocessor_config.json"],
-            &tower_dir,
-        )?;
-    }
-    Ok(())
 }
 
 /// A new projector as PyTorch's `nn.Linear` starts it (weight and bias uniform in
@@ -348,13 +255,6 @@ fn fresh_projector<B: Backend>(
     })
 }
 
-fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })
-}
-
 /// The images of the training rows: which rows train (all, or those whose image
 /// could be read when bad records are skipped) and how each image is preprocessed.
 struct Images {
@@ -374,13 +274,9 @@ impl Images {
         )?;
         let (mut rows, mut files, mut skipped) = (Vec::new(), Vec::new(), 0usize);
         for row in 0..dataset.rows.len() {
-            let file = dataset
-                .images
-                .get(row)
-                .cloned()
-                .flatten()
-                .map(|name| llava.image_folder.join(name));
-            if let Some(path) = &file
+            let name = dataset.images.get(row).and_then(Option::as_ref);
+            let file = name.map(|name| llava.image_folder.join(name));
+            if let (Some(name), Some(path)) = (name, &file)
                 && let Err(e) = probe(path)
             {
                 if skip_bad {
@@ -393,7 +289,7 @@ impl Images {
                 };
                 return Err(Error::BadImage {
                     path: path.clone(),
-                    name: dataset.images[row].clone().unwrap_or_default(),
+                    name: name.clone(),
                     record: dataset.sources.get(row).map_or_else(
                         || format!("training sample {row}"),
                         |s| format!("the record at {s}"),
@@ -460,6 +356,10 @@ struct LlavaRecipe<'a, B: Backend> {
 impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
     type Model = Llava<B>;
 
+    fn lengths(&self) -> Vec<i64> {
+        self.images.modality_lengths(self.dataset)
+    }
+
     fn nf4_bytes(&self, model: &Llava<B>) -> usize {
         model.llm.nf4_bytes(self.decoder) + model.visual_encoder.nf4_bytes(&())
     }
@@ -482,7 +382,7 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
         let batch = collate(&data_rows, false);
         let pixel_values = self.images.pixel_values::<B>(rows, self.device)?;
         let checkpointing = self.config.model.activation_checkpointing;
-        let (loss, trained_tokens, tokens, grads) = llava_loss_backward(
+        let step = llava_loss_backward(
             model,
             &batch,
             pixel_values,
@@ -492,10 +392,10 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
             self.device,
         )?;
         Ok(MicroStep {
-            loss,
-            trained_tokens,
-            tokens,
-            grads,
+            loss: step.loss,
+            trained_tokens: step.trained_tokens,
+            tokens: step.tokens,
+            grads: step.grads,
         })
     }
 
@@ -505,7 +405,15 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
         dir: &Path,
         dtype: SaveDtype,
     ) -> Result<()> {
-        write_llava(model, self.config, self.decoder, self.tokenizer, dir, dtype)
+        write_llava(
+            model,
+            self.config,
+            self.llava,
+            self.decoder,
+            self.tokenizer,
+            dir,
+            dtype,
+        )
     }
 
     fn evaluate(&self, model: &Llava<B::InnerBackend>) -> Result<Vec<(String, String)>> {
@@ -522,7 +430,7 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
             }
             None => None,
         };
-        train::evaluate_chat(
+        evaluate_chat(
             &model.llm,
             features.as_ref(),
             self.config,
@@ -530,62 +438,4 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
             self.device,
         )
     }
-}
-
-/// One LLaVA micro-batch: image features spliced into the embeddings, the decoder
-/// (recomputing each layer in backward when `checkpointing`) and the chunked LM loss's
-/// backward (divided by `divisor`). Returns the token-mean loss, the trained and the
-/// real tokens, and the gradients.
-///
-/// # Shapes
-/// `batch`: `[B, T]` rows with -200 where the image goes; `pixel_values`: `[B, 3, H, W]`.
-///
-/// # Errors
-/// A batch whose images do not match its `<image>` tokens.
-pub fn llava_loss_backward<B: AutodiffBackend>(
-    model: &Llava<B>,
-    batch: &xtuner_dataset::collate::Batch,
-    pixel_values: Tensor<B, 4>,
-    select_layer: i64,
-    divisor: f64,
-    checkpointing: bool,
-    device: &B::Device,
-) -> Result<(f64, usize, usize, burn::optim::GradientsParams)> {
-    let shape = [batch.batch_size, batch.seq_len];
-    let ids =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input_ids.clone(), shape), device);
-    let mask = Tensor::<B, 2, Bool>::from_data(
-        TensorData::new(batch.attention_mask.clone(), shape),
-        device,
-    );
-    let labels =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.labels.clone(), shape), device);
-    let inputs = model.prepare_inputs(ids, Some(mask), Some(labels), pixel_values, select_layer)?;
-    let [b, t, _] = inputs.inputs_embeds.dims();
-    let host = |x: Tensor<B, 2, Int>| {
-        x.into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .unwrap_or_default()
-    };
-    let labels = inputs.labels.map(host).unwrap_or_default();
-    let key_valid: Vec<bool> = host(inputs.attention_mask.int())
-        .into_iter()
-        .map(|v| v != 0)
-        .collect();
-    let tokens = key_valid.iter().filter(|&&v| v).count();
-    let input = DecoderInput {
-        positions: inputs.position_ids,
-        mask: AttentionMask::new(b, t, &key_valid, None, device),
-    };
-    let (sum, trained, grads) = decoder_loss_backward(
-        model,
-        &model.llm,
-        inputs.inputs_embeds,
-        &input,
-        &labels,
-        divisor,
-        checkpointing,
-    );
-    Ok((sum / trained.max(1) as f64, trained, tokens, grads))
 }

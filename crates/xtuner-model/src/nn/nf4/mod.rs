@@ -31,6 +31,9 @@
 //!   block gets code 0. (CUDA searches the code table directly, which differs on a few
 //!   values.)
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod cube;
+
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
@@ -544,7 +547,7 @@ impl<B: Backend> Nf4Weight<B> {
     }
 
     /// The dense weight in `dtype`: `NF4_LEVELS[code] · absmax` computed in f32, rounded
-    /// once. On the GPU backends that is one kernel ([`super::nf4_cube`]).
+    /// once. On the GPU backends that is one kernel ([`cube`]).
     ///
     /// # Shapes
     /// → `[d_in, d_out]` (Burn's Linear layout: the transpose of the PyTorch `[out, in]`
@@ -560,7 +563,7 @@ impl<B: Backend> Nf4Weight<B> {
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
         {
             // [rows, cols] → [cols, rows] = [d_in, d_out], a view.
-            super::nf4_cube::dequantize(self, dtype).map(Tensor::transpose)
+            cube::dequantize(self, dtype).map(Tensor::transpose)
         }
         #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
         {

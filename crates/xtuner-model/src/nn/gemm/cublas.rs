@@ -1,4 +1,4 @@
-//! cuBLAS behind [`super::gemm::matmul`] on the CUDA backend, forward and backward.
+//! cuBLAS behind [`super::matmul`] on the CUDA backend, forward and backward.
 //!
 //! Burn owns the buffers: cubecl hands out the device pointer of a tensor's memory, and
 //! cubecl-cuda runs on the device's primary context, so cuBLAS (loaded at run time
@@ -34,8 +34,8 @@ use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as driver, sys as driver_sys};
 
-use super::cube::same;
-use super::gemm::{GemmPlan, Layout};
+use super::{GemmPlan, Layout};
+use crate::nn::cube::same;
 
 /// Burn's CUDA backend with float element `F` (what `burn::backend::Cuda<F, i32>` is
 /// without fusion).

@@ -1,0 +1,255 @@
+//! Talking to a model, for the evaluate-chat hook and for `xtuner chat`: a prompt in
+//! the template (with `<image>` opening the first message when there is an image) →
+//! token ids, with -200 where the image goes → embeddings, the image's projected
+//! features spliced in there → generation with a KV cache.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use xtuner_dataset::Tokenizer;
+use xtuner_model::decoder::Decoder;
+use xtuner_model::generate::{GenerationConfig, StopReason, generate};
+use xtuner_model::llava::prepare_inputs_labels_for_multimodal;
+use xtuner_model::sampling::SamplingConfig;
+use xtuner_template::ChatTemplate;
+use xtuner_template::tokens::{IMAGE_TOKEN, IMAGE_TOKEN_INDEX};
+
+use crate::config::TrainConfig;
+use crate::{Error, Result};
+
+/// The ids of `text`: `<image>` becomes [`IMAGE_TOKEN_INDEX`] when `image` (it marks
+/// where the features go), and is plain text otherwise.
+///
+/// # Errors
+/// A tokenizer failure.
+pub fn encode_prompt(tokenizer: &Tokenizer, text: &str, image: bool) -> Result<Vec<i64>> {
+    let pieces: Vec<&str> = if image {
+        text.split(IMAGE_TOKEN).collect()
+    } else {
+        vec![text]
+    };
+    let mut ids = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            ids.push(IMAGE_TOKEN_INDEX);
+        }
+        ids.extend(tokenizer.encode(piece)?.into_iter().map(i64::from));
+    }
+    Ok(ids)
+}
+
+/// The embeddings `[1, T', C]` of prompt `ids`, with `image`'s features (`[1, P, C]`)
+/// spliced in at [`IMAGE_TOKEN_INDEX`] when there is one.
+///
+/// # Errors
+/// Features that do not fit the image token.
+pub fn prompt_embeds<B: Backend>(
+    model: &Decoder<B>,
+    ids: &[i64],
+    image: Option<&Tensor<B, 3>>,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>> {
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
+    match image {
+        Some(features) if ids.contains(&IMAGE_TOKEN_INDEX) => {
+            let spliced =
+                prepare_inputs_labels_for_multimodal(tokens, None, None, features.clone(), |t| {
+                    model.embed(t.unsqueeze::<2>()).squeeze_dim::<2>(0)
+                })?;
+            Ok(spliced.inputs_embeds)
+        }
+        _ => Ok(model.embed(tokens)),
+    }
+}
+
+/// The prompt ids as generation takes them (the image's -200 left out: the cache's
+/// positions come from the embeddings).
+fn token_ids(ids: &[i64]) -> Vec<u32> {
+    ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect()
+}
+
+/// XTuner's evaluate-chat hook: answers the config's evaluation inputs with the
+/// template (temperature 0.1, top-k 40, top-p 0.75, as XTuner's hook samples). With
+/// `image` (projected features `[1, P, C]`), `<image>\n` opens each prompt and the
+/// features are spliced in there, as XTuner's hook does for LLaVA.
+///
+/// # Errors
+/// A template that cannot render the system prompt, or a tokenizer failure.
+pub fn evaluate_chat<B: Backend>(
+    model: &Decoder<B>,
+    image: Option<&Tensor<B, 3>>,
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+) -> Result<Vec<(String, String)>> {
+    let eval = &config.evaluation;
+    let template = config.template.as_ref().map(|t| t.resolve()).transpose()?;
+    let system = eval.system_prompt();
+    let mut answers = Vec::new();
+    for input in &eval.inputs {
+        let prompt = if image.is_some() {
+            format!("{IMAGE_TOKEN}\n{input}")
+        } else {
+            input.clone()
+        };
+        let text = match &template {
+            Some(t) => t.prompt(&system, &prompt, 1)?,
+            None => prompt,
+        };
+        let mut ids: Vec<i64> = tokenizer.bos_ids().iter().map(|&i| i64::from(i)).collect();
+        ids.extend(encode_prompt(tokenizer, &text, image.is_some())?);
+        let embeds = prompt_embeds(model, &ids, image, device)?;
+        let mut stop_ids = tokenizer.eos_ids().to_vec();
+        if let Some(t) = &template {
+            stop_ids.extend(t.stop_words.iter().filter_map(|w| tokenizer.token_to_id(w)));
+        }
+        let generation = GenerationConfig {
+            max_new_tokens: eval.max_new_tokens,
+            eos_token_ids: stop_ids,
+            sampling: SamplingConfig {
+                seed: config.train.seed,
+                ..SamplingConfig::default()
+            },
+        };
+        let (new, _) = generate(model, embeds, &token_ids(&ids), &generation, |_| true)?;
+        answers.push((input.clone(), tokenizer.decode(&new)?));
+    }
+    Ok(answers)
+}
+
+/// A conversation in progress, as XTuner's chat holds it: the first turn is
+/// `SYSTEM + INSTRUCTION` of the template (only INSTRUCTION later), encoded with BOS;
+/// each answer is followed by the template's SEP. History is kept as token ids and
+/// reset when an answer reaches the token budget. Generation stops at the tokenizer's
+/// EOS or at a stop word (matched on the decoded text).
+pub struct ChatSession<'a, B: Backend> {
+    model: &'a Decoder<B>,
+    tokenizer: &'a Tokenizer,
+    template: Option<&'a ChatTemplate>,
+    system: String,
+    stop_words: Vec<String>,
+    config: GenerationConfig,
+    /// Ids of the conversation so far (prompts, answers, separators; the image as -200).
+    history: Vec<i64>,
+    device: B::Device,
+    /// Projected image features `[1, P, C]` (LLaVA).
+    image: Option<Tensor<B, 3>>,
+}
+
+impl<'a, B: Backend> ChatSession<'a, B> {
+    /// A new conversation. `stop_words` are matched at the end of the decoded answer;
+    /// `image` (LLaVA's projected features) goes into the first message.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: &'a Decoder<B>,
+        tokenizer: &'a Tokenizer,
+        template: Option<&'a ChatTemplate>,
+        system: String,
+        stop_words: Vec<String>,
+        config: GenerationConfig,
+        image: Option<Tensor<B, 3>>,
+        device: B::Device,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            template,
+            system,
+            stop_words,
+            config,
+            history: Vec::new(),
+            device,
+            image,
+        }
+    }
+
+    /// Forgets the conversation (XTuner's `RESET`).
+    pub fn reset(&mut self) {
+        self.history.clear();
+    }
+
+    /// Answers one user input; returns the answer text (stop word removed). `on_text`
+    /// receives the answer as it grows, a piece at a time, once it decodes to whole
+    /// characters; an error it returns stops generation and is returned.
+    ///
+    /// # Errors
+    /// A template or tokenizer failure, or `on_text`'s.
+    pub fn turn(
+        &mut self,
+        input: &str,
+        mut on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<String> {
+        let first = self.history.is_empty();
+        // LLaVA: the image opens the first user message, as XTuner's chat puts it.
+        let with_image = first && self.image.is_some();
+        let input = if with_image {
+            format!("{IMAGE_TOKEN}\n{input}")
+        } else {
+            input.to_string()
+        };
+        let text = match self.template {
+            Some(t) => {
+                let system = if first { self.system.as_str() } else { "" };
+                t.prompt(system, &input, 1)?
+            }
+            None => input,
+        };
+        if first {
+            self.history
+                .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
+        }
+        self.history
+            .extend(encode_prompt(self.tokenizer, &text, with_image)?);
+        let ids = self.history.clone();
+        let embeds = prompt_embeds(self.model, &ids, self.image.as_ref(), &self.device)?;
+        let mut printed = 0;
+        let mut generated: Vec<u32> = Vec::new();
+        let mut failure: Option<Error> = None;
+        let (tokenizer, stop_words) = (self.tokenizer, &self.stop_words);
+        let (new, reason) = generate(self.model, embeds, &token_ids(&ids), &self.config, |id| {
+            generated.push(id);
+            let text = match tokenizer.decode(&generated) {
+                Ok(text) => text,
+                Err(e) => {
+                    failure = Some(e.into());
+                    return false;
+                }
+            };
+            // Pass on what is new once it decodes to whole characters.
+            if !text.ends_with('\u{fffd}') && text.is_char_boundary(printed.min(text.len())) {
+                if let Err(e) = on_text(&text[printed.min(text.len())..]) {
+                    failure = Some(e);
+                    return false;
+                }
+                printed = text.len();
+            }
+            let flat: String = text.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+            !stop_words.iter().any(|w| flat.ends_with(w.as_str()))
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let mut answer = self.tokenizer.decode(&new)?;
+        if reason == StopReason::Stopped
+            && let Some(word) = self
+                .stop_words
+                .iter()
+                .find(|w| answer.trim_end().ends_with(w.as_str()))
+        {
+            let cut = answer.trim_end().len() - word.len();
+            answer.truncate(cut);
+        }
+        self.history.extend(new.iter().map(|&i| i64::from(i)));
+        if reason == StopReason::Eos {
+            self.history
+                .extend(self.tokenizer.eos_ids().iter().map(|&i| i64::from(i)));
+        }
+        if reason == StopReason::Length {
+            self.history.clear();
+        } else if let Some(t) = self.template {
+            let sep = self.tokenizer.encode(&t.sep)?;
+            self.history.extend(sep.into_iter().map(i64::from));
+        }
+        Ok(answer)
+    }
+}

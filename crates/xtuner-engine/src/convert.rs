@@ -1,0 +1,89 @@
+//! `xtuner convert`: a checkpoint's weights in the formats the Hugging Face world
+//! loads (`pth_to_hf`), and a base model with an adapter merged in (`merge`). The
+//! checkpoint's model is built again by its recipe ([`crate::recipe`]) and written by
+//! [`crate::export`], the same code a run writes its checkpoints with.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use xtuner_model::checkpoint::peft::PeftAdapter;
+use xtuner_model::checkpoint::{SaveDtype, copy_side_files, save_safetensors};
+use xtuner_model::decoder::Decoder;
+
+use crate::config::{LoadedConfig, RunMode};
+use crate::export::hf::{TOKENIZER_FILES, save_hf_model, write_decoder};
+use crate::export::llava::write_llava;
+use crate::export::{create_dir, write_toml};
+use crate::recipe::{decoder, llava};
+use crate::run::check_mode;
+use crate::{Result, checkpoint};
+
+/// The file beside an export that records the config it was made with.
+pub const CONFIG_FILE: &str = "xtuner_config.toml";
+
+/// `convert pth_to_hf`: the weights of `checkpoint` (written by a run of `loaded`)
+/// in `out`: a PEFT adapter for LoRA, a model directory (sharded above
+/// `max_shard_size` bytes) for a full fine-tune, XTuner's layout for LLaVA; and the
+/// config beside them.
+///
+/// # Errors
+/// A checkpoint of another kind of run, or one that does not fit the config; an
+/// unwritable `out`.
+pub fn pth_to_hf<B: Backend>(
+    loaded: &LoadedConfig,
+    checkpoint: &Path,
+    out: &Path,
+    dtype: SaveDtype,
+    max_shard_size: u64,
+    device: &B::Device,
+) -> Result<()> {
+    let config = &loaded.config;
+    let state = checkpoint::read_state(checkpoint)?;
+    check_mode(checkpoint, state.mode, config)?;
+    create_dir(out)?;
+    match config.mode() {
+        RunMode::Llava => {
+            let (model, decoder, tokenizer) = llava::restore::<B>(loaded, checkpoint, device)?;
+            let section = llava::llava_section(config)?;
+            write_llava(&model, config, section, &decoder, &tokenizer, out, dtype)?;
+        }
+        RunMode::Lora => {
+            let (model, decoder, tokenizer) = decoder::restore::<B>(loaded, checkpoint, device)?;
+            write_decoder(&model, &decoder, config, out, dtype, &tokenizer)?;
+        }
+        RunMode::Full => {
+            let (model, decoder, tokenizer) = decoder::restore::<B>(loaded, checkpoint, device)?;
+            save_hf_model(&model, &decoder, &tokenizer, out, dtype, max_shard_size)?;
+        }
+    }
+    write_toml(&out.join(CONFIG_FILE), config)
+}
+
+/// `convert merge`: the model in `base` with the PEFT adapter in `adapter` folded into
+/// its weights, saved to `out` (sharded above `max_shard_size` bytes) with the base's
+/// config and tokenizer files. Returns the weight files written.
+///
+/// # Errors
+/// A base or adapter that cannot be read or do not fit; an unwritable `out`.
+pub fn merge<B: Backend>(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: SaveDtype,
+    max_shard_size: u64,
+    device: &B::Device,
+) -> Result<Vec<PathBuf>> {
+    let adapter = PeftAdapter::open(adapter)?;
+    let (model, decoder) = Decoder::<B>::load(base, Some(&adapter), device)?;
+    create_dir(out)?;
+    let files = save_safetensors(
+        out,
+        "model",
+        model.to_hf_tensors(&decoder)?,
+        dtype,
+        Some(max_shard_size),
+    )?;
+    copy_side_files(base, &["config.json", "generation_config.json"], out)?;
+    copy_side_files(base, &TOKENIZER_FILES, out)?;
+    Ok(files)
+}

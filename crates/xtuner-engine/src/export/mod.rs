@@ -1,0 +1,48 @@
+//! What a run writes for the Hugging Face world, in the layouts transformers, PEFT and
+//! XTuner write: a model directory ([`hf`]), a PEFT adapter ([`peft`]) and XTuner's
+//! LLaVA layout ([`llava`]). Checkpoints and `convert` both write through here.
+
+pub mod hf;
+pub mod llava;
+pub mod peft;
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// transformers' default `max_shard_size` for the checkpoints a run writes.
+pub const DEFAULT_SHARD_SIZE: u64 = 2_000_000_000;
+
+/// Writes a JSON file (pretty-printed).
+///
+/// # Errors
+/// A value that does not serialize, or a file that cannot be written; both name it.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Serialize {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Writes a TOML file (the resolved config beside a run or an export).
+///
+/// # Errors
+/// As [`write_json`].
+pub fn write_toml(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = toml::to_string_pretty(value).map_err(|e| Error::Serialize {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Creates `dir` and its parents.
+///
+/// # Errors
+/// An unwritable location, naming it.
+pub(crate) fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
