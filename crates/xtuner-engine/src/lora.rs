@@ -1,8 +1,8 @@
 //! LoRA policy: which layers get adapters (XTuner's rule), how they start (PEFT's
 //! initialisation, or a PEFT adapter directory), freezing the base, QLoRA's NF4 base
 //! and merging. The same policy serves every model with [`LinearLayers`]: the decoder
-//! and, for LLaVA, the CLIP vision tower. Writing adapters is
-//! [`crate::export::peft`]'s.
+//! and, for LLaVA, the CLIP vision tower. Writing adapters is the PEFT layout's, in
+//! `export/peft.rs`.
 
 use std::collections::BTreeSet;
 

@@ -2,7 +2,7 @@
 //! Hugging Face's `modeling_internlm2.py`; the same decoder serves Llama and Qwen2
 //! checkpoints, whose arithmetic is identical (pre-norm residual blocks, RMSNorm,
 //! rotate-half RoPE, grouped-query attention, SwiGLU), through their own key names
-//! ([`Family`]). Loading and saving checkpoints is [`crate::checkpoint::decoder`]'s.
+//! ([`Family`]). Loading and saving checkpoints is `checkpoint/decoder.rs`'s.
 //!
 //! ```text
 //! h = embed(ids)

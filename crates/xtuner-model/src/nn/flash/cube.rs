@@ -1,5 +1,5 @@
 //! Flash attention on Burn's CubeCL backends (CUDA for training; WebGPU, which runs on
-//! any Vulkan driver, for tests): the kernels ([`super::kernel`]) of [`super::reference`]'s path and
+//! any Vulkan driver, for tests): the kernels (`kernel.rs`) of the reference path (`reference.rs`) and
 //! the autodiff op that wraps them.
 //!
 //! One cube serves one tile of `block` queries (forward, `dQ`) or keys (`dK`, `dV`) of

@@ -10,7 +10,8 @@
 //!
 //! This is the oracle for a GPU kernel: same tiling, same arithmetic, so a kernel's
 //! outputs can be compared tile for tile; tests check it against
-//! [`scaled_dot_product`](crate::nn::attention::scaled_dot_product) and Burn's autodiff.
+//! the materialised attention (`scaled_dot_product` in `nn/attention.rs`) and Burn's
+//! autodiff.
 //!
 //! Layouts (row-major): `q`, `out`, `dout`, `dq`: `[B, H, T, D]`; `k`, `v`, `dk`, `dv`:
 //! `[B, K, T, D]`; `lse`: `[B, H, T]`; `segments`: `[B, T]`. Query head `h` uses KV head
