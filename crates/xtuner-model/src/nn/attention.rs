@@ -3,7 +3,7 @@
 //! must not see each other (varlen attention, as segment ids).
 //!
 //! A training step's mask is [`AttentionMask::Causal`]: on Burn's CubeCL backends it runs
-//! as flash attention ([`super::flash_cube`]), which never holds the `[T × S]` scores;
+//! as flash attention (`nn/flash/`), which never holds the `[T × S]` scores;
 //! elsewhere, and for any other mask, the scores are materialised
 //! ([`scaled_dot_product`]). `XTUNER_ATTENTION=dense` forces the latter everywhere.
 //!
