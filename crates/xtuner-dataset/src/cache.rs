@@ -269,7 +269,7 @@ mod tests {
     use xtuner_template::PromptTemplate;
 
     fn tokenizer_path() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer")
+        crate::test_support::fixture("tokenizer")
     }
 
     fn tokenizer() -> Tokenizer {

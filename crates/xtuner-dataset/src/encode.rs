@@ -144,13 +144,9 @@ fn widen(ids: &[u32]) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn tokenizer() -> Tokenizer {
-        Tokenizer::from_path(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"),
-        )
-        .unwrap()
+        Tokenizer::from_path(&crate::test_support::fixture("tokenizer")).unwrap()
     }
 
     const OPTS: EncodeOptions = EncodeOptions {

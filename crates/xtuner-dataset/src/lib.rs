@@ -21,6 +21,12 @@ pub mod tokenizer;
 pub use cache::{CacheOutcome, load_or_process};
 pub use encode::{EncodedSample, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 pub use error::{Error, Result};
+
+/// The fixture path helper of this crate's tests (one definition, shared with the
+/// integration tests).
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+pub(crate) mod test_support;
 pub use pack::PackedRow;
 pub use pipeline::{DataSpec, DatasetStats, ProcessedDataset};
 pub use tokenizer::Tokenizer;

@@ -338,10 +338,7 @@ mod tests {
     use xtuner_template::PromptTemplate;
 
     fn tokenizer() -> Tokenizer {
-        Tokenizer::from_path(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer"),
-        )
-        .unwrap()
+        Tokenizer::from_path(&crate::test_support::fixture("tokenizer")).unwrap()
     }
 
     fn spec(dir: &Path, lines: &[String]) -> DataSpec {

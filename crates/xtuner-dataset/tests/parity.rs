@@ -6,7 +6,7 @@
 //!   varlen boundaries.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 use xtuner_dataset::encode::{EncodeOptions, encode};
@@ -15,8 +15,10 @@ use xtuner_dataset::pack::pack;
 use xtuner_dataset::{EncodedSample, Tokenizer};
 use xtuner_template::{PromptTemplate, Turn};
 
+mod common;
+
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+    common::fixture("")
 }
 
 fn ids(v: &Value) -> Vec<i64> {

@@ -63,7 +63,7 @@ pub fn quantize_base<B: Backend>(
     double_quant: bool,
 ) -> Result<Decoder<B>> {
     let head = config.family.output();
-    model.map_linears(config, |site, linear: Linear<B>| -> Result<Linear<B>> {
+    model.map_linear_layers(config, |site, linear: Linear<B>| -> Result<Linear<B>> {
         if site.module == head {
             Ok(linear)
         } else {

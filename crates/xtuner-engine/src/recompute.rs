@@ -114,6 +114,7 @@ mod tests {
     use burn::tensor::backend::Backend;
     use burn::tensor::{Int, TensorData, Tolerance};
     use xtuner_model::decoder::DecoderConfig;
+    use xtuner_model::nn::linear::LinearLayers;
 
     use super::*;
 
@@ -163,7 +164,7 @@ mod tests {
         )
         .unwrap();
         // LoRA's B starts at zero; give it values so every adapter gets a gradient.
-        let lora = lora.map_linears(&config, |_, mut linear| -> Result<_, ()> {
+        let lora = lora.map_linear_layers(&config, |_, mut linear| -> Result<_, ()> {
             if let Some(l) = linear.lora.as_mut() {
                 l.lora_b = Param::from_tensor(Tensor::random(
                     l.lora_b.dims(),

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
@@ -26,11 +26,9 @@ use xtuner_model::llava::Llava;
 type B = NdArray<f32>;
 type A = Autodiff<B>;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures")
-        .join(path)
-}
+mod common;
+
+use common::fixture;
 
 /// A LLaVA config on the fixtures; `llava` lines go into `[llava]`, `tail` after it.
 fn config(llava: &str, tail: &str) -> TrainConfig {

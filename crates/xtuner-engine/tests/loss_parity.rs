@@ -2,8 +2,6 @@
 //! PEFT adapter, on the golden batch.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use xtuner_engine::loss::causal_lm_loss;
@@ -13,11 +11,9 @@ use xtuner_model::decoder::{Decoder, DecoderInput};
 
 type B = NdArray<f32>;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures")
-        .join(path)
-}
+mod common;
+
+use common::fixture;
 
 fn loss_of(model: &Decoder<B>, golden: &Checkpoint) -> f32 {
     let device = Default::default();

@@ -3,8 +3,6 @@
 //! step's learning rate, loss and gradient norm, and the final adapter, must match.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsParams, Optimizer};
@@ -22,11 +20,9 @@ use xtuner_model::decoder::{Decoder, DecoderInput};
 
 type B = Autodiff<NdArray<f32>>;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures")
-        .join(path)
-}
+mod common;
+
+use common::fixture;
 
 #[test]
 fn six_lora_steps_follow_the_reference_trajectory() {

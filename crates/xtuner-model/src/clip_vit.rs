@@ -431,17 +431,19 @@ impl<B: Backend> ClipVisionTower<B> {
     }
 }
 
-/// Keys of a `CLIPModel` checkpoint that the vision tower does not use by design.
-/// The projection layers of encoder layer `i`, in checkpoint order, with their names.
-fn layer_linears<B: Backend>(layer: &ClipEncoderLayer<B>) -> [(&'static str, &Linear<B>); 6] {
-    let (a, m) = (&layer.self_attn, &layer.mlp);
+/// The projection layers of an encoder layer, in checkpoint order, with their names:
+/// the one list of the tower's linear layers (adapters, export and loading use it).
+fn layer_linears<B: Backend>(
+    layer: &mut ClipEncoderLayer<B>,
+) -> [(&'static str, &mut Linear<B>); 6] {
+    let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
     [
-        ("self_attn.q_proj", &a.q_proj),
-        ("self_attn.k_proj", &a.k_proj),
-        ("self_attn.v_proj", &a.v_proj),
-        ("self_attn.out_proj", &a.out_proj),
-        ("mlp.fc1", &m.fc1),
-        ("mlp.fc2", &m.fc2),
+        ("self_attn.q_proj", &mut a.q_proj),
+        ("self_attn.k_proj", &mut a.k_proj),
+        ("self_attn.v_proj", &mut a.v_proj),
+        ("self_attn.out_proj", &mut a.out_proj),
+        ("mlp.fc1", &mut m.fc1),
+        ("mlp.fc2", &mut m.fc2),
     ]
 }
 
@@ -469,30 +471,13 @@ impl<B: Backend> LinearLayers<B> for ClipVisionTower<B> {
             .into_iter()
             .enumerate()
         {
-            let a = &mut layer.self_attn;
-            a.q_proj = f(&clip_site(i, "self_attn.q_proj"), a.q_proj.clone())?;
-            a.k_proj = f(&clip_site(i, "self_attn.k_proj"), a.k_proj.clone())?;
-            a.v_proj = f(&clip_site(i, "self_attn.v_proj"), a.v_proj.clone())?;
-            a.out_proj = f(&clip_site(i, "self_attn.out_proj"), a.out_proj.clone())?;
-            let m = &mut layer.mlp;
-            m.fc1 = f(&clip_site(i, "mlp.fc1"), m.fc1.clone())?;
-            m.fc2 = f(&clip_site(i, "mlp.fc2"), m.fc2.clone())?;
+            for (name, slot) in layer_linears(&mut layer) {
+                *slot = f(&clip_site(i, name), slot.clone())?;
+            }
             layers.push(layer);
         }
         self.encoder.layers = layers;
         Ok(self)
-    }
-
-    fn linear_layers<'a>(&'a self, _: &()) -> Vec<(LinearSite, &'a Linear<B>)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.encoder.layers.iter().enumerate() {
-            out.extend(
-                layer_linears(layer)
-                    .into_iter()
-                    .map(|(name, linear)| (clip_site(i, name), linear)),
-            );
-        }
-        out
     }
 }
 
@@ -533,7 +518,8 @@ impl<B: Backend> ClipVisionTower<B> {
             let l = format!("encoder.layers.{i}");
             out.extend(norm(&format!("{l}.layer_norm1"), &layer.layer_norm1));
             out.extend(norm(&format!("{l}.layer_norm2"), &layer.layer_norm2));
-            for (name, linear) in layer_linears(layer) {
+            let mut layer = layer.clone();
+            for (name, linear) in layer_linears(&mut layer) {
                 out.extend(linear.to_hf_tensors(&key(&format!("{l}.{name}"))));
             }
         }
@@ -542,6 +528,7 @@ impl<B: Backend> ClipVisionTower<B> {
     }
 }
 
+/// Keys of a `CLIPModel` checkpoint that the vision tower does not use by design.
 fn is_skipped_key(key: &str) -> bool {
     key.starts_with("text_model.")
         || key.starts_with("text_projection.")
@@ -738,7 +725,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/clip-vit-tiny")
+        crate::test_support::fixture("clip-vit-tiny")
     }
 
     fn golden<const D: usize>(key: &str) -> Tensor<TestBackend, D> {
@@ -914,5 +901,28 @@ mod tests {
         let expected = TensorData::from([[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]]);
         y.into_data()
             .assert_approx_eq::<f32>(&expected, burn::tensor::Tolerance::absolute(1e-5));
+    }
+
+    /// Every linear layer of the encoder is listed, once: with the embeddings and the
+    /// norms they are all of the tower's parameters.
+    #[test]
+    fn every_linear_layer_is_listed_once() {
+        let device = Default::default();
+        let (tower, _) = ClipVisionTower::<TestBackend>::load(&fixture_dir(), &device).unwrap();
+        let layers = tower.linear_layers(&());
+        let size = |l: &Linear<TestBackend>| {
+            let [d_in, d_out] = l.dims();
+            d_in * d_out + l.bias.as_ref().map_or(0, |_| d_out)
+        };
+        let listed: usize = layers.iter().map(|(_, l)| size(l)).sum();
+        let e = &tower.embeddings;
+        let hidden = e.class_embedding.dims()[0];
+        let norms = (2 + 2 * tower.encoder.layers.len()) * 2 * hidden;
+        let embeddings =
+            size(&e.patch_embedding) + hidden + e.position_embedding.val().shape().num_elements();
+        assert_eq!(listed + norms + embeddings, tower.num_params());
+        let modules: std::collections::BTreeSet<&str> =
+            layers.iter().map(|(s, _)| s.module.as_str()).collect();
+        assert_eq!(modules.len(), 6 * tower.encoder.layers.len());
     }
 }

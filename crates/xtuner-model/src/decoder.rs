@@ -548,96 +548,83 @@ impl<B: Backend> Decoder<B> {
     }
 }
 
-/// Every linear layer of a decoder with its site, in checkpoint order.
-pub fn linear_sites(config: &DecoderConfig) -> Vec<LinearSite> {
-    let c = config;
-    let site = |module: &str, out_rows: Option<Vec<usize>>| LinearSite {
+/// The site of the linear layer that is checkpoint module `module`.
+fn site(module: &str, out_rows: Option<Vec<usize>>) -> LinearSite {
+    LinearSite {
         module: module.to_string(),
         name: module.rsplit('.').next().unwrap_or(module).to_string(),
         out_rows,
-    };
-    let mut sites = Vec::new();
-    for i in 0..c.n_layers {
-        let keys = c.family.layer(i);
-        match &keys.qkv {
-            QkvKeys::Fused(module) => sites.push(site(
-                module,
-                Some(internlm2_qkv_rows(c.n_heads, c.n_kv_heads, c.head_dim)),
-            )),
-            // Fused here from three checkpoint modules: named after the query one.
-            QkvKeys::Separate { q, .. } => sites.push(site(q, None)),
-        }
-        sites.push(site(&keys.wo, None));
-        sites.push(site(&keys.w1, None));
-        sites.push(site(&keys.w2, None));
-        sites.push(site(&keys.w3, None));
-    }
-    sites.push(site(c.family.output(), None));
-    sites
-}
-
-impl<B: Backend> Decoder<B> {
-    /// Rebuilds every linear layer through `f` (attach or remove adapters, freeze...),
-    /// in the order of [`linear_sites`]. The tied LM head (no layer) is skipped.
-    ///
-    /// # Errors
-    /// Whatever `f` returns.
-    pub fn map_linears<E>(
-        mut self,
-        config: &DecoderConfig,
-        mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
-    ) -> std::result::Result<Self, E> {
-        let sites = linear_sites(config);
-        let mut sites = sites.iter();
-        let mut next = |linear: Linear<B>| match sites.next() {
-            Some(site) => f(site, linear),
-            None => Ok(linear),
-        };
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for mut layer in std::mem::take(&mut self.layers) {
-            layer.attention.wqkv = next(layer.attention.wqkv)?;
-            layer.attention.wo = next(layer.attention.wo)?;
-            layer.feed_forward.w1 = next(layer.feed_forward.w1)?;
-            layer.feed_forward.w2 = next(layer.feed_forward.w2)?;
-            layer.feed_forward.w3 = next(layer.feed_forward.w3)?;
-            layers.push(layer);
-        }
-        self.layers = layers;
-        if let Some(output) = self.output.take() {
-            self.output = Some(next(output)?);
-        }
-        Ok(self)
-    }
-
-    /// Every linear layer with its site (the tied LM head is absent).
-    pub fn linears<'a>(&'a self, config: &DecoderConfig) -> Vec<(LinearSite, &'a Linear<B>)> {
-        let mut layers = Vec::new();
-        for layer in &self.layers {
-            layers.extend([
-                &layer.attention.wqkv,
-                &layer.attention.wo,
-                &layer.feed_forward.w1,
-                &layer.feed_forward.w2,
-                &layer.feed_forward.w3,
-            ]);
-        }
-        layers.extend(self.output.as_ref());
-        linear_sites(config).into_iter().zip(layers).collect()
     }
 }
 
+/// The decoder's linear layers, each named where it is rebuilt: per block the fused
+/// q/k/v product, `wo`, `w1`, `w2`, `w3`, then the LM head (absent when tied).
 impl<B: Backend> LinearLayers<B> for Decoder<B> {
     type Config = DecoderConfig;
 
     fn map_linear_layers<E>(
-        self,
+        mut self,
         config: &DecoderConfig,
-        f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
+        mut f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
     ) -> std::result::Result<Self, E> {
-        self.map_linears(config, f)
+        let c = config;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, mut layer) in std::mem::take(&mut self.layers).into_iter().enumerate() {
+            let keys = c.family.layer(i);
+            let qkv = match &keys.qkv {
+                QkvKeys::Fused(module) => site(
+                    module,
+                    Some(internlm2_qkv_rows(c.n_heads, c.n_kv_heads, c.head_dim)),
+                ),
+                // Fused here from three checkpoint modules: named after the query one.
+                QkvKeys::Separate { q, .. } => site(q, None),
+            };
+            let (a, m) = (&mut layer.attention, &mut layer.feed_forward);
+            a.wqkv = f(&qkv, a.wqkv.clone())?;
+            a.wo = f(&site(&keys.wo, None), a.wo.clone())?;
+            m.w1 = f(&site(&keys.w1, None), m.w1.clone())?;
+            m.w2 = f(&site(&keys.w2, None), m.w2.clone())?;
+            m.w3 = f(&site(&keys.w3, None), m.w3.clone())?;
+            layers.push(layer);
+        }
+        self.layers = layers;
+        if let Some(output) = self.output.take() {
+            self.output = Some(f(&site(c.family.output(), None), output)?);
+        }
+        Ok(self)
     }
+}
 
-    fn linear_layers<'a>(&'a self, config: &DecoderConfig) -> Vec<(LinearSite, &'a Linear<B>)> {
-        self.linears(config)
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::TestBackend;
+
+    /// Every linear layer of the decoder is listed, once: the listed layers with the
+    /// embeddings and norms are all of the model's parameters.
+    #[test]
+    fn every_linear_layer_is_listed_once() {
+        let device = Default::default();
+        let c = DecoderConfig::preset("internlm2-tiny", 300).unwrap();
+        let model = Decoder::<TestBackend>::random(&c, &device).unwrap();
+        let layers = model.linear_layers(&c);
+        let listed: usize = layers
+            .iter()
+            .map(|(_, l)| {
+                let [d_in, d_out] = l.dims();
+                d_in * d_out + l.bias.as_ref().map_or(0, |_| d_out)
+            })
+            .sum();
+        let embeddings_and_norms =
+            c.vocab_size * c.hidden_size + (2 * c.n_layers + 1) * c.hidden_size;
+        assert_eq!(listed + embeddings_and_norms, model.num_params());
+        let modules: BTreeSet<&str> = layers.iter().map(|(s, _)| s.module.as_str()).collect();
+        assert_eq!(modules.len(), layers.len());
+        assert_eq!(
+            layers.len(),
+            5 * c.n_layers + usize::from(model.output.is_some())
+        );
     }
 }

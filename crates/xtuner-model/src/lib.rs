@@ -26,6 +26,12 @@ pub mod sampling;
 
 pub use error::{Error, Result};
 
+/// The fixture path helper of this crate's tests (one definition, shared with the
+/// integration tests).
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+pub(crate) mod test_support;
+
 /// The backend the unit tests run on.
 #[cfg(test)]
 pub(crate) type TestBackend = burn::backend::NdArray<f32>;

@@ -315,12 +315,12 @@ mod tests {
     use crate::TestBackend;
     use crate::checkpoint::Checkpoint;
     use crate::test_util::max_abs_tensor;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     type B = TestBackend;
 
     fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        crate::test_support::fixture("")
     }
 
     fn golden_float<const D: usize>(file: &str, key: &str) -> Tensor<B, D> {

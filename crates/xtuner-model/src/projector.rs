@@ -248,7 +248,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        crate::test_support::fixture("")
     }
 
     #[test]

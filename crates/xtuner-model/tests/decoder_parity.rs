@@ -3,8 +3,6 @@
 //! at load, and the Llama and Qwen2 families through their own key names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use burn::backend::NdArray;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Int, Tensor, TensorData, Tolerance};
@@ -18,11 +16,9 @@ use xtuner_model::sampling::SamplingConfig;
 
 type B = NdArray<f32>;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures")
-        .join(path)
-}
+mod common;
+
+use common::fixture;
 
 fn ints(ckpt: &Checkpoint, key: &str) -> (Vec<i64>, Vec<usize>) {
     let data = ckpt.int_data(key).unwrap();

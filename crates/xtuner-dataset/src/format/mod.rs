@@ -445,11 +445,6 @@ mod tests {
     use serde_json::json;
     use xtuner_template::{SystemTemplate, Turn};
 
-    const ENCODE_CASES: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/tokenizer/encode_cases.jsonl"
-    );
-
     fn conversation_of(sample: Sample) -> (Vec<Turn>, Option<String>) {
         match sample {
             Sample::Conversation {
@@ -462,7 +457,9 @@ mod tests {
 
     #[test]
     fn every_fixture_record_maps_like_xtuner() {
-        let text = std::fs::read_to_string(ENCODE_CASES).unwrap();
+        let text =
+            std::fs::read_to_string(crate::test_support::fixture("tokenizer/encode_cases.jsonl"))
+                .unwrap();
         let mut seen = std::collections::HashSet::new();
         for (number, line) in text
             .lines()

@@ -306,11 +306,7 @@ fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
 mod tests {
     use super::*;
 
-    fn fixture(path: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures")
-            .join(path)
-    }
+    use crate::test_support::fixture;
 
     #[test]
     fn tokenizer_json_specials_come_from_tokenizer_config() {

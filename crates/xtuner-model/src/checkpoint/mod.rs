@@ -404,10 +404,8 @@ mod tests {
     use super::*;
     use crate::TestBackend;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
-
     fn internlm2() -> Checkpoint {
-        Checkpoint::open(&Path::new(FIXTURES).join("internlm2-tiny")).unwrap()
+        Checkpoint::open(&crate::test_support::fixture("").join("internlm2-tiny")).unwrap()
     }
 
     fn f32s(data: &TensorData) -> Vec<f32> {
@@ -520,9 +518,10 @@ mod tests {
 
     #[test]
     fn int_data_reads_golden_token_ids() {
-        let golden =
-            Checkpoint::open(&Path::new(FIXTURES).join("internlm2-tiny/golden.safetensors"))
-                .unwrap();
+        let golden = Checkpoint::open(
+            &crate::test_support::fixture("").join("internlm2-tiny/golden.safetensors"),
+        )
+        .unwrap();
         let ids = golden.int_data("input_ids").unwrap();
         assert_eq!(ids.shape.to_vec(), vec![2, 16]);
         let ids = ids.to_vec::<i64>().unwrap();
@@ -639,8 +638,10 @@ mod tests {
             matches!(err, Error::Io { .. }) && err.to_string().contains("absent"),
             "{err}"
         );
-        let bytes =
-            std::fs::read(Path::new(FIXTURES).join("internlm2-tiny/model.safetensors")).unwrap();
+        let bytes = std::fs::read(
+            crate::test_support::fixture("").join("internlm2-tiny/model.safetensors"),
+        )
+        .unwrap();
         std::fs::write(dir.path().join(SINGLE_FILE), &bytes[..bytes.len() / 2]).unwrap();
         let err = Checkpoint::open(dir.path()).unwrap_err();
         assert!(matches!(err, Error::Safetensors { .. }), "{err}");

@@ -561,9 +561,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/clip-vit-tiny")
-            .join(name)
+        crate::test_support::fixture("clip-vit-tiny").join(name)
     }
 
     fn golden(key: &str) -> (Vec<f32>, Vec<usize>) {

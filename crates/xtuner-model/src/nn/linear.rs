@@ -34,11 +34,15 @@ pub struct LinearSite {
 
 /// A model whose linear layers can be listed and rebuilt by site: what LoRA,
 /// quantization and adapter export work on, whatever the model.
-pub trait LinearLayers<B: Backend>: Sized {
+///
+/// A model names its layers once, in [`LinearLayers::map_linear_layers`], each site
+/// next to the field it rebuilds; the listing is derived from it, so the two cannot
+/// disagree.
+pub trait LinearLayers<B: Backend>: Sized + Clone {
     /// What the sites are derived from (the model's config).
     type Config;
 
-    /// Rebuilds every linear layer through `f`, in site order.
+    /// Rebuilds every linear layer through `f`, each with its site.
     ///
     /// # Errors
     /// Whatever `f` returns.
@@ -48,8 +52,19 @@ pub trait LinearLayers<B: Backend>: Sized {
         f: impl FnMut(&LinearSite, Linear<B>) -> std::result::Result<Linear<B>, E>,
     ) -> std::result::Result<Self, E>;
 
-    /// Every linear layer with its site.
-    fn linear_layers<'a>(&'a self, config: &Self::Config) -> Vec<(LinearSite, &'a Linear<B>)>;
+    /// Every linear layer with its site, in the order of
+    /// [`LinearLayers::map_linear_layers`] (the layers are shared, not copied: Burn's
+    /// tensors are reference-counted).
+    fn linear_layers(&self, config: &Self::Config) -> Vec<(LinearSite, Linear<B>)> {
+        let mut out = Vec::new();
+        let listed: std::result::Result<Self, std::convert::Infallible> =
+            self.clone().map_linear_layers(config, |site, linear| {
+                out.push((site.clone(), linear.clone()));
+                Ok(linear)
+            });
+        drop(listed);
+        out
+    }
 
     /// The device memory of the NF4 weights (QLoRA's base): constants, which Burn's
     /// module visitors do not see.

@@ -673,21 +673,20 @@ fn push_utf8_lossy(out: &mut String, mut bytes: &[u8]) {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/spm-bpe-tiny"
-    );
+    fn fixture(file: &str) -> std::path::PathBuf {
+        crate::test_support::fixture("spm-bpe-tiny").join(file)
+    }
 
     fn model_bytes() -> Vec<u8> {
-        std::fs::read(format!("{FIXTURE}/tokenizer.model")).unwrap()
+        std::fs::read(fixture("tokenizer.model")).unwrap()
     }
 
     pub(super) fn tiny() -> SentencePieceBpe {
-        SentencePieceBpe::from_file(Path::new(&format!("{FIXTURE}/tokenizer.model"))).unwrap()
+        SentencePieceBpe::from_file(&fixture("tokenizer.model")).unwrap()
     }
 
     fn golden() -> serde_json::Value {
-        let text = std::fs::read_to_string(format!("{FIXTURE}/golden.json")).unwrap();
+        let text = std::fs::read_to_string(fixture("golden.json")).unwrap();
         serde_json::from_str(&text).unwrap()
     }
 

@@ -610,12 +610,6 @@ mod tests {
     use crate::TestBackend;
     use crate::checkpoint::Checkpoint;
     use crate::test_util::max_abs_diff;
-    use std::path::Path;
-
-    const GOLDEN: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/nf4/golden.safetensors"
-    );
 
     struct Golden {
         ckpt: Checkpoint,
@@ -624,7 +618,8 @@ mod tests {
     impl Golden {
         fn open() -> Self {
             Self {
-                ckpt: Checkpoint::open(Path::new(GOLDEN)).unwrap(),
+                ckpt: Checkpoint::open(&crate::test_support::fixture("nf4/golden.safetensors"))
+                    .unwrap(),
             }
         }
         fn f32s(&self, key: &str) -> Vec<f32> {
