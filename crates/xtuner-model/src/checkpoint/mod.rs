@@ -13,6 +13,7 @@
 //! PyTorch pickle checkpoints (`pytorch_model.bin`, `*.pth`) are refused with
 //! [`Error::PickleNotSupported`]: unpickling runs arbitrary code.
 
+pub mod clip;
 pub mod decoder;
 pub mod keys;
 pub mod peft;
