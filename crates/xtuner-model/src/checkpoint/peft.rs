@@ -196,7 +196,12 @@ impl PeftAdapter {
         };
         let r = self.config.r;
         for (key, expected) in [(a_key, vec![r, inp]), (b_key, vec![out, r])] {
-            let found = self.weights.shape(key).unwrap_or_default();
+            let Some(found) = self.weights.shape(key) else {
+                return Err(Error::MissingTensor {
+                    key: key.clone(),
+                    path: self.dir.clone(),
+                });
+            };
             if found != expected {
                 return Err(Error::ShapeMismatch {
                     key: key.clone(),
