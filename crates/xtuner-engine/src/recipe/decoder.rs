@@ -11,11 +11,11 @@ use xtuner_model::checkpoint::SaveDtype;
 use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
 
-use super::{Saved, attach_part, base_model, init_seed, load_full_weights, prepare};
+use super::{Saved, attach_part, base_model, init_seed, load_full_weights, prepare, start};
 use crate::chat::evaluate_chat;
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::export::hf::write_decoder;
-use crate::run::{MicroStep, Recipe, RunContext, Start, TrainSummary, resume_point};
+use crate::run::{MicroStep, Recipe, RunContext, TrainSummary};
 use crate::step::forward_backward;
 use crate::{Result, run};
 
@@ -31,23 +31,9 @@ pub fn train<B: AutodiffBackend>(
     let config = &loaded.config;
     let (dataset, tokenizer) = prepare(loaded, work_dir)?;
     let (base, decoder) = base_model::<B>(config, &tokenizer, work_dir, device)?;
-    let start = match resume_point(config, work_dir, resume)? {
-        Some((dir, iter)) => Start {
-            model: ready(config, base, &decoder, Some(&dir), device)?,
-            iter,
-            checkpoint: Some(dir),
-        },
-        None => {
-            // Fresh adapters are drawn from the run's seed (on the host, so the same on
-            // every backend), so two runs of a config are the same run.
-            B::seed(device, init_seed(config));
-            Start {
-                model: ready(config, base, &decoder, None, device)?,
-                iter: 0,
-                checkpoint: None,
-            }
-        }
-    };
+    let start = start::<B, _>(config, work_dir, resume, device, |checkpoint| {
+        ready(config, base, &decoder, checkpoint, device)
+    })?;
     let recipe = DecoderRecipe {
         config,
         dataset: &dataset,

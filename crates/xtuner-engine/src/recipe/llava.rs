@@ -31,12 +31,12 @@ use xtuner_model::nn::activation::HiddenAct;
 use xtuner_model::nn::linear::{Linear, LinearLayers};
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
-use super::{Saved, attach_part, base_model, init_seed, load_full_weights, prepare};
+use super::{Saved, attach_part, base_model, init_seed, load_full_weights, prepare, start};
 use crate::chat::evaluate_chat;
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
 use crate::export::llava::write_llava;
 use crate::optim::MASTER_DTYPE;
-use crate::run::{self, MicroStep, Recipe, RunContext, Start, TrainSummary, resume_point};
+use crate::run::{self, MicroStep, Recipe, RunContext, TrainSummary};
 use crate::step::llava_loss_backward;
 use crate::{Error, Result, init};
 
@@ -54,23 +54,9 @@ pub fn train<B: AutodiffBackend>(
     let (dataset, tokenizer) = prepare(loaded, work_dir)?;
     let images = Images::check(llava, &dataset, config.data.skip_bad_records)?;
     let (llm, decoder) = base_model::<B>(config, &tokenizer, work_dir, device)?;
-    let start = match resume_point(config, work_dir, resume)? {
-        Some((dir, iter)) => Start {
-            model: assemble(config, llm, &decoder, Some(&dir), device)?,
-            iter,
-            checkpoint: Some(dir),
-        },
-        None => {
-            // A fresh projector and fresh adapters are drawn on the host from the run's
-            // seed (the same on every backend); the backend's generator is seeded too.
-            B::seed(device, init_seed(config));
-            Start {
-                model: assemble(config, llm, &decoder, None, device)?,
-                iter: 0,
-                checkpoint: None,
-            }
-        }
-    };
+    let start = start::<B, _>(config, work_dir, resume, device, |checkpoint| {
+        assemble(config, llm, &decoder, checkpoint, device)
+    })?;
     let eval_image = match &config.evaluation.image {
         Some(path) if !config.evaluation.inputs.is_empty() => {
             // XTuner's hook always pads the evaluation image to a square.

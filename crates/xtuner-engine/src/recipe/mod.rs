@@ -23,6 +23,7 @@ use crate::config::{LoadedConfig, LoraConfig, ModelSource, TrainConfig};
 use crate::export::DEFAULT_SHARD_SIZE;
 use crate::export::hf::save_hf_model;
 use crate::optim::MASTER_DTYPE;
+use crate::run::{Resume, Start, resume_point};
 use crate::{Error, Result, lora};
 
 /// The data set and tokenizer a config names, and the work dir created.
@@ -137,6 +138,37 @@ fn save_base_model<B: Backend>(
     )?;
     let kept = tmp.keep();
     std::fs::rename(&kept, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Where a run starts: resumed from the checkpoint the config's resume point names,
+/// with the model `ready` builds from it; or fresh, with the model `ready` builds from
+/// nothing (new adapters and projectors are drawn on the host from the run's seed, the
+/// same on every backend; the backend's generator is seeded with it too).
+///
+/// # Errors
+/// A checkpoint of another config; whatever `ready` returns.
+pub fn start<B: Backend, M>(
+    config: &TrainConfig,
+    work_dir: &Path,
+    resume: Option<Resume>,
+    device: &B::Device,
+    ready: impl FnOnce(Option<&Path>) -> Result<M>,
+) -> Result<Start<M>> {
+    match resume_point(config, work_dir, resume)? {
+        Some((dir, iter)) => Ok(Start {
+            model: ready(Some(&dir))?,
+            iter,
+            checkpoint: Some(dir),
+        }),
+        None => {
+            B::seed(device, init_seed(config));
+            Ok(Start {
+                model: ready(None)?,
+                iter: 0,
+                checkpoint: None,
+            })
+        }
+    }
 }
 
 /// The seed that a fresh run's new weights (adapters, a projector) are drawn with: the
