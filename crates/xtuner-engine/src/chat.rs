@@ -16,14 +16,15 @@ use xtuner_template::tokens::{IMAGE_TOKEN, IMAGE_TOKEN_INDEX};
 use crate::config::TrainConfig;
 use crate::{Error, Result};
 
-/// The ids of `text`: `<image>` becomes [`IMAGE_TOKEN_INDEX`] when `image` (it marks
-/// where the features go), and is plain text otherwise.
+/// The ids of `text`: its first `images` occurrences of `<image>` become
+/// [`IMAGE_TOKEN_INDEX`] (they mark where image features go); any other `<image>` is
+/// plain text.
 ///
 /// # Errors
 /// A tokenizer failure.
-pub fn encode_prompt(tokenizer: &Tokenizer, text: &str, image: bool) -> Result<Vec<i64>> {
-    let pieces: Vec<&str> = if image {
-        text.split(IMAGE_TOKEN).collect()
+pub fn encode_prompt(tokenizer: &Tokenizer, text: &str, images: usize) -> Result<Vec<i64>> {
+    let pieces: Vec<&str> = if images > 0 {
+        text.splitn(images.saturating_add(1), IMAGE_TOKEN).collect()
     } else {
         vec![text]
     };
@@ -93,11 +94,19 @@ pub fn evaluate_chat<B: Backend>(
             input.clone()
         };
         let text = match &template {
-            Some(t) => t.prompt(&system, &prompt, 1)?,
+            Some(t) => t.prompt(&system, &prompt, 1).map_err(|e| match e {
+                // The config pairs a system prompt with a template without SYSTEM.
+                xtuner_template::Error::NoSystemField { .. } => {
+                    Error::setting("evaluation.system", e.to_string())
+                }
+                other => other.into(),
+            })?,
             None => prompt,
         };
         let mut ids: Vec<i64> = tokenizer.bos_ids().iter().map(|&i| i64::from(i)).collect();
-        ids.extend(encode_prompt(tokenizer, &text, image.is_some())?);
+        // As XTuner's hook: every `<image>` of the prompt marks the image.
+        let images = if image.is_some() { usize::MAX } else { 0 };
+        ids.extend(encode_prompt(tokenizer, &text, images)?);
         let embeds = prompt_embeds(model, &ids, image, device)?;
         let mut stop_ids = tokenizer.eos_ids().to_vec();
         if let Some(t) = &template {
@@ -198,8 +207,13 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             self.history
                 .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
         }
-        self.history
-            .extend(encode_prompt(self.tokenizer, &text, with_image)?);
+        // Only the `<image>` put before the first message marks the image (as XTuner's
+        // chat); one the user types is text.
+        self.history.extend(encode_prompt(
+            self.tokenizer,
+            &text,
+            usize::from(with_image),
+        )?);
         let ids = self.history.clone();
         let embeds = prompt_embeds(self.model, &ids, self.image.as_ref(), &self.device)?;
         let mut printed = 0;
@@ -251,5 +265,26 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             self.history.extend(sep.into_iter().map(i64::from));
         }
         Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the first `images` placeholders mark an image; one the user typed in a
+    /// chat stays text (the splice would refuse two markers for one image).
+    #[test]
+    fn only_the_given_number_of_image_placeholders_mark_images() {
+        let tokenizer = Tokenizer::from_path(&crate::test_support::fixture("tokenizer")).unwrap();
+        let text = "<image>\nWhat is <image> in HTML?";
+        let marks = |images: usize| {
+            encode_prompt(&tokenizer, text, images)
+                .unwrap()
+                .iter()
+                .filter(|&&id| id == IMAGE_TOKEN_INDEX)
+                .count()
+        };
+        assert_eq!((marks(0), marks(1), marks(usize::MAX)), (0, 1, 2));
     }
 }

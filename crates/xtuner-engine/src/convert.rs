@@ -40,19 +40,23 @@ pub fn pth_to_hf<B: Backend>(
     let config = &loaded.config;
     let state = checkpoint::read_state(checkpoint)?;
     check_mode(checkpoint, state.mode, config)?;
-    create_dir(out)?;
+    // `out` is made once the checkpoint's model is built: a checkpoint that does not
+    // fit leaves nothing behind.
     match config.mode() {
         RunMode::Llava => {
             let (model, decoder, tokenizer) = llava::restore::<B>(loaded, checkpoint, device)?;
             let section = llava::llava_section(config)?;
+            create_dir(out)?;
             write_llava(&model, config, section, &decoder, &tokenizer, out, dtype)?;
         }
         RunMode::Lora => {
             let (model, decoder, tokenizer) = decoder::restore::<B>(loaded, checkpoint, device)?;
+            create_dir(out)?;
             write_decoder(&model, &decoder, config, out, dtype, &tokenizer)?;
         }
         RunMode::Full => {
             let (model, decoder, tokenizer) = decoder::restore::<B>(loaded, checkpoint, device)?;
+            create_dir(out)?;
             save_hf_model(&model, &decoder, &tokenizer, out, dtype, max_shard_size)?;
         }
     }

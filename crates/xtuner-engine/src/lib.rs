@@ -53,6 +53,12 @@ pub use config::{LoadedConfig, RunMode, TrainConfig};
 pub use error::{Error, Result};
 pub use run::{Progress, Resume, TrainEvent, TrainSummary};
 
+/// The fixture path helper of this crate's tests (one definition, shared with the
+/// integration tests).
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+pub(crate) mod test_support;
+
 /// Runs (or resumes) the training a config describes, with the recipe of its
 /// [`RunMode`]: LLaVA when it has a `[llava]` section, the decoder alone otherwise.
 ///

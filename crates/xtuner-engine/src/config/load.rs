@@ -145,10 +145,17 @@ impl TrainConfig {
             "needs data.pack_to_max_length = true",
         )?;
         if let Some(t) = &self.template {
-            t.resolve().map_err(|e| match e {
+            let template = t.resolve().map_err(|e| match e {
                 Error::Setting { .. } => e,
                 other => Error::setting("template", other.to_string()),
             })?;
+            check(
+                self.evaluation.inputs.is_empty()
+                    || self.evaluation.system_prompt().is_empty()
+                    || template.system.is_some(),
+                "evaluation.system",
+                "the template has no SYSTEM field to put a system prompt in",
+            )?;
         }
         check(
             self.template.is_some() || !needs_template(self.data.format),

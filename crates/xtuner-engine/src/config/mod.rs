@@ -781,4 +781,23 @@ name = "internlm2_chat"
             .unwrap();
         assert_eq!((t.sep.as_str(), t.suffix.as_str()), ("", "<|im_end|>"));
     }
+
+    /// The evaluate hook's system prompt needs a template with a SYSTEM field: a config
+    /// mistake found when the config is read, not at the first evaluation.
+    #[test]
+    fn an_evaluation_system_prompt_needs_a_system_field() {
+        let bad = [
+            "template.name=\"minicpm\"",
+            "evaluation.inputs=[\"hi\"]",
+            "evaluation.system=\"Be brief.\"",
+        ];
+        let err = load(MINIMAL, &bad).unwrap_err();
+        assert!(
+            err.is_usage() && err.to_string().contains("evaluation.system"),
+            "{err}"
+        );
+        // Without inputs there is no evaluation, and with SYSTEM it fits.
+        load(MINIMAL, &bad[..1]).unwrap();
+        load(MINIMAL, &bad[1..]).unwrap();
+    }
 }
