@@ -7,7 +7,8 @@
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
-use xtuner_model::nn::attention::{AttentionMask, flash_attention, scaled_dot_product};
+use xtuner_model::nn::attention::{AttentionMask, scaled_dot_product};
+use xtuner_model::nn::flash::attention as flash_attention;
 use xtuner_model::nn::flash::reference::{self as flash, FlashShape};
 use xtuner_model::nn::nf4::{Nf4Tensor, Nf4Weight};
 

@@ -72,7 +72,7 @@ impl<B: Backend> Attention<B> {
         let key = apply_rotary(key, cos, sin);
         let out = match (cache, mask) {
             (None, AttentionMask::Causal { segments, .. }) => {
-                match flash_attention(&q, &key, &value, segments) {
+                match crate::nn::flash::attention(&q, &key, &value, segments) {
                     Some(out) => out,
                     None => scaled_dot_product(q, key, value, &mask.bias(t)),
                 }
@@ -232,29 +232,6 @@ fn causal_segments(
         ids.extend(std::iter::repeat_n(pad, t - len));
     }
     Some(ids)
-}
-
-/// Causal attention through the flash kernels, where the backend has them and
-/// `XTUNER_ATTENTION=dense` does not switch them off; `None` otherwise.
-///
-/// # Shapes
-/// `q`: `[B, H, T, D]`; `k`, `v`: `[B, K, T, D]`; `segments`: `[B, T]`, non-decreasing
-/// along each row (see [`AttentionMask::Causal`]) → `[B, H, T, D]`.
-pub fn flash_attention<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
-    segments: &Tensor<B, 2, Int>,
-) -> Option<Tensor<B, 4>> {
-    #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    {
-        static DENSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if !*DENSE.get_or_init(|| std::env::var("XTUNER_ATTENTION").is_ok_and(|v| v == "dense")) {
-            return crate::nn::flash::cube::attention(q, k, v, segments);
-        }
-    }
-    let _ = (q, k, v, segments);
-    None
 }
 
 /// `softmax(q·kᵀ/√D + bias)·v` with K key/value heads shared by groups of query heads.
