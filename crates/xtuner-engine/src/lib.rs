@@ -23,7 +23,7 @@
 //! - [`export`]: the Hugging Face, PEFT and LLaVA layouts; [`convert`]: `pth_to_hf`
 //!   and `merge`;
 //! - [`chat`]: prompts, the image splice and generation;
-//! - [`memory`]: the model state a run holds; [`bench`]: the timed training step;
+//! - [`memory`]: the model state a run holds; [`mod@bench`]: the timed training step;
 //! - [`error`]: the crate's error type.
 
 pub mod bench;

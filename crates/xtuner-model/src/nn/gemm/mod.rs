@@ -2,11 +2,11 @@
 //! models multiplies through [`matmul`], so this is the one place a backend-specific
 //! GEMM plugs in.
 //!
-//! On the CPU it is Burn's matmul. A CUDA build routes it to cuBLAS ([`cublas`]),
+//! On the CPU it is Burn's matmul. A CUDA build routes it to cuBLAS (`cublas.rs`),
 //! forward and backward, on the buffers Burn already owns: on an H200 Burn's CubeCL GEMM
 //! reaches 92 TFLOP/s in bf16 where cuBLAS reaches 770.
 //!
-//! [`Layout`] and [`GemmPlan`] describe how a row-major product is posed to a
+//! `Layout` and `GemmPlan` describe how a row-major product is posed to a
 //! column-major BLAS without copying: a matrix stored row by row is, read column by
 //! column, its own transpose, so `C = A·B` is asked as `Cᵀ = Bᵀ·Aᵀ`, and a transposed
 //! view (a weight's `Wᵀ` in backward) becomes a transpose flag instead of a copy.

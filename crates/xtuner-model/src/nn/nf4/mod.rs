@@ -168,7 +168,7 @@ impl<B: Backend> Nf4Weight<B> {
     }
 
     /// The dense weight in `dtype`: `NF4_LEVELS[code] · absmax` computed in f32, rounded
-    /// once. On the GPU backends that is one kernel ([`cube`]).
+    /// once. On the GPU backends that is one kernel (`cube.rs`).
     ///
     /// # Shapes
     /// → `[d_in, d_out]` (Burn's Linear layout: the transpose of the PyTorch `[out, in]`
