@@ -11,18 +11,23 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::decoder::{Decoder, DecoderConfig, LinearSite};
-use xtuner_model::nn::linear::{Linear, LinearLayers, Lora};
+use xtuner_model::nn::linear::{Linear, LinearLayers, Lora, LoraPart};
 
 use crate::config::LoraConfig;
 use crate::init;
 use crate::{Error, Result};
 
+/// Module names XTuner's `find_all_linear_names` leaves out of the default targets:
+/// the LM head as most families name it (InternLM2's head, `output`, stays a target).
+pub const NOT_DEFAULT_TARGETS: [&str; 2] = ["lm_head", "output_layer"];
+
 /// The module names that LoRA targets: the given ones (checked), or XTuner's default,
-/// the last name of every linear layer of the model (`find_all_linear_names`, which
-/// for InternLM2 includes the LM head `output`).
+/// the last name of every linear module of the model (`find_all_linear_names`) minus
+/// [`NOT_DEFAULT_TARGETS`]. Names are the checkpoint's: `q_proj`, `k_proj` and
+/// `v_proj` of a Llama-style model are three targets, though they run as one product.
 ///
 /// # Errors
-/// A target that names no linear layer of the model (the valid names are listed).
+/// A target that names no linear module of the model (the valid names are listed).
 pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(
     model: &M,
     config: &M::Config,
@@ -31,17 +36,20 @@ pub fn resolve_targets<B: Backend, M: LinearLayers<B>>(
     let names: BTreeSet<String> = model
         .linear_layers(config)
         .into_iter()
-        .map(|(s, _)| s.name)
+        .flat_map(|(site, _)| site.modules.into_iter().map(|m| m.name))
         .collect();
     if targets.is_empty() {
-        return Ok(names);
+        return Ok(names
+            .into_iter()
+            .filter(|n| !NOT_DEFAULT_TARGETS.contains(&n.as_str()))
+            .collect());
     }
     for target in targets {
         if !names.contains(target) {
             return Err(Error::setting(
                 "target_modules",
                 format!(
-                    "`{target}` is not a linear layer of this model; valid: {}",
+                    "`{target}` is not a linear module of this model; valid: {}",
                     names.iter().cloned().collect::<Vec<_>>().join(", ")
                 ),
             ));
@@ -64,7 +72,7 @@ pub fn quantize_base<B: Backend>(
 ) -> Result<Decoder<B>> {
     let head = config.family.output();
     model.map_linear_layers(config, |site, linear: Linear<B>| -> Result<Linear<B>> {
-        if site.module == head {
+        if site.holds(head) {
             Ok(linear)
         } else {
             Ok(linear.quantize_nf4(block_size, double_quant)?)
@@ -85,41 +93,44 @@ pub fn attach<B: Backend, M: LinearLayers<B> + Module<B>>(
     device: &B::Device,
 ) -> Result<M> {
     let targets = resolve_targets(&model, config, &lora.target_modules)?;
+    let scale = lora.alpha / lora.r.max(1) as f64;
     model
         .no_grad()
         .map_linear_layers(config, |site, mut linear: Linear<B>| {
-            if targets.contains(&site.name) {
-                linear.lora = Some(fresh_lora(&site.module, linear.dims(), lora, seed, device));
+            let [d_in, _] = linear.dims();
+            let parts: Vec<_> = site
+                .modules
+                .iter()
+                .filter(|m| targets.contains(&m.name))
+                .map(|m| fresh_lora(&m.module, [d_in, m.width], lora.r, seed, device, m.offset))
+                .collect();
+            if !parts.is_empty() {
+                linear.lora = Some(Lora::new(parts, scale, lora.dropout));
             }
             Ok(linear)
         })
 }
 
-/// PEFT's initialisation of the adapter of layer `module` (`[d_in, d_out]`): A
-/// kaiming-uniform with a = √5, i.e. uniform in ±1/√d_in, B zeros, so the adapted layer
-/// starts equal to the base. Both are f32 (the masters' dtype) whatever the backend
-/// computes in; A is drawn on the host ([`crate::init`]) as `{module}.lora_A`, so a
-/// config starts from the same adapters on the CPU and the GPU.
+/// PEFT's initialisation of the adapter of checkpoint module `module` (`[d_in, d_out]`,
+/// written from column `offset` of its layer): A kaiming-uniform with a = √5, i.e.
+/// uniform in ±1/√d_in, B zeros, so the adapted layer starts equal to the base. Both
+/// are f32 (the masters' dtype) whatever the backend computes in; A is drawn on the
+/// host ([`crate::init`]) as `{module}.lora_A`, so a config starts from the same
+/// adapters on the CPU and the GPU.
 pub fn fresh_lora<B: Backend>(
     module: &str,
     [d_in, d_out]: [usize; 2],
-    lora: &LoraConfig,
+    r: usize,
     seed: u64,
     device: &B::Device,
-) -> Lora<B> {
+    offset: usize,
+) -> LoraPart<B> {
     let key = format!("{module}.lora_A");
-    let a = init::uniform(
-        &key,
-        [d_in, lora.r],
-        init::kaiming_bound(d_in),
-        seed,
-        device,
-    );
-    Lora::from_tensors(
+    let a = init::uniform(&key, [d_in, r], init::kaiming_bound(d_in), seed, device);
+    LoraPart::new(
         a,
-        Tensor::zeros([lora.r, d_out], (device, crate::optim::MASTER_DTYPE)),
-        lora.alpha / lora.r.max(1) as f64,
-        lora.dropout,
+        Tensor::zeros([r, d_out], (device, crate::optim::MASTER_DTYPE)),
+        offset,
     )
 }
 
@@ -139,8 +150,12 @@ pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(
     let model = model.no_grad().map_linear_layers(
         config,
         |site, mut linear: Linear<B>| -> Result<Linear<B>> {
-            let [d_in, d_out] = linear.dims();
-            if let Some((a, b)) = adapter.pair(&site.module, d_out, d_in)? {
+            let [d_in, _] = linear.dims();
+            let mut parts = Vec::new();
+            for m in &site.modules {
+                let Some((a, b)) = adapter.pair(&m.module, m.width, d_in)? else {
+                    continue;
+                };
                 let r = a.len() / d_in.max(1);
                 // In the masters' dtype, so a resumed bf16 run continues from the exact f32
                 // values it saved.
@@ -148,9 +163,12 @@ pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(
                 let a =
                     Tensor::<B, 2>::from_data(TensorData::new(a, [r, d_in]), options).transpose(); // [in, r]
                 let b = permute_out_rows(b, site, r); // [out, r] in our column order
-                let b =
-                    Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, r]), options).transpose(); // [r, out]
-                linear.lora = Some(Lora::from_tensors(a, b, scale, dropout));
+                let b = Tensor::<B, 2>::from_data(TensorData::new(b, [m.width, r]), options)
+                    .transpose(); // [r, out]
+                parts.push(LoraPart::new(a, b, m.offset));
+            }
+            if !parts.is_empty() {
+                linear.lora = Some(Lora::new(parts, scale, dropout));
             }
             Ok(linear)
         },
@@ -168,7 +186,8 @@ pub fn attach_peft<B: Backend, M: LinearLayers<B> + Module<B>>(
     Ok(model)
 }
 
-/// `B`'s rows (`[out, r]`, checkpoint order) rearranged into the layer's column order.
+/// `B`'s rows (`[out, r]`, checkpoint order) rearranged into the layer's column order
+/// (a site of one module whose rows are permuted).
 fn permute_out_rows(b: Vec<f32>, site: &LinearSite, r: usize) -> Vec<f32> {
     match &site.out_rows {
         Some(order) => order
@@ -185,7 +204,8 @@ pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M 
         model.map_linear_layers(config, |_, mut linear: Linear<B>| {
             if let Some(lora) = linear.lora.take() {
                 let base = linear.dense_weight();
-                let delta = xtuner_model::nn::precision::in_dtype(lora.delta(), base.dtype());
+                let d_out = base.dims()[1];
+                let delta = xtuner_model::nn::precision::in_dtype(lora.delta(d_out), base.dtype());
                 linear.weight = Param::from_tensor(base + delta);
                 linear.nf4 = None;
             }
@@ -205,34 +225,16 @@ mod tests {
     type B = burn::backend::NdArray<f32>;
 
     /// PEFT's init: A uniform in ±1/√d_in, `[d_in, r]`, f32 and the same for the same
-    /// seed and module; B zeros; scale α/r.
+    /// seed and module; B zeros.
     #[test]
     fn fresh_adapters_start_as_pefts() {
         let device = Default::default();
-        let config = LoraConfig {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            target_modules: Vec::new(),
-        };
-        let lora = fresh_lora::<B>(
-            "model.layers.0.attention.wqkv",
-            [64, 24],
-            &config,
-            7,
-            &device,
-        );
+        let lora = fresh_lora::<B>("model.layers.0.attention.wqkv", [64, 24], 4, 7, &device, 0);
         let a = lora.lora_a.val();
         assert_eq!((a.dims(), a.dtype()), ([64, 4], DType::F32));
         let values: Vec<f32> = a.into_data().to_vec().unwrap();
         assert!(values.iter().all(|v| v.abs() <= 0.125) && values.iter().any(|&v| v != 0.0));
-        let again = fresh_lora::<B>(
-            "model.layers.0.attention.wqkv",
-            [64, 24],
-            &config,
-            7,
-            &device,
-        );
+        let again = fresh_lora::<B>("model.layers.0.attention.wqkv", [64, 24], 4, 7, &device, 0);
         assert_eq!(
             again.lora_a.val().into_data().to_vec::<f32>().unwrap(),
             values
@@ -246,6 +248,5 @@ mod tests {
                 .iter()
                 .all(|&v| v == 0.0)
         );
-        assert!((lora.scale - 2.0).abs() < 1e-12);
     }
 }

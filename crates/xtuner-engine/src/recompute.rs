@@ -165,9 +165,9 @@ mod tests {
         .unwrap();
         // LoRA's B starts at zero; give it values so every adapter gets a gradient.
         let lora = lora.map_linear_layers(&config, |_, mut linear| -> Result<_, ()> {
-            if let Some(l) = linear.lora.as_mut() {
-                l.lora_b = Param::from_tensor(Tensor::random(
-                    l.lora_b.dims(),
+            for p in linear.lora.iter_mut().flat_map(|l| l.parts.iter_mut()) {
+                p.lora_b = Param::from_tensor(Tensor::random(
+                    p.lora_b.dims(),
                     Distribution::Normal(0.0, 0.1),
                     &device,
                 ));

@@ -122,3 +122,71 @@ fn llava_logits_and_loss_match_the_reference() {
     let want = expected(&golden);
     assert!(((got - want) / want).abs() < 1e-4, "{got} vs {want}");
 }
+
+/// Every family's PEFT adapter (one adapter per checkpoint module: Llama's q/k/v each
+/// their own): the adapted model's logits and loss, attached and trained-on
+/// ([`attach_peft`]) or merged as it loads, `merge` equal to the fixture's
+/// `merged.safetensors` (PEFT's `merge_and_unload`), and the adapter written back with
+/// PEFT's tensor names, shapes and values.
+#[test]
+fn every_familys_adapter_matches_peft() {
+    use burn::tensor::Tolerance;
+    use xtuner_engine::export::peft::peft_tensors;
+    use xtuner_engine::lora::attach_peft;
+    let device = Default::default();
+    for dir in ["internlm2-tiny", "llama-tiny", "qwen2-tiny"] {
+        let golden = Checkpoint::open(&fixture(&format!("{dir}/lora/golden.safetensors"))).unwrap();
+        let adapter = PeftAdapter::open(&fixture(&format!("{dir}/lora"))).unwrap();
+        let want_logits = golden.float_data("logits").unwrap();
+        let (base, config) = Decoder::<B>::load(&fixture(dir), None, &device).unwrap();
+        let attached = attach_peft(base, &config, &adapter, 0.0, &device).unwrap();
+        let (merged, _) = Decoder::<B>::load(&fixture(dir), Some(&adapter), &device).unwrap();
+        for (how, model) in [("attached", &attached), ("merged at load", &merged)] {
+            let data = golden.int_data("input_ids").unwrap();
+            let [b, t] = [data.shape[0], data.shape[1]];
+            let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
+            let logits = model.forward(
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device),
+                &DecoderInput::causal(b, t, &device),
+                None,
+            );
+            logits
+                .into_data()
+                .assert_approx_eq::<f32>(&want_logits, Tolerance::absolute(1e-4));
+            let (got, want) = (loss_of(model, &golden), expected(&golden));
+            assert!(((got - want) / want).abs() < 1e-4, "{dir} {how}: {got} vs {want}");
+        }
+
+        let written = Checkpoint::open(&fixture(&format!("{dir}/lora/adapter_model.safetensors")))
+            .unwrap();
+        let ours = peft_tensors(&attached, &config).unwrap();
+        let mut names: Vec<&String> = ours.iter().map(|(k, _)| k).collect();
+        names.sort();
+        assert_eq!(names, written.keys().iter().collect::<Vec<_>>(), "{dir}");
+        for (key, data) in ours {
+            assert_eq!(Some(data.shape.to_vec()), written.shape(&key), "{dir} {key}");
+            data.assert_approx_eq::<f32>(&written.float_data(&key).unwrap(), Tolerance::absolute(1e-6));
+        }
+
+        let out = tempfile::tempdir().unwrap();
+        xtuner_engine::convert::merge::<B>(
+            &fixture(dir),
+            &fixture(&format!("{dir}/lora")),
+            out.path(),
+            xtuner_model::checkpoint::SaveDtype::F32,
+            u64::MAX,
+            &device,
+        )
+        .unwrap();
+        let ours = Checkpoint::open(out.path()).unwrap();
+        let reference =
+            Checkpoint::open(&fixture(&format!("{dir}/lora/merged.safetensors"))).unwrap();
+        assert_eq!(ours.keys(), reference.keys(), "{dir}: merged tensor names");
+        for key in reference.keys() {
+            assert_eq!(ours.shape(&key), reference.shape(&key), "{dir} {key}");
+            ours.float_data(&key)
+                .unwrap()
+                .assert_approx_eq::<f32>(&reference.float_data(&key).unwrap(), Tolerance::absolute(1e-5));
+        }
+    }
+}

@@ -1,6 +1,8 @@
-//! Six LoRA training steps against PyTorch + PEFT (`internlm2-tiny/lora_train`): AdamW
-//! with decoupled weight decay, warm-up + cosine schedule, global-norm clipping. Every
-//! step's learning rate, loss and gradient norm, and the final adapter, must match.
+//! Six LoRA training steps against PyTorch + PEFT (`<family>-tiny/lora_train`) for every
+//! decoder family: AdamW with decoupled weight decay, warm-up + cosine schedule,
+//! global-norm clipping. Every step's learning rate, loss and gradient norm, and the
+//! final adapter (PEFT's tensor names and shapes, one adapter per checkpoint module),
+//! must match.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use burn::backend::{Autodiff, NdArray};
@@ -25,10 +27,25 @@ mod common;
 use common::fixture;
 
 #[test]
-fn six_lora_steps_follow_the_reference_trajectory() {
+fn internlm2_six_lora_steps_follow_the_reference_trajectory() {
+    six_lora_steps("internlm2-tiny");
+}
+
+#[test]
+fn llama_six_lora_steps_follow_the_reference_trajectory() {
+    six_lora_steps("llama-tiny");
+}
+
+#[test]
+fn qwen2_six_lora_steps_follow_the_reference_trajectory() {
+    six_lora_steps("qwen2-tiny");
+}
+
+fn six_lora_steps(dir: &str) {
     let device = Default::default();
     let trajectory: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("internlm2-tiny/lora_train/trajectory.json")).unwrap(),
+        &std::fs::read_to_string(fixture(&format!("{dir}/lora_train/trajectory.json")))
+            .unwrap(),
     )
     .unwrap();
     let opt = &trajectory["optimizer"];
@@ -51,11 +68,13 @@ fn six_lora_steps_follow_the_reference_trajectory() {
         eta_min: 0.0,
     };
 
-    let (base, config) = Decoder::<B>::load(&fixture("internlm2-tiny"), None, &device).unwrap();
-    let adapter = PeftAdapter::open(&fixture("internlm2-tiny/lora")).unwrap();
+    let (base, config) = Decoder::<B>::load(&fixture(dir), None, &device).unwrap();
+    let adapter = PeftAdapter::open(&fixture(&format!("{dir}/lora"))).unwrap();
     let mut model = attach_peft(base, &config, &adapter, 0.0, &device).unwrap();
 
-    let golden = Checkpoint::open(&fixture("internlm2-tiny/golden.safetensors")).unwrap();
+    // "golden.safetensors input_ids/labels, ...": the batch's file, under the family's dir.
+    let data_file = trajectory["data"].as_str().unwrap().split(' ').next().unwrap();
+    let golden = Checkpoint::open(&fixture(&format!("{dir}/{data_file}"))).unwrap();
     let data = golden.int_data("input_ids").unwrap();
     let [b, t] = [data.shape[0], data.shape[1]];
     let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
@@ -74,7 +93,7 @@ fn six_lora_steps_follow_the_reference_trajectory() {
         let want_lr = expected["lr"].as_f64().unwrap();
         assert!(
             (lr - want_lr).abs() <= 1e-12 * want_lr.max(1e-12),
-            "step {step}: lr {lr} vs {want_lr}"
+            "{dir} step {step}: lr {lr} vs {want_lr}"
         );
         let logits = model.forward(ids.clone(), &input, None);
         let loss = causal_lm_loss(logits, &labels).mean();
@@ -82,25 +101,28 @@ fn six_lora_steps_follow_the_reference_trajectory() {
         let want_loss = expected["loss"].as_f64().unwrap();
         assert!(
             ((loss_value - want_loss) / want_loss).abs() < 1e-4,
-            "step {step}: loss {loss_value} vs {want_loss}"
+            "{dir} step {step}: loss {loss_value} vs {want_loss}"
         );
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let norm = clip_grad_norm(&model, &mut grads, optimizer_config.max_norm);
         let want_norm = expected["grad_norm_before_clip"].as_f64().unwrap();
         assert!(
             ((norm - want_norm) / want_norm).abs() < 1e-4,
-            "step {step}: grad norm {norm} vs {want_norm}"
+            "{dir} step {step}: grad norm {norm} vs {want_norm}"
         );
         model = optimizer.step(lr, model, grads);
     }
 
-    let trained = Checkpoint::open(&fixture(
-        "internlm2-tiny/lora_train/adapter_model.safetensors",
-    ))
+    let trained = Checkpoint::open(&fixture(&format!(
+        "{dir}/lora_train/adapter_model.safetensors"
+    )))
     .unwrap();
     let ours = peft_tensors(&model.valid(), &config).unwrap();
-    assert_eq!(ours.len(), trained.keys().len());
+    let mut names: Vec<&String> = ours.iter().map(|(k, _)| k).collect();
+    names.sort();
+    assert_eq!(names, trained.keys().iter().collect::<Vec<_>>(), "{dir}");
     for (key, data) in ours {
+        assert_eq!(Some(data.shape.to_vec()), trained.shape(&key), "{dir} {key}");
         let want = trained
             .float_data(&key)
             .unwrap_or_else(|e| panic!("{key}: {e}"));

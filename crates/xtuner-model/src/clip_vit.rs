@@ -339,13 +339,8 @@ pub(crate) fn layer_linears<B: Backend>(
     ]
 }
 
-fn clip_site(layer: usize, name: &str) -> LinearSite {
-    let module = format!("{PREFIX}.encoder.layers.{layer}.{name}");
-    LinearSite {
-        name: name.rsplit('.').next().unwrap_or(name).to_string(),
-        module,
-        out_rows: None,
-    }
+fn clip_site(layer: usize, name: &str, width: usize) -> LinearSite {
+    LinearSite::new(&format!("{PREFIX}.encoder.layers.{layer}.{name}"), width)
 }
 
 /// The `nn.Linear` layers of the encoder (what PEFT's all-linear LoRA targets: the
@@ -364,7 +359,8 @@ impl<B: Backend> LinearLayers<B> for ClipVisionTower<B> {
             .enumerate()
         {
             for (name, slot) in layer_linears(&mut layer) {
-                *slot = f(&clip_site(i, name), slot.clone())?;
+                let site = clip_site(i, name, slot.dims()[1]);
+                *slot = f(&site, slot.clone())?;
             }
             layers.push(layer);
         }
@@ -759,7 +755,7 @@ mod tests {
             size(&e.patch_embedding) + hidden + e.position_embedding.val().shape().num_elements();
         assert_eq!(listed + norms + embeddings, tower.num_params());
         let modules: std::collections::BTreeSet<&str> =
-            layers.iter().map(|(s, _)| s.module.as_str()).collect();
+            layers.iter().map(|(s, _)| s.modules[0].module.as_str()).collect();
         assert_eq!(modules.len(), 6 * tower.encoder.layers.len());
     }
 }

@@ -548,15 +548,6 @@ impl<B: Backend> Decoder<B> {
     }
 }
 
-/// The site of the linear layer that is checkpoint module `module`.
-fn site(module: &str, out_rows: Option<Vec<usize>>) -> LinearSite {
-    LinearSite {
-        module: module.to_string(),
-        name: module.rsplit('.').next().unwrap_or(module).to_string(),
-        out_rows,
-    }
-}
-
 /// The decoder's linear layers, each named where it is rebuilt: per block the fused
 /// q/k/v product, `wo`, `w1`, `w2`, `w3`, then the LM head (absent when tied).
 impl<B: Backend> LinearLayers<B> for Decoder<B> {
@@ -571,25 +562,30 @@ impl<B: Backend> LinearLayers<B> for Decoder<B> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, mut layer) in std::mem::take(&mut self.layers).into_iter().enumerate() {
             let keys = c.family.layer(i);
+            let (h, k, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
             let qkv = match &keys.qkv {
-                QkvKeys::Fused(module) => site(
-                    module,
-                    Some(internlm2_qkv_rows(c.n_heads, c.n_kv_heads, c.head_dim)),
-                ),
-                // Fused here from three checkpoint modules: named after the query one.
-                QkvKeys::Separate { q, .. } => site(q, None),
+                QkvKeys::Fused(module) => LinearSite::new(module, (h + 2 * k) * d)
+                    .with_out_rows(internlm2_qkv_rows(h, k, d)),
+                // Fused here from three checkpoint modules, each adapted on its own.
+                QkvKeys::Separate { q, k: key, v } => LinearSite::fused([
+                    (q.clone(), h * d),
+                    (key.clone(), k * d),
+                    (v.clone(), k * d),
+                ]),
             };
+            let site = |module: &str, l: &Linear<B>| LinearSite::new(module, l.dims()[1]);
             let (a, m) = (&mut layer.attention, &mut layer.feed_forward);
             a.wqkv = f(&qkv, a.wqkv.clone())?;
-            a.wo = f(&site(&keys.wo, None), a.wo.clone())?;
-            m.w1 = f(&site(&keys.w1, None), m.w1.clone())?;
-            m.w2 = f(&site(&keys.w2, None), m.w2.clone())?;
-            m.w3 = f(&site(&keys.w3, None), m.w3.clone())?;
+            a.wo = f(&site(&keys.wo, &a.wo), a.wo.clone())?;
+            m.w1 = f(&site(&keys.w1, &m.w1), m.w1.clone())?;
+            m.w2 = f(&site(&keys.w2, &m.w2), m.w2.clone())?;
+            m.w3 = f(&site(&keys.w3, &m.w3), m.w3.clone())?;
             layers.push(layer);
         }
         self.layers = layers;
         if let Some(output) = self.output.take() {
-            self.output = Some(f(&site(c.family.output(), None), output)?);
+            let site = LinearSite::new(c.family.output(), output.dims()[1]);
+            self.output = Some(f(&site, output)?);
         }
         Ok(self)
     }
@@ -620,11 +616,15 @@ mod tests {
         let embeddings_and_norms =
             c.vocab_size * c.hidden_size + (2 * c.n_layers + 1) * c.hidden_size;
         assert_eq!(listed + embeddings_and_norms, model.num_params());
-        let modules: BTreeSet<&str> = layers.iter().map(|(s, _)| s.module.as_str()).collect();
-        assert_eq!(modules.len(), layers.len());
-        assert_eq!(
-            layers.len(),
-            5 * c.n_layers + usize::from(model.output.is_some())
-        );
+        let modules: BTreeSet<&str> = layers
+            .iter()
+            .flat_map(|(s, _)| s.modules.iter().map(|m| m.module.as_str()))
+            .collect();
+        assert_eq!(layers.len(), 5 * c.n_layers + usize::from(model.output.is_some()));
+        assert_eq!(modules.len(), layers.len(), "InternLM2: one module per layer");
+        for (site, linear) in &layers {
+            let width: usize = site.modules.iter().map(|m| m.width).sum();
+            assert_eq!(width, linear.dims()[1], "{site:?}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use xtuner_model::nn::linear::LinearLayers;
 use xtuner_model::nn::precision::host_vec;
 
 use super::{create_dir, write_json};
-use crate::Result;
+use crate::{Error, Result};
 use crate::config::LoraConfig;
 use crate::lora::resolve_targets;
 
@@ -28,27 +28,35 @@ pub fn peft_tensors<B: Backend, M: LinearLayers<B>>(
     let mut out = Vec::new();
     for (site, linear) in model.linear_layers(config) {
         let Some(lora) = &linear.lora else { continue };
-        let [_, d_out] = linear.dims();
-        let r = lora.rank();
-        let a = lora.lora_a.val().transpose().into_data(); // [r, in]
-        let b_ours: Vec<f32> = host_vec(lora.lora_b.val().transpose().into_data())?; // [out, r]
-        let b = match &site.out_rows {
-            Some(order) => {
-                let mut b = vec![0f32; d_out * r];
-                for (ours, &theirs) in order.iter().enumerate() {
-                    b[theirs * r..(theirs + 1) * r]
-                        .copy_from_slice(&b_ours[ours * r..(ours + 1) * r]);
+        for part in &lora.parts {
+            let Some(module) = site.modules.iter().find(|m| m.offset == part.offset) else {
+                return Err(Error::Model(xtuner_model::Error::InvalidInput {
+                    name: "lora",
+                    message: format!("an adapter at column {} of {site:?}", part.offset),
+                }));
+            };
+            let width = module.width;
+            let r = part.lora_a.dims()[1];
+            let a = part.lora_a.val().transpose().into_data(); // [r, in]
+            let b_ours: Vec<f32> = host_vec(part.lora_b.val().transpose().into_data())?; // [out, r]
+            let b = match &site.out_rows {
+                Some(order) => {
+                    let mut b = vec![0f32; width * r];
+                    for (ours, &theirs) in order.iter().enumerate() {
+                        b[theirs * r..(theirs + 1) * r]
+                            .copy_from_slice(&b_ours[ours * r..(ours + 1) * r]);
+                    }
+                    b
                 }
-                b
-            }
-            None => b_ours,
-        };
-        let prefix = format!("base_model.model.{}", site.module);
-        out.push((format!("{prefix}.lora_A.weight"), a));
-        out.push((
-            format!("{prefix}.lora_B.weight"),
-            TensorData::new(b, [d_out, r]),
-        ));
+                None => b_ours,
+            };
+            let prefix = format!("base_model.model.{}", module.module);
+            out.push((format!("{prefix}.lora_A.weight"), a));
+            out.push((
+                format!("{prefix}.lora_B.weight"),
+                TensorData::new(b, [width, r]),
+            ));
+        }
     }
     Ok(out)
 }

@@ -21,15 +21,73 @@ use crate::nn::precision::{compute_dtype, in_dtype};
 /// need to know about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinearSite {
+    /// The checkpoint modules whose products this layer computes, in the order of its
+    /// output columns: one for most layers; `q_proj`, `k_proj`, `v_proj` for the q/k/v
+    /// product fused from a Llama-style checkpoint. LoRA adapts each module on its own.
+    pub modules: Vec<SiteModule>,
+    /// For a layer of one module whose columns are not in checkpoint row order, the
+    /// checkpoint row of each of our output columns (InternLM2's interleaved `wqkv`);
+    /// `None` when they are in order.
+    pub out_rows: Option<Vec<usize>>,
+}
+
+/// One checkpoint module of a [`LinearSite`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteModule {
     /// The Hugging Face module name (`model.layers.0.attention.wqkv`,
     /// `vision_model.encoder.layers.0.self_attn.q_proj`), which PEFT keys use.
     pub module: String,
-    /// The last name component (`wqkv`, `wo`, `w1`, `w2`, `w3`, `output`; Llama names
-    /// for the other families), which LoRA `target_modules` match.
+    /// The last name component (`wqkv`, `q_proj`, `output`, ...), which LoRA
+    /// `target_modules` match.
     pub name: String,
-    /// For the fused q/k/v layer, the checkpoint row of each of our output columns
-    /// (InternLM2's interleaved layout); `None` when they are in checkpoint order.
-    pub out_rows: Option<Vec<usize>>,
+    /// Its first output column in the layer.
+    pub offset: usize,
+    /// Its number of output columns (the module's `out_features`).
+    pub width: usize,
+}
+
+impl LinearSite {
+    /// The site of a layer that is checkpoint module `module`, `width` columns wide.
+    pub fn new(module: &str, width: usize) -> Self {
+        Self::fused([(module.to_string(), width)])
+    }
+
+    /// The site of a layer fusing `modules` (name, width), their columns side by side
+    /// in this order.
+    pub fn fused(modules: impl IntoIterator<Item = (String, usize)>) -> Self {
+        let mut offset = 0;
+        let modules = modules
+            .into_iter()
+            .map(|(module, width)| {
+                let name = module.rsplit('.').next().unwrap_or(&module).to_string();
+                let part = SiteModule {
+                    module,
+                    name,
+                    offset,
+                    width,
+                };
+                offset += width;
+                part
+            })
+            .collect();
+        Self {
+            modules,
+            out_rows: None,
+        }
+    }
+
+    /// This site with its columns taken from the checkpoint rows `rows` (a layer of one
+    /// module).
+    pub fn with_out_rows(mut self, rows: Vec<usize>) -> Self {
+        debug_assert_eq!(self.modules.len(), 1);
+        self.out_rows = Some(rows);
+        self
+    }
+
+    /// Whether the layer computes checkpoint module `module`.
+    pub fn holds(&self, module: &str) -> bool {
+        self.modules.iter().any(|m| m.module == module)
+    }
 }
 
 /// A model whose linear layers can be listed and rebuilt by site: what LoRA,
@@ -91,26 +149,63 @@ pub struct Linear<B: Backend> {
     pub nf4: Option<Nf4Weight<B>>,
 }
 
-/// A LoRA adapter: `ΔW = scale · A·B` with `A: [d_in, r]`, `B: [r, d_out]` (PEFT stores
-/// their transposes as `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]`).
+/// A LoRA adapter (PEFT's LoRA, Hu et al. 2021) on a linear layer: one low-rank pair
+/// per adapted checkpoint module of the layer ([`LinearSite::modules`]), each adding
+/// `scale · dropout(x)·A·B` to its own output columns.
+///
+/// For a layer fused from several modules (Llama's q/k/v) the pairs run as one product:
+/// the A's side by side, the B's block-diagonal, so the arithmetic is PEFT's three
+/// adapters and the cost one adapter of rank `parts · r`.
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
-    /// Down projection `[d_in, r]`.
-    pub lora_a: Param<Tensor<B, 2>>,
-    /// Up projection `[r, d_out]`.
-    pub lora_b: Param<Tensor<B, 2>>,
+    /// One pair per adapted module, in column order.
+    pub parts: Vec<LoraPart<B>>,
     /// `alpha / r`.
     pub scale: f64,
-    /// Dropout probability on the adapter's input (training only).
+    /// Dropout probability on the adapter's input (training only), drawn per module.
     pub dropout: f64,
 }
 
-impl<B: Backend> Lora<B> {
-    /// An adapter from `A: [d_in, r]` and `B: [r, d_out]`.
-    pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
+/// The low-rank pair of one checkpoint module: `ΔW = scale · A·B` with `A: [d_in, r]`,
+/// `B: [r, width]` (PEFT stores their transposes as `lora_A.weight` `[r, in]` and
+/// `lora_B.weight` `[out, r]`).
+#[derive(Module, Debug)]
+pub struct LoraPart<B: Backend> {
+    /// Down projection `[d_in, r]`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// Up projection `[r, width]`.
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// The first output column of the layer that the module writes.
+    pub offset: usize,
+}
+
+impl<B: Backend> LoraPart<B> {
+    /// A pair from `A: [d_in, r]` and `B: [r, width]` writing columns from `offset`.
+    pub fn new(a: Tensor<B, 2>, b: Tensor<B, 2>, offset: usize) -> Self {
         Self {
             lora_a: Param::from_tensor(a),
             lora_b: Param::from_tensor(b),
+            offset,
+        }
+    }
+
+    /// The number of output columns the pair writes.
+    pub fn width(&self) -> usize {
+        self.lora_b.dims()[1]
+    }
+}
+
+impl<B: Backend> Lora<B> {
+    /// An adapter of one pair covering the whole layer, from `A: [d_in, r]` and
+    /// `B: [r, d_out]`.
+    pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
+        Self::new(vec![LoraPart::new(a, b, 0)], scale, dropout)
+    }
+
+    /// An adapter of these pairs (in column order, not overlapping).
+    pub fn new(parts: Vec<LoraPart<B>>, scale: f64, dropout: f64) -> Self {
+        Self {
+            parts,
             scale,
             dropout,
         }
@@ -118,30 +213,85 @@ impl<B: Backend> Lora<B> {
 
     /// The rank r.
     pub fn rank(&self) -> usize {
-        self.lora_a.val().dims()[1]
+        self.parts.first().map_or(0, |p| p.lora_a.dims()[1])
     }
 
-    /// `scale · dropout(x)·A·B`.
+    /// `scale · dropout(x)·A·B` over the layer's `d_out` columns.
     ///
     /// # Shapes
     /// `x`: `[..., d_in]` → `[..., d_out]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        // Burn's dropout is active only while gradients are tracked (training).
-        let x = if self.dropout > 0.0 {
-            burn::nn::Dropout { prob: self.dropout }.forward(x)
-        } else {
-            x
-        };
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, d_out: usize) -> Tensor<B, D> {
         let dtype = x.dtype();
-        matmul(
-            matmul(x, in_dtype(self.lora_a.val(), dtype)),
-            in_dtype(self.lora_b.val(), dtype),
-        ) * self.scale
+        // Burn's dropout is active only while gradients are tracked (training); each
+        // module draws its own mask, as PEFT's per-module dropout does.
+        let drop = |x: Tensor<B, D>| {
+            if self.dropout > 0.0 {
+                burn::nn::Dropout { prob: self.dropout }.forward(x)
+            } else {
+                x
+            }
+        };
+        let a = |p: &LoraPart<B>| in_dtype(p.lora_a.val(), dtype);
+        let xa = if self.dropout > 0.0 && self.parts.len() > 1 {
+            let pieces = self.parts.iter().map(|p| matmul(drop(x.clone()), a(p)));
+            Tensor::cat(pieces.collect(), D - 1)
+        } else {
+            matmul(drop(x), self.stacked_a(dtype))
+        }; // [..., parts·r]
+        matmul(xa, self.block_b(d_out, dtype)) * self.scale
     }
 
     /// `scale · A·B` as a `[d_in, d_out]` matrix (for merging).
-    pub fn delta(&self) -> Tensor<B, 2> {
-        self.lora_a.val().matmul(self.lora_b.val()) * self.scale
+    pub fn delta(&self, d_out: usize) -> Tensor<B, 2> {
+        let dtype = self.parts.first().map_or(DType::F32, |p| p.lora_a.val().dtype());
+        self.stacked_a(dtype).matmul(self.block_b(d_out, dtype)) * self.scale
+    }
+
+    /// The A's side by side, `[d_in, parts·r]`.
+    fn stacked_a(&self, dtype: DType) -> Tensor<B, 2> {
+        let a: Vec<_> = self
+            .parts
+            .iter()
+            .map(|p| in_dtype(p.lora_a.val(), dtype))
+            .collect();
+        if a.len() == 1 {
+            a.into_iter().next().expect("one part")
+        } else {
+            Tensor::cat(a, 1)
+        }
+    }
+
+    /// The B's block-diagonal, `[parts·r, d_out]`: pair i's rows are zero outside its
+    /// columns (constant zeros, so only the pairs' own entries train).
+    fn block_b(&self, d_out: usize, dtype: DType) -> Tensor<B, 2> {
+        let rows: Vec<_> = self
+            .parts
+            .iter()
+            .map(|p| {
+                let b = in_dtype(p.lora_b.val(), dtype);
+                let [r, width] = b.dims();
+                let device = b.device();
+                let after = d_out.saturating_sub(p.offset + width);
+                let mut row = Vec::with_capacity(3);
+                if p.offset > 0 {
+                    row.push(Tensor::zeros([r, p.offset], (&device, dtype)));
+                }
+                row.push(b);
+                if after > 0 {
+                    row.push(Tensor::zeros([r, after], (&device, dtype)));
+                }
+                if row.len() == 1 {
+                    row.pop().expect("one block")
+                } else {
+                    Tensor::cat(row, 1)
+                }
+            })
+            .collect();
+        if rows.len() == 1 {
+            rows.into_iter().next().expect("one part")
+        } else {
+            Tensor::cat(rows, 0)
+        }
     }
 }
 
@@ -287,7 +437,10 @@ impl<B: Backend> Linear<B> {
             y = y + in_dtype(bias.val(), dtype).unsqueeze::<D>();
         }
         match &self.lora {
-            Some(lora) => y + lora.forward(x),
+            Some(lora) => {
+                let d_out = y.dims()[D - 1];
+                y + lora.forward(x, d_out)
+            }
             None => y,
         }
     }
@@ -334,7 +487,7 @@ mod tests {
         let b = Tensor::<TestBackend, 2>::from_floats([[0.5, -1.0]], &device);
         let lora = Lora::from_tensors(a, b, 2.0, 0.0);
         // x·A = 7; ·B = [3.5, -7]; ·2 = [7, -14].
-        lora.delta().into_data().assert_approx_eq::<f32>(
+        lora.delta(2).into_data().assert_approx_eq::<f32>(
             &TensorData::from([[1.0, -2.0], [1.0, -2.0]]),
             Tolerance::absolute(1e-6),
         );
@@ -343,6 +496,61 @@ mod tests {
             &TensorData::from([[10.0, -10.0]]),
             Tolerance::absolute(1e-5),
         );
+    }
+
+    /// A layer fused from three modules with an adapter on the first and the last is
+    /// the three layers side by side, each with its own adapter (PEFT's arithmetic),
+    /// forward and merged; the middle module's columns are the base's alone.
+    #[test]
+    fn a_fused_layer_adapts_each_module_on_its_own() {
+        let device = Default::default();
+        let uniform = Distribution::Uniform(-0.5, 0.5);
+        let widths = [6, 2, 3];
+        let parts: Vec<Linear<TestBackend>> = widths
+            .iter()
+            .map(|&w| Linear::new(5, w, true, &device))
+            .collect();
+        let pair = |w: usize| {
+            (
+                Tensor::<TestBackend, 2>::random([5, 2], uniform, &device),
+                Tensor::<TestBackend, 2>::random([2, w], uniform, &device),
+            )
+        };
+        let (a0, b0) = pair(6);
+        let (a2, b2) = pair(3);
+        let weights: Vec<_> = parts.iter().map(|p| p.weight.val()).collect();
+        let biases: Vec<_> = parts.iter().map(|p| p.bias.as_ref().unwrap().val()).collect();
+        let mut fused = Linear::from_tensors(Tensor::cat(weights, 1), Some(Tensor::cat(biases, 0)));
+        fused.lora = Some(Lora::new(
+            vec![
+                LoraPart::new(a0.clone(), b0.clone(), 0),
+                LoraPart::new(a2.clone(), b2.clone(), 8),
+            ],
+            1.5,
+            0.0,
+        ));
+        let mut separate = parts;
+        separate[0].lora = Some(Lora::from_tensors(a0, b0, 1.5, 0.0));
+        separate[2].lora = Some(Lora::from_tensors(a2, b2, 1.5, 0.0));
+        let x = Tensor::<TestBackend, 3>::random([2, 3, 5], uniform, &device);
+        let expected = Tensor::cat(
+            separate.iter().map(|l| l.forward(x.clone())).collect(),
+            2,
+        );
+        fused
+            .forward(x)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
+        let lora = fused.lora.as_ref().unwrap();
+        let delta = lora.delta(11);
+        assert_eq!(delta.dims(), [5, 11]);
+        let middle = delta.clone().slice([0..5, 6..8]);
+        assert_eq!(middle.abs().max().into_scalar(), 0.0);
+        let want = separate[2].lora.as_ref().unwrap().delta(3);
+        delta
+            .slice([0..5, 8..11])
+            .into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-6));
     }
 
     #[test]
@@ -414,7 +622,8 @@ mod tests {
         let x = Tensor::<Ad, 2>::ones([3, 8], &device).require_grad();
         let grads = linear.forward(x.clone()).sum().backward();
         let lora = linear.lora.as_ref().unwrap();
-        assert!(lora.lora_a.grad(&grads).is_some() && lora.lora_b.grad(&grads).is_some());
+        let part = &lora.parts[0];
+        assert!(part.lora_a.grad(&grads).is_some() && part.lora_b.grad(&grads).is_some());
         assert!(x.grad(&grads).is_some());
         assert!(linear.weight.grad(&grads).is_none());
         // The NF4 tensors are constants: the only parameters left are the placeholder and the adapter.
