@@ -21,6 +21,14 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../configs/demo_tiny_lora.toml"),
     ),
     (
+        "gemma2_9b_it_qlora_alpaca_e3",
+        include_str!("../../../configs/gemma2_9b_it_qlora_alpaca_e3.toml"),
+    ),
+    (
+        "gemma_2b_it_qlora_alpaca_e3",
+        include_str!("../../../configs/gemma_2b_it_qlora_alpaca_e3.toml"),
+    ),
+    (
         "internlm2_1_8b_full_custom_pretrain_e1",
         include_str!("../../../configs/internlm2_1_8b_full_custom_pretrain_e1.toml"),
     ),
@@ -41,6 +49,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../configs/internlm2_chat_1_8b_qlora_custom_sft_e1.toml"),
     ),
     (
+        "llama3_8b_instruct_qlora_alpaca_e3",
+        include_str!("../../../configs/llama3_8b_instruct_qlora_alpaca_e3.toml"),
+    ),
+    (
         "llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain",
         include_str!(
             "../../../configs/llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain.toml"
@@ -51,6 +63,22 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!(
             "../../../configs/llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune.toml"
         ),
+    ),
+    (
+        "mistral_7b_instruct_qlora_alpaca_e3",
+        include_str!("../../../configs/mistral_7b_instruct_qlora_alpaca_e3.toml"),
+    ),
+    (
+        "phi3_mini_4k_instruct_qlora_alpaca_e3",
+        include_str!("../../../configs/phi3_mini_4k_instruct_qlora_alpaca_e3.toml"),
+    ),
+    (
+        "qwen1_5_7b_chat_qlora_alpaca_e3",
+        include_str!("../../../configs/qwen1_5_7b_chat_qlora_alpaca_e3.toml"),
+    ),
+    (
+        "qwen3_8b_qlora_alpaca_e3",
+        include_str!("../../../configs/qwen3_8b_qlora_alpaca_e3.toml"),
     ),
 ];
 
