@@ -92,7 +92,9 @@ mod tests {
         );
         let qkv = (decoder.n_heads + 2 * decoder.n_kv_heads) * decoder.head_dim;
         let r = 4;
+        // Per checkpoint module (LoRA adapts each), and per product (gate and up are one).
         let per_layer = [(h, qkv), (h, h), (h, f), (f, h), (h, f)];
+        let products = [(h, qkv), (h, h), (h, 2 * f), (f, h)];
         let layers = decoder.n_layers;
         // XTuner's all-linear default adapts InternLM2's `output` head too (it leaves out
         // only heads named `lm_head` and `output_layer`).
@@ -130,10 +132,10 @@ mod tests {
         // The quantized layers keep a 1×1 placeholder weight.
         assert_eq!(
             memory.frozen_bytes,
-            4 * (norms + embeddings + per_layer.len() * layers)
+            4 * (norms + embeddings + products.len() * layers)
         );
         // NdArray's i64 words hold 15 codes; one f32 absmax per 64 weights; 16 levels.
-        let nf4: usize = per_layer
+        let nf4: usize = products
             .iter()
             .map(|&(i, o)| 8 * (i * o).div_ceil(15) + 4 * (i * o).div_ceil(64) + 4 * 16)
             .sum::<usize>()

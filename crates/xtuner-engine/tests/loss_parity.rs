@@ -134,7 +134,15 @@ fn every_familys_adapter_matches_peft() {
     use xtuner_engine::export::peft::peft_tensors;
     use xtuner_engine::lora::attach_peft;
     let device = Default::default();
-    for dir in ["internlm2-tiny", "llama-tiny", "qwen2-tiny"] {
+    for dir in [
+        "internlm2-tiny",
+        "llama-tiny",
+        "qwen2-tiny",
+        "qwen3-tiny",
+        "gemma-tiny",
+        "gemma2-tiny",
+        "phi3-tiny",
+    ] {
         let golden = Checkpoint::open(&fixture(&format!("{dir}/lora/golden.safetensors"))).unwrap();
         let adapter = PeftAdapter::open(&fixture(&format!("{dir}/lora"))).unwrap();
         let want_logits = golden.float_data("logits").unwrap();
@@ -154,18 +162,28 @@ fn every_familys_adapter_matches_peft() {
                 .into_data()
                 .assert_approx_eq::<f32>(&want_logits, Tolerance::absolute(1e-4));
             let (got, want) = (loss_of(model, &golden), expected(&golden));
-            assert!(((got - want) / want).abs() < 1e-4, "{dir} {how}: {got} vs {want}");
+            assert!(
+                ((got - want) / want).abs() < 1e-4,
+                "{dir} {how}: {got} vs {want}"
+            );
         }
 
-        let written = Checkpoint::open(&fixture(&format!("{dir}/lora/adapter_model.safetensors")))
-            .unwrap();
+        let written =
+            Checkpoint::open(&fixture(&format!("{dir}/lora/adapter_model.safetensors"))).unwrap();
         let ours = peft_tensors(&attached, &config).unwrap();
         let mut names: Vec<&String> = ours.iter().map(|(k, _)| k).collect();
         names.sort();
         assert_eq!(names, written.keys().iter().collect::<Vec<_>>(), "{dir}");
         for (key, data) in ours {
-            assert_eq!(Some(data.shape.to_vec()), written.shape(&key), "{dir} {key}");
-            data.assert_approx_eq::<f32>(&written.float_data(&key).unwrap(), Tolerance::absolute(1e-6));
+            assert_eq!(
+                Some(data.shape.to_vec()),
+                written.shape(&key),
+                "{dir} {key}"
+            );
+            data.assert_approx_eq::<f32>(
+                &written.float_data(&key).unwrap(),
+                Tolerance::absolute(1e-6),
+            );
         }
 
         let out = tempfile::tempdir().unwrap();
@@ -184,9 +202,10 @@ fn every_familys_adapter_matches_peft() {
         assert_eq!(ours.keys(), reference.keys(), "{dir}: merged tensor names");
         for key in reference.keys() {
             assert_eq!(ours.shape(&key), reference.shape(&key), "{dir} {key}");
-            ours.float_data(&key)
-                .unwrap()
-                .assert_approx_eq::<f32>(&reference.float_data(&key).unwrap(), Tolerance::absolute(1e-5));
+            ours.float_data(&key).unwrap().assert_approx_eq::<f32>(
+                &reference.float_data(&key).unwrap(),
+                Tolerance::absolute(1e-5),
+            );
         }
     }
 }

@@ -41,11 +41,30 @@ fn qwen2_six_lora_steps_follow_the_reference_trajectory() {
     six_lora_steps("qwen2-tiny");
 }
 
+#[test]
+fn qwen3_six_lora_steps_follow_the_reference_trajectory() {
+    six_lora_steps("qwen3-tiny");
+}
+
+#[test]
+fn gemma_six_lora_steps_follow_the_reference_trajectory() {
+    six_lora_steps("gemma-tiny");
+}
+
+#[test]
+fn gemma2_six_lora_steps_follow_the_reference_trajectory() {
+    six_lora_steps("gemma2-tiny");
+}
+
+#[test]
+fn phi3_six_lora_steps_follow_the_reference_trajectory() {
+    six_lora_steps("phi3-tiny");
+}
+
 fn six_lora_steps(dir: &str) {
     let device = Default::default();
     let trajectory: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture(&format!("{dir}/lora_train/trajectory.json")))
-            .unwrap(),
+        &std::fs::read_to_string(fixture(&format!("{dir}/lora_train/trajectory.json"))).unwrap(),
     )
     .unwrap();
     let opt = &trajectory["optimizer"];
@@ -73,7 +92,12 @@ fn six_lora_steps(dir: &str) {
     let mut model = attach_peft(base, &config, &adapter, 0.0, &device).unwrap();
 
     // "golden.safetensors input_ids/labels, ...": the batch's file, under the family's dir.
-    let data_file = trajectory["data"].as_str().unwrap().split(' ').next().unwrap();
+    let data_file = trajectory["data"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
     let golden = Checkpoint::open(&fixture(&format!("{dir}/{data_file}"))).unwrap();
     let data = golden.int_data("input_ids").unwrap();
     let [b, t] = [data.shape[0], data.shape[1]];
@@ -122,7 +146,11 @@ fn six_lora_steps(dir: &str) {
     names.sort();
     assert_eq!(names, trained.keys().iter().collect::<Vec<_>>(), "{dir}");
     for (key, data) in ours {
-        assert_eq!(Some(data.shape.to_vec()), trained.shape(&key), "{dir} {key}");
+        assert_eq!(
+            Some(data.shape.to_vec()),
+            trained.shape(&key),
+            "{dir} {key}"
+        );
         let want = trained
             .float_data(&key)
             .unwrap_or_else(|e| panic!("{key}: {e}"));

@@ -754,8 +754,10 @@ mod tests {
         let embeddings =
             size(&e.patch_embedding) + hidden + e.position_embedding.val().shape().num_elements();
         assert_eq!(listed + norms + embeddings, tower.num_params());
-        let modules: std::collections::BTreeSet<&str> =
-            layers.iter().map(|(s, _)| s.modules[0].module.as_str()).collect();
+        let modules: std::collections::BTreeSet<&str> = layers
+            .iter()
+            .map(|(s, _)| s.modules[0].module.as_str())
+            .collect();
         assert_eq!(modules.len(), 6 * tower.encoder.layers.len());
     }
 }

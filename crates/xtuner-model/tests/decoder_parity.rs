@@ -1,6 +1,7 @@
 //! The decoder against the reference stack (transformers / PEFT) on the tiny fixtures:
 //! InternLM2 logits, packed (varlen) logits, greedy generation, a PEFT adapter merged
-//! at load, and the Llama and Qwen2 families through their own key names.
+//! at load, and every other family (Llama, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3)
+//! through its own key names and layout.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use burn::backend::NdArray;
@@ -217,6 +218,78 @@ fn llama_and_qwen2_through_their_own_keys() {
     }
 }
 
+/// HF's causal-LM loss: mean cross-entropy of logits `[B, T, V]` at `t` against the
+/// label at `t + 1`, over labels other than -100.
+fn causal_lm_loss(logits: Tensor<B, 3>, labels: &[i64]) -> f64 {
+    let [b, t, v] = logits.dims();
+    let logits: Vec<f32> = logits.into_data().to_vec().unwrap();
+    let (mut total, mut n) = (0.0f64, 0usize);
+    for row in 0..b {
+        for pos in 0..t - 1 {
+            let label = labels[row * t + pos + 1];
+            if label < 0 {
+                continue;
+            }
+            let z = &logits[(row * t + pos) * v..(row * t + pos + 1) * v];
+            let max = z.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
+            let sum: f64 = z.iter().map(|&x| (x as f64 - max).exp()).sum();
+            total += max + sum.ln() - z[label as usize] as f64;
+            n += 1;
+        }
+    }
+    total / n as f64
+}
+
+#[test]
+fn qwen3_gemma_gemma2_and_phi3_logits_and_loss() {
+    for dir in ["qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi3-tiny"] {
+        let golden = Checkpoint::open(&fixture(&format!("{dir}/golden.safetensors"))).unwrap();
+        let model = load(dir, None);
+        let logits = assert_golden_logits(&model, &golden, "logits");
+        let (labels, _) = ints(&golden, "labels");
+        let expected: f64 = golden
+            .float_data("loss")
+            .unwrap()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .unwrap()[0];
+        let loss = causal_lm_loss(logits, &labels);
+        assert!(
+            (loss - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+            "{dir}: loss {loss} vs {expected}"
+        );
+    }
+}
+
+#[test]
+fn cached_decoding_keeps_gemma2s_sliding_window() {
+    // 12 tokens through a window of 6: the cached steps past the window must drop the
+    // same keys the full forward drops.
+    let model = load("gemma2-tiny", None);
+    let golden = Checkpoint::open(&fixture("gemma2-tiny/golden.safetensors")).unwrap();
+    let (ids, shape) = ints(&golden, "input_ids");
+    let ids = &ids[..shape[1]];
+    let t = ids.len();
+    let full = model.forward(ids_tensor(ids, [1, t]), &causal_input(1, t), None);
+    let device = Default::default();
+    let mut cache = KvCache::<B>::new(2, 1, 2, 4, 16, &device);
+    let mut steps = vec![model.forward(
+        ids_tensor(&ids[..3], [1, 3]),
+        &causal_input(1, 3),
+        Some(&mut cache),
+    )];
+    for (pos, &id) in ids.iter().enumerate().skip(3) {
+        let input = DecoderInput {
+            positions: ids_tensor(&[pos as i64], [1, 1]),
+            mask: AttentionMask::Bias(Tensor::zeros([1, 1, 1, pos + 1], &device)),
+        };
+        steps.push(model.forward(ids_tensor(&[id], [1, 1]), &input, Some(&mut cache)));
+    }
+    Tensor::cat(steps, 1)
+        .into_data()
+        .assert_approx_eq::<f32>(&full.into_data(), Tolerance::absolute(1e-4));
+}
+
 #[test]
 fn a_wrong_adapter_or_checkpoint_is_an_error_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
@@ -249,7 +322,15 @@ fn a_wrong_adapter_or_checkpoint_is_an_error_naming_the_tensor() {
 fn save_and_load_round_trip_every_family_exactly() {
     use xtuner_model::checkpoint::{SaveDtype, save_safetensors};
     use xtuner_model::decoder::DecoderConfig;
-    for dir in ["internlm2-tiny", "llama-tiny", "qwen2-tiny"] {
+    for dir in [
+        "internlm2-tiny",
+        "llama-tiny",
+        "qwen2-tiny",
+        "qwen3-tiny",
+        "gemma-tiny",
+        "gemma2-tiny",
+        "phi3-tiny",
+    ] {
         let config = DecoderConfig::from_file(&fixture(&format!("{dir}/config.json"))).unwrap();
         let model = load(dir, None);
         let out = tempfile::tempdir().unwrap();

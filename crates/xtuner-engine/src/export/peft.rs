@@ -12,9 +12,9 @@ use xtuner_model::nn::linear::LinearLayers;
 use xtuner_model::nn::precision::host_vec;
 
 use super::{create_dir, write_json};
-use crate::{Error, Result};
 use crate::config::LoraConfig;
 use crate::lora::resolve_targets;
+use crate::{Error, Result};
 
 /// The adapters as PEFT tensors (`base_model.model.<module>.lora_A.weight` `[r, in]`,
 /// `lora_B.weight` `[out, r]`), ready for `adapter_model.safetensors`.

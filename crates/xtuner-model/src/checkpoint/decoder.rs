@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorCreationOptions, TensorData};
 
 use super::Checkpoint;
-use super::keys::{QkvKeys, internlm2_qkv_rows};
+use super::keys::{GateUpKeys, QkvKeys, internlm2_qkv_rows};
 use super::peft::PeftAdapter;
 use crate::decoder::{Block, Decoder, DecoderConfig};
 use crate::nn::attention::Attention;
@@ -52,61 +52,77 @@ impl<B: Backend> Decoder<B> {
         let src = Source { ckpt, adapter };
         let family = c.family;
         let (h, k, d, hidden) = (c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size);
+        let inter = c.intermediate_size;
         let qkv_out = (h + 2 * k) * d;
+        let norm = |module: &str, width: usize| {
+            let weight = src.vector(&format!("{module}.weight"), width)?;
+            norm(weight, c, ckpt.options(device))
+        };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let keys = family.layer(i);
             let (qkv_rows, qkv_bias) = match &keys.qkv {
-                QkvKeys::Fused(module) => {
-                    let rows = src.linear_rows(module, qkv_out, hidden)?;
-                    let bias = c
-                        .qkv_bias
-                        .then(|| src.vector(&format!("{module}.bias"), qkv_out))
-                        .transpose()?;
+                QkvKeys::Interleaved(module) => {
+                    let (rows, bias) = src.stacked(&[(module, qkv_out)], hidden, c.qkv_bias)?;
                     let order = internlm2_qkv_rows(h, k, d);
                     (
                         permute_rows(&rows, &order, hidden),
                         bias.map(|b| order.iter().map(|&r| b[r]).collect()),
                     )
                 }
+                QkvKeys::Packed(module) => src.stacked(&[(module, qkv_out)], hidden, c.qkv_bias)?,
                 QkvKeys::Separate { q, k: key, v } => {
-                    let mut rows = src.linear_rows(q, h * d, hidden)?;
-                    rows.extend(src.linear_rows(key, k * d, hidden)?);
-                    rows.extend(src.linear_rows(v, k * d, hidden)?);
-                    let bias = if c.qkv_bias {
-                        let mut b = src.vector(&format!("{q}.bias"), h * d)?;
-                        b.extend(src.vector(&format!("{key}.bias"), k * d)?);
-                        b.extend(src.vector(&format!("{v}.bias"), k * d)?);
-                        Some(b)
-                    } else {
-                        None
-                    };
-                    (rows, bias)
+                    src.stacked(&[(q, h * d), (key, k * d), (v, k * d)], hidden, c.qkv_bias)?
                 }
             };
+            let (gate_up_rows, gate_up_bias) = match &keys.gate_up {
+                GateUpKeys::Separate { gate, up } => {
+                    src.stacked(&[(gate, inter), (up, inter)], hidden, c.mlp_bias)?
+                }
+                GateUpKeys::Fused(module) => {
+                    src.stacked(&[(module, 2 * inter)], hidden, c.mlp_bias)?
+                }
+            };
+            let (q_norm, k_norm) = match &keys.qk_norms {
+                Some((q, key)) => (Some(norm(q, d)?), Some(norm(key, d)?)),
+                None => (None, None),
+            };
             layers.push(Block {
-                attention_norm: norm(
-                    src.vector(&format!("{}.weight", keys.attention_norm), hidden)?,
-                    c.rms_norm_eps,
-                    ckpt.options(device),
-                )?,
+                attention_norm: norm(&keys.attention_norm, hidden)?,
                 attention: Attention {
                     wqkv: linear(qkv_rows, qkv_out, hidden, qkv_bias, ckpt.options(device)),
                     wo: src.linear(&keys.wo, h * d, hidden, c.o_bias, device)?,
                     n_heads: h,
                     n_kv_heads: k,
                     head_dim: d,
+                    q_norm,
+                    k_norm,
+                    scale: c.attention_scale,
+                    softcap: c.attn_softcap,
+                    window: c.windows.get(i).copied().flatten(),
                 },
-                ffn_norm: norm(
-                    src.vector(&format!("{}.weight", keys.ffn_norm), hidden)?,
-                    c.rms_norm_eps,
-                    ckpt.options(device),
-                )?,
+                post_attention_norm: keys
+                    .post_attention_norm
+                    .as_deref()
+                    .map(|m| norm(m, hidden))
+                    .transpose()?,
+                ffn_norm: norm(&keys.ffn_norm, hidden)?,
                 feed_forward: FeedForward {
-                    w1: src.linear(&keys.w1, hidden, c.intermediate_size, c.mlp_bias, device)?,
-                    w2: src.linear(&keys.w2, c.intermediate_size, hidden, c.mlp_bias, device)?,
-                    w3: src.linear(&keys.w3, hidden, c.intermediate_size, c.mlp_bias, device)?,
+                    w13: linear(
+                        gate_up_rows,
+                        2 * inter,
+                        hidden,
+                        gate_up_bias,
+                        ckpt.options(device),
+                    ),
+                    w2: src.linear(&keys.w2, inter, hidden, c.mlp_bias, device)?,
+                    act: c.hidden_act,
                 },
+                post_ffn_norm: keys
+                    .post_ffn_norm
+                    .as_deref()
+                    .map(|m| norm(m, hidden))
+                    .transpose()?,
             });
         }
         let embeddings = ckpt.tensor::<B, 2>(
@@ -123,13 +139,11 @@ impl<B: Backend> Decoder<B> {
         let model = Self {
             tok_embeddings: Param::from_tensor(embeddings),
             layers,
-            norm: norm(
-                src.vector(&format!("{}.weight", family.norm()), hidden)?,
-                c.rms_norm_eps,
-                ckpt.options(device),
-            )?,
+            norm: norm(family.norm(), hidden)?,
             output,
             rope: c.rope,
+            embed_scale: c.scale_embeddings.then(|| (hidden as f64).sqrt()),
+            final_softcap: c.final_softcap,
         };
         let unused: Vec<String> = ckpt
             .unused_keys()
@@ -175,70 +189,96 @@ impl<B: Backend> Decoder<B> {
             let keys = family.layer(i);
             let (rows, bias) = hf_rows(&layer.attention.wqkv)?;
             match &keys.qkv {
-                QkvKeys::Fused(module) => {
+                QkvKeys::Interleaved(module) => {
                     let order = internlm2_qkv_rows(h, k, d);
                     let mut inverse = vec![0; order.len()];
                     for (ours, &theirs) in order.iter().enumerate() {
                         inverse[theirs] = ours;
                     }
-                    let n = order.len();
-                    out.push((
-                        format!("{module}.weight"),
-                        TensorData::new(permute_rows(&rows, &inverse, hidden), [n, hidden]),
-                    ));
-                    if let Some(b) = bias {
-                        out.push((
-                            format!("{module}.bias"),
-                            TensorData::new(
-                                inverse.iter().map(|&r| b[r]).collect::<Vec<f32>>(),
-                                [n],
-                            ),
-                        ));
-                    }
+                    let bias: Option<Vec<f32>> =
+                        bias.map(|b| inverse.iter().map(|&r| b[r]).collect());
+                    let rows = permute_rows(&rows, &inverse, hidden);
+                    split_rows(
+                        &mut out,
+                        &[(module, order.len())],
+                        hidden,
+                        &rows,
+                        bias.as_deref(),
+                    );
                 }
-                QkvKeys::Separate { q, k: key, v } => {
-                    let parts = [(q, 0, h * d), (key, h * d, k * d), (v, (h + k) * d, k * d)];
-                    for (module, start, n) in parts {
-                        out.push((
-                            format!("{module}.weight"),
-                            TensorData::new(
-                                rows[start * hidden..(start + n) * hidden].to_vec(),
-                                [n, hidden],
-                            ),
-                        ));
-                        if let Some(b) = &bias {
-                            out.push((
-                                format!("{module}.bias"),
-                                TensorData::new(b[start..start + n].to_vec(), [n]),
-                            ));
-                        }
-                    }
+                QkvKeys::Packed(module) => {
+                    split_rows(
+                        &mut out,
+                        &[(module, (h + 2 * k) * d)],
+                        hidden,
+                        &rows,
+                        bias.as_deref(),
+                    );
+                }
+                QkvKeys::Separate { q, k: key, v } => split_rows(
+                    &mut out,
+                    &[(q, h * d), (key, k * d), (v, k * d)],
+                    hidden,
+                    &rows,
+                    bias.as_deref(),
+                ),
+            }
+            let (rows, bias) = hf_rows(&layer.feed_forward.w13)?;
+            let inter = c.intermediate_size;
+            match &keys.gate_up {
+                GateUpKeys::Separate { gate, up } => {
+                    split_rows(
+                        &mut out,
+                        &[(gate, inter), (up, inter)],
+                        hidden,
+                        &rows,
+                        bias.as_deref(),
+                    );
+                }
+                GateUpKeys::Fused(module) => {
+                    split_rows(
+                        &mut out,
+                        &[(module, 2 * inter)],
+                        hidden,
+                        &rows,
+                        bias.as_deref(),
+                    );
                 }
             }
             let mut linear = |module: &str, l: &Linear<B>| -> Result<()> {
                 let [d_in, d_out] = l.dims();
                 let (rows, bias) = hf_rows(l)?;
-                out.push((
-                    format!("{module}.weight"),
-                    TensorData::new(rows, [d_out, d_in]),
-                ));
-                if let Some(b) = bias {
-                    out.push((format!("{module}.bias"), TensorData::new(b, [d_out])));
-                }
+                split_rows(&mut out, &[(module, d_out)], d_in, &rows, bias.as_deref());
                 Ok(())
             };
             linear(&keys.wo, &layer.attention.wo)?;
-            linear(&keys.w1, &layer.feed_forward.w1)?;
             linear(&keys.w2, &layer.feed_forward.w2)?;
-            linear(&keys.w3, &layer.feed_forward.w3)?;
-            out.push((
-                format!("{}.weight", keys.attention_norm),
-                layer.attention_norm.weight.val().into_data(),
-            ));
-            out.push((
-                format!("{}.weight", keys.ffn_norm),
-                layer.ffn_norm.weight.val().into_data(),
-            ));
+            let a = &layer.attention;
+            let norms = [
+                (
+                    Some(keys.attention_norm.as_str()),
+                    Some(&layer.attention_norm),
+                ),
+                (Some(keys.ffn_norm.as_str()), Some(&layer.ffn_norm)),
+                (
+                    keys.post_attention_norm.as_deref(),
+                    layer.post_attention_norm.as_ref(),
+                ),
+                (keys.post_ffn_norm.as_deref(), layer.post_ffn_norm.as_ref()),
+                (
+                    keys.qk_norms.as_ref().map(|n| n.0.as_str()),
+                    a.q_norm.as_ref(),
+                ),
+                (
+                    keys.qk_norms.as_ref().map(|n| n.1.as_str()),
+                    a.k_norm.as_ref(),
+                ),
+            ];
+            for (module, norm) in norms {
+                if let (Some(module), Some(norm)) = (module, norm) {
+                    out.push((format!("{module}.weight"), norm.weight.val().into_data()));
+                }
+            }
         }
         out.push((
             format!("{}.weight", family.norm()),
@@ -310,6 +350,25 @@ impl Source<'_> {
         Ok(rows)
     }
 
+    /// The `[out, in]` rows of `modules` (name, rows) one after another, each with the
+    /// adapter's delta, and with `bias` their biases likewise.
+    fn stacked(
+        &self,
+        modules: &[(&String, usize)],
+        inp: usize,
+        bias: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mut rows = Vec::new();
+        let mut biases = Vec::new();
+        for &(module, out) in modules {
+            rows.extend(self.linear_rows(module, out, inp)?);
+            if bias {
+                biases.extend(self.vector(&format!("{module}.bias"), out)?);
+            }
+        }
+        Ok((rows, bias.then_some(biases)))
+    }
+
     fn linear<B: Backend>(
         &self,
         module: &str,
@@ -339,15 +398,46 @@ fn linear<B: Backend>(
     Linear::from_tensors(weight, bias)
 }
 
+/// An RMSNorm of the config's ε and offset with the checkpoint's weight.
 fn norm<B: Backend>(
     weight: Vec<f32>,
-    eps: f64,
+    config: &DecoderConfig,
     options: TensorCreationOptions<B>,
 ) -> Result<RmsNorm<B>> {
     let n = weight.len();
-    let mut norm = RmsNorm::new(n, eps, &options.device)?;
+    let mut norm =
+        RmsNorm::new(n, config.rms_norm_eps, &options.device)?.with_offset(config.norm_offset);
     norm.weight = Param::from_tensor(Tensor::from_data(TensorData::new(weight, [n]), options));
     Ok(norm)
+}
+
+/// Writes `[rows, width]` data as the tensors of `modules` (name, rows), in order, with
+/// their slices of `bias`.
+fn split_rows<S: AsRef<str>>(
+    out: &mut Vec<(String, TensorData)>,
+    modules: &[(S, usize)],
+    width: usize,
+    rows: &[f32],
+    bias: Option<&[f32]>,
+) {
+    let mut start = 0;
+    for (module, n) in modules {
+        let (module, n) = (module.as_ref(), *n);
+        out.push((
+            format!("{module}.weight"),
+            TensorData::new(
+                rows[start * width..(start + n) * width].to_vec(),
+                [n, width],
+            ),
+        ));
+        if let Some(b) = bias {
+            out.push((
+                format!("{module}.bias"),
+                TensorData::new(b[start..start + n].to_vec(), [n]),
+            ));
+        }
+        start += n;
+    }
 }
 
 /// Rows of a row-major `[rows, width]` matrix in the given order.

@@ -1,16 +1,19 @@
-//! Checkpoint key names of each decoder family, and the one real layout difference
-//! between them: InternLM2's fused `wqkv`.
+//! Checkpoint key names of each decoder family, and the layout differences between
+//! them: how q/k/v and gate/up are stored, and which extra norms a layer has.
 //!
-//! | part | InternLM2 | Llama / Qwen2 |
-//! |---|---|---|
-//! | embeddings | `model.tok_embeddings` | `model.embed_tokens` |
-//! | pre-attention norm | `attention_norm` | `input_layernorm` |
-//! | q, k, v | `attention.wqkv` (fused, KV-group interleaved) | `self_attn.{q,k,v}_proj` |
-//! | attention output | `attention.wo` | `self_attn.o_proj` |
-//! | pre-MLP norm | `ffn_norm` | `post_attention_layernorm` |
-//! | gate, down, up | `feed_forward.w1, w2, w3` | `mlp.gate_proj, down_proj, up_proj` |
-//! | final norm | `model.norm` | `model.norm` |
-//! | LM head | `output` | `lm_head` (absent when tied) |
+//! | part | InternLM2 | Llama / Qwen2 / Qwen3 / Gemma | Gemma 2 | Phi-3 |
+//! |---|---|---|---|---|
+//! | embeddings | `model.tok_embeddings` | `model.embed_tokens` | same | same |
+//! | pre-attention norm | `attention_norm` | `input_layernorm` | same | same |
+//! | q, k, v | `attention.wqkv` (KV-group interleaved) | `self_attn.{q,k,v}_proj` | same | `self_attn.qkv_proj` (q, k, v rows) |
+//! | q/k norms | — | Qwen3: `self_attn.{q,k}_norm` | — | — |
+//! | attention output | `attention.wo` | `self_attn.o_proj` | same | same |
+//! | post-attention norm | — | — | `post_attention_layernorm` | — |
+//! | pre-MLP norm | `ffn_norm` | `post_attention_layernorm` | `pre_feedforward_layernorm` | `post_attention_layernorm` |
+//! | gate, up | `feed_forward.w1, w3` | `mlp.gate_proj, up_proj` | same | `mlp.gate_up_proj` (gate, up rows) |
+//! | down | `feed_forward.w2` | `mlp.down_proj` | same | same |
+//! | post-MLP norm | — | — | `post_feedforward_layernorm` | — |
+//! | final norm, LM head | `model.norm`, `output` | `model.norm`, `lm_head` (absent when tied) | same | same |
 //!
 //! InternLM2's `wqkv` rows are grouped per KV head: for KV head g, its G = H/K query
 //! heads, then key head g, then value head g, each D rows. The model keeps
@@ -18,25 +21,35 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The decoder families that share InternLM2's arithmetic.
+/// The decoder families: one decoder, these key names and small differences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     /// `model_type: internlm2`.
     #[serde(rename = "internlm2")]
     InternLm2,
-    /// `model_type: llama` (also Mistral-style checkpoints without sliding windows).
+    /// `model_type: llama`, and `mistral` (the same keys, a sliding window at most).
     Llama,
-    /// `model_type: qwen2`.
+    /// `model_type: qwen2`: q/k/v biases.
     Qwen2,
+    /// `model_type: qwen3`: RMSNorm over each head's q and k.
+    Qwen3,
+    /// `model_type: gemma`: `(1 + w)` norms, scaled embeddings, GeGLU.
+    Gemma,
+    /// `model_type: gemma2`: Gemma with sandwich norms, soft caps and sliding windows.
+    Gemma2,
+    /// `model_type: phi3`: fused `qkv_proj` and `gate_up_proj`.
+    Phi3,
 }
 
 /// Where a layer's query/key/value weights live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QkvKeys {
-    /// One fused tensor (InternLM2), without the `.weight` suffix.
-    Fused(String),
-    /// Three tensors (Llama, Qwen2), without the `.weight`/`.bias` suffix.
+    /// One tensor with KV-group-interleaved rows (InternLM2), without `.weight`.
+    Interleaved(String),
+    /// One tensor with all q rows, then k, then v (Phi-3), without `.weight`.
+    Packed(String),
+    /// Three tensors, without the `.weight`/`.bias` suffix.
     Separate {
         /// Query projection.
         q: String,
@@ -47,6 +60,20 @@ pub enum QkvKeys {
     },
 }
 
+/// Where a layer's gate and up projections live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateUpKeys {
+    /// Two tensors.
+    Separate {
+        /// Gate projection (the activated half).
+        gate: String,
+        /// Up projection.
+        up: String,
+    },
+    /// One tensor, gate rows then up rows (Phi-3).
+    Fused(String),
+}
+
 /// The module names (without `.weight`) of one decoder layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerKeys {
@@ -54,24 +81,73 @@ pub struct LayerKeys {
     pub attention_norm: String,
     /// Query/key/value projection(s).
     pub qkv: QkvKeys,
+    /// Per-head RMSNorms of q and k (Qwen3).
+    pub qk_norms: Option<(String, String)>,
     /// Attention output projection.
     pub wo: String,
+    /// RMSNorm of the attention output (Gemma 2).
+    pub post_attention_norm: Option<String>,
     /// Pre-MLP RMSNorm.
     pub ffn_norm: String,
-    /// Gate projection.
-    pub w1: String,
+    /// Gate and up projection(s).
+    pub gate_up: GateUpKeys,
     /// Down projection.
     pub w2: String,
-    /// Up projection.
-    pub w3: String,
+    /// RMSNorm of the MLP output (Gemma 2).
+    pub post_ffn_norm: Option<String>,
 }
 
 impl Family {
+    /// Every family.
+    pub const ALL: [Family; 7] = [
+        Family::InternLm2,
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma,
+        Family::Gemma2,
+        Family::Phi3,
+    ];
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::InternLm2 => "internlm2",
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma => "gemma",
+            Family::Gemma2 => "gemma2",
+            Family::Phi3 => "phi3",
+        }
+    }
+
+    /// The family of a `model_type` (`mistral` has Llama's keys).
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "mistral" => Some(Family::Llama),
+            other => Self::ALL.into_iter().find(|f| f.model_type() == other),
+        }
+    }
+
+    /// The transformers class (`architectures` of `config.json`).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::InternLm2 => "InternLM2ForCausalLM",
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma => "GemmaForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
+        }
+    }
+
     /// The token embedding module.
     pub fn embed(self) -> &'static str {
         match self {
             Family::InternLm2 => "model.tok_embeddings",
-            Family::Llama | Family::Qwen2 => "model.embed_tokens",
+            _ => "model.embed_tokens",
         }
     }
 
@@ -84,36 +160,61 @@ impl Family {
     pub fn output(self) -> &'static str {
         match self {
             Family::InternLm2 => "output",
-            Family::Llama | Family::Qwen2 => "lm_head",
+            _ => "lm_head",
         }
     }
 
     /// The modules of layer `i`.
     pub fn layer(self, i: usize) -> LayerKeys {
         let p = format!("model.layers.{i}");
-        match self {
-            Family::InternLm2 => LayerKeys {
+        if self == Family::InternLm2 {
+            return LayerKeys {
                 attention_norm: format!("{p}.attention_norm"),
-                qkv: QkvKeys::Fused(format!("{p}.attention.wqkv")),
+                qkv: QkvKeys::Interleaved(format!("{p}.attention.wqkv")),
+                qk_norms: None,
                 wo: format!("{p}.attention.wo"),
+                post_attention_norm: None,
                 ffn_norm: format!("{p}.ffn_norm"),
-                w1: format!("{p}.feed_forward.w1"),
-                w2: format!("{p}.feed_forward.w2"),
-                w3: format!("{p}.feed_forward.w3"),
-            },
-            Family::Llama | Family::Qwen2 => LayerKeys {
-                attention_norm: format!("{p}.input_layernorm"),
-                qkv: QkvKeys::Separate {
-                    q: format!("{p}.self_attn.q_proj"),
-                    k: format!("{p}.self_attn.k_proj"),
-                    v: format!("{p}.self_attn.v_proj"),
+                gate_up: GateUpKeys::Separate {
+                    gate: format!("{p}.feed_forward.w1"),
+                    up: format!("{p}.feed_forward.w3"),
                 },
-                wo: format!("{p}.self_attn.o_proj"),
-                ffn_norm: format!("{p}.post_attention_layernorm"),
-                w1: format!("{p}.mlp.gate_proj"),
-                w2: format!("{p}.mlp.down_proj"),
-                w3: format!("{p}.mlp.up_proj"),
+                w2: format!("{p}.feed_forward.w2"),
+                post_ffn_norm: None,
+            };
+        }
+        let (attn, mlp) = (format!("{p}.self_attn"), format!("{p}.mlp"));
+        let sandwich = self == Family::Gemma2;
+        LayerKeys {
+            attention_norm: format!("{p}.input_layernorm"),
+            qkv: if self == Family::Phi3 {
+                QkvKeys::Packed(format!("{attn}.qkv_proj"))
+            } else {
+                QkvKeys::Separate {
+                    q: format!("{attn}.q_proj"),
+                    k: format!("{attn}.k_proj"),
+                    v: format!("{attn}.v_proj"),
+                }
             },
+            qk_norms: (self == Family::Qwen3)
+                .then(|| (format!("{attn}.q_norm"), format!("{attn}.k_norm"))),
+            wo: format!("{attn}.o_proj"),
+            post_attention_norm: sandwich.then(|| format!("{p}.post_attention_layernorm")),
+            ffn_norm: if sandwich {
+                format!("{p}.pre_feedforward_layernorm")
+            } else {
+                format!("{p}.post_attention_layernorm")
+            },
+            gate_up: if self == Family::Phi3 {
+                GateUpKeys::Fused(format!("{mlp}.gate_up_proj"))
+            } else {
+                GateUpKeys::Separate {
+                    gate: format!("{mlp}.gate_proj"),
+                    up: format!("{mlp}.up_proj"),
+                }
+            },
+            w2: format!("{mlp}.down_proj"),
+            post_ffn_norm: sandwich.then(|| format!("{p}.post_feedforward_layernorm")),
         }
     }
 }
@@ -157,9 +258,33 @@ mod tests {
             Family::InternLm2.layer(3).w2,
             "model.layers.3.feed_forward.w2"
         );
-        assert_eq!(Family::Llama.layer(0).w1, "model.layers.0.mlp.gate_proj");
+        assert!(matches!(
+            Family::Llama.layer(0).gate_up,
+            GateUpKeys::Separate { ref gate, .. } if gate == "model.layers.0.mlp.gate_proj"
+        ));
         assert!(
             matches!(Family::Qwen2.layer(1).qkv, QkvKeys::Separate { ref k, .. } if k == "model.layers.1.self_attn.k_proj")
         );
+        assert_eq!(
+            Family::Phi3.layer(0).qkv,
+            QkvKeys::Packed("model.layers.0.self_attn.qkv_proj".into())
+        );
+        let gemma2 = Family::Gemma2.layer(0);
+        assert_eq!(gemma2.ffn_norm, "model.layers.0.pre_feedforward_layernorm");
+        assert_eq!(
+            gemma2.post_attention_norm.as_deref(),
+            Some("model.layers.0.post_attention_layernorm")
+        );
+        assert!(Family::Qwen3.layer(0).qk_norms.is_some());
+        assert!(Family::Gemma.layer(0).post_ffn_norm.is_none());
+    }
+
+    #[test]
+    fn model_types_name_their_family() {
+        for family in Family::ALL {
+            assert_eq!(Family::from_model_type(family.model_type()), Some(family));
+        }
+        assert_eq!(Family::from_model_type("mistral"), Some(Family::Llama));
+        assert_eq!(Family::from_model_type("mixtral"), None);
     }
 }

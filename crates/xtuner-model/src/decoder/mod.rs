@@ -1,14 +1,18 @@
 //! The decoder: InternLM2 (Cai et al., 2024, "InternLM2 Technical Report"), mirroring
-//! Hugging Face's `modeling_internlm2.py`; the same decoder serves Llama and Qwen2
-//! checkpoints, whose arithmetic is identical (pre-norm residual blocks, RMSNorm,
-//! rotate-half RoPE, grouped-query attention, SwiGLU), through their own key names
-//! ([`Family`](crate::checkpoint::keys::Family)). Loading and saving checkpoints is `checkpoint/decoder.rs`'s.
+//! Hugging Face's `modeling_internlm2.py`; the same decoder serves every family whose
+//! arithmetic is the same pre-norm residual stack (RMSNorm, rotate-half RoPE,
+//! grouped-query attention, a gated MLP), through their own key names ([`Family`]) and
+//! a few settings of [`DecoderConfig`]: Llama, Mistral and Qwen2 as they are; Qwen3
+//! with q/k norms; Gemma with `(1 + w)` norms, `√C`-scaled embeddings and GeGLU;
+//! Gemma 2 with norms after attention and MLP too, soft caps and sliding windows;
+//! Phi-3 with its fused projections. Loading and saving checkpoints is
+//! `checkpoint/decoder.rs`'s.
 //!
 //! ```text
-//! h = embed(ids)
-//! for each layer:  h = h + wo(attention(attention_norm(h)))
-//!                  h = h + w2(silu(w1(z)) ⊙ w3(z)),  z = ffn_norm(h)
-//! logits = output(norm(h))
+//! h = embed(ids) · (√C for Gemma)
+//! for each layer:  h = h + post_attention_norm?(wo(attention(attention_norm(h))))
+//!                  h = h + post_ffn_norm?(w2(act(gate(z)) ⊙ up(z))),  z = ffn_norm(h)
+//! logits = softcap?(output(norm(h)))
 //! ```
 //!
 //! Checkpoint keys: `model.tok_embeddings`, `model.layers.N.{attention_norm,
@@ -20,11 +24,9 @@
 
 mod config;
 
-use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
 pub use self::config::{DecoderConfig, HfDecoderConfig};
-use crate::checkpoint::keys::{QkvKeys, internlm2_qkv_rows};
+use crate::Result;
+use crate::checkpoint::keys::{Family, GateUpKeys, QkvKeys, internlm2_qkv_rows};
 use crate::nn::attention::{Attention, AttentionMask};
 use crate::nn::kv_cache::KvCache;
 pub use crate::nn::linear::LinearSite;
@@ -33,7 +35,9 @@ use crate::nn::mlp::FeedForward;
 use crate::nn::precision::{compute_dtype, in_dtype};
 use crate::nn::rms_norm::RmsNorm;
 use crate::nn::rope::Rope;
-use crate::Result;
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 
 /// The decoder.
 #[derive(Module, Debug)]
@@ -48,6 +52,10 @@ pub struct Decoder<B: Backend> {
     pub output: Option<Linear<B>>,
     /// Rotary embedding settings.
     pub rope: Rope,
+    /// Embeddings are multiplied by this (Gemma: `√C`, in the compute dtype).
+    pub embed_scale: Option<f64>,
+    /// Logits soft-capped at this value (Gemma 2).
+    pub final_softcap: Option<f64>,
 }
 
 /// Inputs besides the embeddings: positions and the attention mask.
@@ -123,7 +131,11 @@ impl<B: Backend> Decoder<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let (cos, sin) = self.rope.cos_sin(input.positions.clone());
-        let mut h = embeds;
+        let mut h = match self.embed_scale {
+            // A scalar of the embeddings' dtype, as transformers' `normalizer`.
+            Some(scale) => embeds.mul_scalar(scale),
+            None => embeds,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
             h = layer.forward(h, &cos, &sin, &input.mask, layer_cache);
@@ -141,27 +153,35 @@ impl<B: Backend> Decoder<B> {
     /// # Shapes
     /// `h`: `[B, T, C]` → `[B, T, V]`.
     pub fn lm_head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.output {
+        let logits = match &self.output {
             Some(output) => output.forward(h),
             None => {
                 let table = in_dtype(self.tok_embeddings.val(), h.dtype());
                 crate::nn::gemm::matmul(h, table.transpose())
             }
+        };
+        match self.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
         }
     }
 }
 
-/// One pre-norm decoder layer.
+/// One pre-norm decoder layer (Gemma 2: norms after attention and MLP as well).
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     /// RMSNorm before attention.
     pub attention_norm: RmsNorm<B>,
     /// Self-attention.
     pub attention: Attention<B>,
+    /// RMSNorm of the attention output (Gemma 2).
+    pub post_attention_norm: Option<RmsNorm<B>>,
     /// RMSNorm before the MLP.
     pub ffn_norm: RmsNorm<B>,
-    /// SwiGLU MLP.
+    /// Gated MLP.
     pub feed_forward: FeedForward<B>,
+    /// RMSNorm of the MLP output (Gemma 2).
+    pub post_ffn_norm: Option<RmsNorm<B>>,
 }
 
 impl<B: Backend> Block<B> {
@@ -175,11 +195,20 @@ impl<B: Backend> Block<B> {
         mask: &AttentionMask<B>,
         cache: Option<&mut crate::nn::kv_cache::LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .attention
-                .forward(self.attention_norm.forward(x), cos, sin, mask, cache);
-        h.clone() + self.feed_forward.forward(self.ffn_norm.forward(h))
+        let post = |y: Tensor<B, 3>, norm: &Option<RmsNorm<B>>| match norm {
+            Some(norm) => norm.forward(y),
+            None => y,
+        };
+        let attended = self.attention.forward(
+            self.attention_norm.forward(x.clone()),
+            cos,
+            sin,
+            mask,
+            cache,
+        );
+        let h = x + post(attended, &self.post_attention_norm);
+        let mlp = self.feed_forward.forward(self.ffn_norm.forward(h.clone()));
+        h + post(mlp, &self.post_ffn_norm)
     }
 }
 
@@ -195,23 +224,48 @@ impl<B: Backend> Decoder<B> {
     pub fn random(config: &DecoderConfig, device: &B::Device) -> Result<Self> {
         let c = config;
         let qkv_out = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+        let norm = |width: usize| {
+            Ok::<_, crate::Error>(
+                RmsNorm::new(width, c.rms_norm_eps, device)?.with_offset(c.norm_offset),
+            )
+        };
+        let sandwich = c.family == Family::Gemma2;
         let layers = (0..c.n_layers)
-            .map(|_| {
+            .map(|i| {
+                let qk_norm = || {
+                    (c.family == Family::Qwen3)
+                        .then(|| norm(c.head_dim))
+                        .transpose()
+                };
                 Ok(Block {
-                    attention_norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?,
+                    attention_norm: norm(c.hidden_size)?,
                     attention: Attention {
                         wqkv: Linear::new(c.hidden_size, qkv_out, c.qkv_bias, device),
                         wo: Linear::new(c.n_heads * c.head_dim, c.hidden_size, c.o_bias, device),
                         n_heads: c.n_heads,
                         n_kv_heads: c.n_kv_heads,
                         head_dim: c.head_dim,
+                        q_norm: qk_norm()?,
+                        k_norm: qk_norm()?,
+                        scale: c.attention_scale,
+                        softcap: c.attn_softcap,
+                        window: c.windows.get(i).copied().flatten(),
                     },
-                    ffn_norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?,
+                    post_attention_norm: sandwich.then(|| norm(c.hidden_size)).transpose()?,
+                    ffn_norm: norm(c.hidden_size)?,
                     feed_forward: FeedForward {
-                        w1: Linear::new(c.hidden_size, c.intermediate_size, c.mlp_bias, device),
+                        // Gate and up side by side, each initialised as its own layer
+                        // (the bound depends only on the input width).
+                        w13: Linear::new(
+                            c.hidden_size,
+                            2 * c.intermediate_size,
+                            c.mlp_bias,
+                            device,
+                        ),
                         w2: Linear::new(c.intermediate_size, c.hidden_size, c.mlp_bias, device),
-                        w3: Linear::new(c.hidden_size, c.intermediate_size, c.mlp_bias, device),
+                        act: c.hidden_act,
                     },
+                    post_ffn_norm: sandwich.then(|| norm(c.hidden_size)).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -223,16 +277,19 @@ impl<B: Backend> Decoder<B> {
         Ok(Self {
             tok_embeddings: Param::from_tensor(embeddings),
             layers,
-            norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?,
+            norm: norm(c.hidden_size)?,
             output: (!c.tie_word_embeddings)
                 .then(|| Linear::new(c.hidden_size, c.vocab_size, false, device)),
             rope: c.rope,
+            embed_scale: c.scale_embeddings.then(|| (c.hidden_size as f64).sqrt()),
+            final_softcap: c.final_softcap,
         })
     }
 }
 
 /// The decoder's linear layers, each named where it is rebuilt: per block the fused
-/// q/k/v product, `wo`, `w1`, `w2`, `w3`, then the LM head (absent when tied).
+/// q/k/v product, `wo`, the fused gate/up product, `w2`, then the LM head (absent when
+/// tied). A fused product of separate checkpoint modules names each of them.
 impl<B: Backend> LinearLayers<B> for Decoder<B> {
     type Config = DecoderConfig;
 
@@ -247,8 +304,9 @@ impl<B: Backend> LinearLayers<B> for Decoder<B> {
             let keys = c.family.layer(i);
             let (h, k, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
             let qkv = match &keys.qkv {
-                QkvKeys::Fused(module) => LinearSite::new(module, (h + 2 * k) * d)
+                QkvKeys::Interleaved(module) => LinearSite::new(module, (h + 2 * k) * d)
                     .with_out_rows(internlm2_qkv_rows(h, k, d)),
+                QkvKeys::Packed(module) => LinearSite::new(module, (h + 2 * k) * d),
                 // Fused here from three checkpoint modules, each adapted on its own.
                 QkvKeys::Separate { q, k: key, v } => LinearSite::fused([
                     (q.clone(), h * d),
@@ -256,13 +314,19 @@ impl<B: Backend> LinearLayers<B> for Decoder<B> {
                     (v.clone(), k * d),
                 ]),
             };
+            let i_size = c.intermediate_size;
+            let gate_up = match &keys.gate_up {
+                GateUpKeys::Separate { gate, up } => {
+                    LinearSite::fused([(gate.clone(), i_size), (up.clone(), i_size)])
+                }
+                GateUpKeys::Fused(module) => LinearSite::new(module, 2 * i_size),
+            };
             let site = |module: &str, l: &Linear<B>| LinearSite::new(module, l.dims()[1]);
             let (a, m) = (&mut layer.attention, &mut layer.feed_forward);
             a.wqkv = f(&qkv, a.wqkv.clone())?;
             a.wo = f(&site(&keys.wo, &a.wo), a.wo.clone())?;
-            m.w1 = f(&site(&keys.w1, &m.w1), m.w1.clone())?;
+            m.w13 = f(&gate_up, m.w13.clone())?;
             m.w2 = f(&site(&keys.w2, &m.w2), m.w2.clone())?;
-            m.w3 = f(&site(&keys.w3, &m.w3), m.w3.clone())?;
             layers.push(layer);
         }
         self.layers = layers;
@@ -303,8 +367,17 @@ mod tests {
             .iter()
             .flat_map(|(s, _)| s.modules.iter().map(|m| m.module.as_str()))
             .collect();
-        assert_eq!(layers.len(), 5 * c.n_layers + usize::from(model.output.is_some()));
-        assert_eq!(modules.len(), layers.len(), "InternLM2: one module per layer");
+        let head = usize::from(model.output.is_some());
+        assert_eq!(
+            layers.len(),
+            4 * c.n_layers + head,
+            "gate and up are one product"
+        );
+        assert_eq!(
+            modules.len(),
+            5 * c.n_layers + head,
+            "InternLM2's modules: wqkv, wo, w1, w3, w2 and the head"
+        );
         for (site, linear) in &layers {
             let width: usize = site.modules.iter().map(|m| m.width).sum();
             assert_eq!(width, linear.dims()[1], "{site:?}");

@@ -6,8 +6,8 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use serde::Deserialize;
 
-/// A transformers activation (`ACT2FN` key), shared by the CLIP MLP and XTuner's
-/// projector.
+/// A transformers activation (`ACT2FN` key), shared by the decoders' gated MLPs, the
+/// CLIP MLP and XTuner's projector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 pub enum HiddenAct {
     /// `x · sigmoid(1.702 x)`, OpenAI CLIP's.
@@ -20,6 +20,9 @@ pub enum HiddenAct {
     /// The tanh approximation of GELU.
     #[serde(rename = "gelu_pytorch_tanh", alias = "gelu_new", alias = "gelu_fast")]
     GeluTanh,
+    /// `x · sigmoid(x)` (SwiGLU's gate).
+    #[serde(rename = "silu", alias = "swish")]
+    Silu,
 }
 
 impl HiddenAct {
@@ -38,6 +41,7 @@ impl HiddenAct {
                     * (2.0 / std::f64::consts::PI).sqrt();
                 x * (inner.tanh() + 1.0) * 0.5
             }
+            Self::Silu => burn::tensor::activation::silu(x),
         }
     }
 }

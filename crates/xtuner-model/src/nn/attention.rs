@@ -13,6 +13,13 @@
 //! head `j / (H/K)` (PyTorch's `repeat_interleave`). Softmax runs in f32; the two
 //! products go through [`batched_matmul`] (cuBLAS on CUDA).
 //!
+//! The families' differences live here as settings: per-head RMSNorms of q and k before
+//! RoPE (Qwen3), a query scale other than `1/√D` and soft-capped scores
+//! `cap · tanh(s / cap)` (Gemma 2), and a sliding window (Gemma 2's alternate layers,
+//! Mistral): query i sees key j only when `i - j < window`, in training and in cached
+//! decoding alike. Flash attention serves the plain case; the others materialise the
+//! scores.
+//!
 //! Dimension legend: B batch, T new tokens, S keys (cached + new), H query heads,
 //! K KV heads, D head dim, C hidden.
 
@@ -26,6 +33,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use crate::nn::gemm::batched_matmul;
 use crate::nn::kv_cache::LayerCache;
 use crate::nn::linear::Linear;
+use crate::nn::rms_norm::RmsNorm;
 use crate::nn::rope::apply_rotary;
 
 /// Added to the scores of masked positions (finite, so a fully masked padding row
@@ -45,6 +53,16 @@ pub struct Attention<B: Backend> {
     pub n_kv_heads: usize,
     /// Head dimension D.
     pub head_dim: usize,
+    /// RMSNorm over each query head (Qwen3's `q_norm`), `[D]`.
+    pub q_norm: Option<RmsNorm<B>>,
+    /// RMSNorm over each key head (Qwen3's `k_norm`), `[D]`.
+    pub k_norm: Option<RmsNorm<B>>,
+    /// The scores' scale (`1/√D`, Gemma 2: `query_pre_attn_scalar^-½`).
+    pub scale: f64,
+    /// Scores are soft-capped at this value (Gemma 2's `attn_logit_softcapping`).
+    pub softcap: Option<f64>,
+    /// Keys further back than this many tokens are not seen (sliding window).
+    pub window: Option<usize>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -65,24 +83,45 @@ impl<B: Backend> Attention<B> {
         let q = qkv.clone().slice([0..b, 0..t, 0..h * d]);
         let key = qkv.clone().slice([0..b, 0..t, h * d..(h + k) * d]);
         let value = qkv.slice([0..b, 0..t, (h + k) * d..(h + 2 * k) * d]);
-        let q = q.reshape([b, t, h, d]).swap_dims(1, 2); // [B, H, T, D]
-        let key = key.reshape([b, t, k, d]).swap_dims(1, 2); // [B, K, T, D]
+        let head_norm = |x: Tensor<B, 4>, norm: &Option<RmsNorm<B>>| match norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
+        let q = head_norm(q.reshape([b, t, h, d]), &self.q_norm).swap_dims(1, 2); // [B, H, T, D]
+        let key = head_norm(key.reshape([b, t, k, d]), &self.k_norm).swap_dims(1, 2); // [B, K, T, D]
         let value = value.reshape([b, t, k, d]).swap_dims(1, 2); // [B, K, T, D]
-        let q = apply_rotary(q, cos, sin);
+        let mut q = apply_rotary(q, cos, sin);
         let key = apply_rotary(key, cos, sin);
+        // Both paths divide the scores by √D: a query scale of its own is folded in here.
+        let default_scale = 1.0 / (d as f64).sqrt();
+        if (self.scale - default_scale).abs() > f64::EPSILON * default_scale {
+            q = q * (self.scale / default_scale);
+        }
+        let plain = self.softcap.is_none() && self.window.is_none();
+        let dense = |q, key: Tensor<B, 4>, value, bias: Tensor<B, 4>| {
+            let s = key.dims()[2];
+            let bias = match self.window {
+                Some(window) => bias + window_bias(t, s, window, &key.device()),
+                None => bias,
+            };
+            scaled_dot_product_capped(q, key, value, &bias, self.softcap)
+        };
         let out = match (cache, mask) {
             (None, AttentionMask::Causal { segments, .. }) => {
-                match crate::nn::flash::attention(&q, &key, &value, segments) {
+                match plain
+                    .then(|| crate::nn::flash::attention(&q, &key, &value, segments))
+                    .flatten()
+                {
                     Some(out) => out,
-                    None => scaled_dot_product(q, key, value, &mask.bias(t)),
+                    None => dense(q, key, value, mask.bias(t)),
                 }
             }
             (Some(cache), _) => {
                 let (key, value) = cache.append(key, value); // [B, K, S, D]
                 let bias = mask.bias(key.dims()[2]);
-                scaled_dot_product(q, key, value, &bias)
+                dense(q, key, value, bias)
             }
-            (None, AttentionMask::Bias(bias)) => scaled_dot_product(q, key, value, bias),
+            (None, AttentionMask::Bias(bias)) => dense(q, key, value, bias.clone()),
         }; // [B, H, T, D]
         let out = out.swap_dims(1, 2).reshape([b, t, h * d]); // [B, T, H·D]
         self.wo.forward(out)
@@ -244,6 +283,21 @@ pub fn scaled_dot_product<B: Backend>(
     v: Tensor<B, 4>,
     bias: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
+    scaled_dot_product_capped(q, k, v, bias, None)
+}
+
+/// [`scaled_dot_product`] with the scores soft-capped before the mask:
+/// `s ← cap · tanh(s / cap)` (Gemma 2).
+///
+/// # Shapes
+/// As [`scaled_dot_product`]; `bias` may also be `[1, 1, T, S]`.
+pub fn scaled_dot_product_capped<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: &Tensor<B, 4>,
+    softcap: Option<f64>,
+) -> Tensor<B, 4> {
     let [b, h, t, d] = q.dims();
     let [_, kv_heads, s, _] = k.dims();
     let groups = h / kv_heads.max(1);
@@ -253,12 +307,30 @@ pub fn scaled_dot_product<B: Backend>(
     let k = k.reshape([b * kv_heads, s, d]);
     let v = v.reshape([b * kv_heads, s, d]);
     let dtype = q.dtype();
-    let scores = batched_matmul(q, k.swap_dims(1, 2))
+    let mut scores = batched_matmul(q, k.swap_dims(1, 2))
         .reshape([b, h, t, s])
         .cast(DType::F32)
         / (d as f64).sqrt();
+    if let Some(cap) = softcap {
+        scores = (scores / cap).tanh() * cap;
+    }
     let probs = softmax(scores + bias.clone().cast(DType::F32), 3).cast(dtype);
     batched_matmul(probs.reshape([b * kv_heads, groups * t, s]), v).reshape([b, h, t, d])
+}
+
+/// The additive sliding-window mask `[1, 1, T, S]` of `t` queries, the last of `s`
+/// positions: query i (at `s - t + i`) does not see key j when `j + window ≤ s - t + i`.
+pub fn window_bias<B: Backend>(
+    t: usize,
+    s: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let past = s.saturating_sub(t);
+    let values: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j + window <= past + i { MASKED } else { 0.0 }))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, t, s]), device)
 }
 
 /// The additive attention mask `[B, 1, T, S]`: 0 where query `i` (at absolute position
@@ -388,6 +460,26 @@ mod tests {
             causal_segments(2, 2, &[true, true, false, false], None),
             Some(vec![0, 0, 0, 0]),
             "an all-padding row"
+        );
+    }
+
+    #[test]
+    fn a_window_hides_keys_that_far_back() {
+        let device = Default::default();
+        // Four queries after two cached keys, window 3: query at 2 sees keys 0..=2, at 5
+        // sees 3..=5.
+        let seen = visible(window_bias::<TestBackend>(4, 6, 3, &device));
+        assert_eq!(seen[..6], [true, true, true, true, true, true]);
+        assert_eq!(seen[18..], [false, false, false, true, true, true]);
+        // Soft-capping bounds the scores: with a tiny cap, every key weighs the same.
+        let q = Tensor::<TestBackend, 4>::from_floats([[[[100.0, 0.0]]]], &device);
+        let k = Tensor::<TestBackend, 4>::from_floats([[[[1.0, 0.0], [-1.0, 0.0]]]], &device);
+        let v = Tensor::<TestBackend, 4>::from_floats([[[[1.0, 0.0], [0.0, 1.0]]]], &device);
+        let bias = Tensor::<TestBackend, 4>::zeros([1, 1, 1, 2], &device);
+        let out = scaled_dot_product_capped(q, k, v, &bias, Some(1e-6));
+        out.into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[[[0.5, 0.5]]]]),
+            Tolerance::absolute(1e-4),
         );
     }
 

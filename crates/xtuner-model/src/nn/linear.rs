@@ -243,7 +243,10 @@ impl<B: Backend> Lora<B> {
 
     /// `scale · A·B` as a `[d_in, d_out]` matrix (for merging).
     pub fn delta(&self, d_out: usize) -> Tensor<B, 2> {
-        let dtype = self.parts.first().map_or(DType::F32, |p| p.lora_a.val().dtype());
+        let dtype = self
+            .parts
+            .first()
+            .map_or(DType::F32, |p| p.lora_a.val().dtype());
         self.stacked_a(dtype).matmul(self.block_b(d_out, dtype)) * self.scale
     }
 
@@ -519,7 +522,10 @@ mod tests {
         let (a0, b0) = pair(6);
         let (a2, b2) = pair(3);
         let weights: Vec<_> = parts.iter().map(|p| p.weight.val()).collect();
-        let biases: Vec<_> = parts.iter().map(|p| p.bias.as_ref().unwrap().val()).collect();
+        let biases: Vec<_> = parts
+            .iter()
+            .map(|p| p.bias.as_ref().unwrap().val())
+            .collect();
         let mut fused = Linear::from_tensors(Tensor::cat(weights, 1), Some(Tensor::cat(biases, 0)));
         fused.lora = Some(Lora::new(
             vec![
@@ -533,10 +539,7 @@ mod tests {
         separate[0].lora = Some(Lora::from_tensors(a0, b0, 1.5, 0.0));
         separate[2].lora = Some(Lora::from_tensors(a2, b2, 1.5, 0.0));
         let x = Tensor::<TestBackend, 3>::random([2, 3, 5], uniform, &device);
-        let expected = Tensor::cat(
-            separate.iter().map(|l| l.forward(x.clone())).collect(),
-            2,
-        );
+        let expected = Tensor::cat(separate.iter().map(|l| l.forward(x.clone())).collect(), 2);
         fused
             .forward(x)
             .into_data()

@@ -1,30 +1,35 @@
-//! The gated feed-forward block of InternLM2 and Llama (SwiGLU):
-//! `w2(silu(w1·x) ⊙ w3·x)` (`gate_proj`, `down_proj`, `up_proj` in Llama's names).
+//! The gated feed-forward block of every decoder family: `w2(act(gate·x) ⊙ up·x)`,
+//! SwiGLU with SiLU (InternLM2, Llama, Qwen, Phi-3) and GeGLU with tanh-GELU (Gemma).
+//! Gate and up are one product `w13` whose columns are `[gate (I) | up (I)]`: Phi-3's
+//! `gate_up_proj` as stored, the others' two projections side by side.
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 
+use crate::nn::activation::HiddenAct;
 use crate::nn::linear::Linear;
 
-/// SwiGLU MLP (`feed_forward.w1|w2|w3`).
+/// Gated MLP.
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
-    /// Gate projection `[C, I]`.
-    pub w1: Linear<B>,
+    /// Gate and up projections side by side, `[C, 2I]`.
+    pub w13: Linear<B>,
     /// Down projection `[I, C]`.
     pub w2: Linear<B>,
-    /// Up projection `[C, I]`.
-    pub w3: Linear<B>,
+    /// The gate's activation.
+    pub act: HiddenAct,
 }
 
 impl<B: Backend> FeedForward<B> {
     /// # Shapes
     /// `x`: `[B, T, C]` → `[B, T, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.w1.forward(x.clone()));
-        let up = self.w3.forward(x);
-        self.w2.forward(gate * up)
+        let [b, t, _] = x.dims();
+        let i = self.w2.dims()[0];
+        let gate_up = self.w13.forward(x); // [B, T, 2I]
+        let gate = gate_up.clone().slice([0..b, 0..t, 0..i]);
+        let up = gate_up.slice([0..b, 0..t, i..2 * i]);
+        self.w2.forward(self.act.forward(gate) * up)
     }
 }

@@ -1,5 +1,6 @@
-//! RMSNorm: `y = x / sqrt(mean(x²) + ε) · weight`, computed in f32 whatever the
-//! activation dtype (as InternLM2's and Llama's reference code do), then cast back.
+//! RMSNorm: `y = x / sqrt(mean(x²) + ε) · (offset + weight)`, computed in f32 whatever
+//! the activation dtype (as InternLM2's and Llama's reference code do), then cast back.
+//! The offset is 0, or 1 for Gemma, whose checkpoints store `w` and scale by `1 + w`.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
@@ -15,6 +16,8 @@ pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     /// ε added to the mean square.
     pub eps: f64,
+    /// Added to the weight before scaling (Gemma: 1).
+    pub offset: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
@@ -38,7 +41,18 @@ impl<B: Backend> RmsNorm<B> {
         Ok(Self {
             weight: Param::from_tensor(Tensor::ones([d_model], device)),
             eps,
+            offset: 0.0,
         })
+    }
+
+    /// The same norm scaling by `offset + weight` (Gemma's `1 + w` with 1); a new
+    /// Gemma norm starts at `w = 0`, the identity scale.
+    pub fn with_offset(mut self, offset: f64) -> Self {
+        if offset != 0.0 {
+            self.weight = Param::from_tensor(self.weight.val().zeros_like());
+        }
+        self.offset = offset;
+        self
     }
 
     /// # Shapes
@@ -48,8 +62,11 @@ impl<B: Backend> RmsNorm<B> {
         let x = x.cast(DType::F32);
         let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
         let normed = x * (mean_square + self.eps).sqrt().recip();
-        let weight = self.weight.val().cast(DType::F32).unsqueeze::<D>();
-        (normed * weight).cast(dtype)
+        let mut weight = self.weight.val().cast(DType::F32);
+        if self.offset != 0.0 {
+            weight = weight + self.offset;
+        }
+        (normed * weight.unsqueeze::<D>()).cast(dtype)
     }
 }
 
@@ -77,6 +94,25 @@ mod tests {
         ]);
         y.into_data()
             .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn gemma_scales_by_one_plus_the_weight() {
+        let device = Default::default();
+        let mut norm = RmsNorm::<TestBackend>::new(2, 1e-6, &device)
+            .unwrap()
+            .with_offset(1.0);
+        assert_eq!(
+            norm.weight.val().into_data().to_vec::<f32>().unwrap(),
+            [0.0; 2]
+        );
+        norm.weight = Param::from_tensor(Tensor::from_floats([1.0, -0.5], &device));
+        let y = norm.forward(Tensor::<TestBackend, 1>::from_floats([3.0, 4.0], &device));
+        let rms = 12.5f32.sqrt();
+        y.into_data().assert_approx_eq::<f32>(
+            &TensorData::from([2.0 * 3.0 / rms, 0.5 * 4.0 / rms]),
+            Tolerance::absolute(1e-5),
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! Positions are an input, so packed rows whose positions restart per sample and
 //! decoding with a KV cache use the same code. Scaling as in `config.json`'s
 //! `rope_scaling`: `linear` divides positions by the factor; `dynamic` (NTK) enlarges θ
-//! once the sequence is longer than `max_position_embeddings`.
+//! once the sequence is longer than `max_position_embeddings`; `llama3` (Llama 3.1 and
+//! later) divides the low frequencies by the factor, keeps the high ones and blends
+//! between them.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
@@ -27,6 +29,19 @@ pub enum RopeScaling {
     Dynamic {
         /// The factor.
         factor: f64,
+    },
+    /// Llama 3's: frequencies whose wavelength exceeds `original / low_freq_factor`
+    /// divided by `factor`, those under `original / high_freq_factor` kept, a smooth
+    /// blend between.
+    Llama3 {
+        /// The factor.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original: f64,
     },
 }
 
@@ -66,7 +81,11 @@ impl Rope {
                 message: format!("must be positive, got {theta}"),
             });
         }
-        if let Some(RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor }) = scaling
+        if let Some(
+            RopeScaling::Linear { factor }
+            | RopeScaling::Dynamic { factor }
+            | RopeScaling::Llama3 { factor, .. },
+        ) = scaling
             && (factor.is_nan() || factor < 1.0)
         {
             return Err(Error::InvalidConfig {
@@ -94,9 +113,28 @@ impl Rope {
             }
             _ => self.theta,
         };
-        (0..self.head_dim / 2)
-            .map(|i| theta.powf(-((2 * i) as f64) / d))
-            .collect()
+        let inv_freq = (0..self.head_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / d));
+        match self.scaling {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original,
+            }) => inv_freq
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < original / high {
+                        f
+                    } else if wavelen > original / low {
+                        f / factor
+                    } else {
+                        let smooth = (original / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+            _ => inv_freq.collect(),
+        }
     }
 
     /// The cos and sin tables for the given positions, computed in f32 (as transformers
@@ -169,6 +207,39 @@ mod tests {
     use super::*;
     use crate::TestBackend;
     use burn::tensor::Tolerance;
+
+    #[test]
+    fn llama3_scaling_keeps_high_divides_low_and_blends_between() {
+        // Llama 3.1's settings; the values are transformers'
+        // `_compute_llama3_parameters` for them.
+        let rope = Rope::new(
+            128,
+            5e5,
+            131_072,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original: 8192.0,
+            }),
+        )
+        .unwrap();
+        let inv = rope.inv_freq(16);
+        let plain = Rope::new(128, 5e5, 131_072, None).unwrap().inv_freq(16);
+        assert_eq!(inv[0], 1.0, "the highest frequency is kept");
+        assert_eq!(inv[..29], plain[..29]);
+        assert!(
+            (inv[63] - 3.068925988914511e-07).abs() < 1e-15,
+            "divided by 8"
+        );
+        for (i, expected) in [
+            (29, 0.002166570763503359),
+            (32, 0.0005248461609929547),
+            (34, 0.0001785078127679964),
+        ] {
+            assert!((inv[i] - expected).abs() < 1e-12, "{i}: {}", inv[i]);
+        }
+    }
 
     /// The rotation written out element by element, in f64.
     fn reference(x: &[f64], pos: f64, rope: &Rope, seq_len: usize) -> Vec<f64> {
