@@ -46,6 +46,18 @@ pub enum Error {
         /// What is wrong with it.
         source: crate::format::FormatError,
     },
+    /// A text record met a pipeline without a tokenizer (only pre-tokenized data needs
+    /// none).
+    #[error(
+        "{}:{line}: this record is text, which needs the model's tokenizer, and none was found (only the `tokenized` format needs none)",
+        path.display()
+    )]
+    NoTokenizer {
+        /// The file holding the record.
+        path: PathBuf,
+        /// 1-based line where the record starts.
+        line: usize,
+    },
     /// A record could not be rendered with the chosen template.
     #[error("{}:{line}: {source}", path.display())]
     Template {

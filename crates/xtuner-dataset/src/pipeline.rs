@@ -136,12 +136,18 @@ enum Outcome {
     Bad,
 }
 
-/// Runs one record through map → template → encode.
+/// Runs one record through map → template → encode. Pre-tokenized records need no
+/// tokenizer (`None`); text does.
 ///
 /// # Errors
 /// A record that does not fit the format or the template (naming its file and line),
-/// or a tokenizer failure.
-pub fn trace_record(spec: &DataSpec, tokenizer: &Tokenizer, record: Record) -> Result<SampleTrace> {
+/// a text record without a tokenizer, or a tokenizer failure.
+pub fn trace_record<'t>(
+    spec: &DataSpec,
+    tokenizer: impl Into<Option<&'t Tokenizer>>,
+    record: Record,
+) -> Result<SampleTrace> {
+    let tokenizer = tokenizer.into();
     let bad = |source| Error::BadRecord {
         path: record.path.to_path_buf(),
         line: record.line,
@@ -170,6 +176,10 @@ pub fn trace_record(spec: &DataSpec, tokenizer: &Tokenizer, record: Record) -> R
                     }
                     None => conversation.conversation.clone(),
                 };
+                let tokenizer = tokenizer.ok_or_else(|| Error::NoTokenizer {
+                    path: record.path.to_path_buf(),
+                    line: record.line,
+                })?;
                 let encoded = encode(tokenizer, &templated, spec.encode_options())?;
                 (conversation, image, encoded, templated)
             }
@@ -183,7 +193,11 @@ pub fn trace_record(spec: &DataSpec, tokenizer: &Tokenizer, record: Record) -> R
     })
 }
 
-fn process_record(spec: &DataSpec, tokenizer: &Tokenizer, record: &Record) -> Result<Outcome> {
+fn process_record(
+    spec: &DataSpec,
+    tokenizer: Option<&Tokenizer>,
+    record: &Record,
+) -> Result<Outcome> {
     let trace = match trace_record(spec, tokenizer, record.clone()) {
         Ok(trace) => trace,
         Err(e @ (Error::BadRecord { .. } | Error::Template { .. })) if spec.skip_bad_records => {
@@ -222,12 +236,13 @@ pub struct KeptSample {
 ///
 /// # Errors
 /// See [`trace_record`]; also unreadable files.
-pub fn encode_records(
+pub fn encode_records<'t>(
     spec: &DataSpec,
-    tokenizer: &Tokenizer,
+    tokenizer: impl Into<Option<&'t Tokenizer>>,
     records: &[Record],
 ) -> Result<(Vec<KeptSample>, DatasetStats)> {
     use rayon::prelude::*;
+    let tokenizer = tokenizer.into();
     let outcomes: Vec<Result<Outcome>> = records
         .par_iter()
         .map(|r| process_record(spec, tokenizer, r))
@@ -274,11 +289,15 @@ pub fn load_records(spec: &DataSpec) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-/// Runs the whole pipeline (no cache).
+/// Runs the whole pipeline (no cache); `None` for a tokenizer serves pre-tokenized data.
 ///
 /// # Errors
-/// Bad settings, unreadable files, bad records, or an empty result.
-pub fn process(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<ProcessedDataset> {
+/// Bad settings, unreadable files, bad records, a text record without a tokenizer, or
+/// an empty result.
+pub fn process<'t>(
+    spec: &DataSpec,
+    tokenizer: impl Into<Option<&'t Tokenizer>>,
+) -> Result<ProcessedDataset> {
     spec.validate()?;
     let records = load_records(spec)?;
     let (mut kept, mut stats) = encode_records(spec, tokenizer, &records)?;
@@ -369,6 +388,24 @@ mod tests {
                 format!(r#"{{"instruction": "question {i}", "input": "", "output": "{output}"}}"#)
             })
             .collect()
+    }
+
+    #[test]
+    fn tokenized_data_needs_no_tokenizer_and_text_names_the_record_that_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(
+            dir.path(),
+            &[r#"{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]}"#.to_string()],
+        );
+        spec.format = DataFormat::Tokenized;
+        spec.pack_to_max_length = false;
+        let data = process(&spec, None).unwrap();
+        assert_eq!(data.rows.len(), 1);
+        assert_eq!(data, process(&spec, &tokenizer()).unwrap());
+        let spec = self::spec(dir.path(), &alpaca(2));
+        let err = process(&spec, None).unwrap_err();
+        assert!(matches!(&err, Error::NoTokenizer { line: 1, .. }), "{err}");
+        assert!(err.to_string().contains("data.jsonl:1:"), "{err}");
     }
 
     #[test]

@@ -258,6 +258,7 @@ pub fn merge(
 }
 
 /// `xtuner eval MODEL_DIR --data FILE --template NAME`: mean loss and perplexity.
+/// Pre-tokenized data (`--format tokenized`) needs no tokenizer beside the model.
 pub fn eval(
     model_dir: &Path,
     adapter: Option<&Path>,
@@ -270,9 +271,12 @@ pub fn eval(
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
     let adapter = adapter.map(PeftAdapter::open).transpose()?;
     let (model, _) = Decoder::<B>::load(model_dir, adapter.as_ref(), &device)?;
-    let tokenizer = Tokenizer::from_path(model_dir)?;
     let spec = crate::commands::data::plain_spec(data, format, template, max_length)?;
-    let dataset = xtuner_dataset::pipeline::process(&spec, &tokenizer)?;
+    let tokenizer = match spec.format {
+        xtuner_dataset::format::DataFormat::Tokenized => None,
+        _ => Some(Tokenizer::from_path(model_dir)?),
+    };
+    let dataset = xtuner_dataset::pipeline::process(&spec, tokenizer.as_ref())?;
     let (mut sum, mut tokens) = (0f64, 0usize);
     for row in &dataset.rows {
         let batch = xtuner_dataset::collate::collate(&[row], false);
