@@ -59,7 +59,21 @@ pub fn save_hf_model<B: Backend>(
 ) -> Result<Vec<PathBuf>> {
     let bos = tokenizer.bos_ids().first().copied();
     let eos = tokenizer.eos_ids().first().copied();
-    write_json(&dir.join("config.json"), &decoder.to_hf_json(bos, eos))?;
+    let mut json = decoder.to_hf_json(bos, eos);
+    // The checkpoint's own config, with the dtype of the weights now written.
+    if let Some(fields) = json.as_object_mut() {
+        let name = match dtype {
+            SaveDtype::F32 => "float32",
+            SaveDtype::F16 => "float16",
+            SaveDtype::BF16 => "bfloat16",
+        };
+        for key in ["dtype", "torch_dtype"] {
+            if let Some(value) = fields.get_mut(key) {
+                *value = name.into();
+            }
+        }
+    }
+    write_json(&dir.join("config.json"), &json)?;
     let files = save_safetensors(
         dir,
         "model",
