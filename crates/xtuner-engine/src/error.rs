@@ -84,6 +84,9 @@ pub enum Error {
     /// The device failed to run the queued work.
     #[error("the device failed: {0}")]
     Device(String),
+    /// The ranks of a data-parallel run could not complete an operation together.
+    #[error("data parallel: {0}")]
+    Collective(String),
 }
 
 impl Error {
