@@ -20,6 +20,8 @@
 //! - [`schedule`]: warm-up + cosine; [`init`]: new weights drawn on the host;
 //! - [`lora`]: LoRA policy (targets, init, freezing, QLoRA's NF4 base, merge);
 //! - [`checkpoint`]: atomic `iter_N` directories and `state.json`;
+//! - [`collective`]: what a rank of a data-parallel run knows of the others, and the
+//!   in-process ranks of the CPU backend;
 //! - [`export`]: the Hugging Face, PEFT and LLaVA layouts; [`convert`]: `pth_to_hf`
 //!   and `merge`;
 //! - [`chat`]: prompts, the image splice and generation;
@@ -29,6 +31,7 @@
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -60,7 +63,9 @@ pub use run::{Progress, Resume, TrainEvent, TrainSummary};
 pub(crate) mod test_support;
 
 /// Runs (or resumes) the training a config describes, with the recipe of its
-/// [`RunMode`]: LLaVA when it has a `[llava]` section, the decoder alone otherwise.
+/// [`RunMode`]: LLaVA when it has a `[llava]` section, the decoder alone otherwise;
+/// as one rank of a data-parallel run when `collective` has others
+/// ([`collective::Single`] for one device).
 ///
 /// # Errors
 /// Bad settings, data or model; a loss that becomes NaN or infinite (the last good
@@ -72,6 +77,7 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     progress: &mut dyn Progress,
     stop: &AtomicBool,
+    collective: &dyn collective::Collective,
 ) -> Result<TrainSummary> {
     let ctx = run::RunContext::<B> {
         loaded,
@@ -79,6 +85,7 @@ pub fn train<B: AutodiffBackend>(
         device,
         progress,
         stop,
+        collective,
     };
     match loaded.config.mode() {
         RunMode::Llava => recipe::llava::train(ctx, resume),

@@ -177,6 +177,76 @@ pub fn run_train(
     }
 }
 
+/// Ranks in this process: `NPROC_PER_NODE` (XTuner's launcher variable), 1 when unset.
+fn local_ranks() -> Result<usize> {
+    match std::env::var("NPROC_PER_NODE") {
+        Err(_) => Ok(1),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(anyhow::anyhow!(
+                "NPROC_PER_NODE must be a positive number of ranks, got `{v}`"
+            )),
+        },
+    }
+}
+
+/// One run, or `NPROC_PER_NODE` data-parallel ranks as threads of this process (the
+/// CPU backend's): rank 0 reports, the others train silently; the first error of any
+/// rank is the run's.
+fn train_ranks<B: AutodiffBackend>(
+    loaded: &LoadedConfig,
+    work_dir: &Path,
+    resume: Option<Resume>,
+    device: &B::Device,
+    progress: &mut CliProgress,
+    stop: &AtomicBool,
+) -> Result<xtuner_engine::TrainSummary> {
+    use xtuner_engine::collective::{Single, local::Local};
+    let world = local_ranks()?;
+    if world == 1 {
+        return Ok(train::<B>(
+            loaded, work_dir, resume, device, progress, stop, &Single,
+        )?);
+    }
+    let mut ranks = Local::group(world).into_iter();
+    let lead = ranks.next().expect("a group of at least two ranks");
+    std::thread::scope(|s| {
+        let others: Vec<_> = ranks
+            .map(|rank| {
+                let resume = resume.clone();
+                s.spawn(move || {
+                    let device = B::Device::default();
+                    let mut quiet = Quiet;
+                    train::<B>(loaded, work_dir, resume, &device, &mut quiet, stop, &rank)
+                })
+            })
+            .collect();
+        let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, &lead);
+        let mut first_error = summary.as_ref().err().map(ToString::to_string);
+        for (i, handle) in others.into_iter().enumerate() {
+            let outcome = handle
+                .join()
+                .map_err(|_| format!("rank {} panicked", i + 1))
+                .and_then(|r| r.map(|_| ()).map_err(|e| format!("rank {}: {e}", i + 1)));
+            if let (Err(e), None) = (outcome, &first_error) {
+                first_error = Some(e);
+            }
+        }
+        match (summary, first_error) {
+            (Ok(summary), None) => Ok(summary),
+            (Err(e), _) => Err(e.into()),
+            (Ok(_), Some(e)) => Err(anyhow::anyhow!(e)),
+        }
+    })
+}
+
+/// The progress of ranks other than 0: nothing.
+struct Quiet;
+
+impl xtuner_engine::Progress for Quiet {
+    fn event(&mut self, _: &xtuner_engine::TrainEvent) {}
+}
+
 fn train_on<B: AutodiffBackend>(
     loaded: &LoadedConfig,
     work_dir: &Path,
@@ -186,7 +256,7 @@ fn train_on<B: AutodiffBackend>(
     let device = B::Device::default();
     let started = std::time::Instant::now();
     let mut progress = CliProgress { bar: None };
-    let summary = train::<B>(loaded, work_dir, resume, &device, &mut progress, stop)?;
+    let summary = train_ranks::<B>(loaded, work_dir, resume, &device, &mut progress, stop)?;
     if let Some(bar) = &progress.bar {
         bar.finish();
     }

@@ -8,6 +8,14 @@
 //! step. The data order of epoch e is a permutation seeded by `seed + e`, and dropout
 //! is reseeded per iteration, so a run resumed from a checkpoint continues exactly as
 //! one that never stopped.
+//!
+//! Data parallel: with N ranks ([`crate::collective`]), each rank takes every N-th row
+//! of the epoch's order (mmengine's `DefaultSampler`, the order padded to a multiple of
+//! N from its start), each divides its losses by `accumulative_counts × N`, and at every
+//! optimizer step the ranks sum their accumulated gradients and loss statistics, so
+//! every rank takes the same step: that of one rank accumulating all N ranks'
+//! micro-batches. Rank 0 alone logs, writes
+//! checkpoints and runs the evaluate-chat hook.
 
 mod events;
 mod resume;
@@ -28,6 +36,7 @@ pub(crate) use resume::check_mode;
 pub use resume::{Resume, resume_point};
 
 use crate::checkpoint::{self, TrainState};
+use crate::collective::Collective;
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::memory::ModelMemory;
 use crate::optim::{MASTER_DTYPE, adamw, master_weights};
@@ -48,7 +57,8 @@ pub trait Recipe<B: AutodiffBackend> {
     fn lengths(&self) -> Vec<i64>;
 
     /// One micro-batch made of the training rows `rows`: forward, and backward of the
-    /// token-mean loss divided by `accumulative_counts`.
+    /// token-mean loss divided by `divisor` (the micro-batches one step accumulates
+    /// over all ranks: `accumulative_counts × ranks`).
     ///
     /// # Errors
     /// Data that cannot be turned into a batch (e.g. an unreadable image).
@@ -56,7 +66,7 @@ pub trait Recipe<B: AutodiffBackend> {
         &self,
         model: &Self::Model,
         rows: &[usize],
-        accumulative_counts: usize,
+        divisor: usize,
     ) -> Result<MicroStep>;
 
     /// The device memory of the model's NF4 weights (QLoRA), which parameter visitors
@@ -92,7 +102,7 @@ pub struct MicroStep {
     pub trained_tokens: usize,
     /// Real (unpadded) tokens.
     pub tokens: usize,
-    /// Gradients of the loss divided by `accumulative_counts`.
+    /// Gradients of the loss divided by the divisor.
     pub grads: GradientsParams,
 }
 
@@ -134,6 +144,8 @@ pub struct RunContext<'a, B: AutodiffBackend> {
     pub progress: &'a mut dyn Progress,
     /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
     pub stop: &'a AtomicBool,
+    /// The other ranks of a data-parallel run ([`crate::collective::Single`] alone).
+    pub collective: &'a dyn Collective,
 }
 
 /// The rows of each epoch, in order.
@@ -149,6 +161,20 @@ fn epoch_order(lengths: &[i64], config: &TrainConfig, epoch: usize) -> Vec<usize
     } else {
         shuffled(lengths.len(), seed)
     }
+}
+
+/// The rows rank `rank` of `world` takes from an epoch's order: every `world`-th,
+/// starting at `rank`, the order padded to a multiple of `world` from its start
+/// (mmengine's `DefaultSampler`).
+fn rank_rows(order: Vec<usize>, world: usize, rank: usize) -> Vec<usize> {
+    if world <= 1 || order.is_empty() {
+        return order;
+    }
+    let total = order.len().div_ceil(world) * world;
+    (rank..total)
+        .step_by(world)
+        .map(|i| order[i % order.len()])
+        .collect()
 }
 
 /// Runs the evaluate-chat hook and reports its answers.
@@ -186,7 +212,10 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         device,
         progress,
         stop,
+        collective,
     } = ctx;
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let lead = rank == 0;
     let config = &loaded.config;
     let mode = config.mode();
     let fingerprint = resume::config_fingerprint(config);
@@ -201,7 +230,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let t = &config.train;
     let lengths = recipe.lengths();
     let rows = lengths.len();
-    let batches_per_epoch = rows.div_ceil(t.batch_size);
+    let batches_per_epoch = rows.div_ceil(world).div_ceil(t.batch_size);
     let total_iters = t.max_iters.unwrap_or(batches_per_epoch * t.max_epochs);
     let schedule = LrSchedule::new(&config.optimizer, &config.schedule, total_iters);
     let memory = ModelMemory::of(&model, recipe.nf4_bytes(&model));
@@ -210,15 +239,18 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         model_state_bytes = memory.total_bytes(),
         "model state"
     );
-    progress.event(&TrainEvent::Started {
-        total_iters,
-        start_iter,
-        rows,
-        memory,
-    });
-    let mut log = JsonLog::open(&work_dir.join("train_log.jsonl"))?;
-    if start_iter == 0 {
-        evaluate(recipe, &model.valid(), 0, progress, &mut log)?;
+    let mut log = None;
+    if lead {
+        progress.event(&TrainEvent::Started {
+            total_iters,
+            start_iter,
+            rows,
+            memory,
+        });
+        let log = log.insert(JsonLog::open(&work_dir.join("train_log.jsonl"))?);
+        if start_iter == 0 {
+            evaluate(recipe, &model.valid(), 0, progress, log)?;
+        }
     }
 
     let mut summary = TrainSummary {
@@ -229,7 +261,10 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         interrupted: false,
     };
     let mut accumulator = GradientsAccumulator::<R::Model>::new();
-    let (mut step_loss, mut step_tokens, mut micro) = (0.0f64, 0usize, 0usize);
+    let (mut step_loss, mut step_tokens, mut step_seen, mut micro) =
+        (0.0f64, 0usize, 0usize, 0usize);
+    // A rank whose loss is not finite says so at the step, so all ranks stop together.
+    let mut diverged: Option<(usize, f64)> = None;
     let started = Instant::now();
     let mut tokens_seen = 0usize;
     let mut order: Vec<usize> = Vec::new();
@@ -237,7 +272,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     for iter in start_iter..total_iters {
         let epoch = iter / batches_per_epoch.max(1);
         if epoch != order_epoch {
-            order = epoch_order(&lengths, config, epoch);
+            order = rank_rows(epoch_order(&lengths, config, epoch), world, rank);
             order_epoch = epoch;
         }
         let first = (iter % batches_per_epoch.max(1)) * t.batch_size;
@@ -247,34 +282,60 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
             .take(t.batch_size)
             .copied()
             .collect();
-        B::seed(
-            device,
-            t.seed.wrapping_mul(1_000_003).wrapping_add(iter as u64),
-        );
-        let step = recipe.forward_backward(&model, &rows_of_batch, t.accumulative_counts)?;
+        // Rank r's micro-batch i is micro-batch i·N + r of one rank accumulating them all.
+        let stream = (iter * world + rank) as u64;
+        B::seed(device, t.seed.wrapping_mul(1_000_003).wrapping_add(stream));
+        // Divided as one rank accumulating every rank's micro-batches divides each.
+        let divisor = t.accumulative_counts * world;
+        let step = recipe.forward_backward(&model, &rows_of_batch, divisor)?;
         if !step.loss.is_finite() {
-            return Err(Error::Diverged {
-                iter: iter + 1,
-                loss: step.loss,
-                checkpoint: summary.last_checkpoint.clone(),
-            });
+            if world == 1 {
+                return Err(Error::Diverged {
+                    iter: iter + 1,
+                    loss: step.loss,
+                    checkpoint: summary.last_checkpoint.clone(),
+                });
+            }
+            diverged.get_or_insert((iter + 1, step.loss));
         }
         accumulator.accumulate(&model, step.grads);
         step_loss += step.loss * step.trained_tokens as f64;
         step_tokens += step.trained_tokens;
-        tokens_seen += step.tokens;
+        step_seen += step.tokens;
         micro += 1;
         let done = iter + 1;
+        let mut interrupted = false;
         if micro == t.accumulative_counts || done == total_iters {
             let lr = schedule.lr(iter);
+            let mut grads = accumulator.grads();
+            interrupted = stop.load(Ordering::SeqCst);
+            if world > 1 {
+                let mut stats = [
+                    step_loss,
+                    step_tokens as f64,
+                    step_seen as f64,
+                    f64::from(u8::from(interrupted)),
+                    f64::from(u8::from(diverged.is_some())),
+                ];
+                collective.all_reduce_sum_f64(&mut stats)?;
+                if stats[4] > 0.0 {
+                    let (iter, loss) = diverged.unwrap_or((done, stats[0]));
+                    return Err(Error::Diverged {
+                        iter,
+                        loss,
+                        checkpoint: summary.last_checkpoint.clone(),
+                    });
+                }
+                grads = crate::collective::grads::all_reduce_sum(&model, grads, collective)?;
+                step_loss = stats[0];
+                step_tokens = stats[1] as usize;
+                step_seen = stats[2] as usize;
+                interrupted = stats[3] > 0.0;
+            }
+            tokens_seen += step_seen;
             let grad_norm;
-            (model, grad_norm) = optimizer_step(
-                model,
-                &mut optimizer,
-                accumulator.grads(),
-                lr,
-                config.optimizer.max_norm,
-            );
+            (model, grad_norm) =
+                optimizer_step(model, &mut optimizer, grads, lr, config.optimizer.max_norm);
             let loss = step_loss / step_tokens.max(1) as f64;
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             let per_iter = elapsed / (done - start_iter) as f64;
@@ -291,16 +352,22 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
             };
             summary.first_loss.get_or_insert(loss);
             summary.last_loss = Some(loss);
-            let event = TrainEvent::Step(stats);
-            log.write(&event)?;
-            progress.event(&event);
-            (step_loss, step_tokens, micro) = (0.0, 0, 0);
+            if let Some(log) = &mut log {
+                let event = TrainEvent::Step(stats);
+                log.write(&event)?;
+                progress.event(&event);
+            }
+            (step_loss, step_tokens, step_seen, micro) = (0.0, 0, 0, 0);
+            if world == 1 {
+                // One rank reads the flag last, so a stop asked for at this step's
+                // report is taken now; ranks agree on it through the statistics above.
+                interrupted = stop.load(Ordering::SeqCst);
+            }
         }
         summary.iters = done;
-        let interrupted = stop.load(Ordering::SeqCst);
         let at_save =
             done % config.checkpoint.save_steps == 0 || done == total_iters || interrupted;
-        if at_save && micro == 0 {
+        if at_save && micro == 0 && lead {
             let state = TrainState {
                 iter: done,
                 config_fingerprint: fingerprint.clone(),
@@ -321,15 +388,20 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
             });
             summary.last_checkpoint = Some(path);
         }
-        if done % config.evaluation.freq == 0 && done != total_iters {
-            evaluate(recipe, &model.valid(), done, progress, &mut log)?;
+        if let Some(log) = &mut log
+            && done % config.evaluation.freq == 0
+            && done != total_iters
+        {
+            evaluate(recipe, &model.valid(), done, progress, log)?;
         }
         if interrupted && micro == 0 {
             summary.interrupted = true;
             return Ok(summary);
         }
     }
-    evaluate(recipe, &model.valid(), summary.iters, progress, &mut log)?;
+    if let Some(log) = &mut log {
+        evaluate(recipe, &model.valid(), summary.iters, progress, log)?;
+    }
     Ok(summary)
 }
 
@@ -423,9 +495,11 @@ mod tests {
         }
     }
 
-    /// Records the events as short strings; asks the loop to stop after `stop_at`.
+    /// Records the events as short strings, and each step's loss and gradient norm;
+    /// asks the loop to stop after `stop_at`.
     struct Events<'a> {
         log: Vec<String>,
+        steps: Vec<(f64, f64)>,
         stop_at: Option<usize>,
         stop: &'a AtomicBool,
     }
@@ -435,6 +509,7 @@ mod tests {
             self.log.push(match event {
                 TrainEvent::Started { start_iter, .. } => format!("start@{start_iter}"),
                 TrainEvent::Step(s) => {
+                    self.steps.push((s.loss, s.grad_norm));
                     if self.stop_at == Some(s.iter) {
                         self.stop.store(true, Ordering::SeqCst);
                     }
@@ -482,6 +557,7 @@ mod tests {
         let stop = AtomicBool::new(false);
         let mut events = Events {
             log: Vec::new(),
+            steps: Vec::new(),
             stop_at,
             stop: &stop,
         };
@@ -491,9 +567,137 @@ mod tests {
             device: &Default::default(),
             progress: &mut events,
             stop: &stop,
+            collective: &crate::collective::Single,
         };
         let summary = run(recipe, start, ctx);
         (summary, events.log)
+    }
+
+    /// A run of `config` as one rank of `collective`: its summary and, on rank 0, each
+    /// step's loss and gradient norm.
+    fn run_as(
+        recipe: &Fake,
+        config: &str,
+        work_dir: &Path,
+        collective: &dyn Collective,
+    ) -> (Result<TrainSummary>, Vec<(f64, f64)>) {
+        let loaded = LoadedConfig::from_text(config, Path::new("dp.toml"), "dp", &[]).unwrap();
+        let stop = AtomicBool::new(false);
+        let mut events = Events {
+            log: Vec::new(),
+            steps: Vec::new(),
+            stop_at: None,
+            stop: &stop,
+        };
+        let ctx = RunContext::<A> {
+            loaded: &loaded,
+            work_dir,
+            device: &Default::default(),
+            progress: &mut events,
+            stop: &stop,
+            collective,
+        };
+        (run(recipe, fresh(), ctx), events.steps)
+    }
+
+    /// Six rows, batches of one, two epochs, a constant learning rate.
+    fn dp_config(accumulative_counts: usize) -> String {
+        format!(
+            r#"
+            [model]
+            preset = "internlm2-tiny"
+            [tokenizer]
+            path = "unused"
+            [data]
+            files = ["unused.jsonl"]
+            format = "pretrain"
+            [optimizer]
+            lr = 0.1
+            [schedule]
+            warmup_ratio = 0.0
+            eta_min = 0.1
+            [train]
+            batch_size = 1
+            accumulative_counts = {accumulative_counts}
+            max_epochs = 2
+            [checkpoint]
+            save_steps = 1000
+            [evaluation]
+            freq = 1000
+            "#
+        )
+    }
+
+    /// N ranks (each taking every N-th row) step exactly as one rank accumulating the
+    /// same micro-batches: the same losses, gradient norms and final weight; together
+    /// they see every row of each epoch once; only rank 0 writes.
+    #[test]
+    fn n_ranks_step_as_one_rank_accumulating_their_micro_batches() {
+        for world in [2, 3] {
+            let one = tempfile::tempdir().unwrap();
+            let (summary, want) = run_as(
+                &fake(false),
+                &dp_config(world),
+                one.path(),
+                &crate::collective::Single,
+            );
+            let want_w = weight_in(&summary.unwrap().last_checkpoint.unwrap());
+
+            let many = tempfile::tempdir().unwrap();
+            let outcomes = std::thread::scope(|s| {
+                let handles: Vec<_> = crate::collective::local::Local::group(world)
+                    .into_iter()
+                    .map(|rank| {
+                        let dir = many.path();
+                        s.spawn(move || {
+                            let recipe = fake(false);
+                            let (summary, steps) = run_as(&recipe, &dp_config(1), dir, &rank);
+                            (summary.unwrap(), steps, recipe.seen.into_inner())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            });
+            let (lead, steps, _) = &outcomes[0];
+            assert_eq!(steps.len(), want.len(), "{world} ranks");
+            for ((loss, norm), (want_loss, want_norm)) in steps.iter().zip(&want) {
+                assert!(
+                    (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                    "{loss} vs {want_loss}"
+                );
+                assert!(
+                    (norm - want_norm).abs() <= 1e-5 * want_norm.abs(),
+                    "{norm} vs {want_norm}"
+                );
+            }
+            assert_eq!(weight_in(lead.last_checkpoint.as_ref().unwrap()), want_w);
+            assert!(
+                outcomes[1..]
+                    .iter()
+                    .all(|(s, steps, _)| s.last_checkpoint.is_none() && steps.is_empty())
+            );
+            let per_epoch = 6 / world;
+            for epoch in 0..2 {
+                let mut rows: Vec<usize> = outcomes
+                    .iter()
+                    .flat_map(|(_, _, seen)| {
+                        seen[epoch * per_epoch..(epoch + 1) * per_epoch].concat()
+                    })
+                    .collect();
+                rows.sort();
+                assert_eq!(rows, [0, 1, 2, 3, 4, 5], "epoch {epoch}, {world} ranks");
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_take_every_nth_row_padded_from_the_start() {
+        assert_eq!(rank_rows(vec![5, 3, 1, 0, 2], 2, 0), [5, 1, 2]);
+        assert_eq!(rank_rows(vec![5, 3, 1, 0, 2], 2, 1), [3, 0, 5]);
+        assert_eq!(rank_rows(vec![4, 2], 1, 0), [4, 2]);
     }
 
     fn fresh() -> Start<Toy<A>> {
