@@ -209,7 +209,9 @@ fn train_ranks<B: AutodiffBackend>(
         )?);
     }
     let mut ranks = Local::group(world).into_iter();
-    let lead = ranks.next().expect("a group of at least two ranks");
+    let Some(lead) = ranks.next() else {
+        return Err(anyhow::anyhow!("a group of {world} ranks has no rank 0"));
+    };
     std::thread::scope(|s| {
         let others: Vec<_> = ranks
             .map(|rank| {

@@ -10,6 +10,7 @@
 
 pub mod grads;
 pub mod local;
+pub mod tcp;
 
 use std::ops::Range;
 

@@ -257,11 +257,7 @@ impl<B: Backend> Lora<B> {
             .iter()
             .map(|p| in_dtype(p.lora_a.val(), dtype))
             .collect();
-        if a.len() == 1 {
-            a.into_iter().next().expect("one part")
-        } else {
-            Tensor::cat(a, 1)
-        }
+        cat(a, 1)
     }
 
     /// The B's block-diagonal, `[parts·r, d_out]`: pair i's rows are zero outside its
@@ -283,18 +279,22 @@ impl<B: Backend> Lora<B> {
                 if after > 0 {
                     row.push(Tensor::zeros([r, after], (&device, dtype)));
                 }
-                if row.len() == 1 {
-                    row.pop().expect("one block")
-                } else {
-                    Tensor::cat(row, 1)
-                }
+                cat(row, 1)
             })
             .collect();
-        if rows.len() == 1 {
-            rows.into_iter().next().expect("one part")
-        } else {
-            Tensor::cat(rows, 0)
+        cat(rows, 0)
+    }
+}
+
+/// `parts` concatenated along `dim`; a single part as it is (no copy).
+fn cat<B: Backend>(mut parts: Vec<Tensor<B, 2>>, dim: usize) -> Tensor<B, 2> {
+    match (parts.len(), parts.pop()) {
+        (1, Some(only)) => only,
+        (_, Some(last)) => {
+            parts.push(last);
+            Tensor::cat(parts, dim)
         }
+        (_, None) => Tensor::cat(parts, dim),
     }
 }
 
