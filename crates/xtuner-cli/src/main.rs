@@ -5,6 +5,7 @@ mod args;
 mod backend;
 mod commands;
 mod configs;
+mod launch;
 mod report;
 
 use std::process::ExitCode;

@@ -1,6 +1,8 @@
 //! Data parallel from the CLI: `NPROC_PER_NODE=N xtuner train` on the CPU runs N ranks
 //! in one process, each taking every N-th row; their steps must be those of one rank
-//! accumulating the same micro-batches (losses, gradient norms and final weights to
+//! accumulating the same micro-batches. Ranks in separate processes (torchrun's
+//! variables, or XTuner's `NNODES`/`NODE_RANK` launcher) meet over the loopback and
+//! train as the threads do (losses, gradient norms and final weights to
 //! relative 1e-5, a weight tensor's relative to its largest element), for LoRA and full
 //! fine-tuning.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,6 +16,30 @@ use xtuner_model::checkpoint::Checkpoint;
 
 mod common;
 use common::{fixtures, ok};
+
+/// `xtuner train config` in `dir` with the environment `vars`, started.
+fn start(config: &str, vars: &[(&str, String)], dir: &Path) -> std::process::Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_xtuner"));
+    command
+        .args(["train", config])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in vars {
+        command.env(k, v);
+    }
+    command.spawn().unwrap()
+}
+
+/// A free loopback port.
+fn port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string()
+}
 
 /// `xtuner train config` with `NPROC_PER_NODE` set to `ranks`.
 fn train(config: &str, ranks: usize, dir: &Path) -> String {
@@ -69,10 +95,8 @@ fn write_config(dir: &Path, name: &str, lora: bool, accumulative_counts: usize, 
     .unwrap();
 }
 
-#[test]
-fn ranks_step_as_one_rank_accumulating_their_micro_batches() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A work dir with the Llama fixture (and the tokenizer) as `model/`, and six records.
+fn setup(d: &Path) {
     let model = d.join("model");
     fs::create_dir_all(&model).unwrap();
     for file in ["config.json", "model.safetensors"] {
@@ -89,6 +113,13 @@ fn ranks_step_as_one_rank_accumulating_their_micro_batches() {
         serde_json::to_string(&records).unwrap(),
     )
     .unwrap();
+}
+
+#[test]
+fn ranks_step_as_one_rank_accumulating_their_micro_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
     for (lora, kind) in [(true, "lora"), (false, "full")] {
         for world in [2, 3] {
             // Six rows: one epoch is 6 iterations of one rank, 6/N of N ranks.
@@ -144,4 +175,72 @@ fn ranks_step_as_one_rank_accumulating_their_micro_batches() {
             }
         }
     }
+}
+
+#[test]
+fn ranks_in_separate_processes_train_as_threads_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    write_config(d, "threads.toml", true, 1, 3);
+    train("threads.toml", 2, d);
+    let want = steps(&d.join("work_dirs/threads"));
+
+    // torchrun's variables: each process one rank.
+    write_config(d, "torchrun.toml", true, 1, 3);
+    let port = port();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let vars = [
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", "2".to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.clone()),
+            ];
+            start("torchrun.toml", &vars, d)
+        })
+        .collect();
+    for child in ranks {
+        ok(&child.wait_with_output().unwrap());
+    }
+    assert_eq!(steps(&d.join("work_dirs/torchrun")), want);
+
+    // XTuner's launcher on two "nodes" of one rank each.
+    write_config(d, "nodes.toml", true, 1, 3);
+    let port = self::port();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            let vars = [
+                ("NPROC_PER_NODE", "1".to_string()),
+                ("NNODES", "2".to_string()),
+                ("NODE_RANK", node.to_string()),
+                ("ADDR", "127.0.0.1".to_string()),
+                ("PORT", port.clone()),
+            ];
+            start("nodes.toml", &vars, d)
+        })
+        .collect();
+    for child in nodes {
+        ok(&child.wait_with_output().unwrap());
+    }
+    assert_eq!(steps(&d.join("work_dirs/nodes")), want);
+}
+
+#[test]
+fn a_rank_that_never_comes_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    write_config(d, "alone.toml", true, 1, 3);
+    let vars = [
+        ("RANK", "0".to_string()),
+        ("WORLD_SIZE", "2".to_string()),
+        ("MASTER_ADDR", "127.0.0.1".to_string()),
+        ("MASTER_PORT", port()),
+        ("XTUNER_DIST_TIMEOUT", "1".to_string()),
+    ];
+    let out = start("alone.toml", &vars, d).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank(s) 1 of 2 did not join"), "{err}");
 }

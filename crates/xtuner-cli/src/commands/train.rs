@@ -19,6 +19,7 @@ use xtuner_model::decoder::Decoder;
 
 use crate::backend::{self, Device};
 use crate::configs;
+use crate::launch::Launch;
 
 /// Draws a progress bar on a terminal, plain lines otherwise.
 struct CliProgress {
@@ -139,6 +140,10 @@ pub fn run_train(
     device: Device,
 ) -> Result<()> {
     backend::check(device)?;
+    let launch = crate::launch::from_env(|key| std::env::var(key).ok(), device)?;
+    if let Launch::Spawn(node) = &launch {
+        return crate::launch::spawn(node);
+    }
     let loaded = configs::load(config, overrides)?;
     let work_dir = work_dir.unwrap_or_else(|| loaded.work_dir());
     let resume = resume.map(|r| {
@@ -164,35 +169,27 @@ pub fn run_train(
     }
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating the work dir {}", work_dir.display()))?;
-    let resolved = work_dir.join(format!("{}.toml", loaded.name));
-    write_toml(&resolved, &loaded.config)?;
+    let lead = !matches!(&launch, Launch::Rank(r) if r.rank != 0);
+    if lead {
+        let resolved = work_dir.join(format!("{}.toml", loaded.name));
+        write_toml(&resolved, &loaded.config)?;
+    }
     match device {
-        Device::Cpu => train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop),
+        Device::Cpu => {
+            train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop, &launch)
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda => backend::on_cuda(|| {
-            train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop)
+            train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop, &launch)
         }),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
     }
 }
 
-/// Ranks in this process: `NPROC_PER_NODE` (XTuner's launcher variable), 1 when unset.
-fn local_ranks() -> Result<usize> {
-    match std::env::var("NPROC_PER_NODE") {
-        Err(_) => Ok(1),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => Err(anyhow::anyhow!(
-                "NPROC_PER_NODE must be a positive number of ranks, got `{v}`"
-            )),
-        },
-    }
-}
-
-/// One run, or `NPROC_PER_NODE` data-parallel ranks as threads of this process (the
-/// CPU backend's): rank 0 reports, the others train silently; the first error of any
-/// rank is the run's.
+/// The run as `launch` says: one rank; ranks as threads of this process (rank 0
+/// reports, the others train silently; the first error of any rank is the run's); or
+/// one rank of a group meeting over TCP. Returns rank 0's summary, `None` elsewhere.
 fn train_ranks<B: AutodiffBackend>(
     loaded: &LoadedConfig,
     work_dir: &Path,
@@ -200,15 +197,26 @@ fn train_ranks<B: AutodiffBackend>(
     device: &B::Device,
     progress: &mut CliProgress,
     stop: &AtomicBool,
-) -> Result<xtuner_engine::TrainSummary> {
-    use xtuner_engine::collective::{Single, local::Local};
-    let world = local_ranks()?;
-    if world == 1 {
-        return Ok(train::<B>(
-            loaded, work_dir, resume, device, progress, stop, &Single,
-        )?);
-    }
-    let mut ranks = Local::group(world).into_iter();
+    launch: &Launch,
+) -> Result<Option<xtuner_engine::TrainSummary>> {
+    use xtuner_engine::collective::{Single, local::Local, tcp::Tcp};
+    let world = match launch {
+        Launch::Single | Launch::Spawn(_) => {
+            let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, &Single)?;
+            return Ok(Some(summary));
+        }
+        Launch::Rank(r) => {
+            let group = Tcp::connect(r.rank, r.world, &r.addr, crate::launch::timeout()?)?;
+            if r.rank == 0 {
+                let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, &group)?;
+                return Ok(Some(summary));
+            }
+            train::<B>(loaded, work_dir, resume, device, &mut Quiet, stop, &group)?;
+            return Ok(None);
+        }
+        Launch::Threads(world) => *world,
+    };
+    let mut ranks = Local::group_with_timeout(world, crate::launch::timeout()?).into_iter();
     let Some(lead) = ranks.next() else {
         return Err(anyhow::anyhow!("a group of {world} ranks has no rank 0"));
     };
@@ -235,7 +243,7 @@ fn train_ranks<B: AutodiffBackend>(
             }
         }
         match (summary, first_error) {
-            (Ok(summary), None) => Ok(summary),
+            (Ok(summary), None) => Ok(Some(summary)),
             (Err(e), _) => Err(e.into()),
             (Ok(_), Some(e)) => Err(anyhow::anyhow!(e)),
         }
@@ -254,11 +262,23 @@ fn train_on<B: AutodiffBackend>(
     work_dir: &Path,
     resume: Option<Resume>,
     stop: &AtomicBool,
+    launch: &Launch,
 ) -> Result<()> {
     let device = B::Device::default();
     let started = std::time::Instant::now();
     let mut progress = CliProgress { bar: None };
-    let summary = train_ranks::<B>(loaded, work_dir, resume, &device, &mut progress, stop)?;
+    let Some(summary) = train_ranks::<B>(
+        loaded,
+        work_dir,
+        resume,
+        &device,
+        &mut progress,
+        stop,
+        launch,
+    )?
+    else {
+        return Ok(());
+    };
     if let Some(bar) = &progress.bar {
         bar.finish();
     }
