@@ -510,6 +510,17 @@ fn demo_flow_on_a_preset_base() {
 /// repeats, with a loss far below chance (ln 2 per label token).
 #[test]
 fn demo_learns_held_out_reviews() {
+    demo_learns(1);
+}
+
+/// The same on two data-parallel ranks (`NPROC_PER_NODE=2`, threads of one process):
+/// 150 steps of twice the batch answer the held-out reviews as well.
+#[test]
+fn demo_learns_held_out_reviews_on_two_ranks() {
+    demo_learns(2);
+}
+
+fn demo_learns(ranks: usize) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
@@ -531,7 +542,13 @@ fn demo_learns_held_out_reviews() {
         work.to_str().unwrap(),
     ];
     args.extend(opts);
-    ok(&xtuner(&args, &repo));
+    let trained = std::process::Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .args(&args)
+        .env("NPROC_PER_NODE", ranks.to_string())
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    ok(&trained);
     let adapter = dir.path().join("adapter");
     let mut args = vec!["convert", "pth_to_hf", "configs/demo_tiny_lora.toml"];
     let ckpt = work.join("iter_150");

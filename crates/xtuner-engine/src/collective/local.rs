@@ -2,8 +2,9 @@
 //! data parallelism, and the tests'). Each operation is one exchange: every rank
 //! deposits its contribution; the last to arrive publishes all of them, in rank order,
 //! and each rank computes its result from that, so sums are taken in rank order on
-//! every rank alike. A rank that does not arrive within the timeout fails the others'
-//! operation with an error naming it.
+//! every rank alike. A rank that does not arrive within the timeout, or that leaves the
+//! group (its thread ended with an error), fails the others' operations with an error
+//! naming it.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -147,6 +148,18 @@ impl Local {
             }
         }
         Ok(out)
+    }
+}
+
+impl Drop for Local {
+    /// Every rank does the same operations, so a rank that leaves while another still
+    /// waits left early (with an error): the others stop instead of timing out.
+    fn drop(&mut self) {
+        let mut state = self.lock();
+        if state.failed.is_none() {
+            state.failed = Some(format!("rank {} left the group", self.rank));
+        }
+        self.shared.published.notify_all();
     }
 }
 
@@ -325,6 +338,16 @@ mod tests {
             "{errors:?}"
         );
         assert!(errors.iter().all(|e| e.contains("barrier")), "{errors:?}");
+    }
+
+    #[test]
+    fn a_rank_that_leaves_stops_the_others_at_once() {
+        let mut ranks = Local::group(3);
+        drop(ranks.pop());
+        for rank in ranks {
+            let err = rank.barrier().unwrap_err().to_string();
+            assert!(err.contains("rank 2 left the group"), "{err}");
+        }
     }
 
     #[test]

@@ -11,7 +11,9 @@ use xtuner_model::checkpoint::SaveDtype;
 use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
 
-use super::{Saved, attach_part, base_model, init_seed, load_full_weights, prepare, start};
+use super::{
+    Saved, attach_part, base_model, init_seed, load_full_weights, prepare, rank_zero_first, start,
+};
 use crate::chat::evaluate_chat;
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::export::hf::write_decoder;
@@ -28,9 +30,13 @@ pub fn train<B: AutodiffBackend>(
     resume: Option<run::Resume>,
 ) -> Result<TrainSummary> {
     let (loaded, work_dir, device) = (ctx.loaded, ctx.work_dir, ctx.device);
+    let collective = ctx.collective;
     let config = &loaded.config;
-    let (dataset, tokenizer) = prepare(loaded, work_dir)?;
-    let (base, decoder) = base_model::<B>(config, &tokenizer, work_dir, device)?;
+    let (dataset, tokenizer, base, decoder) = rank_zero_first(collective, |reuse| {
+        let (dataset, tokenizer) = prepare(loaded, work_dir)?;
+        let (base, decoder) = base_model::<B>(config, &tokenizer, work_dir, reuse, device)?;
+        Ok((dataset, tokenizer, base, decoder))
+    })?;
     let start = start::<B, _>(config, work_dir, resume, device, |checkpoint| {
         ready(config, base, &decoder, checkpoint, device)
     })?;

@@ -31,7 +31,9 @@ use xtuner_model::nn::activation::HiddenAct;
 use xtuner_model::nn::linear::{Linear, LinearLayers};
 use xtuner_model::projector::{Projector, ProjectorConfig};
 
-use super::{Saved, attach_part, base_model, init_seed, load_full_weights, prepare, start};
+use super::{
+    Saved, attach_part, base_model, init_seed, load_full_weights, prepare, rank_zero_first, start,
+};
 use crate::chat::evaluate_chat;
 use crate::config::{LlavaConfig, LoadedConfig, TrainConfig};
 use crate::export::llava::write_llava;
@@ -49,11 +51,15 @@ pub fn train<B: AutodiffBackend>(
     resume: Option<run::Resume>,
 ) -> Result<TrainSummary> {
     let (loaded, work_dir, device) = (ctx.loaded, ctx.work_dir, ctx.device);
+    let collective = ctx.collective;
     let config = &loaded.config;
     let llava = llava_section(config)?;
-    let (dataset, tokenizer) = prepare(loaded, work_dir)?;
-    let images = Images::check(llava, &dataset, config.data.skip_bad_records)?;
-    let (llm, decoder) = base_model::<B>(config, &tokenizer, work_dir, device)?;
+    let (dataset, tokenizer, images, llm, decoder) = rank_zero_first(collective, |reuse| {
+        let (dataset, tokenizer) = prepare(loaded, work_dir)?;
+        let images = Images::check(llava, &dataset, config.data.skip_bad_records)?;
+        let (llm, decoder) = base_model::<B>(config, &tokenizer, work_dir, reuse, device)?;
+        Ok((dataset, tokenizer, images, llm, decoder))
+    })?;
     let start = start::<B, _>(config, work_dir, resume, device, |checkpoint| {
         assemble(config, llm, &decoder, checkpoint, device)
     })?;

@@ -19,12 +19,38 @@ use xtuner_model::checkpoint::{Checkpoint, SaveDtype};
 use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
 
+use crate::collective::Collective;
 use crate::config::{LoadedConfig, LoraConfig, ModelSource, TrainConfig};
 use crate::export::DEFAULT_SHARD_SIZE;
 use crate::export::hf::save_hf_model;
 use crate::optim::MASTER_DTYPE;
 use crate::run::{Resume, Start, resume_point};
 use crate::{Error, Result, lora};
+
+/// Runs a run's set-up on rank 0 first: the other ranks of a data-parallel run wait
+/// until it is done, then run it themselves (`true`: reuse what rank 0 built, the
+/// processed data set from the cache and a preset base from `base_model/`), so that
+/// only rank 0 processes the data and draws a random base.
+///
+/// # Errors
+/// The set-up's own, or ranks that do not meet.
+pub fn rank_zero_first<T>(
+    collective: &dyn Collective,
+    setup: impl FnOnce(bool) -> Result<T>,
+) -> Result<T> {
+    if collective.world_size() == 1 {
+        return setup(false);
+    }
+    let lead = collective.rank() == 0;
+    if !lead {
+        collective.barrier()?;
+    }
+    let out = setup(!lead)?;
+    if lead {
+        collective.barrier()?;
+    }
+    Ok(out)
+}
 
 /// The data set and tokenizer a config names, and the work dir created.
 ///
@@ -90,7 +116,8 @@ pub fn build_model<B: Backend>(
 }
 
 /// The base decoder of a run, NF4-quantized when the config asks; a preset (random)
-/// base is saved once to `work_dir/base_model`.
+/// base is saved once to `work_dir/base_model`, and read from there with `reuse_saved`
+/// (the other ranks of a data-parallel run take rank 0's).
 ///
 /// # Errors
 /// As [`build_model`]; an unwritable work dir.
@@ -98,11 +125,18 @@ pub fn base_model<B: Backend>(
     config: &TrainConfig,
     tokenizer: &Tokenizer,
     work_dir: &Path,
+    reuse_saved: bool,
     device: &B::Device,
 ) -> Result<(Decoder<B>, DecoderConfig)> {
-    let (base, decoder) = build_model::<B>(config, tokenizer, device)?;
-    if config.model.path().is_none() {
-        save_base_model(&base, &decoder, tokenizer, &work_dir.join("base_model"))?;
+    let saved = work_dir.join("base_model");
+    let (base, decoder) = match &config.model.source {
+        ModelSource::Preset(_) if reuse_saved && saved.join("config.json").is_file() => {
+            Decoder::load(&saved, None, device)?
+        }
+        _ => build_model::<B>(config, tokenizer, device)?,
+    };
+    if config.model.path().is_none() && !reuse_saved {
+        save_base_model(&base, &decoder, tokenizer, &saved)?;
     }
     let base = match &config.quantization {
         Some(q) => lora::quantize_base(base, &decoder, q.block_size, q.double_quant)?,
