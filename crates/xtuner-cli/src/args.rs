@@ -68,6 +68,11 @@ pub enum Command {
         /// Where to run.
         #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
         device: crate::backend::Device,
+        /// XTuner's DeepSpeed setting (`deepspeed_zero1`, `deepspeed_zero2`, ...,
+        /// or a DeepSpeed JSON file): read, and run as plain data parallel, which the
+        /// ZeRO stages equal in results (they are not built yet; see docs/DISTRIBUTED.md).
+        #[arg(long)]
+        deepspeed: Option<String>,
     },
     /// Time training steps of a preset shape on random data (what `cargo xtask bench
     /// train` runs): tokens/s and model TFLOP/s, as one JSON line.

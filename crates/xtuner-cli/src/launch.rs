@@ -142,6 +142,46 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>, device: Device) -> Result<
     })
 }
 
+/// The ZeRO stage of a `--deepspeed` setting: XTuner's names
+/// (`deepspeed_zero1`, `deepspeed_zero2`, `deepspeed_zero2_offload`, `deepspeed_zero3`,
+/// `deepspeed_zero3_offload`) or a DeepSpeed JSON file's `zero_optimization.stage`.
+///
+/// # Errors
+/// An unknown name, or a file that cannot be read or has no stage.
+pub fn zero_stage(setting: &str) -> Result<u64> {
+    let name = setting.trim_end_matches(".json");
+    let known = [
+        ("deepspeed_zero1", 1),
+        ("deepspeed_zero2", 2),
+        ("deepspeed_zero2_offload", 2),
+        ("deepspeed_zero3", 3),
+        ("deepspeed_zero3_offload", 3),
+    ];
+    if let Some((_, stage)) = known.iter().find(|(n, _)| *n == name) {
+        return Ok(*stage);
+    }
+    let path = std::path::Path::new(setting);
+    if !path.is_file() {
+        bail!(
+            "--deepspeed `{setting}`: neither one of XTuner's settings ({}) nor a DeepSpeed JSON file",
+            known.map(|(n, _)| n).join(", ")
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("--deepspeed {}: {e}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("--deepspeed {}: {e}", path.display()))?;
+    json["zero_optimization"]["stage"]
+        .as_u64()
+        .filter(|s| *s <= 3)
+        .ok_or_else(|| {
+            anyhow!(
+                "--deepspeed {}: no zero_optimization.stage (0-3)",
+                path.display()
+            )
+        })
+}
+
 /// How long ranks wait for each other: `XTUNER_DIST_TIMEOUT` seconds, 600 by default.
 ///
 /// # Errors
@@ -256,6 +296,22 @@ mod tests {
             launch(&slurm, Device::Cpu).unwrap(),
             Launch::Rank(RankEnv { rank: 1, world: 2, ref addr, .. }) if addr == "n0:29500"
         ));
+    }
+
+    #[test]
+    fn deepspeed_settings_name_their_stage() {
+        assert_eq!(zero_stage("deepspeed_zero2").unwrap(), 2);
+        assert_eq!(zero_stage("deepspeed_zero3_offload").unwrap(), 3);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ds.json");
+        std::fs::write(&file, r#"{"zero_optimization": {"stage": 1}}"#).unwrap();
+        assert_eq!(zero_stage(file.to_str().unwrap()).unwrap(), 1);
+        assert!(
+            zero_stage("zero9")
+                .unwrap_err()
+                .to_string()
+                .contains("deepspeed_zero1")
+        );
     }
 
     #[test]

@@ -82,13 +82,24 @@ fn run(command: Command) -> anyhow::Result<()> {
             work_dir,
             resume,
             device,
-        } => commands::train::run_train(
-            &config.config,
-            &config.cfg_options,
-            work_dir,
-            resume,
-            device,
-        )?,
+            deepspeed,
+        } => {
+            if let Some(setting) = deepspeed {
+                let stage = launch::zero_stage(&setting)?;
+                if stage > 0 {
+                    eprintln!(
+                        "note: --deepspeed {setting} asks for ZeRO stage {stage}, which is not built yet: running plain data parallel (the same results; every rank holds the whole optimizer state)"
+                    );
+                }
+            }
+            commands::train::run_train(
+                &config.config,
+                &config.cfg_options,
+                work_dir,
+                resume,
+                device,
+            )?
+        }
         Command::Bench {
             preset,
             vocab_size,

@@ -244,3 +244,45 @@ fn a_rank_that_never_comes_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rank(s) 1 of 2 did not join"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_resumes_with_its_number_of_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    write_config(d, "two.toml", true, 1, 2);
+    train("two.toml", 2, d);
+    // One rank cannot continue two ranks' iteration count.
+    let out = Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .args([
+            "train",
+            "two.toml",
+            "--resume",
+            "--cfg-options",
+            "train.max_iters=3",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("written by a run of 2 rank(s)"), "{err}");
+    // XTuner's DeepSpeed settings are read; the run is data parallel.
+    let out = Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .args([
+            "train",
+            "two.toml",
+            "--resume",
+            "--deepspeed",
+            "deepspeed_zero2",
+        ])
+        .args(["--cfg-options", "train.max_iters=3"])
+        .env("NPROC_PER_NODE", "2")
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let text = ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ZeRO stage 2"), "{err}");
+    assert!(text.contains("after 3 iterations"), "{text}");
+}

@@ -29,6 +29,14 @@ pub struct TrainState {
     pub config_fingerprint: String,
     /// The kind of run that wrote it.
     pub mode: RunMode,
+    /// The data-parallel ranks of the run that wrote it (1 for older checkpoints):
+    /// `iter` counts each rank's micro-batches, so a resume needs the same number.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn io(path: &Path, source: std::io::Error) -> Error {
@@ -145,6 +153,7 @@ mod tests {
             iter,
             config_fingerprint: "x".into(),
             mode: RunMode::Lora,
+            world_size: 1,
         }
     }
 

@@ -176,11 +176,18 @@ pub fn run_train(
     }
     match device {
         Device::Cpu => {
-            train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop, &launch)
+            let device = Default::default();
+            train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop, &launch, device)
         }
         #[cfg(feature = "cuda")]
         Device::Cuda => backend::on_cuda(|| {
-            train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop, &launch)
+            // One process per GPU: LOCAL_RANK picks this rank's.
+            let local_rank = match &launch {
+                Launch::Rank(r) => r.local_rank,
+                _ => 0,
+            };
+            let device = burn::backend::cuda::CudaDevice::new(local_rank);
+            train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop, &launch, device)
         }),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
@@ -263,8 +270,8 @@ fn train_on<B: AutodiffBackend>(
     resume: Option<Resume>,
     stop: &AtomicBool,
     launch: &Launch,
+    device: B::Device,
 ) -> Result<()> {
-    let device = B::Device::default();
     let started = std::time::Instant::now();
     let mut progress = CliProgress { bar: None };
     let Some(summary) = train_ranks::<B>(

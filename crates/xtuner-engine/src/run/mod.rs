@@ -224,6 +224,15 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let mut model = master_weights(model, MASTER_DTYPE);
     let mut optimizer = adamw(&config.optimizer).init::<B, R::Model>();
     if let Some(dir) = &start.checkpoint {
+        let saved = checkpoint::read_state(dir)?.world_size;
+        if saved != world {
+            return Err(Error::Checkpoint {
+                path: dir.clone(),
+                message: format!(
+                    "written by a run of {saved} rank(s); resume it with {saved} (this run has {world}): its iteration count is per rank"
+                ),
+            });
+        }
         optimizer = optimizer.load_record(resume::load_optimizer::<B, _>(dir, device)?);
     }
 
@@ -372,6 +381,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                 iter: done,
                 config_fingerprint: fingerprint.clone(),
                 mode,
+                world_size: world,
             };
             let path = checkpoint::save(
                 work_dir,
