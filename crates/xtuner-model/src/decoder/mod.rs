@@ -33,7 +33,7 @@ pub use crate::nn::linear::LinearSite;
 use crate::nn::linear::{Linear, LinearLayers};
 use crate::nn::mlp::FeedForward;
 use crate::nn::precision::{compute_dtype, in_dtype};
-use crate::nn::rms_norm::RmsNorm;
+use crate::nn::rms_norm::{RmsNorm, optional};
 use crate::nn::rope::Rope;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
@@ -195,10 +195,6 @@ impl<B: Backend> Block<B> {
         mask: &AttentionMask<B>,
         cache: Option<&mut crate::nn::kv_cache::LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let post = |y: Tensor<B, 3>, norm: &Option<RmsNorm<B>>| match norm {
-            Some(norm) => norm.forward(y),
-            None => y,
-        };
         let attended = self.attention.forward(
             self.attention_norm.forward(x.clone()),
             cos,
@@ -206,9 +202,9 @@ impl<B: Backend> Block<B> {
             mask,
             cache,
         );
-        let h = x + post(attended, &self.post_attention_norm);
+        let h = x + optional(&self.post_attention_norm, attended);
         let mlp = self.feed_forward.forward(self.ffn_norm.forward(h.clone()));
-        h + post(mlp, &self.post_ffn_norm)
+        h + optional(&self.post_ffn_norm, mlp)
     }
 }
 

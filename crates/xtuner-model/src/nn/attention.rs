@@ -33,7 +33,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use crate::nn::gemm::batched_matmul;
 use crate::nn::kv_cache::LayerCache;
 use crate::nn::linear::Linear;
-use crate::nn::rms_norm::RmsNorm;
+use crate::nn::rms_norm::{RmsNorm, optional};
 use crate::nn::rope::apply_rotary;
 
 /// Added to the scores of masked positions (finite, so a fully masked padding row
@@ -83,12 +83,8 @@ impl<B: Backend> Attention<B> {
         let q = qkv.clone().slice([0..b, 0..t, 0..h * d]);
         let key = qkv.clone().slice([0..b, 0..t, h * d..(h + k) * d]);
         let value = qkv.slice([0..b, 0..t, (h + k) * d..(h + 2 * k) * d]);
-        let head_norm = |x: Tensor<B, 4>, norm: &Option<RmsNorm<B>>| match norm {
-            Some(norm) => norm.forward(x),
-            None => x,
-        };
-        let q = head_norm(q.reshape([b, t, h, d]), &self.q_norm).swap_dims(1, 2); // [B, H, T, D]
-        let key = head_norm(key.reshape([b, t, k, d]), &self.k_norm).swap_dims(1, 2); // [B, K, T, D]
+        let q = optional(&self.q_norm, q.reshape([b, t, h, d])).swap_dims(1, 2); // [B, H, T, D]
+        let key = optional(&self.k_norm, key.reshape([b, t, k, d])).swap_dims(1, 2); // [B, K, T, D]
         let value = value.reshape([b, t, k, d]).swap_dims(1, 2); // [B, K, T, D]
         let mut q = apply_rotary(q, cos, sin);
         let key = apply_rotary(key, cos, sin);

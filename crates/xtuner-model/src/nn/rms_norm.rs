@@ -70,6 +70,18 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
+/// `norm(x)` where a family has the norm, `x` where it has none (Qwen3's q/k norms,
+/// Gemma 2's norms after attention and MLP).
+pub fn optional<B: Backend, const D: usize>(
+    norm: &Option<RmsNorm<B>>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    match norm {
+        Some(norm) => norm.forward(x),
+        None => x,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
