@@ -13,7 +13,7 @@ use serde_json::Value;
 use xtuner_model::checkpoint::Checkpoint;
 
 mod common;
-use common::{fixtures, ok, xtuner};
+use common::{fixtures, losses, ok, xtuner};
 
 /// The families, their fixture, a template of theirs and the default LoRA targets
 /// (XTuner's rule: every linear module's last name but `lm_head`).
@@ -77,16 +77,6 @@ fn write_config(dir: &Path, name: &str, model: &Path, template: &str, lora: bool
         ),
     )
     .unwrap();
-}
-
-fn losses(work_dir: &Path) -> Vec<(u64, f64)> {
-    fs::read_to_string(work_dir.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .map(|v| (v["iter"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 fn chat(model: &str, adapter: Option<&str>, dir: &Path) -> String {

@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{failed, fixtures, ok, xtuner};
+use common::{failed, fixtures, losses, ok, xtuner};
 
 /// A run directory with a config training LoRA on the fixture model.
 fn setup(lora: bool) -> tempfile::TempDir {
@@ -40,16 +40,6 @@ fn setup(lora: bool) -> tempfile::TempDir {
     )
     .unwrap();
     dir
-}
-
-fn losses(work_dir: &Path) -> Vec<(u64, f64)> {
-    fs::read_to_string(work_dir.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .map(|v| (v["iter"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 #[test]

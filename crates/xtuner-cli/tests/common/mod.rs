@@ -61,3 +61,19 @@ pub fn jsonl(path: &Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The `step` events of a run's log (`train_log.jsonl` in its work dir).
+pub fn logged_steps(work_dir: &Path) -> Vec<Value> {
+    jsonl(&work_dir.join("train_log.jsonl"))
+        .into_iter()
+        .filter(|v| v["event"] == "step")
+        .collect()
+}
+
+/// Each logged step's iteration and loss.
+pub fn losses(work_dir: &Path) -> Vec<(u64, f64)> {
+    logged_steps(work_dir)
+        .iter()
+        .map(|v| (v["iter"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
