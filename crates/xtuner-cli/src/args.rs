@@ -107,6 +107,13 @@ pub enum Command {
         /// Where to run.
         #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
         device: crate::backend::Device,
+        /// Run nothing: print the model state each of `--nproc` ranks would hold, with
+        /// data parallel and with each ZeRO stage (DeepSpeed's arithmetic).
+        #[arg(long)]
+        dry_run: bool,
+        /// Ranks for `--dry-run`.
+        #[arg(long, default_value_t = 8)]
+        nproc: usize,
     },
     /// Convert checkpoints to Hugging Face formats.
     #[command(subcommand)]

@@ -111,6 +111,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             steps,
             checkpointing,
             device,
+            dry_run,
+            nproc,
         } => {
             use xtuner_engine::bench::{BenchMode, StepBench};
             let mode = match mode {
@@ -129,7 +131,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 steps,
                 checkpointing,
             };
-            commands::train::bench(&bench, device)?
+            if dry_run {
+                commands::train::bench_dry_run(&bench, nproc)?
+            } else {
+                commands::train::bench(&bench, device)?
+            }
         }
         Command::Convert(ConvertCommand::PthToHf {
             config,

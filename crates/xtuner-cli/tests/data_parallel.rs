@@ -15,7 +15,7 @@ use serde_json::Value;
 use xtuner_model::checkpoint::Checkpoint;
 
 mod common;
-use common::{fixtures, ok};
+use common::{fixtures, logged_steps, ok};
 
 /// `xtuner train config` in `dir` with the environment `vars`, started.
 fn start(config: &str, vars: &[(&str, String)], dir: &Path) -> std::process::Child {
@@ -54,11 +54,8 @@ fn train(config: &str, ranks: usize, dir: &Path) -> String {
 
 /// Each step's (loss, grad_norm) from a work dir's log.
 fn steps(work_dir: &Path) -> Vec<(f64, f64)> {
-    fs::read_to_string(work_dir.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
+    logged_steps(work_dir)
+        .iter()
         .map(|v| {
             (
                 v["loss"].as_f64().unwrap(),
@@ -246,13 +243,13 @@ fn a_rank_that_never_comes_is_named() {
 }
 
 #[test]
-fn a_checkpoint_resumes_with_its_number_of_ranks() {
+fn a_checkpoint_resumes_with_its_global_batch() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
     write_config(d, "two.toml", true, 1, 2);
     train("two.toml", 2, d);
-    // One rank cannot continue two ranks' iteration count.
+    // One rank of one micro-batch a step cannot continue two ranks' global batch.
     let out = Command::new(env!("CARGO_BIN_EXE_xtuner"))
         .args([
             "train",
@@ -266,7 +263,7 @@ fn a_checkpoint_resumes_with_its_number_of_ranks() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("written by a run of 2 rank(s)"), "{err}");
+    assert!(err.contains("ranks × accumulative_counts = 2"), "{err}");
     // XTuner's DeepSpeed settings are read; the run is data parallel.
     let out = Command::new(env!("CARGO_BIN_EXE_xtuner"))
         .args([
@@ -285,4 +282,25 @@ fn a_checkpoint_resumes_with_its_number_of_ranks() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ZeRO stage 2"), "{err}");
     assert!(text.contains("after 3 iterations"), "{text}");
+}
+
+#[test]
+fn bench_dry_run_prints_the_state_of_each_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .args(["bench", "--preset", "internlm2-1.8b", "--mode", "full"])
+        .args(["--dry-run", "--nproc", "8"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap());
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    for (row, stage) in rows
+        .iter()
+        .zip(["data parallel", "ZeRO-1", "ZeRO-2", "ZeRO-3"])
+    {
+        assert!(row.trim_start().starts_with(stage), "{out}");
+    }
+    // 1.9B parameters in full: 16 bytes each with data parallel.
+    assert!(rows[0].contains("28.") && rows[0].contains("GiB"), "{out}");
 }

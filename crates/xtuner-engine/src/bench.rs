@@ -96,6 +96,62 @@ pub fn flops_per_token(decoder: &DecoderConfig, seq_len: usize, frozen_base: boo
     weights + attention
 }
 
+/// The trainable parameters and the frozen bytes (bf16 base, or NF4 for QLoRA) a
+/// run of `bench`'s shape holds, counted from the shape alone (nothing is built): what
+/// [`crate::memory::zero_stages`] spreads over the ranks.
+///
+/// # Errors
+/// An unknown preset.
+pub fn planned_state(bench: &StepBench) -> Result<(usize, usize)> {
+    let c = preset(bench)?;
+    let (h, k, d, hidden, inter) = (
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.hidden_size,
+        c.intermediate_size,
+    );
+    // Per layer: wqkv, wo, w1, w3, w2 (each a LoRA module of InternLM2); the head.
+    let per_layer = [
+        (hidden, (h + 2 * k) * d),
+        (h * d, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ];
+    let head = (!c.tie_word_embeddings).then_some((hidden, c.vocab_size));
+    let modules: Vec<(usize, usize)> = (0..c.n_layers)
+        .flat_map(|_| per_layer)
+        .chain(head)
+        .collect();
+    let linear: usize = modules.iter().map(|(i, o)| i * o).sum();
+    let other = c.vocab_size * hidden + (2 * c.n_layers + 1) * hidden;
+    let adapters: usize = modules.iter().map(|(i, o)| bench.lora_r * (i + o)).sum();
+    Ok(match bench.mode {
+        BenchMode::Full => (linear + other, 0),
+        BenchMode::Lora => (adapters, 2 * (linear + other)),
+        // 4-bit codes, an 8-bit absmax per 64 weights and an f32 one per 256 of those.
+        BenchMode::Qlora => (
+            adapters,
+            linear / 2 + linear / 64 + linear / 4096 + 2 * other,
+        ),
+    })
+}
+
+/// The decoder shape of `bench`'s preset.
+fn preset(bench: &StepBench) -> Result<DecoderConfig> {
+    DecoderConfig::preset(&bench.preset, bench.vocab_size).ok_or_else(|| {
+        Error::setting(
+            "--preset",
+            format!(
+                "unknown preset `{}`; known: {}",
+                bench.preset,
+                DecoderConfig::PRESETS.join(", ")
+            ),
+        )
+    })
+}
+
 /// Waits for the device's queued work, so the clock sees it.
 fn sync<B: AutodiffBackend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| Error::Device(format!("{e:?}")))
@@ -107,16 +163,7 @@ fn sync<B: AutodiffBackend>(device: &B::Device) -> Result<()> {
 /// # Errors
 /// An unknown preset; a quantizer that refuses the shape.
 pub fn run<B: AutodiffBackend>(bench: &StepBench, device: &B::Device) -> Result<StepReport> {
-    let decoder = DecoderConfig::preset(&bench.preset, bench.vocab_size).ok_or_else(|| {
-        Error::setting(
-            "--preset",
-            format!(
-                "unknown preset `{}`; known: {}",
-                bench.preset,
-                DecoderConfig::PRESETS.join(", ")
-            ),
-        )
-    })?;
+    let decoder = preset(bench)?;
     let setup = Instant::now();
     B::seed(device, 0);
     let mut model = Decoder::<B>::random(&decoder, device)?;

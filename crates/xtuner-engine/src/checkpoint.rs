@@ -33,6 +33,10 @@ pub struct TrainState {
     /// `iter` counts each rank's micro-batches, so a resume needs the same number.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// Micro-batches per optimizer step of each rank (0 when not recorded): with
+    /// `world_size`, the global batch a resume at another number of ranks must keep.
+    #[serde(default)]
+    pub accumulative_counts: usize,
 }
 
 fn one() -> usize {
@@ -154,6 +158,7 @@ mod tests {
             config_fingerprint: "x".into(),
             mode: RunMode::Lora,
             world_size: 1,
+            accumulative_counts: 1,
         }
     }
 

@@ -68,6 +68,26 @@ impl ModelMemory {
     }
 }
 
+/// Model-state bytes per rank when `trainable` parameters train over `ranks` ranks, by
+/// how the state is sharded: DeepSpeed's arithmetic for mixed precision (each trainable
+/// parameter: 2 bytes of half-precision weight, 2 of gradient, 12 of f32 master and
+/// AdamW moments), plus `frozen_bytes` of weights that do not train (sharded only by
+/// ZeRO-3). Data parallel is what `xtuner train` runs today; the ZeRO rows are what
+/// each stage would hold.
+pub fn zero_stages(
+    trainable: usize,
+    frozen_bytes: usize,
+    ranks: usize,
+) -> [(&'static str, usize); 4] {
+    let (p, n) = (trainable, ranks.max(1));
+    [
+        ("data parallel", frozen_bytes + 16 * p),
+        ("ZeRO-1", frozen_bytes + 4 * p + (12 * p).div_ceil(n)),
+        ("ZeRO-2", frozen_bytes + 2 * p + (14 * p).div_ceil(n)),
+        ("ZeRO-3", frozen_bytes.div_ceil(n) + (16 * p).div_ceil(n)),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +101,20 @@ mod tests {
 
     /// The counts follow from the shapes: LoRA r on every linear layer, everything else
     /// frozen; QLoRA moves the decoder layers' weights (not the head's) to 4.x bits.
+    #[test]
+    fn zero_stages_follow_deepspeeds_arithmetic() {
+        // The ZeRO paper's example: 7.5B parameters on 64 GPUs.
+        let gb = |b: usize| (b as f64 / 1e9 * 10.0).round() / 10.0;
+        let rows = zero_stages(7_500_000_000, 0, 64);
+        let got: Vec<f64> = rows.iter().map(|&(_, b)| gb(b)).collect();
+        assert_eq!(got, [120.0, 31.4, 16.6, 1.9]);
+        assert_eq!(
+            zero_stages(10, 8, 1)[3],
+            ("ZeRO-3", 168),
+            "one rank shards nothing"
+        );
+    }
+
     #[test]
     fn counts_follow_from_the_shapes() {
         let device = Default::default();

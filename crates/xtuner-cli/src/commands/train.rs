@@ -394,6 +394,24 @@ pub fn eval(
     Ok(())
 }
 
+/// `xtuner bench --dry-run`: the model state per rank of each way to shard it.
+pub fn bench_dry_run(bench: &xtuner_engine::bench::StepBench, ranks: usize) -> Result<()> {
+    let (trainable, frozen) = xtuner_engine::bench::planned_state(bench)?;
+    println!(
+        "{} {:?}, {trainable} trainable parameters, {ranks} ranks: model state per rank (before activations)",
+        bench.preset, bench.mode
+    );
+    for (stage, bytes) in xtuner_engine::memory::zero_stages(trainable, frozen, ranks) {
+        let note = if stage == "data parallel" {
+            "  (what xtuner train holds)"
+        } else {
+            ""
+        };
+        println!("  {stage:<14} {:>10}{note}", size(bytes));
+    }
+    Ok(())
+}
+
 /// `xtuner bench`: one JSON line with the step benchmark's report.
 pub fn bench(bench: &xtuner_engine::bench::StepBench, device: Device) -> Result<()> {
     backend::check(device)?;

@@ -219,24 +219,16 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let config = &loaded.config;
     let mode = config.mode();
     let fingerprint = resume::config_fingerprint(config);
-    let start_iter = start.iter;
+    let t = &config.train;
+    let mut start_iter = start.iter;
     let model = start.model.map(&mut resume::StableIds::new());
     let mut model = master_weights(model, MASTER_DTYPE);
     let mut optimizer = adamw(&config.optimizer).init::<B, R::Model>();
     if let Some(dir) = &start.checkpoint {
-        let saved = checkpoint::read_state(dir)?.world_size;
-        if saved != world {
-            return Err(Error::Checkpoint {
-                path: dir.clone(),
-                message: format!(
-                    "written by a run of {saved} rank(s); resume it with {saved} (this run has {world}): its iteration count is per rank"
-                ),
-            });
-        }
+        start_iter = resume::start_iter(&checkpoint::read_state(dir)?, dir, world, t)?;
         optimizer = optimizer.load_record(resume::load_optimizer::<B, _>(dir, device)?);
     }
 
-    let t = &config.train;
     let lengths = recipe.lengths();
     let rows = lengths.len();
     let batches_per_epoch = rows.div_ceil(world).div_ceil(t.batch_size);
@@ -382,6 +374,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                 config_fingerprint: fingerprint.clone(),
                 mode,
                 world_size: world,
+                accumulative_counts: t.accumulative_counts,
             };
             let path = checkpoint::save(
                 work_dir,

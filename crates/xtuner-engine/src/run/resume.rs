@@ -69,6 +69,40 @@ pub(crate) fn config_fingerprint(config: &TrainConfig) -> String {
     format!("{:016x}", crate::fnv1a(relevant.to_string().as_bytes()))
 }
 
+/// The first iteration of a run of `world` ranks resuming from `state`. Each rank's
+/// iteration count is its micro-batches, so at another number of ranks it is converted
+/// through the optimizer steps done; the global batch (ranks × `accumulative_counts`,
+/// the batch size being the config's) must stay, so that every later step takes the
+/// rows it would have taken.
+///
+/// # Errors
+/// Another number of ranks with another global batch, or a checkpoint that does not
+/// record its accumulation.
+pub(crate) fn start_iter(
+    state: &checkpoint::TrainState,
+    dir: &Path,
+    world: usize,
+    train: &crate::config::LoopConfig,
+) -> Result<usize> {
+    if state.world_size == world {
+        return Ok(state.iter);
+    }
+    let (saved, now) = (
+        state.world_size * state.accumulative_counts,
+        world * train.accumulative_counts,
+    );
+    if saved != now || state.accumulative_counts == 0 {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "written by {} rank(s) of {} micro-batches a step; at {world} rank(s), resume with ranks × accumulative_counts = {saved} (now {now}) to keep its global batch",
+                state.world_size, state.accumulative_counts
+            ),
+        });
+    }
+    Ok(state.iter / state.accumulative_counts * train.accumulative_counts)
+}
+
 /// The checkpoint a run resumes from, checked against the config; `None` for a fresh run.
 ///
 /// # Errors

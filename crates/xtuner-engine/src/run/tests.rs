@@ -141,13 +141,16 @@ fn loaded() -> LoadedConfig {
     LoadedConfig::from_text(text, Path::new("fake.toml"), "fake", &[]).unwrap()
 }
 
-fn train(
+/// Runs the loop on `recipe` as one rank of `collective`: its summary, its events as
+/// short strings and each step's loss and gradient norm (on rank 0).
+fn drive(
     recipe: &Fake,
     start: Start<Toy<A>>,
+    loaded: &LoadedConfig,
     work_dir: &Path,
     stop_at: Option<usize>,
-) -> (Result<TrainSummary>, Vec<String>) {
-    let loaded = loaded();
+    collective: &dyn Collective,
+) -> (Result<TrainSummary>, Vec<String>, Vec<(f64, f64)>) {
     let stop = AtomicBool::new(false);
     let mut events = Events {
         log: Vec::new(),
@@ -156,15 +159,26 @@ fn train(
         stop: &stop,
     };
     let ctx = RunContext::<A> {
-        loaded: &loaded,
+        loaded,
         work_dir,
         device: &Default::default(),
         progress: &mut events,
         stop: &stop,
-        collective: &crate::collective::Single,
+        collective,
     };
     let summary = run(recipe, start, ctx);
-    (summary, events.log)
+    (summary, events.log, events.steps)
+}
+
+fn train(
+    recipe: &Fake,
+    start: Start<Toy<A>>,
+    work_dir: &Path,
+    stop_at: Option<usize>,
+) -> (Result<TrainSummary>, Vec<String>) {
+    let single = crate::collective::Single;
+    let (summary, log, _) = drive(recipe, start, &loaded(), work_dir, stop_at, &single);
+    (summary, log)
 }
 
 /// A run of `config` as one rank of `collective`: its summary and, on rank 0, each
@@ -176,26 +190,17 @@ fn run_as(
     collective: &dyn Collective,
 ) -> (Result<TrainSummary>, Vec<(f64, f64)>) {
     let loaded = LoadedConfig::from_text(config, Path::new("dp.toml"), "dp", &[]).unwrap();
-    let stop = AtomicBool::new(false);
-    let mut events = Events {
-        log: Vec::new(),
-        steps: Vec::new(),
-        stop_at: None,
-        stop: &stop,
-    };
-    let ctx = RunContext::<A> {
-        loaded: &loaded,
-        work_dir,
-        device: &Default::default(),
-        progress: &mut events,
-        stop: &stop,
-        collective,
-    };
-    (run(recipe, fresh(), ctx), events.steps)
+    let (summary, _, steps) = drive(recipe, fresh(), &loaded, work_dir, None, collective);
+    (summary, steps)
 }
 
 /// Six rows, batches of one, two epochs, a constant learning rate.
 fn dp_config(accumulative_counts: usize) -> String {
+    dp_config_saving(accumulative_counts, 1000)
+}
+
+/// [`dp_config`] with a checkpoint every `save_steps` iterations.
+fn dp_config_saving(accumulative_counts: usize, save_steps: usize) -> String {
     format!(
         r#"
         [model]
@@ -215,7 +220,8 @@ fn dp_config(accumulative_counts: usize) -> String {
         accumulative_counts = {accumulative_counts}
         max_epochs = 2
         [checkpoint]
-        save_steps = 1000
+        save_steps = {save_steps}
+        save_total_limit = -1
         [evaluation]
         freq = 1000
         "#
@@ -277,14 +283,60 @@ fn n_ranks_step_as_one_rank_accumulating_their_micro_batches() {
         for epoch in 0..2 {
             let mut rows: Vec<usize> = outcomes
                 .iter()
-                .flat_map(|(_, _, seen)| {
-                    seen[epoch * per_epoch..(epoch + 1) * per_epoch].concat()
-                })
+                .flat_map(|(_, _, seen)| seen[epoch * per_epoch..(epoch + 1) * per_epoch].concat())
                 .collect();
             rows.sort();
             assert_eq!(rows, [0, 1, 2, 3, 4, 5], "epoch {epoch}, {world} ranks");
         }
     }
+}
+
+/// Two ranks' checkpoint after their first step, resumed by one rank accumulating two
+/// micro-batches (the same global batch), ends where the two ranks end; another global
+/// batch is refused.
+#[test]
+fn a_run_resumed_at_another_number_of_ranks_continues_its_trajectory() {
+    let two = tempfile::tempdir().unwrap();
+    let finals = std::thread::scope(|s| {
+        let handles: Vec<_> = crate::collective::local::Local::group(2)
+            .into_iter()
+            .map(|rank| {
+                let dir = two.path();
+                s.spawn(move || {
+                    let (summary, _) = run_as(&fake(false), &dp_config_saving(1, 1), dir, &rank);
+                    summary.unwrap().last_checkpoint
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let want = weight_in(finals[0].as_ref().unwrap());
+
+    let first = two.path().join("iter_1");
+    let resumed_from = |accumulative_counts: usize| {
+        let one = tempfile::tempdir().unwrap();
+        let loaded = LoadedConfig::from_text(
+            &dp_config(accumulative_counts),
+            Path::new("dp.toml"),
+            "dp",
+            &[],
+        )
+        .unwrap();
+        let start = Start {
+            model: toy(weight_in(&first).parse().unwrap()),
+            iter: 1,
+            checkpoint: Some(first.clone()),
+        };
+        let single = crate::collective::Single;
+        let (summary, _, _) = drive(&fake(false), start, &loaded, one.path(), None, &single);
+        summary.map(|s| weight_in(&s.last_checkpoint.unwrap()))
+    };
+    assert_eq!(resumed_from(2).unwrap(), want);
+    let err = resumed_from(1).unwrap_err().to_string();
+    assert!(err.contains("ranks × accumulative_counts = 2"), "{err}");
 }
 
 #[test]
