@@ -159,15 +159,16 @@ mod tests {
 
     #[test]
     fn gradients_are_summed_over_the_ranks() {
-        let m = model();
+        // Each rank builds its own model, as ranks do: autodiff graphs that share leaf
+        // tensors across threads can deadlock Burn's autodiff.
         for world in [2, 3] {
             let results = std::thread::scope(|s| {
                 let handles: Vec<_> = Local::group(world)
                     .into_iter()
                     .map(|c| {
-                        let m = &m;
                         s.spawn(move || {
-                            let g = all_reduce_sum(m, grads(m, c.rank()), &c).unwrap();
+                            let m = model();
+                            let g = all_reduce_sum(&m, grads(&m, c.rank()), &c).unwrap();
                             (values(&g, &m.a), values(&g, &m.b))
                         })
                     })
@@ -194,11 +195,11 @@ mod tests {
             let handles: Vec<_> = Local::group(2)
                 .into_iter()
                 .map(|c| {
-                    let m = &m;
                     s.spawn(move || {
+                        let m = model();
                         let loss = m.a.val().sum();
-                        let g = GradientsParams::from_grads(loss.backward(), m);
-                        values(&all_reduce_sum(m, g, &c).unwrap(), &m.b)
+                        let g = GradientsParams::from_grads(loss.backward(), &m);
+                        values(&all_reduce_sum(&m, g, &c).unwrap(), &m.b)
                     })
                 })
                 .collect();

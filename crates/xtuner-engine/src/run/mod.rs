@@ -150,12 +150,14 @@ pub struct RunContext<'a, B: AutodiffBackend> {
 
 /// The rows of each epoch, in order.
 /// `lengths` are the rows' (modality) lengths: negative for LLaVA's text-only rows.
-fn epoch_order(lengths: &[i64], config: &TrainConfig, epoch: usize) -> Vec<usize> {
+/// The length-grouped order groups by the global batch: XTuner's `LengthGroupedSampler`
+/// with `per_device_batch_size = batch_size × accumulative_counts`, times the ranks.
+fn epoch_order(lengths: &[i64], config: &TrainConfig, epoch: usize, world: usize) -> Vec<usize> {
     let seed = config.train.seed.wrapping_add(epoch as u64);
     if config.train.group_by_length && !config.data.pack_to_max_length {
         length_grouped(
             lengths,
-            config.train.batch_size * config.train.accumulative_counts,
+            config.train.batch_size * config.train.accumulative_counts * world,
             seed,
         )
     } else {
@@ -273,7 +275,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     for iter in start_iter..total_iters {
         let epoch = iter / batches_per_epoch.max(1);
         if epoch != order_epoch {
-            order = rank_rows(epoch_order(&lengths, config, epoch), world, rank);
+            order = rank_rows(epoch_order(&lengths, config, epoch, world), world, rank);
             order_epoch = epoch;
         }
         let first = (iter % batches_per_epoch.max(1)) * t.batch_size;
