@@ -304,3 +304,40 @@ fn bench_dry_run_prints_the_state_of_each_stage() {
     // 1.9B parameters in full: 16 bytes each with data parallel.
     assert!(rows[0].contains("28.") && rows[0].contains("GiB"), "{out}");
 }
+
+/// LLaVA's pretraining stage through the same loop: two ranks step as one rank
+/// accumulating their micro-batches.
+#[test]
+fn llava_ranks_step_as_one_rank() {
+    let repo = common::repo();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, ranks: usize, accumulative_counts: usize, iters: usize| {
+        let work = dir.path().join(name);
+        let cache = format!("data.cache_dir={:?}", dir.path().join("cache"));
+        let out = Command::new(env!("CARGO_BIN_EXE_xtuner"))
+            .args(["train", "configs/demo_llava_pretrain.toml", "--work-dir"])
+            .arg(&work)
+            .args([
+                "--cfg-options",
+                "schedule.warmup_ratio=0.0",
+                "schedule.eta_min=1e-3",
+            ])
+            .args(["evaluation.inputs=[]", "checkpoint.save_steps=1000", &cache])
+            .arg(format!("train.max_iters={iters}"))
+            .arg(format!("train.accumulative_counts={accumulative_counts}"))
+            .env("NPROC_PER_NODE", ranks.to_string())
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        ok(&out);
+        steps(&work)
+    };
+    let want = run("one", 1, 2, 4);
+    let got = run("two", 2, 1, 2);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got.len(), want.len());
+    for ((loss, norm), (want_loss, want_norm)) in got.iter().zip(&want) {
+        close(*loss, *want_loss, "LLaVA loss");
+        close(*norm, *want_norm, "LLaVA grad norm");
+    }
+}
