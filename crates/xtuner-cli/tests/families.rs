@@ -18,32 +18,27 @@ use common::{fixtures, losses, ok, xtuner};
 /// The families, their fixture, a template of theirs and the default LoRA targets
 /// (XTuner's rule: every linear module's last name but `lm_head`).
 const FAMILIES: &[(&str, &str, &[&str])] = &[
+    ("llama-tiny", "llama3_chat", LLAMA_TARGETS),
+    ("qwen2-tiny", "qwen_chat", LLAMA_TARGETS),
+    ("qwen3-tiny", "qwen_chat", LLAMA_TARGETS),
+    ("gemma-tiny", "gemma", LLAMA_TARGETS),
+    ("gemma2-tiny", "gemma", LLAMA_TARGETS),
     (
-        "llama-tiny",
-        "llama3_chat",
-        &[
-            "down_proj",
-            "gate_proj",
-            "k_proj",
-            "o_proj",
-            "q_proj",
-            "up_proj",
-            "v_proj",
-        ],
+        "phi3-tiny",
+        "phi3_chat",
+        &["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],
     ),
-    (
-        "qwen2-tiny",
-        "qwen_chat",
-        &[
-            "down_proj",
-            "gate_proj",
-            "k_proj",
-            "o_proj",
-            "q_proj",
-            "up_proj",
-            "v_proj",
-        ],
-    ),
+];
+
+/// Llama-style modules: separate q/k/v and gate/up.
+const LLAMA_TARGETS: &[&str] = &[
+    "down_proj",
+    "gate_proj",
+    "k_proj",
+    "o_proj",
+    "q_proj",
+    "up_proj",
+    "v_proj",
 ];
 
 /// A model directory: the family's checkpoint and the fixture tokenizer.

@@ -66,6 +66,9 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     let layer_seed = |i: usize| ((step_seed * f64::from(u32::MAX)) as u64).wrapping_add(i as u64);
     let (cos, sin) = llm.rope.cos_sin(input.positions.clone());
 
+    // The embeddings as the first layer takes them (Gemma scales them), in the graph.
+    let embeds = llm.scale_embeds(embeds);
+
     // 1. Forward without a graph, keeping each layer's input.
     let mut saved: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(llm.layers.len());
     let mut x = embeds.clone().detach();

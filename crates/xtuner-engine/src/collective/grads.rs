@@ -68,15 +68,15 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
             return;
         }
         let n = param.shape().num_elements();
-        match self.grads.get::<B::InnerBackend, D>(param.id) {
+        let grad = self.grads.get::<B::InnerBackend, D>(param.id);
+        self.present.push(grad.is_some());
+        match grad {
             Some(grad) => match host_vec::<f32>(grad.cast(burn::tensor::DType::F32).into_data()) {
                 Ok(values) => self.bucket.extend(values),
                 Err(e) => self.error = Some(e.into()),
             },
             None => self.bucket.extend(std::iter::repeat_n(0.0, n)),
         }
-        self.present
-            .push(self.grads.get::<B::InnerBackend, D>(param.id).is_some());
     }
 }
 

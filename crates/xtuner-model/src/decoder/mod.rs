@@ -131,16 +131,23 @@ impl<B: Backend> Decoder<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let (cos, sin) = self.rope.cos_sin(input.positions.clone());
-        let mut h = match self.embed_scale {
-            // A scalar of the embeddings' dtype, as transformers' `normalizer`.
-            Some(scale) => embeds.mul_scalar(scale),
-            None => embeds,
-        };
+        let mut h = self.scale_embeds(embeds);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
             h = layer.forward(h, &cos, &sin, &input.mask, layer_cache);
         }
         self.norm.forward(h)
+    }
+
+    /// The first layer's input from input embeddings: Gemma's `√C` scale (a scalar of
+    /// the embeddings' dtype, as transformers' `normalizer`), nothing for the others.
+    /// Every path into the layers goes through it (the plain forward and training's
+    /// recompute).
+    pub fn scale_embeds(&self, embeds: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self.embed_scale {
+            Some(scale) => embeds.mul_scalar(scale),
+            None => embeds,
+        }
     }
 
     /// Rows of the embedding table (the logits' width).
