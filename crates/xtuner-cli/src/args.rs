@@ -68,9 +68,10 @@ pub enum Command {
         /// Where to run.
         #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
         device: crate::backend::Device,
-        /// XTuner's DeepSpeed setting (`deepspeed_zero1`, `deepspeed_zero2`, ...,
-        /// or a DeepSpeed JSON file): read, and run as plain data parallel, which the
-        /// ZeRO stages equal in results (they are not built yet; see docs/DISTRIBUTED.md).
+        /// XTuner's DeepSpeed setting (`deepspeed_zero1`, `deepspeed_zero2`,
+        /// `deepspeed_zero2_offload`, ..., or a DeepSpeed JSON file): the optimizer state
+        /// sharded over the ranks (ZeRO-1/2, offloaded to host memory with `_offload`;
+        /// ZeRO-3 runs as ZeRO-2). See docs/DISTRIBUTED.md.
         #[arg(long)]
         deepspeed: Option<String>,
     },

@@ -142,44 +142,65 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>, device: Device) -> Result<
     })
 }
 
-/// The ZeRO stage of a `--deepspeed` setting: XTuner's names
-/// (`deepspeed_zero1`, `deepspeed_zero2`, `deepspeed_zero2_offload`, `deepspeed_zero3`,
-/// `deepspeed_zero3_offload`) or a DeepSpeed JSON file's `zero_optimization.stage`.
+/// What a `--deepspeed` setting asks for: the ZeRO stage and whether the optimizer is
+/// offloaded to host memory. XTuner's names (`deepspeed_zero1`, `deepspeed_zero2`,
+/// `deepspeed_zero2_offload`, `deepspeed_zero3`, `deepspeed_zero3_offload`) or a
+/// DeepSpeed JSON file's `zero_optimization.stage` and `offload_optimizer.device`.
 ///
 /// # Errors
 /// An unknown name, or a file that cannot be read or has no stage.
-pub fn zero_stage(setting: &str) -> Result<u64> {
+pub fn zero_setting(setting: &str) -> Result<(u64, bool)> {
     let name = setting.trim_end_matches(".json");
     let known = [
-        ("deepspeed_zero1", 1),
-        ("deepspeed_zero2", 2),
-        ("deepspeed_zero2_offload", 2),
-        ("deepspeed_zero3", 3),
-        ("deepspeed_zero3_offload", 3),
+        ("deepspeed_zero1", 1, false),
+        ("deepspeed_zero2", 2, false),
+        ("deepspeed_zero2_offload", 2, true),
+        ("deepspeed_zero3", 3, false),
+        ("deepspeed_zero3_offload", 3, true),
     ];
-    if let Some((_, stage)) = known.iter().find(|(n, _)| *n == name) {
-        return Ok(*stage);
+    if let Some((_, stage, offload)) = known.iter().find(|(n, ..)| *n == name) {
+        return Ok((*stage, *offload));
     }
     let path = std::path::Path::new(setting);
     if !path.is_file() {
         bail!(
             "--deepspeed `{setting}`: neither one of XTuner's settings ({}) nor a DeepSpeed JSON file",
-            known.map(|(n, _)| n).join(", ")
+            known.map(|(n, ..)| n).join(", ")
         );
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow!("--deepspeed {}: {e}", path.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("--deepspeed {}: {e}", path.display()))?;
-    json["zero_optimization"]["stage"]
-        .as_u64()
-        .filter(|s| *s <= 3)
-        .ok_or_else(|| {
-            anyhow!(
-                "--deepspeed {}: no zero_optimization.stage (0-3)",
-                path.display()
-            )
-        })
+    let zero = &json["zero_optimization"];
+    let stage = zero["stage"].as_u64().filter(|s| *s <= 3).ok_or_else(|| {
+        anyhow!(
+            "--deepspeed {}: no zero_optimization.stage (0-3)",
+            path.display()
+        )
+    })?;
+    let offload = zero["offload_optimizer"]["device"].as_str() == Some("cpu");
+    Ok((stage, offload))
+}
+
+/// A `--deepspeed` setting as the config overrides it stands for (`zero.stage`,
+/// `zero.offload_optimizer`), and a note for what it asks that is not built (ZeRO-3,
+/// which runs as ZeRO-2: the same results, the parameters whole on every rank).
+///
+/// # Errors
+/// See [`zero_setting`].
+pub fn zero_overrides(setting: &str) -> Result<(Vec<String>, Option<String>)> {
+    let (stage, offload) = zero_setting(setting)?;
+    let note = (stage == 3).then(|| {
+        format!(
+            "note: --deepspeed {setting} asks for ZeRO-3, which also partitions the parameters and is not built: running ZeRO-2 (the same results; every rank holds the whole parameters)"
+        )
+    });
+    let overrides = vec![
+        format!("zero.stage={}", stage.min(2)),
+        format!("zero.offload_optimizer={}", offload && stage > 0),
+    ];
+    Ok((overrides, note))
 }
 
 /// How long ranks wait for each other: `XTUNER_DIST_TIMEOUT` seconds, 600 by default.
@@ -300,14 +321,24 @@ mod tests {
 
     #[test]
     fn deepspeed_settings_name_their_stage() {
-        assert_eq!(zero_stage("deepspeed_zero2").unwrap(), 2);
-        assert_eq!(zero_stage("deepspeed_zero3_offload").unwrap(), 3);
+        assert_eq!(zero_setting("deepspeed_zero2").unwrap(), (2, false));
+        assert_eq!(zero_setting("deepspeed_zero2_offload").unwrap(), (2, true));
+        assert_eq!(zero_setting("deepspeed_zero3_offload").unwrap(), (3, true));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ds.json");
         std::fs::write(&file, r#"{"zero_optimization": {"stage": 1}}"#).unwrap();
-        assert_eq!(zero_stage(file.to_str().unwrap()).unwrap(), 1);
+        assert_eq!(zero_setting(file.to_str().unwrap()).unwrap(), (1, false));
+        std::fs::write(
+            &file,
+            r#"{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(zero_setting(file.to_str().unwrap()).unwrap(), (2, true));
+        let (overrides, note) = zero_overrides("deepspeed_zero3").unwrap();
+        assert_eq!(overrides, ["zero.stage=2", "zero.offload_optimizer=false"]);
+        assert!(note.unwrap().contains("running ZeRO-2"));
         assert!(
-            zero_stage("zero9")
+            zero_setting("zero9")
                 .unwrap_err()
                 .to_string()
                 .contains("deepspeed_zero1")

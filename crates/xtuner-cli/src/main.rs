@@ -84,21 +84,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             device,
             deepspeed,
         } => {
+            let mut overrides = config.cfg_options.clone();
             if let Some(setting) = deepspeed {
-                let stage = launch::zero_stage(&setting)?;
-                if stage > 0 {
-                    eprintln!(
-                        "note: --deepspeed {setting} asks for ZeRO stage {stage}, which is not built yet: running plain data parallel (the same results; every rank holds the whole optimizer state)"
-                    );
+                let (zero, note) = launch::zero_overrides(&setting)?;
+                if let Some(note) = note {
+                    eprintln!("{note}");
                 }
+                overrides.extend(zero);
             }
-            commands::train::run_train(
-                &config.config,
-                &config.cfg_options,
-                work_dir,
-                resume,
-                device,
-            )?
+            commands::train::run_train(&config.config, &overrides, work_dir, resume, device)?
         }
         Command::Bench {
             preset,

@@ -21,6 +21,10 @@ pub struct ModelMemory {
     pub frozen_bytes: usize,
     /// NF4 weights (codes, absmax and levels).
     pub nf4_bytes: usize,
+    /// How the optimizer state is partitioned (stage 0: not at all).
+    pub zero: crate::config::ZeroConfig,
+    /// The data-parallel ranks it is partitioned over (0 or 1: one).
+    pub ranks: usize,
 }
 
 impl ModelMemory {
@@ -48,21 +52,46 @@ impl ModelMemory {
         count.0
     }
 
-    /// One gradient per trainable parameter, in its dtype.
+    /// The same state held by one of `ranks` ranks partitioning it as `zero` says.
+    pub fn partitioned(self, zero: crate::config::ZeroConfig, ranks: usize) -> Self {
+        Self {
+            zero,
+            ranks,
+            ..self
+        }
+    }
+
+    /// One gradient per trainable parameter, in its dtype; with ZeRO-2 this rank's f32
+    /// shard of them.
     pub fn gradient_bytes(&self) -> usize {
-        self.trainable_bytes
+        if self.zero.stage >= 2 {
+            (4 * self.trainable_params).div_ceil(self.ranks.max(1))
+        } else {
+            self.trainable_bytes
+        }
     }
 
-    /// AdamW's first and second moments, in the parameters' dtype.
+    /// AdamW's first and second moments, in the parameters' dtype; with ZeRO this
+    /// rank's shard of the f32 masters and both moments.
     pub fn optimizer_bytes(&self) -> usize {
-        2 * self.trainable_bytes
+        if self.zero.stage >= 1 {
+            (12 * self.trainable_params).div_ceil(self.ranks.max(1))
+        } else {
+            2 * self.trainable_bytes
+        }
     }
 
-    /// Everything above: what stays resident through a step, before activations.
+    /// Everything above that lives on the device: what stays resident through a step,
+    /// before activations (an offloaded optimizer shard lives in host memory).
     pub fn total_bytes(&self) -> usize {
+        let optimizer = if self.zero.offload_optimizer {
+            0
+        } else {
+            self.optimizer_bytes()
+        };
         self.trainable_bytes
             + self.gradient_bytes()
-            + self.optimizer_bytes()
+            + optimizer
             + self.frozen_bytes
             + self.nf4_bytes
     }

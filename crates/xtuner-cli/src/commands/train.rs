@@ -91,14 +91,36 @@ impl Progress for CliProgress {
 /// The model's resident state, as the start of a run reports it: what must fit on the
 /// device before activations.
 fn model_state_line(m: &ModelMemory) -> String {
-    let mut line = format!(
-        "model state {}: trainable {} + gradients {} + AdamW moments {}, frozen {}",
-        size(m.total_bytes()),
-        size(m.trainable_bytes),
-        size(m.gradient_bytes()),
-        size(m.optimizer_bytes()),
-        size(m.frozen_bytes),
-    );
+    let mut line = if m.zero.stage == 0 {
+        format!(
+            "model state {}: trainable {} + gradients {} + AdamW moments {}, frozen {}",
+            size(m.total_bytes()),
+            size(m.trainable_bytes),
+            size(m.gradient_bytes()),
+            size(m.optimizer_bytes()),
+            size(m.frozen_bytes),
+        )
+    } else {
+        let ranks = m.ranks.max(1);
+        let grads = if m.zero.stage >= 2 {
+            format!("gradients 1/{ranks} {}", size(m.gradient_bytes()))
+        } else {
+            format!("gradients {}", size(m.gradient_bytes()))
+        };
+        let place = if m.zero.offload_optimizer {
+            " in host memory"
+        } else {
+            ""
+        };
+        format!(
+            "model state per rank (ZeRO-{}) {}: trainable {} + {grads} + f32 masters and AdamW moments 1/{ranks} {}{place}, frozen {}",
+            m.zero.stage,
+            size(m.total_bytes()),
+            size(m.trainable_bytes),
+            size(m.optimizer_bytes()),
+            size(m.frozen_bytes),
+        )
+    };
     if m.nf4_bytes > 0 {
         line.push_str(&format!(", NF4 {}", size(m.nf4_bytes)));
     }

@@ -15,6 +15,29 @@ use xtuner_model::nn::precision::host_vec;
 use super::Collective;
 use crate::Result;
 
+/// `grads` as one flat host bucket of `f32` over `model`'s trainable parameters in
+/// visiting order (zeros where a parameter has none), and whether each has one.
+///
+/// # Errors
+/// Gradients that cannot be read on the host.
+pub(crate) fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> Result<(Vec<f32>, Vec<bool>)> {
+    let mut flatten = Flatten::<B> {
+        grads,
+        bucket: Vec::new(),
+        present: Vec::new(),
+        error: None,
+        _backend: std::marker::PhantomData,
+    };
+    model.visit(&mut flatten);
+    match flatten.error {
+        Some(e) => Err(e),
+        None => Ok((flatten.bucket, flatten.present)),
+    }
+}
+
 /// The gradients summed over every rank, in rank order. One rank's gradients come back
 /// unchanged.
 ///
@@ -28,18 +51,7 @@ pub fn all_reduce_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     if collective.world_size() == 1 {
         return Ok(grads);
     }
-    let mut flatten = Flatten::<B> {
-        grads: &grads,
-        bucket: Vec::new(),
-        present: Vec::new(),
-        error: None,
-        _backend: std::marker::PhantomData,
-    };
-    model.visit(&mut flatten);
-    if let Some(e) = flatten.error {
-        return Err(e);
-    }
-    let (mut bucket, present) = (flatten.bucket, flatten.present);
+    let (mut bucket, present) = flatten(model, &grads)?;
     let mut presence: Vec<f64> = present.iter().map(|&p| f64::from(u8::from(p))).collect();
     collective.all_reduce_sum(&mut bucket)?;
     collective.all_reduce_sum_f64(&mut presence)?;
@@ -106,11 +118,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_> {
             .grads
             .remove::<B::InnerBackend, D>(param.id)
             .map_or_else(|| param.val().dtype(), |g| g.dtype());
+        // Created in the gradient's dtype (not the backend's default, which would round
+        // an f32 master's gradient to bf16 on the way).
         let grad = Tensor::<B::InnerBackend, D>::from_data(
             TensorData::new(values.to_vec(), shape),
-            &param.val().device(),
-        )
-        .cast(dtype);
+            (&param.val().device(), dtype),
+        );
         self.grads.register::<B::InnerBackend, D>(param.id, grad);
     }
 }

@@ -189,6 +189,16 @@ impl TrainConfig {
                 "must be a positive even number",
             )?;
         }
+        check(
+            self.zero.stage <= 2,
+            "zero.stage",
+            "must be 0, 1 or 2 (ZeRO-3 is not built)",
+        )?;
+        check(
+            self.zero.stage > 0 || !self.zero.offload_optimizer,
+            "zero.offload_optimizer",
+            "offloads a ZeRO shard: needs zero.stage 1 or 2",
+        )?;
         let o = &self.optimizer;
         check(
             o.lr > 0.0 && o.lr.is_finite(),

@@ -42,6 +42,10 @@ pub struct TrainConfig {
     /// The optimizer.
     #[serde(default)]
     pub optimizer: OptimizerConfig,
+    /// How the optimizer state is partitioned over data-parallel ranks (DeepSpeed's
+    /// `zero_optimization`; `xtuner train --deepspeed` sets it).
+    #[serde(default)]
+    pub zero: ZeroConfig,
     /// The learning-rate schedule.
     #[serde(default)]
     pub schedule: ScheduleConfig,
@@ -369,6 +373,21 @@ impl Default for OptimizerConfig {
             max_norm: 1.0,
         }
     }
+}
+
+/// ZeRO: the optimizer state partitioned over the data-parallel ranks, as DeepSpeed's
+/// `zero_optimization` (see [`crate::optim::zero`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZeroConfig {
+    /// 0: every rank holds the whole optimizer state (plain data parallel); 1: each
+    /// rank holds 1/N of the f32 master weights and AdamW's moments; 2: the gradients
+    /// are reduce-scattered into 1/N shards too.
+    #[serde(default)]
+    pub stage: u8,
+    /// Keep the optimizer shard in host memory (`offload_optimizer.device = "cpu"`).
+    #[serde(default)]
+    pub offload_optimizer: bool,
 }
 
 /// Linear warm-up, then cosine decay (XTuner's recipes), stepped per iteration.

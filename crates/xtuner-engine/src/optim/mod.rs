@@ -5,6 +5,8 @@
 //! moments in f32 (as PyTorch's autocast and DeepSpeed's bf16 mode do), while the
 //! layers compute in bf16 ([`xtuner_model::nn::precision`]).
 
+pub mod zero;
+
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{AdamW, AdamWConfig, GradientsParams};

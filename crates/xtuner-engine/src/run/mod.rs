@@ -32,13 +32,14 @@ use xtuner_model::checkpoint::SaveDtype;
 
 pub(crate) use events::JsonLog;
 pub use events::{Progress, StepStats, TrainEvent};
-pub(crate) use resume::check_mode;
 pub use resume::{Resume, resume_point};
+pub(crate) use resume::{StableIds, check_mode};
 
 use crate::checkpoint::{self, TrainState};
 use crate::collective::Collective;
 use crate::config::{LoadedConfig, TrainConfig};
 use crate::memory::ModelMemory;
+use crate::optim::zero::{ZeroOptimizer, has_zero_state};
 use crate::optim::{MASTER_DTYPE, adamw, master_weights};
 use crate::schedule::LrSchedule;
 use crate::step::optimizer_step;
@@ -223,11 +224,35 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let fingerprint = resume::config_fingerprint(config);
     let t = &config.train;
     let mut start_iter = start.iter;
-    let model = start.model.map(&mut resume::StableIds::new());
-    let mut model = master_weights(model, MASTER_DTYPE);
+    let model = start.model.map(&mut StableIds::new());
+    // With ZeRO the f32 masters are the optimizer's shard; the model keeps its own dtype.
+    let mut model = if config.zero.stage > 0 {
+        model
+    } else {
+        master_weights(model, MASTER_DTYPE)
+    };
     let mut optimizer = adamw(&config.optimizer).init::<B, R::Model>();
     if let Some(dir) = &start.checkpoint {
         start_iter = resume::start_iter(&checkpoint::read_state(dir)?, dir, world, t)?;
+    }
+    let mut zero = match config.zero.stage {
+        0 => None,
+        _ => Some(ZeroOptimizer::<B>::new(
+            &model,
+            config.zero,
+            &config.optimizer,
+            collective,
+            start.checkpoint.as_deref(),
+            device,
+        )?),
+    };
+    if let (Some(dir), None) = (&start.checkpoint, &zero) {
+        if has_zero_state(dir) {
+            return Err(Error::Checkpoint {
+                path: dir.clone(),
+                message: "its optimizer state is sharded by ZeRO: resume with the same --deepspeed setting".into(),
+            });
+        }
         optimizer = optimizer.load_record(resume::load_optimizer::<B, _>(dir, device)?);
     }
 
@@ -236,7 +261,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     let batches_per_epoch = rows.div_ceil(world).div_ceil(t.batch_size);
     let total_iters = t.max_iters.unwrap_or(batches_per_epoch * t.max_epochs);
     let schedule = LrSchedule::new(&config.optimizer, &config.schedule, total_iters);
-    let memory = ModelMemory::of(&model, recipe.nf4_bytes(&model));
+    let memory = ModelMemory::of(&model, recipe.nf4_bytes(&model)).partitioned(config.zero, world);
     tracing::info!(
         trainable_params = memory.trainable_params,
         model_state_bytes = memory.total_bytes(),
@@ -301,7 +326,10 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
             }
             diverged.get_or_insert((iter + 1, step.loss));
         }
-        accumulator.accumulate(&model, step.grads);
+        match &mut zero {
+            Some(z) if z.reduces_each_micro_batch() => z.reduce(&model, &step.grads, collective)?,
+            _ => accumulator.accumulate(&model, step.grads),
+        }
         step_loss += step.loss * step.trained_tokens as f64;
         step_tokens += step.trained_tokens;
         step_seen += step.tokens;
@@ -329,7 +357,9 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                         checkpoint: summary.last_checkpoint.clone(),
                     });
                 }
-                grads = crate::collective::grads::all_reduce_sum(&model, grads, collective)?;
+                if zero.is_none() {
+                    grads = crate::collective::grads::all_reduce_sum(&model, grads, collective)?;
+                }
                 step_loss = stats[0];
                 step_tokens = stats[1] as usize;
                 step_seen = stats[2] as usize;
@@ -337,8 +367,16 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
             }
             tokens_seen += step_seen;
             let grad_norm;
-            (model, grad_norm) =
-                optimizer_step(model, &mut optimizer, grads, lr, config.optimizer.max_norm);
+            let max_norm = config.optimizer.max_norm;
+            (model, grad_norm) = match &mut zero {
+                Some(z) => {
+                    if !z.reduces_each_micro_batch() {
+                        z.reduce(&model, &grads, collective)?;
+                    }
+                    z.step(model, lr, max_norm, collective)?
+                }
+                None => optimizer_step(model, &mut optimizer, grads, lr, max_norm),
+            };
             let loss = step_loss / step_tokens.max(1) as f64;
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             let per_iter = elapsed / (done - start_iter) as f64;
@@ -370,7 +408,21 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         summary.iters = done;
         let at_save =
             done % config.checkpoint.save_steps == 0 || done == total_iters || interrupted;
+        // With ZeRO every rank writes its shard; the others' wait beside the work dir
+        // until rank 0 moves them into the checkpoint it writes.
+        let staging = work_dir.join(".zero_staging").join(format!("iter_{done}"));
+        if at_save
+            && micro == 0
+            && !lead
+            && let Some(z) = &zero
+        {
+            z.save(&staging)?;
+            collective.barrier()?;
+        }
         if at_save && micro == 0 && lead {
+            if zero.is_some() {
+                collective.barrier()?;
+            }
             let state = TrainState {
                 iter: done,
                 config_fingerprint: fingerprint.clone(),
@@ -384,7 +436,13 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                 config.checkpoint.save_total_limit,
                 |dir| {
                     recipe.write_weights(&model.valid(), dir, SaveDtype::F32)?;
-                    resume::save_optimizer::<B, _>(optimizer.to_record(), dir)
+                    match &zero {
+                        Some(z) => {
+                            z.save(dir)?;
+                            resume::take_staged_shards(&staging, dir, world)
+                        }
+                        None => resume::save_optimizer::<B, _>(optimizer.to_record(), dir),
+                    }
                 },
             )?;
             progress.event(&TrainEvent::Saved {

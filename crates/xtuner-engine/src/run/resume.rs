@@ -240,3 +240,25 @@ pub(crate) fn check_mode(dir: &Path, found: RunMode, config: &TrainConfig) -> Re
         ),
     })
 }
+
+/// Moves the ZeRO shards of ranks 1.. that `staging` holds into checkpoint `dir`, and
+/// removes `staging`.
+///
+/// # Errors
+/// A shard missing from `staging` (its rank did not write it), naming it.
+pub(crate) fn take_staged_shards(staging: &Path, dir: &Path, world: usize) -> Result<()> {
+    for rank in 1..world {
+        let name = crate::optim::zero::shard_file(rank, world);
+        let from = staging.join(&name);
+        std::fs::rename(&from, dir.join(&name)).map_err(|e| Error::Checkpoint {
+            path: from.clone(),
+            message: format!("rank {rank}'s optimizer shard: {e}"),
+        })?;
+    }
+    let _ = std::fs::remove_dir(staging);
+    if let Some(parent) = staging.parent() {
+        // Only when empty: another checkpoint's shards may be on their way.
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
