@@ -1,10 +1,12 @@
 //! `xtuner convert`: a checkpoint's weights in the formats the Hugging Face world
 //! loads (`pth_to_hf`), and a base model with an adapter merged in (`merge`). The
 //! checkpoint's model is built again by its recipe ([`crate::recipe`]) and written by
-//! [`crate::export`], the same code a run writes its checkpoints with.
+//! [`crate::export`], the same code a run writes its checkpoints with; a checkpoint of
+//! a ZeRO run gives its trainable weights from the f32 masters of its optimizer shards.
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::checkpoint::{SaveDtype, copy_side_files, save_safetensors};
@@ -14,8 +16,9 @@ use crate::config::{LoadedConfig, RunMode};
 use crate::export::hf::{TOKENIZER_FILES, save_hf_model, write_decoder};
 use crate::export::llava::write_llava;
 use crate::export::{create_dir, write_toml};
+use crate::optim::zero::masters_from;
 use crate::recipe::{decoder, llava};
-use crate::run::check_mode;
+use crate::run::{StableIds, check_mode};
 use crate::{Result, checkpoint};
 
 /// The file beside an export that records the config it was made with.
@@ -45,17 +48,20 @@ pub fn pth_to_hf<B: Backend>(
     match config.mode() {
         RunMode::Llava => {
             let (model, decoder, tokenizer) = llava::restore::<B>(loaded, checkpoint, device)?;
+            let model = masters_from(model.map(&mut StableIds::new()), checkpoint)?;
             let section = llava::llava_section(config)?;
             create_dir(out)?;
             write_llava(&model, config, section, &decoder, &tokenizer, out, dtype)?;
         }
         RunMode::Lora => {
             let (model, decoder, tokenizer) = decoder::restore::<B>(loaded, checkpoint, device)?;
+            let model = masters_from(model.map(&mut StableIds::new()), checkpoint)?;
             create_dir(out)?;
             write_decoder(&model, &decoder, config, out, dtype, &tokenizer)?;
         }
         RunMode::Full => {
             let (model, decoder, tokenizer) = decoder::restore::<B>(loaded, checkpoint, device)?;
+            let model = masters_from(model.map(&mut StableIds::new()), checkpoint)?;
             create_dir(out)?;
             save_hf_model(&model, &decoder, &tokenizer, out, dtype, max_shard_size)?;
         }

@@ -31,7 +31,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -201,26 +201,12 @@ impl<B: AutodiffBackend> ZeroOptimizer<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let (rank, world) = (collective.rank(), collective.world_size());
-        let mut values = Values::<B> {
-            slots: Vec::new(),
-            values: Vec::new(),
-            error: None,
-            _backend: std::marker::PhantomData,
-        };
-        model.visit(&mut values);
-        if let Some(e) = values.error {
-            return Err(e);
-        }
-        let mut params = values.slots;
-        let len = values.values.len();
+        let (mut params, values) = Values::<B>::of(model)?;
+        let len = values.len();
         let range = shard_range(len, world, rank);
         let n = range.len();
         let (master, exp_avg, exp_avg_sq) = match resume {
-            None => (
-                values.values[range.clone()].to_vec(),
-                vec![0.0; n],
-                vec![0.0; n],
-            ),
+            None => (values[range.clone()].to_vec(), vec![0.0; n], vec![0.0; n]),
             Some(dir) => {
                 let (saved, [master, exp_avg, exp_avg_sq]) =
                     read_shards(dir, &params, range.clone())?;
@@ -417,22 +403,14 @@ pub fn has_zero_state(dir: &Path) -> bool {
 }
 
 /// The elements `range` of the masters and moments saved in checkpoint `dir` (by
-/// however many ranks), and the parameters' saved step counts.
+/// however many ranks), and the parameters' saved step counts, which must be `params`
+/// (ids and sizes).
 fn read_shards(
     dir: &Path,
     params: &[Slot],
     range: Range<usize>,
 ) -> Result<(Vec<Slot>, [Vec<f32>; 3])> {
-    let path = dir.join(ZERO_STATE);
-    let text = std::fs::read_to_string(&path).map_err(|_| Error::Checkpoint {
-        path: path.clone(),
-        message: "missing: this checkpoint was written without ZeRO; resume it without --deepspeed"
-            .into(),
-    })?;
-    let saved: ZeroState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let (path, saved) = read_state(dir)?;
     let same = saved.params.len() == params.len()
         && saved
             .params
@@ -445,7 +423,29 @@ fn read_shards(
             message: "its parameters are not this model's trainable parameters".into(),
         });
     }
-    let len: usize = params.iter().map(|p| p.numel).sum();
+    let values = read_range(dir, &saved, range)?;
+    Ok((saved.params, values))
+}
+
+/// `zero_optimizer.json` of checkpoint `dir`, and its path.
+fn read_state(dir: &Path) -> Result<(PathBuf, ZeroState)> {
+    let path = dir.join(ZERO_STATE);
+    let text = std::fs::read_to_string(&path).map_err(|_| Error::Checkpoint {
+        path: path.clone(),
+        message: "missing: this checkpoint was written without ZeRO; resume it without --deepspeed"
+            .into(),
+    })?;
+    let saved: ZeroState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok((path, saved))
+}
+
+/// The elements `range` of the flat masters and moments that `saved`'s shards in `dir`
+/// hold, read from the shards that overlap it.
+fn read_range(dir: &Path, saved: &ZeroState, range: Range<usize>) -> Result<[Vec<f32>; 3]> {
+    let len: usize = saved.params.iter().map(|p| p.numel).sum();
     let mut out: [Vec<f32>; 3] = Default::default();
     for old in 0..saved.world_size.max(1) {
         let theirs = shard_range(len, saved.world_size, old);
@@ -473,18 +473,34 @@ fn read_shards(
             values.extend_from_slice(&all[a - theirs.start..b - theirs.start]);
         }
     }
-    Ok((saved.params, out))
+    Ok(out)
 }
 
 /// Collects the trainable parameters' ids, sizes and values, in visiting order.
-struct Values<B: AutodiffBackend> {
+struct Values<B: Backend> {
     slots: Vec<Slot>,
     values: Vec<f32>,
     error: Option<Error>,
     _backend: std::marker::PhantomData<B>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Values<B> {
+impl<B: Backend> Values<B> {
+    fn of<M: Module<B>>(model: &M) -> Result<(Vec<Slot>, Vec<f32>)> {
+        let mut values = Self {
+            slots: Vec::new(),
+            values: Vec::new(),
+            error: None,
+            _backend: std::marker::PhantomData,
+        };
+        model.visit(&mut values);
+        match values.error {
+            Some(e) => Err(e),
+            None => Ok((values.slots, values.values)),
+        }
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for Values<B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if !param.is_require_grad() || self.error.is_some() {
             return;
@@ -509,14 +525,82 @@ fn param_id(id: ParamId) -> u64 {
     id.val()
 }
 
+/// `model` (as a checkpoint's weights restored it) with its trainable parameters set to
+/// the f32 masters of the checkpoint's ZeRO shards, where it has them: what DeepSpeed's
+/// `zero_to_fp32` recovers, rather than the weights in the dtype the model trained in.
+/// The model's parameter ids must be the run's (`run::StableIds`).
+///
+/// # Errors
+/// Shards that are not of this model's trainable parameters, or missing.
+pub fn masters_from<B: Backend, M: Module<B>>(model: M, dir: &Path) -> Result<M> {
+    if !has_zero_state(dir) {
+        return Ok(model);
+    }
+    // A model restored for export does not mark what trained (that lives in autodiff's
+    // tensors): the saved ids name the parameters.
+    let (path, saved) = read_state(dir)?;
+    let len: usize = saved.params.iter().map(|p| p.numel).sum();
+    let [master, ..] = read_range(dir, &saved, 0..len)?;
+    let mut offsets = std::collections::HashMap::new();
+    let mut offset = 0;
+    for slot in &saved.params {
+        offsets.insert(slot.id, (offset, slot.numel));
+        offset += slot.numel;
+    }
+    struct ById<'a> {
+        offsets: &'a std::collections::HashMap<u64, (usize, usize)>,
+        master: &'a [f32],
+        found: usize,
+        wrong_size: Option<u64>,
+    }
+    impl<B: Backend> ModuleMapper<B> for ById<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let Some(&(offset, numel)) = self.offsets.get(&param_id(param.id)) else {
+                return param;
+            };
+            let (id, tensor, mapper) = param.consume();
+            let shape = tensor.shape();
+            if shape.num_elements() != numel {
+                self.wrong_size.get_or_insert(id.val());
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+            self.found += 1;
+            let values = self.master[offset..offset + numel].to_vec();
+            let updated = Tensor::<B, D>::from_data(
+                TensorData::new(values, shape),
+                (&tensor.device(), tensor.dtype()),
+            );
+            Param::from_mapped_value(id, updated, mapper)
+        }
+    }
+    let mut by_id = ById {
+        offsets: &offsets,
+        master: &master,
+        found: 0,
+        wrong_size: None,
+    };
+    let model = model.map(&mut by_id);
+    if by_id.found != saved.params.len() || by_id.wrong_size.is_some() {
+        return Err(Error::Checkpoint {
+            path,
+            message: format!(
+                "its parameters are not this model's: {} of {} found with their sizes",
+                by_id.found,
+                saved.params.len()
+            ),
+        });
+    }
+    Ok(model)
+}
+
 /// `model` with its trainable parameters set from the flat `values`, each in its own
 /// dtype.
-fn assign<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, values: &[f32]) -> M {
+fn assign<B: Backend, M: Module<B>>(model: M, values: &[f32]) -> M {
     struct Assign<'a> {
         values: &'a [f32],
         offset: usize,
     }
-    impl<B: AutodiffBackend> ModuleMapper<B> for Assign<'_> {
+    impl<B: Backend> ModuleMapper<B> for Assign<'_> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             if !param.is_require_grad() {
                 return param;
@@ -539,7 +623,6 @@ fn assign<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, values: &[f32]) ->
 #[cfg(test)]
 mod tests {
     use burn::backend::Autodiff;
-    use burn::module::Module;
     use burn::optim::GradientsAccumulator;
 
     use super::*;
@@ -754,6 +837,18 @@ mod tests {
                 }
             }
         }
+        // `convert` takes the masters of the shards over the weights it restored.
+        let dir = tempfile::tempdir().unwrap();
+        let saved = ranks(3, 3, stages()[1], 0..2, 1e9, None, Some(dir.path()));
+        let restored = masters_from(three().valid(), dir.path()).unwrap();
+        let got: Vec<f32> = [restored.a.val().into_data(), restored.b.val().into_data()]
+            .into_iter()
+            .chain([restored.c.val().into_data()])
+            .flat_map(|d| d.to_vec::<f32>().unwrap())
+            .collect();
+        assert_eq!(got, saved[0].0);
+        assert_ne!(got, values(&three()));
+
         let other = tempfile::tempdir().unwrap();
         let err = ZeroOptimizer::<A>::new(
             &three(),
