@@ -6,11 +6,13 @@
 #      attention, NF4) against their references;
 #   2. a smoke step on the tiny preset;
 #   3. CPU-vs-CUDA losses on the tiny fixture (PASS/FAIL);
+#   3b. NCCL: `xtuner collective-check` with one rank, and with two ranks on the one GPU
+#      (NCCL_MULTI_RANK_GPU_ENABLE=1) when the machine's NCCL is 2.30 or newer;
 #   4. `xtask bench train` against PyTorch, with whatever time is left;
 #   5. extras if time remains: the smoke with Burn's GEMM and with materialised
 #      attention, a greedy chat, the LoRA bench with materialised attention.
-# Steps 1-3 are capped so that BENCH_RESERVE seconds stay for the bench. Results land
-# in $OUT as seven files (the device returns at most eight).
+# Steps 1-3b are capped so that BENCH_RESERVE seconds stay for the bench. Results land
+# in $OUT as eight files (the device returns at most eight).
 : "${OUT:?OUT must name the folder whose files come back}"
 export CUDA_PATH=/usr/local/cuda
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -77,6 +79,26 @@ PY
 cd - > /dev/null || exit 1
 grep -E "parity|rc" "$OUT/parity.txt"
 
+echo "== 3b. NCCL $SECONDS"
+{
+    # Every collective against its known result, and a 100 MB all-reduce's time.
+    timeout -k 5 "$(cap 30)" "$X" collective-check --device cuda --len 25000000
+    echo "nccl 1 rank rc $?"
+    version=$(grep -o 'through NCCL [0-9]*' "$OUT/nccl.txt" | awk '{print $3}')
+    if [ "${version:-0}" -ge 23000 ]; then
+        for rank in 0 1; do
+            NCCL_MULTI_RANK_GPU_ENABLE=1 RANK=$rank WORLD_SIZE=2 LOCAL_RANK=0 \
+                MASTER_ADDR=127.0.0.1 MASTER_PORT=29617 XTUNER_DIST_TIMEOUT=30 \
+                timeout -k 5 "$(cap 40)" "$X" collective-check --device cuda --len 25000000 &
+        done
+        wait -n; a=$?; wait -n; b=$?
+        echo "nccl 2 ranks on one GPU rc $a $b"
+    else
+        echo "NCCL ${version:-not loaded}: two ranks on one GPU need 2.30 or newer; skipped"
+    fi
+} > "$OUT/nccl.txt" 2>&1
+grep -E "rc|ok|through|MB|skipped|error" "$OUT/nccl.txt" | head -12
+
 LEFT=$((BUDGET - SECONDS))
 echo "== 4. bench $SECONDS (left $LEFT)"
 if [ "$LEFT" -gt 60 ]; then
@@ -112,5 +134,6 @@ echo "== 5. extras $SECONDS"
 
 echo "== summary $SECONDS"
 grep -E "rc [0-9]+$" "$OUT/tests.txt" "$OUT/smoke.txt" "$OUT/parity.txt"
+grep -E "rc [0-9 ]+$|skipped" "$OUT/nccl.txt"
 grep -h "parity" "$OUT/parity.txt" | head -1
 grep -E "^\|" "$OUT/bench.md" 2>/dev/null

@@ -75,6 +75,18 @@ pub enum Command {
         #[arg(long)]
         deepspeed: Option<String>,
     },
+    /// Check the collectives of the group this process is a rank of (the launch
+    /// variables `xtuner train` reads; NCCL between GPUs) against known results, and
+    /// time an all-reduce (tools/gpu_check.sh).
+    #[command(hide = true)]
+    CollectiveCheck {
+        /// Where the ranks are.
+        #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
+        device: crate::backend::Device,
+        /// Elements per bucket.
+        #[arg(long, default_value_t = 1_000_003)]
+        len: usize,
+    },
     /// Time training steps of a preset shape on random data (what `cargo xtask bench
     /// train` runs): tokens/s and model TFLOP/s, as one JSON line.
     Bench {

@@ -203,6 +203,33 @@ pub fn zero_overrides(setting: &str) -> Result<(Vec<String>, Option<String>)> {
     Ok((overrides, note))
 }
 
+/// The group of a rank of a multi-process run: it meets the others over TCP at
+/// `ADDR:PORT`; between GPUs the exchanges then go through NCCL
+/// (`XTUNER_COLLECTIVE=tcp` keeps them on the host).
+///
+/// # Errors
+/// A failed rendezvous, NCCL not found (naming where it was looked for), or an unknown
+/// `XTUNER_COLLECTIVE`.
+pub fn rank_group(
+    rank: &RankEnv,
+    device: Device,
+) -> Result<Box<dyn xtuner_engine::collective::Collective>> {
+    let timeout = timeout()?;
+    let tcp =
+        xtuner_engine::collective::tcp::Tcp::connect(rank.rank, rank.world, &rank.addr, timeout)?;
+    let choice = std::env::var("XTUNER_COLLECTIVE").ok();
+    match (choice.as_deref(), device) {
+        (Some("tcp"), _) | (None | Some("nccl"), Device::Cpu) => Ok(Box::new(tcp)),
+        #[cfg(feature = "cuda")]
+        (None | Some("nccl"), Device::Cuda) => Ok(Box::new(
+            xtuner_engine::collective::nccl::Nccl::new(Box::new(tcp), rank.local_rank, timeout)?,
+        )),
+        #[cfg(not(feature = "cuda"))]
+        (None | Some("nccl"), Device::Cuda) => bail!("this build has no CUDA backend"),
+        (Some(other), _) => bail!("XTUNER_COLLECTIVE must be `nccl` or `tcp`, got `{other}`"),
+    }
+}
+
 /// How long ranks wait for each other: `XTUNER_DIST_TIMEOUT` seconds, 600 by default.
 ///
 /// # Errors

@@ -94,6 +94,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             commands::train::run_train(&config.config, &overrides, work_dir, resume, device)?
         }
+        Command::CollectiveCheck { device, len } => commands::collective::check(device, len)?,
         Command::Bench {
             preset,
             vocab_size,

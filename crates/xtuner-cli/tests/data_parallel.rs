@@ -445,3 +445,58 @@ fn llava_ranks_step_as_one_rank() {
         close(*norm, *want_norm, "LLaVA grad norm");
     }
 }
+
+/// `xtuner collective-check` (what tools/gpu_check.sh runs with NCCL): one rank alone,
+/// and two processes meeting over the loopback, every collective as expected.
+#[test]
+fn collective_check_passes_alone_and_in_a_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |vars: &[(&str, String)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xtuner"));
+        command
+            .args(["collective-check", "--len", "1001"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in vars {
+            command.env(k, v);
+        }
+        command.spawn().unwrap()
+    };
+    let alone = ok(&check(&[]).wait_with_output().unwrap());
+    assert!(alone.contains("1 rank(s) through host"), "{alone}");
+    let port = port();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            check(&[
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", "2".to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.clone()),
+            ])
+        })
+        .collect();
+    let outputs: Vec<String> = ranks
+        .into_iter()
+        .map(|c| ok(&c.wait_with_output().unwrap()))
+        .collect();
+    for op in [
+        "all_reduce_sum: ok",
+        "all_reduce_sum_f64: ok",
+        "reduce_scatter_sum: ok",
+        "all_gather: ok",
+        "broadcast: ok",
+        "barrier: ok",
+    ] {
+        assert!(outputs[0].contains(op), "{}", outputs[0]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_xtuner"))
+        .arg("collective-check")
+        .env("XTUNER_COLLECTIVE", "mpi")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("XTUNER_COLLECTIVE must be"), "{err}");
+}

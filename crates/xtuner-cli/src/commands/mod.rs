@@ -2,6 +2,7 @@
 
 pub mod cfg;
 pub mod chat;
+pub mod collective;
 pub mod data;
 pub mod tokenize;
 pub mod train;

@@ -199,7 +199,15 @@ pub fn run_train(
     match device {
         Device::Cpu => {
             let device = Default::default();
-            train_on::<Autodiff<backend::Cpu>>(&loaded, &work_dir, resume, &stop, &launch, device)
+            train_on::<Autodiff<backend::Cpu>>(
+                &loaded,
+                &work_dir,
+                resume,
+                &stop,
+                &launch,
+                device,
+                Device::Cpu,
+            )
         }
         #[cfg(feature = "cuda")]
         Device::Cuda => backend::on_cuda(|| {
@@ -209,7 +217,15 @@ pub fn run_train(
                 _ => 0,
             };
             let device = burn::backend::cuda::CudaDevice::new(local_rank);
-            train_on::<Autodiff<backend::Cuda>>(&loaded, &work_dir, resume, &stop, &launch, device)
+            train_on::<Autodiff<backend::Cuda>>(
+                &loaded,
+                &work_dir,
+                resume,
+                &stop,
+                &launch,
+                device,
+                Device::Cuda,
+            )
         }),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("checked by backend::check"),
@@ -218,7 +234,9 @@ pub fn run_train(
 
 /// The run as `launch` says: one rank; ranks as threads of this process (rank 0
 /// reports, the others train silently; the first error of any rank is the run's); or
-/// one rank of a group meeting over TCP. Returns rank 0's summary, `None` elsewhere.
+/// one rank of a group meeting over TCP (and NCCL between GPUs, `device_kind`). Returns
+/// rank 0's summary, `None` elsewhere.
+#[allow(clippy::too_many_arguments)]
 fn train_ranks<B: AutodiffBackend>(
     loaded: &LoadedConfig,
     work_dir: &Path,
@@ -227,20 +245,22 @@ fn train_ranks<B: AutodiffBackend>(
     progress: &mut CliProgress,
     stop: &AtomicBool,
     launch: &Launch,
+    device_kind: Device,
 ) -> Result<Option<xtuner_engine::TrainSummary>> {
-    use xtuner_engine::collective::{Single, local::Local, tcp::Tcp};
+    use xtuner_engine::collective::{Single, local::Local};
     let world = match launch {
         Launch::Single | Launch::Spawn(_) => {
             let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, &Single)?;
             return Ok(Some(summary));
         }
         Launch::Rank(r) => {
-            let group = Tcp::connect(r.rank, r.world, &r.addr, crate::launch::timeout()?)?;
+            let group = crate::launch::rank_group(r, device_kind)?;
+            let group = group.as_ref();
             if r.rank == 0 {
-                let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, &group)?;
+                let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, group)?;
                 return Ok(Some(summary));
             }
-            train::<B>(loaded, work_dir, resume, device, &mut Quiet, stop, &group)?;
+            train::<B>(loaded, work_dir, resume, device, &mut Quiet, stop, group)?;
             return Ok(None);
         }
         Launch::Threads(world) => *world,
@@ -293,6 +313,7 @@ fn train_on<B: AutodiffBackend>(
     stop: &AtomicBool,
     launch: &Launch,
     device: B::Device,
+    device_kind: Device,
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let mut progress = CliProgress { bar: None };
@@ -304,6 +325,7 @@ fn train_on<B: AutodiffBackend>(
         &mut progress,
         stop,
         launch,
+        device_kind,
     )?
     else {
         return Ok(());

@@ -10,6 +10,7 @@
 
 pub mod grads;
 pub mod local;
+pub mod nccl;
 pub mod tcp;
 
 use std::ops::Range;
@@ -61,6 +62,11 @@ pub trait Collective: Send {
     /// # Errors
     /// A rank that does not arrive in time.
     fn barrier(&self) -> Result<()>;
+
+    /// What carries the exchanges (for logs): `host` unless said otherwise.
+    fn transport(&self) -> String {
+        String::from("host")
+    }
 }
 
 /// The elements of a flat buffer of `len` that rank `rank` of `world` holds:
