@@ -220,6 +220,7 @@ fn zero_stages_step_as_one_rank_and_resume_resharded() {
             ok(&out);
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(err.contains("model state per rank (ZeRO-"), "{err}");
+            assert!(err.contains("rank 1: model state per rank (ZeRO-"), "{err}");
             let work = d.join(format!("work_dirs/{name}"));
             let got = steps(&work);
             assert_eq!(got.len(), want_steps.len(), "{name}");

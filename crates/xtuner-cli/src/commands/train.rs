@@ -247,7 +247,7 @@ fn train_ranks<B: AutodiffBackend>(
     launch: &Launch,
     device_kind: Device,
 ) -> Result<Option<xtuner_engine::TrainSummary>> {
-    use xtuner_engine::collective::{Single, local::Local};
+    use xtuner_engine::collective::{Collective, Single, local::Local};
     let world = match launch {
         Launch::Single | Launch::Spawn(_) => {
             let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, &Single)?;
@@ -260,7 +260,8 @@ fn train_ranks<B: AutodiffBackend>(
                 let summary = train::<B>(loaded, work_dir, resume, device, progress, stop, group)?;
                 return Ok(Some(summary));
             }
-            train::<B>(loaded, work_dir, resume, device, &mut Quiet, stop, group)?;
+            let mut quiet = Quiet { rank: r.rank };
+            train::<B>(loaded, work_dir, resume, device, &mut quiet, stop, group)?;
             return Ok(None);
         }
         Launch::Threads(world) => *world,
@@ -275,7 +276,7 @@ fn train_ranks<B: AutodiffBackend>(
                 let resume = resume.clone();
                 s.spawn(move || {
                     let device = B::Device::default();
-                    let mut quiet = Quiet;
+                    let mut quiet = Quiet { rank: rank.rank() };
                     train::<B>(loaded, work_dir, resume, &device, &mut quiet, stop, &rank)
                 })
             })
@@ -299,11 +300,17 @@ fn train_ranks<B: AutodiffBackend>(
     })
 }
 
-/// The progress of ranks other than 0: nothing.
-struct Quiet;
+/// The progress of a rank other than 0: the model state it holds, nothing after.
+struct Quiet {
+    rank: usize,
+}
 
 impl xtuner_engine::Progress for Quiet {
-    fn event(&mut self, _: &xtuner_engine::TrainEvent) {}
+    fn event(&mut self, event: &xtuner_engine::TrainEvent) {
+        if let TrainEvent::Started { memory, .. } = event {
+            eprintln!("rank {}: {}", self.rank, model_state_line(memory));
+        }
+    }
 }
 
 fn train_on<B: AutodiffBackend>(

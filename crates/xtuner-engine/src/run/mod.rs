@@ -267,14 +267,15 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         model_state_bytes = memory.total_bytes(),
         "model state"
     );
+    // Every rank reports the model state it holds; the rest is rank 0's.
+    progress.event(&TrainEvent::Started {
+        total_iters,
+        start_iter,
+        rows,
+        memory,
+    });
     let mut log = None;
     if lead {
-        progress.event(&TrainEvent::Started {
-            total_iters,
-            start_iter,
-            rows,
-            memory,
-        });
         let log = log.insert(JsonLog::open(&work_dir.join("train_log.jsonl"))?);
         if start_iter == 0 {
             evaluate(recipe, &model.valid(), 0, progress, log)?;
