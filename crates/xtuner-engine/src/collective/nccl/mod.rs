@@ -164,8 +164,10 @@ mod device {
                 }
                 let send = scratch.ptr;
                 let recv = scratch.ptr + in_bytes as u64;
+                // Copies, operation and copy back in the order of our stream (which does
+                // not wait on the legacy default stream), then one wait for all three.
                 if !input.is_empty() {
-                    driver::memcpy_htod_sync(send, input).map_err(cuda)?;
+                    driver::memcpy_htod_async(send, input, self.stream).map_err(cuda)?;
                 }
                 let queued = op(
                     &self.lib,
@@ -174,9 +176,14 @@ mod device {
                     self.stream.cast(),
                 );
                 self.lib.check(queued, what).map_err(fail)?;
-                self.wait(what)?;
                 if out_len > 0 {
-                    driver::memcpy_dtoh_sync(&mut out, recv).map_err(cuda)?;
+                    driver::memcpy_dtoh_async(&mut out, recv, self.stream).map_err(cuda)?;
+                }
+                if let Err(e) = self.wait(what) {
+                    // The copy back may still be queued behind the aborted operation:
+                    // `out` is left to it rather than freed under it.
+                    std::mem::forget(out);
+                    return Err(e);
                 }
             }
             Ok(out)
@@ -194,9 +201,13 @@ mod device {
                     other => return Err(fail(format!("{what}: {other:?}"))),
                 }
                 if started.elapsed() > self.timeout {
-                    // SAFETY: aborting releases the communicator's resources; it is
-                    // not used after.
-                    unsafe { (self.lib.comm_abort)(self.comm) };
+                    // SAFETY: aborting ends the communicator's queued operations and
+                    // releases it (the run stops; it is not used after); the stream then
+                    // drains, so the staged copies are done with the caller's buffers.
+                    unsafe {
+                        (self.lib.comm_abort)(self.comm);
+                        let _ = driver::stream::synchronize(self.stream);
+                    }
                     return Err(fail(format!(
                         "{what}: the ranks did not all take part within {:.0} s (a rank died or hangs); NCCL's communicator was aborted",
                         self.timeout.as_secs_f64()
