@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The reference side of `cargo xtask bench train`: the same training step as
-`xtuner bench` through PyTorch + transformers + PEFT (+ bitsandbytes for QLoRA).
+`xtuner bench` through PyTorch + transformers + PEFT (+ bitsandbytes for QLoRA), on
+the GPU (`--device cuda`, as below) or the CPU (`--device cpu`: everything in f32,
+`--threads` threads, peak resident memory instead of the CUDA allocator's).
 
 InternLM2 and Llama have the same arithmetic, so the model is a LlamaForCausalLM of
 InternLM2-1.8B's shape with random weights (no download). Prints one JSON line.
@@ -34,6 +36,8 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=92544)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: every core)")
     a = p.parse_args()
 
     import torch
@@ -41,7 +45,18 @@ def main():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    cpu = a.device == "cpu"
+    dev = torch.device(a.device)
+    if cpu:
+        import os
+        torch.set_num_threads(a.threads or os.cpu_count())
+        if a.mode == "qlora":
+            print(json.dumps({"mode": a.mode, "skipped": "QLoRA needs bitsandbytes on a GPU"}))
+            return
+
+    def synchronize():
+        if not cpu:
+            torch.cuda.synchronize()
     config = LlamaConfig(
         vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
         num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
@@ -57,7 +72,9 @@ def main():
             model = LlamaForCausalLM(config)
     elif a.mode == "lora":
         with torch.device(dev):
-            model = LlamaForCausalLM(config).to(dtype=torch.bfloat16)
+            model = LlamaForCausalLM(config)
+        if not cpu:
+            model = model.to(dtype=torch.bfloat16)
     else:
         try:
             import bitsandbytes  # noqa: F401
@@ -89,18 +106,19 @@ def main():
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    torch.cuda.synchronize()
+    synchronize()
     setup_s = time.perf_counter() - setup
 
     ids = torch.randint(0, a.vocab, (a.batch_size, a.seq_len), device=dev)
     losses = []
-    torch.cuda.reset_peak_memory_stats()
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats()
     start = None
     for step in range(a.warmup + a.steps):
         if step == a.warmup:
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=(a.mode == "full")):
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=(a.mode == "full" and not cpu)):
             # No KV cache in training (transformers builds one unless told not to).
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -109,20 +127,39 @@ def main():
         opt.zero_grad(set_to_none=True)
         value = loss.item()
         losses.append(value if math.isfinite(value) else None)  # JSON has no NaN
-    torch.cuda.synchronize()
+    synchronize()
     step_s = (time.perf_counter() - start) / max(a.steps, 1)
     tokens_per_s = a.batch_size * a.seq_len / step_s
     flops = (4 if a.mode != "full" else 6) * n + 12 * a.layers * a.heads * (a.hidden // a.heads) * a.seq_len
-    print(json.dumps({
+    report = {
         "mode": a.mode, "checkpointing": a.checkpointing, "seq_len": a.seq_len, "batch_size": a.batch_size,
         "matmul_params": n, "trainable_params": sum(p.numel() for p in params),
         "flops_per_token": flops, "step_s": step_s, "tokens_per_s": tokens_per_s,
         "tflops": tokens_per_s * flops / 1e12, "losses": losses, "setup_s": setup_s,
-        "max_memory_allocated": torch.cuda.max_memory_allocated(),
-        "max_memory_reserved": torch.cuda.max_memory_reserved(),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name(0),
-    }))
+    }
+    if cpu:
+        import resource
+        report["threads"] = torch.get_num_threads()
+        # ru_maxrss is in KiB on Linux.
+        report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report["device"] = cpu_name()
+    else:
+        report["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        report["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+        report["device"] = torch.cuda.get_device_name(0)
+    print(json.dumps(report))
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":
