@@ -55,8 +55,8 @@ enum Task {
 enum Bench {
     /// The data pipeline (read, map, template, encode, pack) via `xtuner dataset build`.
     Data(bench::DataArgs),
-    /// Training steps of InternLM2-1.8B's shape on a GPU, ours and PyTorch's side by side.
-    Train(bench_train::TrainArgs),
+    /// Training steps, ours and PyTorch's side by side, on a GPU (InternLM2-1.8B's shape) or the CPU.
+    Train(Box<bench_train::TrainArgs>),
 }
 
 fn main() -> ExitCode {

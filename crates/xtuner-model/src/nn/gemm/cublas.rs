@@ -21,10 +21,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -34,6 +30,7 @@ use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as driver, sys as driver_sys};
 
+use super::tracked::{Engine, tracked_gemm};
 use super::{GemmPlan, Layout};
 use crate::nn::cube::same;
 
@@ -121,75 +118,21 @@ fn route<B: Backend, F: FloatElement, const R: usize>(
     if TypeId::of::<B>() == TypeId::of::<Autodiff<Cuda<F>>>() {
         let a: Tensor<Autodiff<Cuda<F>>, R> = same(a)?;
         let b: Tensor<Autodiff<Cuda<F>>, R> = same(b)?;
-        return same(&tracked_gemm::<F, R>(a, b));
+        return same(&tracked_gemm::<Cublas<F>, R>(a, b));
     }
     None
 }
 
-/// The autodiff op: forward through cuBLAS, and a backward that is two more products.
-fn tracked_gemm<F: FloatElement, const R: usize>(
-    x: Tensor<Autodiff<Cuda<F>>, R>,
-    w: Tensor<Autodiff<Cuda<F>>, R>,
-) -> Tensor<Autodiff<Cuda<F>>, R> {
-    let x = x.into_primitive().tensor();
-    let w = w.into_primitive().tensor();
-    let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
-    let op = GemmBackward::<F>(std::marker::PhantomData);
-    let y = match op
-        .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            // dX needs W and dW needs X: keep only what a tracked input needs.
-            let state = (
-                w_tracked.then(|| x.primitive.clone()),
-                x_tracked.then(|| w.primitive.clone()),
-            );
-            prep.finish(state, gemm::<F>(x.primitive, w.primitive))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(gemm::<F>(x.primitive, w.primitive)),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(y))
-}
-
+/// cuBLAS for the shared autodiff op.
 #[derive(Debug)]
-struct GemmBackward<F>(std::marker::PhantomData<F>);
+struct Cublas<F>(std::marker::PhantomData<F>);
 
-impl<F: FloatElement> Backward<Cuda<F>, 2> for GemmBackward<F> {
-    /// `X` (kept when `W` needs a gradient) and `W` (kept when `X` does).
-    type State = (Option<Primitive>, Option<Primitive>);
+impl<F: FloatElement> Engine for Cublas<F> {
+    type B = Cuda<F>;
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let (x, w) = ops.state;
-        let [x_node, w_node] = ops.parents;
-        let dy = grads.consume::<Cuda<F>>(&ops.node);
-        let mut nodes = Vec::with_capacity(2);
-        let mut products = Vec::with_capacity(2);
-        if let (Some(node), Some(w)) = (x_node, w) {
-            nodes.push(node.id);
-            products.push((dy.clone(), transposed::<F>(w))); // dX = dY·Wᵀ
-        }
-        if let (Some(node), Some(x)) = (w_node, x) {
-            nodes.push(node.id);
-            products.push((transposed::<F>(x), dy)); // dW = Xᵀ·dY
-        }
-        for (id, grad) in nodes.into_iter().zip(gemms::<F>(products)) {
-            grads.register::<Cuda<F>>(id, grad);
-        }
+    fn gemms(products: Vec<(Primitive, Primitive)>) -> Vec<Primitive> {
+        gemms::<F>(products)
     }
-}
-
-/// The matrices of `t` transposed: a view (swapped strides), which cuBLAS reads with a
-/// transpose flag rather than a copy.
-fn transposed<F: FloatElement>(t: Primitive) -> Primitive {
-    let rank = t.meta.shape().num_dims();
-    Cuda::<F>::float_swap_dims(t, rank - 2, rank - 1)
 }
 
 /// `a·b` for `a: [m, k]`, `b: [k, n]` (row-major, or transposed views), or batches of

@@ -2,17 +2,21 @@
 //! models multiplies through [`matmul`], so this is the one place a backend-specific
 //! GEMM plugs in.
 //!
-//! On the CPU it is Burn's matmul. A CUDA build routes it to cuBLAS (`cublas.rs`),
-//! forward and backward, on the buffers Burn already owns: on an H200 Burn's CubeCL GEMM
-//! reaches 92 TFLOP/s in bf16 where cuBLAS reaches 770.
+//! On the CPU backend it runs on the `gemm` crate (`cpu.rs`), reading transposed views
+//! in place. A CUDA build routes it to cuBLAS (`cublas.rs`), forward and backward, on
+//! the buffers Burn already owns: on an H200 Burn's CubeCL GEMM reaches 92 TFLOP/s in
+//! bf16 where cuBLAS reaches 770. Both are autodiff ops of their own (`tracked.rs`).
+//! Any other backend keeps Burn's matmul.
 //!
 //! `Layout` and `GemmPlan` describe how a row-major product is posed to a
 //! column-major BLAS without copying: a matrix stored row by row is, read column by
 //! column, its own transpose, so `C = A·B` is asked as `Cᵀ = Bᵀ·Aᵀ`, and a transposed
 //! view (a weight's `Wᵀ` in backward) becomes a transpose flag instead of a copy.
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cublas;
+mod tracked;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -27,6 +31,10 @@ pub fn matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> T
         Ok(y) => return y,
         Err(x) => x,
     };
+    let x = match cpu::matmul(x, &w) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     x.matmul(w.unsqueeze::<D>())
 }
 
@@ -37,6 +45,10 @@ pub fn matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> T
 pub fn batched_matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
     #[cfg(feature = "cuda")]
     let a = match cublas::batched_matmul(a, &b) {
+        Ok(c) => return c,
+        Err(a) => a,
+    };
+    let a = match cpu::batched_matmul(a, &b) {
         Ok(c) => return c,
         Err(a) => a,
     };
