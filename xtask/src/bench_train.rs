@@ -551,7 +551,8 @@ fn markdown(args: &TrainArgs, results: &[(&Run, Value)]) -> String {
             run.side,
             if run.checkpointing { "yes" } else { "no" },
             cell(tps, 0),
-            cell(v["tflops"].as_f64(), 1),
+            // A CPU's are hundredths of a TFLOP/s.
+            cell(v["tflops"].as_f64(), if args.cpu() { 3 } else { 1 }),
             gib(v["peak_gpu_mib"]
                 .as_f64()
                 .map(|m| m / 1024.0)
