@@ -189,6 +189,24 @@ mod device {
             Ok(out)
         }
 
+        /// `data` summed over the ranks, in place; `dtype` is NCCL's name of `T`.
+        fn all_reduce_in_place<T: Copy + Default>(
+            &self,
+            data: &mut [T],
+            dtype: c_int,
+        ) -> Result<()> {
+            if data.is_empty() {
+                return Ok(());
+            }
+            let n = data.len();
+            let out = self.staged("all_reduce", data, n, |lib, send, recv, stream| {
+                // SAFETY: `n` elements of `dtype` at send and recv (see `staged`).
+                unsafe { (lib.all_reduce)(send, recv, n, dtype, ffi::SUM, self.comm, stream) }
+            })?;
+            data.copy_from_slice(&out);
+            Ok(())
+        }
+
         /// Waits for the stream; past the timeout, aborts the communicator.
         fn wait(&self, what: &str) -> Result<()> {
             let started = Instant::now();
@@ -228,33 +246,11 @@ mod device {
         }
 
         fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
-            if data.is_empty() {
-                return Ok(());
-            }
-            let n = data.len();
-            let out = self.staged("all_reduce", data, n, |lib, send, recv, stream| {
-                // SAFETY: `n` f32s at send and recv (see `staged`).
-                unsafe {
-                    (lib.all_reduce)(send, recv, n, ffi::FLOAT32, ffi::SUM, self.comm, stream)
-                }
-            })?;
-            data.copy_from_slice(&out);
-            Ok(())
+            self.all_reduce_in_place(data, ffi::FLOAT32)
         }
 
         fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<()> {
-            if data.is_empty() {
-                return Ok(());
-            }
-            let n = data.len();
-            let out = self.staged("all_reduce", data, n, |lib, send, recv, stream| {
-                // SAFETY: `n` f64s at send and recv.
-                unsafe {
-                    (lib.all_reduce)(send, recv, n, ffi::FLOAT64, ffi::SUM, self.comm, stream)
-                }
-            })?;
-            data.copy_from_slice(&out);
-            Ok(())
+            self.all_reduce_in_place(data, ffi::FLOAT64)
         }
 
         fn reduce_scatter_sum(&self, data: &[f32]) -> Result<Vec<f32>> {

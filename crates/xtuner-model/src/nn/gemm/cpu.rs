@@ -51,17 +51,8 @@ pub(crate) fn matmul<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: &Tensor<B, 2>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    let mut dims = x.dims();
-    let [k, n] = w.dims();
-    let m: usize = dims[..D - 1].iter().product();
-    if dims[D - 1] != k || x.dtype() != w.dtype() || !applies::<B>(x.dtype()) {
-        return Err(x);
-    }
-    dims[D - 1] = n;
-    match product::<B, 2>(x.clone().reshape([m, k]), w.clone()) {
-        Some(y) => Ok(y.reshape(dims)),
-        None => Err(x),
-    }
+    let serves = x.dtype() == w.dtype() && applies::<B>(x.dtype());
+    super::by_rows(x, w, |_| serves, product::<B, 2>)
 }
 
 /// `a·b` matrix by matrix (`[N, m, k]·[N, k, n]`), like [`matmul`].

@@ -38,6 +38,28 @@ pub fn matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> T
     x.matmul(w.unsqueeze::<D>())
 }
 
+/// `x·w` as one product of `x`'s rows (every leading dimension flattened) by `w`, run by
+/// `product` when `serves([m, k, n])` says it can; `Err(x)` hands `x` back otherwise (or
+/// when `product` declines) for Burn's matmul.
+fn by_rows<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: &Tensor<B, 2>,
+    serves: impl FnOnce([usize; 3]) -> bool,
+    product: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>) -> Option<Tensor<B, 2>>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let mut dims = x.dims();
+    let [k, n] = w.dims();
+    let m: usize = dims[..D - 1].iter().product();
+    if dims[D - 1] != k || !serves([m, k, n]) {
+        return Err(x);
+    }
+    dims[D - 1] = n;
+    match product(x.clone().reshape([m, k]), w.clone()) {
+        Some(y) => Ok(y.reshape(dims)),
+        None => Err(x),
+    }
+}
+
 /// `a·b` matrix by matrix: the attention products (`q·kᵀ`, `p·v`).
 ///
 /// # Shapes
