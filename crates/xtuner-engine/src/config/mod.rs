@@ -376,7 +376,7 @@ impl Default for OptimizerConfig {
 }
 
 /// ZeRO: the optimizer state partitioned over the data-parallel ranks, as DeepSpeed's
-/// `zero_optimization` (see [`crate::optim::zero`]).
+/// `zero_optimization` (the optimizer's `zero` module does the sharding).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZeroConfig {
