@@ -158,6 +158,11 @@ impl<S: Backend> State<S> {
             read(&self.exp_avg_sq)?,
         ])
     }
+
+    /// The master shard alone on the host (what a step all-gathers).
+    fn master_host(&self) -> Result<Vec<f32>> {
+        Ok(host_vec::<f32>(self.master.clone().into_data())?)
+    }
 }
 
 /// Where the shard lives.
@@ -348,7 +353,10 @@ impl<B: AutodiffBackend> ZeroOptimizer<B> {
                 Placement::Host(s) => s.step(run, g, time, lr, self.adam),
             }
         }
-        let [master, ..] = self.host()?;
+        let master = match &self.state {
+            Placement::Device(s) => s.master_host()?,
+            Placement::Host(s) => s.master_host()?,
+        };
         let values = collective.all_gather(&master, self.len)?;
         Ok((assign(model, &values), norm))
     }

@@ -411,13 +411,13 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
             done % config.checkpoint.save_steps == 0 || done == total_iters || interrupted;
         // With ZeRO every rank writes its shard; the others' wait beside the work dir
         // until rank 0 moves them into the checkpoint it writes.
-        let staging = work_dir.join(".zero_staging").join(format!("iter_{done}"));
+        let staging = || work_dir.join(".zero_staging").join(format!("iter_{done}"));
         if at_save
             && micro == 0
             && !lead
             && let Some(z) = &zero
         {
-            z.save(&staging)?;
+            z.save(&staging())?;
             collective.barrier()?;
         }
         if at_save && micro == 0 && lead {
@@ -440,7 +440,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                     match &zero {
                         Some(z) => {
                             z.save(dir)?;
-                            resume::take_staged_shards(&staging, dir, world)
+                            resume::take_staged_shards(&staging(), dir, world)
                         }
                         None => resume::save_optimizer::<B, _>(optimizer.to_record(), dir),
                     }
