@@ -4,7 +4,8 @@
 //! or Burn's autodiff wrapper of one, and runs there. Anything else gets `None` and takes
 //! the op's portable path.
 
-use std::any::{Any, TypeId};
+pub(crate) use super::same;
+use std::any::TypeId;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -68,9 +69,4 @@ where
     } else {
         None
     }
-}
-
-/// `value` as type `U`, when that is its type (a cheap clone: tensors are handles).
-pub(crate) fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
-    (value as &dyn Any).downcast_ref::<U>().cloned()
 }

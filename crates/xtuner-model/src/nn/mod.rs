@@ -1,4 +1,4 @@
-//! Layers shared by every model: the weight-product seam (cuBLAS on CUDA), linear layers, norms, rotary embedding, attention
+//! Layers shared by every model: the weight-product seam (the `gemm` crate on the CPU, cuBLAS on CUDA), linear layers, norms, rotary embedding, attention
 //! (flash attention: CubeCL kernels for the GPU backends, and the tiled reference they are
 //! checked against),
 //! the gated MLP and the KV cache.
@@ -17,3 +17,10 @@ pub mod nf4;
 pub mod precision;
 pub mod rms_norm;
 pub mod rope;
+
+/// `value` as type `U`, when that is its type (a cheap clone: tensors are handles): how
+/// backend-specific code (the GEMM engines, the CubeCL kernels) recognises its backend
+/// inside generic model code.
+pub(crate) fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
+    (value as &dyn std::any::Any).downcast_ref::<U>().cloned()
+}

@@ -26,6 +26,7 @@ use ndarray::{ArcArray, ArrayView, IxDyn};
 use rayon::prelude::*;
 
 use super::tracked::{Engine, one, tracked_gemm};
+use crate::nn::same;
 
 /// Burn's CPU backend in f32.
 type Cpu = NdArray<f32>;
@@ -82,11 +83,6 @@ fn product<B: Backend, const R: usize>(a: Tensor<B, R>, b: Tensor<B, R>) -> Opti
         return same(&tracked_gemm::<CpuGemm, R>(a, b));
     }
     None
-}
-
-/// `value` as type `U`, when that is its type (a cheap clone: tensors are handles).
-fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
-    (value as &dyn std::any::Any).downcast_ref::<U>().cloned()
 }
 
 /// The `gemm` crate on burn-ndarray's f32 arrays.
