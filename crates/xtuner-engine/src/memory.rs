@@ -101,8 +101,9 @@ impl ModelMemory {
 /// how the state is sharded: DeepSpeed's arithmetic for mixed precision (each trainable
 /// parameter: 2 bytes of half-precision weight, 2 of gradient, 12 of f32 master and
 /// AdamW moments), plus `frozen_bytes` of weights that do not train (sharded only by
-/// ZeRO-3). Data parallel is what `xtuner train` runs today; the ZeRO rows are what
-/// each stage would hold.
+/// ZeRO-3). `xtuner train` runs data parallel, ZeRO-1 and ZeRO-2 (whose gradient shard
+/// it keeps in f32: 2 bytes more per parameter over N, see [`ModelMemory`]); ZeRO-3 is
+/// not built.
 pub fn zero_stages(
     trainable: usize,
     frozen_bytes: usize,

@@ -453,10 +453,11 @@ pub fn bench_dry_run(bench: &xtuner_engine::bench::StepBench, ranks: usize) -> R
         bench.preset, bench.mode
     );
     for (stage, bytes) in xtuner_engine::memory::zero_stages(trainable, frozen, ranks) {
-        let note = if stage == "data parallel" {
-            "  (what xtuner train holds)"
-        } else {
-            ""
+        let note = match stage {
+            "data parallel" => "  (xtuner train)",
+            "ZeRO-1" => "  (--deepspeed deepspeed_zero1)",
+            "ZeRO-2" => "  (--deepspeed deepspeed_zero2; ours keeps the gradient shard in f32)",
+            _ => "  (not built: runs as ZeRO-2)",
         };
         println!("  {stage:<14} {:>10}{note}", size(bytes));
     }
