@@ -33,6 +33,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use crate::nn::gemm::batched_matmul;
 use crate::nn::kv_cache::LayerCache;
 use crate::nn::linear::Linear;
+use crate::nn::reshape::reshape;
 use crate::nn::rms_norm::{RmsNorm, optional};
 use crate::nn::rope::apply_rotary;
 
@@ -80,6 +81,13 @@ impl<B: Backend> Attention<B> {
         let [b, t, _] = x.dims();
         let (h, k, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.wqkv.forward(x); // [B, T, (H+2K)·D]
+        if let (None, AttentionMask::Causal { segments, .. }) = (&cache, mask)
+            && self.is_plain()
+            && let Some(out) =
+                crate::nn::flash::packed_attention(&qkv, (cos, sin), segments, [h, k, d])
+        {
+            return self.wo.forward(out);
+        }
         let q = qkv.clone().slice([0..b, 0..t, 0..h * d]);
         let key = qkv.clone().slice([0..b, 0..t, h * d..(h + k) * d]);
         let value = qkv.slice([0..b, 0..t, (h + k) * d..(h + 2 * k) * d]);
@@ -119,8 +127,21 @@ impl<B: Backend> Attention<B> {
             }
             (None, AttentionMask::Bias(bias)) => dense(q, key, value, bias.clone()),
         }; // [B, H, T, D]
-        let out = out.swap_dims(1, 2).reshape([b, t, h * d]); // [B, T, H·D]
+        let out = reshape(out.swap_dims(1, 2), [b, t, h * d]); // [B, T, H·D]
         self.wo.forward(out)
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// Whether this layer is attention as the flash ops compute it: no per-head norms,
+    /// the default `1/√D` scale, no soft cap and no window.
+    fn is_plain(&self) -> bool {
+        let default_scale = 1.0 / (self.head_dim as f64).sqrt();
+        self.q_norm.is_none()
+            && self.k_norm.is_none()
+            && (self.scale - default_scale).abs() <= f64::EPSILON * default_scale
+            && self.softcap.is_none()
+            && self.window.is_none()
     }
 }
 

@@ -5,16 +5,20 @@
 
 pub mod activation;
 pub mod attention;
+pub mod cross_entropy;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube;
+mod exp;
 pub mod flash;
 pub mod gemm;
+pub mod glu;
 pub mod kv_cache;
 pub mod layer_norm;
 pub mod linear;
 pub mod mlp;
 pub mod nf4;
 pub mod precision;
+pub mod reshape;
 pub mod rms_norm;
 pub mod rope;
 
