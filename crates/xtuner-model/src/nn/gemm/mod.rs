@@ -21,6 +21,8 @@ mod tracked;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+use crate::nn::reshape::reshape;
+
 /// `x·w`.
 ///
 /// # Shapes
@@ -54,8 +56,8 @@ fn by_rows<B: Backend, const D: usize>(
         return Err(x);
     }
     dims[D - 1] = n;
-    match product(x.clone().reshape([m, k]), w.clone()) {
-        Some(y) => Ok(y.reshape(dims)),
+    match product(reshape(x.clone(), [m, k]), w.clone()) {
+        Some(y) => Ok(reshape(y, dims)),
         None => Err(x),
     }
 }
