@@ -1,12 +1,15 @@
 //! RMSNorm: `y = x / sqrt(mean(x²) + ε) · (offset + weight)`, computed in f32 whatever
 //! the activation dtype (as InternLM2's and Llama's reference code do), then cast back.
 //! The offset is 0, or 1 for Gemma, whose checkpoints store `w` and scale by `1 + w`.
+//! On the CPU backend it runs as one op of its own (`cpu.rs`).
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
 use crate::{Error, Result};
+
+mod cpu;
 
 /// Root-mean-square layer norm with a learned scale. The field is named `weight`, as
 /// the checkpoint key (`attention_norm.weight`, `model.norm.weight`).
@@ -58,6 +61,9 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// `x`: `[..., d_model]` → same shape.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if let Some(y) = cpu::rms_norm(&x, &self.weight.val(), self.eps, self.offset) {
+            return y;
+        }
         let dtype = x.dtype();
         let x = x.cast(DType::F32);
         let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
