@@ -4,9 +4,9 @@
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
+use xtuner_model::nn::cross_entropy::cross_entropy_sum;
 use xtuner_model::nn::precision::scalar;
 pub use xtuner_template::tokens::IGNORE_INDEX;
 
@@ -65,7 +65,6 @@ fn shifted_loss<B: Backend>(
     from: usize,
 ) -> LossSum<B> {
     let [b, n, v] = logits.dims();
-    let device = logits.device();
     let logits = logits.cast(DType::F32);
     let mut targets = Vec::with_capacity(b * n);
     let mut weights = Vec::with_capacity(b * n);
@@ -81,12 +80,7 @@ fn shifted_loss<B: Backend>(
         }
     }
     let tokens = weights.iter().filter(|&&w| w > 0.0).count();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, n, 1]), &device);
-    // f32, as the log-probabilities are: the backend's default may be bf16.
-    let weights =
-        Tensor::<B, 2>::from_data(TensorData::new(weights, [b, n]), (&device, DType::F32));
-    let log_probs = log_softmax(logits, 2).gather(2, targets).reshape([b, n]);
-    let sum = (log_probs * weights).sum().neg().reshape([1]);
+    let sum = cross_entropy_sum(logits, &targets, &weights);
     LossSum { sum, tokens }
 }
 
@@ -184,6 +178,7 @@ pub(crate) fn backward_from<B: AutodiffBackend, M: AutodiffModule<B>>(
 mod tests {
     use super::*;
     use burn::backend::NdArray;
+    use burn::tensor::{Int, TensorData};
 
     type B = NdArray<f32>;
 
