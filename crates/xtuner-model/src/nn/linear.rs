@@ -13,7 +13,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 
 use crate::Result;
 use crate::checkpoint::Checkpoint;
-use crate::nn::gemm::matmul;
+use crate::nn::gemm::{matmul, matmul_add};
 use crate::nn::nf4::{Nf4Tensor, Nf4Weight};
 use crate::nn::precision::{compute_dtype, in_dtype};
 
@@ -222,6 +222,21 @@ impl<B: Backend> Lora<B> {
     /// `x`: `[..., d_in]` → `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, d_out: usize) -> Tensor<B, D> {
         let dtype = x.dtype();
+        matmul(self.down(x), self.block_b(d_out, dtype)) * self.scale
+    }
+
+    /// `y + forward(x)`, the update accumulated into `y` (one product on the CPU).
+    ///
+    /// # Shapes
+    /// `y`: `[..., d_out]`; `x`: `[..., d_in]` → `[..., d_out]`.
+    pub fn add_to<const D: usize>(&self, y: Tensor<B, D>, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (dtype, d_out) = (x.dtype(), y.dims()[D - 1]);
+        matmul_add(y, self.down(x), self.block_b(d_out, dtype), self.scale)
+    }
+
+    /// `dropout(x)·A` for every pair, side by side: `[..., parts·r]`.
+    fn down<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
         // Burn's dropout is active only while gradients are tracked (training); each
         // module draws its own mask, as PEFT's per-module dropout does.
         let drop = |x: Tensor<B, D>| {
@@ -232,13 +247,12 @@ impl<B: Backend> Lora<B> {
             }
         };
         let a = |p: &LoraPart<B>| in_dtype(p.lora_a.val(), dtype);
-        let xa = if self.dropout > 0.0 && self.parts.len() > 1 {
+        if self.dropout > 0.0 && self.parts.len() > 1 {
             let pieces = self.parts.iter().map(|p| matmul(drop(x.clone()), a(p)));
             Tensor::cat(pieces.collect(), D - 1)
         } else {
             matmul(drop(x), self.stacked_a(dtype))
-        }; // [..., parts·r]
-        matmul(xa, self.block_b(d_out, dtype)) * self.scale
+        }
     }
 
     /// `scale · A·B` as a `[d_in, d_out]` matrix (for merging).
@@ -440,10 +454,7 @@ impl<B: Backend> Linear<B> {
             y = y + in_dtype(bias.val(), dtype).unsqueeze::<D>();
         }
         match &self.lora {
-            Some(lora) => {
-                let d_out = y.dims()[D - 1];
-                y + lora.forward(x, d_out)
-            }
+            Some(lora) => lora.add_to(y, x),
             None => y,
         }
     }

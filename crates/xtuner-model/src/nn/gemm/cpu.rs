@@ -16,6 +16,10 @@
 use std::any::TypeId;
 use std::sync::OnceLock;
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
@@ -25,7 +29,8 @@ use gemm::Parallelism;
 use ndarray::{ArcArray, ArrayView, IxDyn};
 use rayon::prelude::*;
 
-use super::tracked::{Engine, one, tracked_gemm};
+use super::tracked::{Engine, one, tracked_gemm, transposed};
+use crate::nn::reshape::reshape;
 use crate::nn::same;
 
 /// Burn's CPU backend in f32.
@@ -67,6 +72,136 @@ pub(crate) fn batched_matmul<B: Backend>(
         return Err(a);
     }
     product::<B, 3>(a.clone(), b.clone()).ok_or(a)
+}
+
+/// `c + scale·(x·w)` on the CPU backend, as one product accumulating into `c`'s
+/// buffer (a LoRA adapter's update added to the base product, with no pass of its
+/// own); `Err` hands `c` and `x` back for Burn's ops otherwise.
+#[allow(clippy::type_complexity)]
+pub(crate) fn matmul_add<B: Backend, const D: usize>(
+    c: Tensor<B, D>,
+    x: Tensor<B, D>,
+    w: &Tensor<B, 2>,
+    scale: f64,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    let (xd, cd) = (x.dims(), c.dims());
+    let [k, n] = w.dims();
+    let m: usize = xd[..D - 1].iter().product();
+    let fits = xd[D - 1] == k && cd[D - 1] == n && xd[..D - 1] == cd[..D - 1];
+    let dtypes = [c.dtype(), x.dtype(), w.dtype()] == [DType::F32; 3];
+    if !fits || !dtypes || !applies::<B>(DType::F32) {
+        return Err((c, x));
+    }
+    let (c2, x2) = (reshape(c.clone(), [m, n]), reshape(x.clone(), [m, k]));
+    let out: Option<Tensor<B, 2>> = if let (Some(c2), Some(x2), Some(w)) = (
+        same::<_, Tensor<Cpu, 2>>(&c2),
+        same::<_, Tensor<Cpu, 2>>(&x2),
+        same::<_, Tensor<Cpu, 2>>(w),
+    ) {
+        let [c2, x2, w] = [c2, x2, w].map(|t| t.into_primitive().tensor());
+        accumulate(c2, &x2, &w, scale as f32)
+            .and_then(|y| same(&Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(y))))
+    } else if let (Some(c2), Some(x2), Some(w)) = (
+        same::<_, Tensor<Autodiff<Cpu>, 2>>(&c2),
+        same::<_, Tensor<Autodiff<Cpu>, 2>>(&x2),
+        same::<_, Tensor<Autodiff<Cpu>, 2>>(w),
+    ) {
+        tracked_add(c2, x2, w, scale as f32).and_then(|y| same(&y))
+    } else {
+        None
+    };
+    match out {
+        Some(y) => Ok(reshape(y, cd)),
+        None => Err((c, x)),
+    }
+}
+
+/// `c + scale·(x·w)` into `c`'s buffer; `None` for operands `gemm` does not take.
+fn accumulate(
+    c: NdArrayTensor,
+    x: &NdArrayTensor,
+    w: &NdArrayTensor,
+    scale: f32,
+) -> Option<NdArrayTensor> {
+    let (NdArrayTensor::F32(c), NdArrayTensor::F32(x), NdArrayTensor::F32(w)) = (c, x, w) else {
+        return None;
+    };
+    let c = c.into_shared();
+    let c = if c.is_standard_layout() {
+        c
+    } else {
+        c.as_standard_layout().into_owned().into_shared()
+    };
+    product_into(x.view(), w.view(), Some(c), scale).map(NdArrayTensor::from)
+}
+
+/// [`matmul_add`] recorded for autodiff: `dc = dy`, `dx = scale·dy·wᵀ`,
+/// `dw = scale·xᵀ·dy`.
+fn tracked_add(
+    c: Tensor<Autodiff<Cpu>, 2>,
+    x: Tensor<Autodiff<Cpu>, 2>,
+    w: Tensor<Autodiff<Cpu>, 2>,
+    scale: f32,
+) -> Option<Tensor<Autodiff<Cpu>, 2>> {
+    let [c, x, w] = [c, x, w].map(|t| t.into_primitive().tensor());
+    let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
+    let y = accumulate(c.primitive, &x.primitive, &w.primitive, scale)?;
+    let y = match AddProductBackward
+        .prepare::<NoCheckpointing>([c.node, x.node, w.node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state = (
+                w_tracked.then_some(x.primitive),
+                x_tracked.then_some(w.primitive),
+                scale,
+            );
+            prep.finish(state, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Some(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
+#[derive(Debug)]
+struct AddProductBackward;
+
+impl Backward<Cpu, 3> for AddProductBackward {
+    /// `x` (kept when `w` needs a gradient), `w` (kept when `x` does), the scale.
+    type State = (Option<NdArrayTensor>, Option<NdArrayTensor>, f32);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (x, w, scale) = ops.state;
+        let [c_node, x_node, w_node] = ops.parents;
+        let dy = grads.consume::<Cpu>(&ops.node);
+        let scaled = |a: NdArrayTensor, b: NdArrayTensor| {
+            match (&a, &b) {
+                (NdArrayTensor::F32(sa), NdArrayTensor::F32(sb)) => {
+                    product_into(sa.view(), sb.view(), None, scale).map(NdArrayTensor::from)
+                }
+                _ => None,
+            }
+            .unwrap_or_else(|| {
+                let product = Cpu::float_matmul(a, b);
+                Cpu::float_mul_scalar(product, scale.into())
+            })
+        };
+        if let (Some(node), Some(w)) = (x_node, w) {
+            grads.register::<Cpu>(node.id, scaled(dy.clone(), transposed::<Cpu>(w)));
+        }
+        if let (Some(node), Some(x)) = (w_node, x) {
+            grads.register::<Cpu>(node.id, scaled(transposed::<Cpu>(x), dy.clone()));
+        }
+        if let Some(node) = c_node {
+            grads.register::<Cpu>(node.id, dy);
+        }
+    }
 }
 
 /// The product when `B` is the CPU backend or its autodiff wrapper.
@@ -116,6 +251,18 @@ fn strided_product(
     a: ArrayView<'_, f32, IxDyn>,
     b: ArrayView<'_, f32, IxDyn>,
 ) -> Option<ArcArray<f32, IxDyn>> {
+    product_into(a, b, None, 1.0)
+}
+
+/// `into + scale·(a·b)` (`scale·(a·b)` without `into`), read through the operands'
+/// strides; `into` must be a standard-layout array of the product's shape (its buffer
+/// is written in place when no one else holds it). `None` for other shapes.
+fn product_into(
+    a: ArrayView<'_, f32, IxDyn>,
+    b: ArrayView<'_, f32, IxDyn>,
+    into: Option<ArcArray<f32, IxDyn>>,
+    scale: f32,
+) -> Option<ArcArray<f32, IxDyn>> {
     let rank = a.ndim();
     if rank != b.ndim() || !(2..=3).contains(&rank) {
         return None;
@@ -138,7 +285,20 @@ fn strided_product(
         tb[rank - 1],
         if rank == 3 { tb[0] } else { 0 },
     );
-    let mut out = vec![0.0f32; batch * m * n];
+    let shape = if rank == 3 {
+        vec![batch, m, n]
+    } else {
+        vec![m, n]
+    };
+    let accumulate = into.is_some();
+    let mut out = match into {
+        Some(c) if c.shape() == shape.as_slice() && c.is_standard_layout() => c,
+        Some(_) => return None,
+        None => ArcArray::zeros(IxDyn(&shape)),
+    };
+    let dst_all = out
+        .as_slice_mut()
+        .unwrap_or_else(|| unreachable!("standard layout"));
     if m * n > 0 && k > 0 {
         // Raw pointers are not Send; the threads each read their own matrices.
         let (pa, pb) = (a.as_ptr() as usize, b.as_ptr() as usize);
@@ -154,15 +314,15 @@ fn strided_product(
                     dst.as_mut_ptr(),
                     1,
                     n as isize,
-                    false,
+                    accumulate,
                     (pa as *const f32).offset(i * a_strides.2),
                     a_strides.1,
                     a_strides.0,
                     (pb as *const f32).offset(i * b_strides.2),
                     b_strides.1,
                     b_strides.0,
-                    0.0,
                     1.0,
+                    scale,
                     false,
                     false,
                     false,
@@ -172,21 +332,17 @@ fn strided_product(
         };
         let threads = rayon::current_num_threads();
         if batch > 1 {
-            out.par_chunks_mut(m * n)
+            dst_all
+                .par_chunks_mut(m * n)
                 .enumerate()
                 .for_each(|(i, dst)| run(i, dst, Parallelism::None));
         } else if m * n * k >= PARALLEL_WORK && threads > 1 {
-            run(0, &mut out, Parallelism::Rayon(threads));
+            run(0, dst_all, Parallelism::Rayon(threads));
         } else {
-            run(0, &mut out, Parallelism::None);
+            run(0, dst_all, Parallelism::None);
         }
     }
-    let shape = if rank == 3 {
-        vec![batch, m, n]
-    } else {
-        vec![m, n]
-    };
-    ArcArray::from_shape_vec(IxDyn(&shape), out).ok()
+    Some(out)
 }
 
 #[cfg(test)]
@@ -230,6 +386,48 @@ mod tests {
         let w = Tensor::<Cpu, 2>::random([7, 3], Distribution::Default, &device);
         let ours = matmul(x.clone(), &w).unwrap_or_else(|_| panic!("routed"));
         close(&ours, &x.matmul(w.unsqueeze()));
+    }
+
+    /// `c + scale·(x·w)` and its three gradients equal Burn's ops, for rows of a 3-D
+    /// input, with and without autodiff.
+    #[test]
+    fn matmul_add_matches_burns_ops() {
+        let device = Default::default();
+        let data = |dims: [usize; 3]| {
+            Tensor::<A, 3>::random(dims, Distribution::Default, &device).into_data()
+        };
+        let (c, x) = (data([2, 9, 11]), data([2, 9, 5]));
+        let w = Tensor::<A, 2>::random([5, 11], Distribution::Default, &device).into_data();
+        let weights = Tensor::<A, 3>::random([2, 9, 11], Distribution::Default, &device);
+        let run = |ours: bool| {
+            let c = Tensor::<A, 3>::from_data(c.clone(), &device).require_grad();
+            let x = Tensor::<A, 3>::from_data(x.clone(), &device).require_grad();
+            let w = Tensor::<A, 2>::from_data(w.clone(), &device).require_grad();
+            let y = if ours {
+                matmul_add(c.clone(), x.clone(), &w, 0.75).unwrap_or_else(|_| panic!("routed"))
+            } else {
+                c.clone() + x.clone().matmul(w.clone().unsqueeze()) * 0.75
+            };
+            let grads = (y.clone() * weights.clone()).sum().backward();
+            let grad = |t: Tensor<Cpu, 3>| t.into_data();
+            (
+                y.into_data(),
+                grad(c.grad(&grads).unwrap()),
+                grad(x.grad(&grads).unwrap()),
+                w.grad(&grads).unwrap().into_data(),
+            )
+        };
+        let (ours, theirs) = (run(true), run(false));
+        let tolerance = burn::tensor::Tolerance::<f32>::absolute(1e-5);
+        ours.0.assert_approx_eq::<f32>(&theirs.0, tolerance);
+        ours.1.assert_approx_eq::<f32>(&theirs.1, tolerance);
+        ours.2.assert_approx_eq::<f32>(&theirs.2, tolerance);
+        ours.3.assert_approx_eq::<f32>(&theirs.3, tolerance);
+        let plain = |d: burn::tensor::TensorData| Tensor::<Cpu, 3>::from_data(d, &device);
+        let w = Tensor::<Cpu, 2>::from_data(w.clone(), &device);
+        let y = matmul_add(plain(c.clone()), plain(x.clone()), &w, 0.75)
+            .unwrap_or_else(|_| panic!("routed"));
+        y.into_data().assert_approx_eq::<f32>(&theirs.0, tolerance);
     }
 
     /// The same bits on one thread and on several.

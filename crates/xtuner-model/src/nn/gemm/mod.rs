@@ -62,6 +62,25 @@ fn by_rows<B: Backend, const D: usize>(
     }
 }
 
+/// `c + scale·(x·w)`: a LoRA adapter's update added to the base product. On the CPU
+/// backend the product accumulates into `c`'s buffer (no pass of its own for the
+/// scale or the sum); elsewhere it is [`matmul`], a scale and a sum.
+///
+/// # Shapes
+/// `c`: `[..., n]`; `x`: `[..., k]` (the same leading dimensions); `w`: `[k, n]` →
+/// `[..., n]`.
+pub fn matmul_add<B: Backend, const D: usize>(
+    c: Tensor<B, D>,
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, D> {
+    match cpu::matmul_add(c, x, &w, scale) {
+        Ok(y) => y,
+        Err((c, x)) => c + matmul(x, w) * scale,
+    }
+}
+
 /// `a·b` matrix by matrix: the attention products (`q·kᵀ`, `p·v`).
 ///
 /// # Shapes
