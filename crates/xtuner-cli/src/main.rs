@@ -29,6 +29,15 @@ fn main() -> ExitCode {
     // step's time). The peak is the same; the memory stays resident at it.
     // SAFETY: setting an option has no preconditions.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // No transparent huge pages for this process: mimalloc asks for them on its
+    // arenas, and the kernel then compacts memory and clears 2 MiB at a first touch;
+    // a CPU step spent up to a third of its time there (see docs/BENCHMARKS.md).
+    // (mimalloc's own `allow_thp` option is read when it starts, before `main`.)
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this flag.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
