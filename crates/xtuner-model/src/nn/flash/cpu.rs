@@ -17,7 +17,6 @@
 //! `[B, T, H·D]` and the output projection read without a copy.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -96,8 +95,7 @@ pub(crate) fn packed_attention<B: Backend>(
         return None;
     }
     let dims = checked(batch, heads, kv_heads, seq, head_dim)?;
-    let table = |t: &Tensor<B, 3>| -> Arc<[f32]> { t.to_data().iter::<f32>().collect() };
-    let (cos, sin) = (table(cos), table(sin));
+    let (cos, sin) = (table(cos)?, table(sin)?);
     let out_dims = [batch, seq, heads * head_dim];
     if let Some(qkv) = same::<_, Tensor<Cpu, 3>>(qkv) {
         let qkv = standard(qkv.into_primitive().tensor());
@@ -126,6 +124,19 @@ pub(crate) fn packed_attention<B: Backend>(
     same(&Tensor::<Autodiff<Cpu>, 3>::from_primitive(
         TensorPrimitive::Float(out),
     ))
+}
+
+/// A rotary table's f32 array on the CPU backend (no copy when it is in standard
+/// layout); `None` for another backend or dtype.
+fn table<B: Backend>(t: &Tensor<B, 3>) -> Option<ArcArray<f32, IxDyn>> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let t = match same::<_, Tensor<Cpu, 3>>(t) {
+        Some(t) => t,
+        None => same::<_, Tensor<Autodiff<Cpu>, 3>>(t)?.inner(),
+    };
+    Some(standard(t.into_primitive().tensor()))
 }
 
 /// The sizes, when the op can serve them.
@@ -170,6 +181,10 @@ fn standard(t: NdArrayTensor) -> ArcArray<f32, IxDyn> {
     }
 }
 
+fn slice(a: &ArcArray<f32, IxDyn>) -> &[f32] {
+    a.as_slice().unwrap_or_else(|| unreachable!("standard layout"))
+}
+
 fn view(t: &NdArrayTensor) -> ArrayView<'_, f32, IxDyn> {
     match t {
         NdArrayTensor::F32(s) => s.view(),
@@ -193,8 +208,8 @@ enum Layout {
     /// rotary tables `[B, T, D]` its queries and keys are turned by.
     Packed {
         qkv: ArcArray<f32, IxDyn>,
-        cos: Arc<[f32]>,
-        sin: Arc<[f32]>,
+        cos: ArcArray<f32, IxDyn>,
+        sin: ArcArray<f32, IxDyn>,
     },
 }
 
@@ -226,9 +241,7 @@ impl<'a> Source<'a> {
         };
         let (t, d) = (self.dims.seq, self.dims.head_dim);
         let width = qkv.shape()[2];
-        let data = qkv
-            .as_slice()
-            .unwrap_or_else(|| unreachable!("standard layout"));
+        let (data, cos, sin) = (slice(qkv), slice(cos), slice(sin));
         let mut rows = vec![0.0f32; t * d];
         for (i, row) in rows.chunks_mut(d).enumerate() {
             let x = &data[(b * t + i) * width + column * d..][..d];
@@ -416,6 +429,7 @@ impl Backward<Cpu, 1> for PackedBackward {
         };
         let dims = &saved.dims;
         let group_grads = saved.grads(grads.consume::<Cpu>(&ops.node));
+        let (cos, sin) = (slice(cos), slice(sin));
         let (t, d) = (dims.seq, dims.head_dim);
         let width = dims.heads + 2 * dims.kv_heads;
         let mut dqkv = vec![0.0f32; dims.batch * t * width * d];

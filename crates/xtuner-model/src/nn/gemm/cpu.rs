@@ -291,27 +291,38 @@ fn product_into(
         vec![m, n]
     };
     let accumulate = into.is_some();
-    let mut out = match into {
-        Some(c) if c.shape() == shape.as_slice() && c.is_standard_layout() => c,
+    let len = batch * m * n;
+    // A fresh output is left uninitialised when the products write all of it (gemm
+    // does not read the destination then): zeroing it first was a pass of its own.
+    let (mut into, mut fresh) = match into {
+        Some(c) if c.shape() == shape.as_slice() && c.is_standard_layout() => (Some(c), None),
         Some(_) => return None,
-        None => ArcArray::zeros(IxDyn(&shape)),
+        None if k == 0 || len == 0 => (Some(ArcArray::zeros(IxDyn(&shape))), None),
+        None => (None, Some(Vec::<f32>::with_capacity(len))),
     };
-    let dst_all = out
-        .as_slice_mut()
-        .unwrap_or_else(|| unreachable!("standard layout"));
-    if m * n > 0 && k > 0 {
-        // Raw pointers are not Send; the threads each read their own matrices.
-        let (pa, pb) = (a.as_ptr() as usize, b.as_ptr() as usize);
-        let run = |i: usize, dst: &mut [f32], parallelism: Parallelism| {
+    let dst = match (&mut into, &mut fresh) {
+        (Some(c), _) => c
+            .as_slice_mut()
+            .unwrap_or_else(|| unreachable!("standard layout"))
+            .as_mut_ptr(),
+        (None, Some(v)) => v.as_mut_ptr(),
+        (None, None) => unreachable!("one of the two"),
+    };
+    if len > 0 && k > 0 {
+        // Raw pointers are not Send; the threads each read their own matrices and
+        // write their own outputs.
+        let (pd, pa, pb) = (dst as usize, a.as_ptr() as usize, b.as_ptr() as usize);
+        let run = |i: usize, parallelism: Parallelism| {
             let i = i as isize;
             // SAFETY: the views hold `batch` matrices of `m×k` and `k×n` at these
-            // strides; `dst` is the `m×n` row-major output of matrix `i`.
+            // strides; the output has room for `batch` row-major `m×n` matrices, and
+            // matrix `i` is written by this call alone.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    dst.as_mut_ptr(),
+                    (pd as *mut f32).offset(i * (m * n) as isize),
                     1,
                     n as isize,
                     accumulate,
@@ -332,17 +343,24 @@ fn product_into(
         };
         let threads = rayon::current_num_threads();
         if batch > 1 {
-            dst_all
-                .par_chunks_mut(m * n)
-                .enumerate()
-                .for_each(|(i, dst)| run(i, dst, Parallelism::None));
+            (0..batch)
+                .into_par_iter()
+                .for_each(|i| run(i, Parallelism::None));
         } else if m * n * k >= PARALLEL_WORK && threads > 1 {
-            run(0, dst_all, Parallelism::Rayon(threads));
+            run(0, Parallelism::Rayon(threads));
         } else {
-            run(0, dst_all, Parallelism::None);
+            run(0, Parallelism::None);
         }
     }
-    Some(out)
+    match (into, fresh) {
+        (Some(c), _) => Some(c),
+        (None, Some(mut v)) => {
+            // SAFETY: the products above wrote every element (k > 0, all matrices).
+            unsafe { v.set_len(len) };
+            ArcArray::from_shape_vec(IxDyn(&shape), v).ok()
+        }
+        (None, None) => None,
+    }
 }
 
 #[cfg(test)]
