@@ -28,3 +28,16 @@ pub mod rope;
 pub(crate) fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
     (value as &dyn std::any::Any).downcast_ref::<U>().cloned()
 }
+
+/// `value` as type `U` when that is its type, moved rather than cloned (so a buffer it
+/// owns keeps a single handle); `Err(value)` otherwise.
+pub(crate) fn moved<T: 'static, U: 'static>(value: T) -> Result<U, T> {
+    let boxed: Box<dyn std::any::Any> = Box::new(value);
+    match boxed.downcast::<U>() {
+        Ok(u) => Ok(*u),
+        Err(boxed) => match boxed.downcast::<T>() {
+            Ok(t) => Err(*t),
+            Err(_) => unreachable!("boxed as T just above"),
+        },
+    }
+}

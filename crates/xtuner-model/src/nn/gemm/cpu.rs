@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use super::tracked::{Engine, one, tracked_gemm, transposed};
 use crate::nn::reshape::reshape;
-use crate::nn::same;
+use crate::nn::{moved, same};
 
 /// Burn's CPU backend in f32.
 type Cpu = NdArray<f32>;
@@ -92,27 +92,36 @@ pub(crate) fn matmul_add<B: Backend, const D: usize>(
     if !fits || !dtypes || !applies::<B>(DType::F32) {
         return Err((c, x));
     }
-    let (c2, x2) = (reshape(c.clone(), [m, n]), reshape(x.clone(), [m, k]));
-    let out: Option<Tensor<B, 2>> = if let (Some(c2), Some(x2), Some(w)) = (
-        same::<_, Tensor<Cpu, 2>>(&c2),
-        same::<_, Tensor<Cpu, 2>>(&x2),
-        same::<_, Tensor<Cpu, 2>>(w),
-    ) {
-        let [c2, x2, w] = [c2, x2, w].map(|t| t.into_primitive().tensor());
-        accumulate(c2, &x2, &w, scale as f32)
-            .and_then(|y| same(&Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(y))))
-    } else if let (Some(c2), Some(x2), Some(w)) = (
-        same::<_, Tensor<Autodiff<Cpu>, 2>>(&c2),
-        same::<_, Tensor<Autodiff<Cpu>, 2>>(&x2),
-        same::<_, Tensor<Autodiff<Cpu>, 2>>(w),
-    ) {
-        tracked_add(c2, x2, w, scale as f32).and_then(|y| same(&y))
-    } else {
-        None
+    // `c` is moved, never cloned, down to the product: a second handle on its buffer
+    // would make the product copy it before writing.
+    let (c2, x2) = (reshape(c, [m, n]), reshape(x, [m, k]));
+    let y: Result<Tensor<B, 2>, ()> = match moved::<_, Tensor<Cpu, 2>>(c2) {
+        Ok(c2) => {
+            let (x2, w) = (same::<_, Tensor<Cpu, 2>>(&x2), same::<_, Tensor<Cpu, 2>>(w));
+            let (Some(x2), Some(w)) = (x2, w) else {
+                unreachable!("the backend checked above")
+            };
+            let [c2, x2, w] = [c2, x2, w].map(|t| t.into_primitive().tensor());
+            let y = accumulate(c2, &x2, &w, scale as f32);
+            let y = y.unwrap_or_else(|| unreachable!("f32 matrices of checked shapes"));
+            moved(Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(y))).map_err(drop)
+        }
+        Err(c2) => {
+            let c2 = moved::<_, Tensor<Autodiff<Cpu>, 2>>(c2);
+            let (x2, w) = (
+                same::<_, Tensor<Autodiff<Cpu>, 2>>(&x2),
+                same::<_, Tensor<Autodiff<Cpu>, 2>>(w),
+            );
+            let (Ok(c2), Some(x2), Some(w)) = (c2, x2, w) else {
+                unreachable!("the backend checked above")
+            };
+            let y = tracked_add(c2, x2, w, scale as f32);
+            moved(y.unwrap_or_else(|| unreachable!("f32 matrices of checked shapes"))).map_err(drop)
+        }
     };
-    match out {
-        Some(y) => Ok(reshape(y, cd)),
-        None => Err((c, x)),
+    match y {
+        Ok(y) => Ok(reshape(y, cd)),
+        Err(_) => unreachable!("B is the CPU backend or its autodiff wrapper"),
     }
 }
 
