@@ -9,12 +9,12 @@
 //! fixed blocks of rows and then over the blocks in order, so it does not depend on
 //! the number of threads.
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::{Autodiff, NdArray};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
@@ -22,10 +22,8 @@ use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
 use crate::nn::exp::exp_in_place;
+use crate::nn::host::{Cpu, elements, standard};
 use crate::nn::same;
-
-/// Burn's CPU backend in f32.
-type Cpu = NdArray<f32>;
 
 /// Rows per parallel task.
 const ROWS: usize = 8;
@@ -111,24 +109,6 @@ fn on_cpu<B: Backend, const D: usize>(
     ))
 }
 
-/// The f32 array of a CPU tensor, in standard layout.
-fn standard(t: NdArrayTensor) -> ArcArray<f32, IxDyn> {
-    let array = match t {
-        NdArrayTensor::F32(s) => s.into_shared(),
-        _ => unreachable!("f32 checked by the caller"),
-    };
-    if array.is_standard_layout() {
-        array
-    } else {
-        array.as_standard_layout().into_owned().into_shared()
-    }
-}
-
-fn data(a: &ArcArray<f32, IxDyn>) -> &[f32] {
-    a.as_slice()
-        .unwrap_or_else(|| unreachable!("standard layout"))
-}
-
 /// The summed loss and each row's log-sum-exp.
 fn forward(logits: &ArcArray<f32, IxDyn>, targets: &[i64], weights: &[f32]) -> (f32, Vec<f32>) {
     let vocab = logits.shape()[logits.ndim() - 1];
@@ -138,7 +118,7 @@ fn forward(logits: &ArcArray<f32, IxDyn>, targets: &[i64], weights: &[f32]) -> (
     }
     let partials: Vec<f32> = lse
         .par_chunks_mut(ROWS)
-        .zip(data(logits).par_chunks(vocab * ROWS))
+        .zip(elements(logits).par_chunks(vocab * ROWS))
         .zip(targets.par_chunks(ROWS).zip(weights.par_chunks(ROWS)))
         .map(|((lse, rows), (targets, weights))| {
             let mut shifted = vec![0.0f32; vocab];
@@ -174,7 +154,7 @@ struct Saved {
 /// `d logits = g·w·(softmax − onehot(target))`.
 fn backward(s: &Saved, g: f32) -> ArcArray<f32, IxDyn> {
     let vocab = s.logits.shape()[s.logits.ndim() - 1];
-    let logits = data(&s.logits);
+    let logits = elements(&s.logits);
     let mut grad = vec![0.0f32; logits.len()];
     if vocab > 0 {
         grad.par_chunks_mut(vocab * ROWS)
@@ -214,7 +194,7 @@ impl Backward<Cpu, 1> for LossBackward {
         _checkpointer: &mut Checkpointer,
     ) {
         let g = standard(grads.consume::<Cpu>(&ops.node));
-        let g = data(&g).first().copied().unwrap_or(0.0);
+        let g = elements(&g).first().copied().unwrap_or(0.0);
         let [parent] = ops.parents;
         if let Some(node) = parent {
             grads.register::<Cpu>(node.id, NdArrayTensor::from(backward(&ops.state, g)));

@@ -6,12 +6,12 @@
 //! it is one pass forward and one backward, over the rows in parallel, with a
 //! vectorised `exp`; other backends take Burn's ops.
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::{Autodiff, NdArray};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -19,10 +19,8 @@ use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
 use crate::nn::exp::exp_in_place;
+use crate::nn::host::{Cpu, standard};
 use crate::nn::same;
-
-/// Burn's CPU backend in f32.
-type Cpu = NdArray<f32>;
 
 /// Rows per parallel task.
 const ROWS: usize = 16;
@@ -49,27 +47,12 @@ fn on_cpu<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> 
         return None;
     }
     if let Some(x) = same::<_, Tensor<Cpu, D>>(x) {
-        let out = forward(&array(x.into_primitive().tensor()));
+        let out = forward(&standard(x.into_primitive().tensor()));
         return same(&Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(
             NdArrayTensor::from(out),
         )));
     }
     same(&tracked(same::<_, Tensor<Autodiff<Cpu>, D>>(x)?))
-}
-
-/// The f32 array of a CPU tensor, in standard layout.
-fn array(t: NdArrayTensor) -> ArcArray<f32, IxDyn> {
-    match t {
-        NdArrayTensor::F32(s) => {
-            let a = s.into_shared();
-            if a.is_standard_layout() {
-                a
-            } else {
-                a.as_standard_layout().into_owned().into_shared()
-            }
-        }
-        _ => unreachable!("f32 checked by the caller"),
-    }
 }
 
 /// `silu(g)·u` and, for the backward, `sigmoid(g)`, of one row.
@@ -149,7 +132,7 @@ fn backward(x: &ArcArray<f32, IxDyn>, dy: &ArcArray<f32, IxDyn>) -> ArcArray<f32
 
 fn tracked<const D: usize>(x: Tensor<Autodiff<Cpu>, D>) -> Tensor<Autodiff<Cpu>, D> {
     let x = x.into_primitive().tensor();
-    let input = array(x.primitive);
+    let input = standard(x.primitive);
     let out = forward(&input);
     let out = match SiluMulBackward
         .prepare::<NoCheckpointing>([x.node.clone()])
@@ -175,7 +158,7 @@ impl Backward<Cpu, 1> for SiluMulBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let dy = array(grads.consume::<Cpu>(&ops.node));
+        let dy = standard(grads.consume::<Cpu>(&ops.node));
         let [parent] = ops.parents;
         if let Some(node) = parent {
             grads.register::<Cpu>(node.id, NdArrayTensor::from(backward(&ops.state, &dy)));

@@ -12,6 +12,7 @@ mod exp;
 pub mod flash;
 pub mod gemm;
 pub mod glu;
+mod host;
 pub mod kv_cache;
 pub mod layer_norm;
 pub mod linear;

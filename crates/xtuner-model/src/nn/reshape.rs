@@ -7,21 +7,19 @@
 //! CPU backend is reshaped in place (the array keeps its buffer, only its shape
 //! changes), forward and backward; anything else takes Burn's reshape.
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{Shape, Tensor, TensorMetadata, TensorPrimitive};
 use ndarray::IxDyn;
 
+use crate::nn::host::Cpu;
 use crate::nn::same;
-
-/// Burn's CPU backend in f32.
-type Cpu = NdArray<f32>;
 
 /// `t` with the shape `dims` (the same number of elements), as Burn's `reshape`.
 pub fn reshape<B: Backend, const D1: usize, const D2: usize>(

@@ -18,22 +18,20 @@
 
 use std::marker::PhantomData;
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 use ndarray::{ArcArray, ArrayView, IxDyn};
 
 use super::blocks::{self, Dims, Rows, head_rows, sample_starts, scatter};
+use crate::nn::host::{Cpu, elements, standard};
 use crate::nn::same;
-
-/// Burn's CPU backend in f32.
-type Cpu = NdArray<f32>;
 
 /// Causal attention on the CPU backend or its autodiff wrapper in f32; `None` for any
 /// other backend or dtype.
@@ -168,23 +166,6 @@ fn plain<B: Backend>(ts: [&Tensor<B, 4>; 3]) -> Option<[NdArrayTensor; 3]> {
     Some([q?, k?, v?].map(|t| t.into_primitive().tensor()))
 }
 
-/// The f32 array of a CPU tensor, in standard layout.
-fn standard(t: NdArrayTensor) -> ArcArray<f32, IxDyn> {
-    let array = match t {
-        NdArrayTensor::F32(s) => s.into_shared(),
-        _ => unreachable!("f32 checked by the caller"),
-    };
-    if array.is_standard_layout() {
-        array
-    } else {
-        array.as_standard_layout().into_owned().into_shared()
-    }
-}
-
-fn slice(a: &ArcArray<f32, IxDyn>) -> &[f32] {
-    a.as_slice().unwrap_or_else(|| unreachable!("standard layout"))
-}
-
 fn view(t: &NdArrayTensor) -> ArrayView<'_, f32, IxDyn> {
     match t {
         NdArrayTensor::F32(s) => s.view(),
@@ -241,7 +222,7 @@ impl<'a> Source<'a> {
         };
         let (t, d) = (self.dims.seq, self.dims.head_dim);
         let width = qkv.shape()[2];
-        let (data, cos, sin) = (slice(qkv), slice(cos), slice(sin));
+        let (data, cos, sin) = (elements(qkv), elements(cos), elements(sin));
         let mut rows = vec![0.0f32; t * d];
         for (i, row) in rows.chunks_mut(d).enumerate() {
             let x = &data[(b * t + i) * width + column * d..][..d];
@@ -429,7 +410,7 @@ impl Backward<Cpu, 1> for PackedBackward {
         };
         let dims = &saved.dims;
         let group_grads = saved.grads(grads.consume::<Cpu>(&ops.node));
-        let (cos, sin) = (slice(cos), slice(sin));
+        let (cos, sin) = (elements(cos), elements(sin));
         let (t, d) = (dims.seq, dims.head_dim);
         let width = dims.heads + 2 * dims.kv_heads;
         let mut dqkv = vec![0.0f32; dims.batch * t * width * d];

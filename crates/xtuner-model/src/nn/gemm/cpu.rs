@@ -16,12 +16,12 @@
 use std::any::TypeId;
 use std::sync::OnceLock;
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -30,11 +30,9 @@ use ndarray::{ArcArray, ArrayView, IxDyn};
 use rayon::prelude::*;
 
 use super::tracked::{Engine, one, tracked_gemm, transposed};
+use crate::nn::host::Cpu;
 use crate::nn::reshape::reshape;
 use crate::nn::{moved, same};
-
-/// Burn's CPU backend in f32.
-type Cpu = NdArray<f32>;
 
 /// Products below this many multiply-adds run on one thread.
 const PARALLEL_WORK: usize = 1 << 21;

@@ -7,21 +7,19 @@
 //! `dw = Σ_rows dy·x·r`, the weight's sum taken over fixed blocks of rows and then over
 //! the blocks in order, so it does not depend on the number of threads.
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
+use crate::nn::host::{Cpu, elements, standard};
 use crate::nn::same;
-
-/// Burn's CPU backend in f32.
-type Cpu = NdArray<f32>;
 
 /// Rows per parallel task (and per partial sum of the weight's gradient).
 const ROWS: usize = 32;
@@ -74,19 +72,6 @@ pub(super) fn rms_norm<B: Backend, const D: usize>(
     ))
 }
 
-/// The f32 array of a CPU tensor, in standard layout.
-fn standard(t: NdArrayTensor) -> ArcArray<f32, IxDyn> {
-    let array = match t {
-        NdArrayTensor::F32(s) => s.into_shared(),
-        _ => unreachable!("f32 checked by the caller"),
-    };
-    if array.is_standard_layout() {
-        array
-    } else {
-        array.as_standard_layout().into_owned().into_shared()
-    }
-}
-
 /// The weight plus the offset.
 fn scale(w: &ArcArray<f32, IxDyn>, offset: f32) -> Vec<f32> {
     w.iter()
@@ -94,15 +79,10 @@ fn scale(w: &ArcArray<f32, IxDyn>, offset: f32) -> Vec<f32> {
         .collect()
 }
 
-fn data(a: &ArcArray<f32, IxDyn>) -> &[f32] {
-    a.as_slice()
-        .unwrap_or_else(|| unreachable!("standard layout"))
-}
-
 /// `y` and `r` per row.
 fn forward(x: &ArcArray<f32, IxDyn>, w: &[f32], eps: f32) -> (ArcArray<f32, IxDyn>, Vec<f32>) {
     let c = w.len();
-    let xs = data(x);
+    let xs = elements(x);
     let rows = xs.len() / c.max(1);
     let mut y = vec![0.0f32; xs.len()];
     let mut r = vec![0.0f32; rows];
@@ -132,7 +112,7 @@ fn backward(
     dy: &[f32],
 ) -> (ArcArray<f32, IxDyn>, Vec<f32>) {
     let c = w.len();
-    let xs = data(x);
+    let xs = elements(x);
     let mut dx = vec![0.0f32; xs.len()];
     let partials: Vec<Vec<f32>> = if c == 0 {
         Vec::new()
@@ -185,7 +165,7 @@ impl Backward<Cpu, 2> for NormBackward {
     ) {
         let (x, r, w) = &ops.state;
         let dy = standard(grads.consume::<Cpu>(&ops.node));
-        let (dx, dw) = backward(x, r, w, data(&dy));
+        let (dx, dw) = backward(x, r, w, elements(&dy));
         let [x_node, w_node] = ops.parents;
         if let Some(node) = x_node {
             grads.register::<Cpu>(node.id, NdArrayTensor::from(dx));
