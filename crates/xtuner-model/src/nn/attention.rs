@@ -97,11 +97,10 @@ impl<B: Backend> Attention<B> {
         let mut q = apply_rotary(q, cos, sin);
         let key = apply_rotary(key, cos, sin);
         // Both paths divide the scores by √D: a query scale of its own is folded in here.
-        let default_scale = 1.0 / (d as f64).sqrt();
-        if (self.scale - default_scale).abs() > f64::EPSILON * default_scale {
-            q = q * (self.scale / default_scale);
+        if let Some(factor) = self.query_factor() {
+            q = q * factor;
         }
-        let plain = self.softcap.is_none() && self.window.is_none();
+        let plain = self.plain_scores();
         let dense = |q, key: Tensor<B, 4>, value, bias: Tensor<B, 4>| {
             let s = key.dims()[2];
             let bias = match self.window {
@@ -133,15 +132,26 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// Whether this layer is attention as the flash ops compute it: no per-head norms,
-    /// the default `1/√D` scale, no soft cap and no window.
-    fn is_plain(&self) -> bool {
+    /// The factor the queries are multiplied by when the layer's scale is not the
+    /// `1/√D` that every attention path applies; `None` when it is.
+    fn query_factor(&self) -> Option<f64> {
         let default_scale = 1.0 / (self.head_dim as f64).sqrt();
-        self.q_norm.is_none()
+        let differs = (self.scale - default_scale).abs() > f64::EPSILON * default_scale;
+        differs.then(|| self.scale / default_scale)
+    }
+
+    /// Whether the scores are plain `q·kᵀ/√D` under the mask: no soft cap, no window.
+    fn plain_scores(&self) -> bool {
+        self.softcap.is_none() && self.window.is_none()
+    }
+
+    /// Whether this layer is attention as the packed flash op computes it from the
+    /// projection output: plain scores, no per-head norms, the default scale.
+    fn is_plain(&self) -> bool {
+        self.plain_scores()
+            && self.q_norm.is_none()
             && self.k_norm.is_none()
-            && (self.scale - default_scale).abs() <= f64::EPSILON * default_scale
-            && self.softcap.is_none()
-            && self.window.is_none()
+            && self.query_factor().is_none()
     }
 }
 

@@ -1,10 +1,11 @@
-//! SwiGLU's gating, `silu(gate) ⊙ up`, from the gate/up product `[gate | up]`.
+//! The gated MLP's gating, `act(gate) ⊙ up`, from the gate/up product `[gate | up]`:
+//! SwiGLU with SiLU, GeGLU with GELU.
 //!
 //! Written with Burn's ops it is two slices, a sigmoid, two products and, in backward,
 //! as many passes again plus a zero tensor of the whole `[.., 2I]` per slice; on the
 //! CPU that was a tenth of a training step. On the CPU backend (burn-ndarray in f32)
 //! it is one pass forward and one backward, over the rows in parallel, with a
-//! vectorised `exp`; other backends take Burn's ops.
+//! vectorised `exp`; other backends and activations take Burn's ops.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -12,12 +13,12 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
+use crate::nn::activation::HiddenAct;
 use crate::nn::exp::exp_in_place;
 use crate::nn::host::{Cpu, standard};
 use crate::nn::same;
@@ -25,12 +26,14 @@ use crate::nn::same;
 /// Rows per parallel task.
 const ROWS: usize = 16;
 
-/// `silu(gate) ⊙ up` where `gate_up` is `[gate | up]` along its last axis.
+/// `act(gate) ⊙ up` where `gate_up` is `[gate | up]` along its last axis.
 ///
 /// # Shapes
 /// `gate_up`: `[..., 2I]` → `[..., I]`.
-pub fn silu_mul<B: Backend, const D: usize>(gate_up: Tensor<B, D>) -> Tensor<B, D> {
-    if let Some(out) = on_cpu(&gate_up) {
+pub fn gated<B: Backend, const D: usize>(gate_up: Tensor<B, D>, act: HiddenAct) -> Tensor<B, D> {
+    if act == HiddenAct::Silu
+        && let Some(out) = on_cpu(&gate_up)
+    {
         return out;
     }
     let dims = gate_up.dims();
@@ -38,10 +41,10 @@ pub fn silu_mul<B: Backend, const D: usize>(gate_up: Tensor<B, D>) -> Tensor<B, 
     let (mut gate, mut up) = (dims.map(|n| 0..n), dims.map(|n| 0..n));
     gate[D - 1] = 0..i;
     up[D - 1] = i..2 * i;
-    silu(gate_up.clone().slice(gate)) * gate_up.slice(up)
+    act.forward(gate_up.clone().slice(gate)) * gate_up.slice(up)
 }
 
-/// [`silu_mul`] when `B` is the CPU backend or its autodiff wrapper and `x` is f32.
+/// [`gated`] with SiLU when `B` is the CPU backend or its autodiff wrapper and `x` is f32.
 fn on_cpu<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
     if x.dtype() != DType::F32 || !x.dims()[D - 1].is_multiple_of(2) {
         return None;
@@ -55,14 +58,19 @@ fn on_cpu<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> 
     same(&tracked(same::<_, Tensor<Autodiff<Cpu>, D>>(x)?))
 }
 
-/// `silu(g)·u` and, for the backward, `sigmoid(g)`, of one row.
-fn row_forward(gate: &[f32], up: &[f32], out: &mut [f32], sig: &mut [f32]) {
+/// `sig ← sigmoid(gate)`.
+fn sigmoid_into(gate: &[f32], sig: &mut [f32]) {
     for (s, &g) in sig.iter_mut().zip(gate) {
         *s = -g;
     }
     exp_in_place(sig);
-    for (((o, s), &g), &u) in out.iter_mut().zip(sig.iter_mut()).zip(gate).zip(up) {
-        *s = 1.0 / (1.0 + *s);
+    sig.iter_mut().for_each(|s| *s = 1.0 / (1.0 + *s));
+}
+
+/// `silu(g)·u` of one row (`sig` is scratch of the row's width).
+fn row_forward(gate: &[f32], up: &[f32], out: &mut [f32], sig: &mut [f32]) {
+    sigmoid_into(gate, sig);
+    for (((o, s), &g), &u) in out.iter_mut().zip(sig.iter()).zip(gate).zip(up) {
         *o = g * *s * u;
     }
 }
@@ -114,13 +122,9 @@ fn backward(x: &ArcArray<f32, IxDyn>, dy: &ArcArray<f32, IxDyn>) -> ArcArray<f32
                 {
                     let (gate, up) = row.split_at(i);
                     let (dgate, dup) = dx.split_at_mut(i);
-                    for (s, &g) in sig.iter_mut().zip(gate) {
-                        *s = -g;
-                    }
-                    exp_in_place(&mut sig);
+                    sigmoid_into(gate, &mut sig);
                     for j in 0..i {
-                        let s = 1.0 / (1.0 + sig[j]);
-                        let (g, u, d) = (gate[j], up[j], dy[j]);
+                        let (s, g, u, d) = (sig[j], gate[j], up[j], dy[j]);
                         dgate[j] = d * u * s * (1.0 + g * (1.0 - s));
                         dup[j] = d * g * s;
                     }
@@ -168,6 +172,7 @@ impl Backward<Cpu, 1> for SiluMulBackward {
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::activation::silu;
     use burn::tensor::{Distribution, Tolerance};
 
     use super::*;
@@ -181,7 +186,7 @@ mod tests {
         let device = Default::default();
         let x = Tensor::<A, 3>::random([3, 13, 2 * 37], Distribution::Normal(0.0, 3.0), &device)
             .require_grad();
-        let ours = silu_mul(x.clone());
+        let ours = gated(x.clone(), HiddenAct::Silu);
         let gate = x.clone().slice([0..3, 0..13, 0..37]);
         let up = x.clone().slice([0..3, 0..13, 37..74]);
         let theirs = silu(gate) * up;
@@ -197,7 +202,7 @@ mod tests {
         // Without autodiff, and on a transposed (non-standard) input.
         let y = Tensor::<Cpu, 2>::random([10, 6], Distribution::Default, &device);
         let yt = y.clone().swap_dims(0, 1);
-        let plain = silu_mul(yt.clone());
+        let plain = gated(yt.clone(), HiddenAct::Silu);
         let expected = silu(yt.clone().slice([0..6, 0..5])) * yt.slice([0..6, 5..10]);
         plain
             .to_data()

@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use crate::nn::activation::HiddenAct;
-use crate::nn::glu::silu_mul;
+use crate::nn::glu::gated;
 use crate::nn::linear::Linear;
 
 /// Gated MLP.
@@ -26,14 +26,7 @@ impl<B: Backend> FeedForward<B> {
     /// # Shapes
     /// `x`: `[B, T, C]` → `[B, T, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, _] = x.dims();
-        let i = self.w2.dims()[0];
         let gate_up = self.w13.forward(x); // [B, T, 2I]
-        if self.act == HiddenAct::Silu {
-            return self.w2.forward(silu_mul(gate_up));
-        }
-        let gate = gate_up.clone().slice([0..b, 0..t, 0..i]);
-        let up = gate_up.slice([0..b, 0..t, i..2 * i]);
-        self.w2.forward(self.act.forward(gate) * up)
+        self.w2.forward(gated(gate_up, self.act))
     }
 }
