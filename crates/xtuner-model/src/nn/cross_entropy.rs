@@ -22,7 +22,7 @@ use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
 use crate::nn::exp::exp_in_place;
-use crate::nn::host::{Cpu, elements, standard};
+use crate::nn::host::{Cpu, add_grad, elements, standard, zeros};
 use crate::nn::same;
 
 /// Rows per parallel task.
@@ -155,7 +155,7 @@ struct Saved {
 fn backward(s: &Saved, g: f32) -> ArcArray<f32, IxDyn> {
     let vocab = s.logits.shape()[s.logits.ndim() - 1];
     let logits = elements(&s.logits);
-    let mut grad = vec![0.0f32; logits.len()];
+    let mut grad = zeros(logits.len());
     if vocab > 0 {
         grad.par_chunks_mut(vocab * ROWS)
             .zip(logits.par_chunks(vocab * ROWS))
@@ -197,7 +197,7 @@ impl Backward<Cpu, 1> for LossBackward {
         let g = elements(&g).first().copied().unwrap_or(0.0);
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            grads.register::<Cpu>(node.id, NdArrayTensor::from(backward(&ops.state, g)));
+            add_grad!(grads, &node, NdArrayTensor::from(backward(&ops.state, g)));
         }
     }
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::nn::activation::HiddenAct;
 use crate::nn::exp::exp_in_place;
-use crate::nn::host::{Cpu, standard};
+use crate::nn::host::{Cpu, add_grad, standard, zeros};
 use crate::nn::same;
 
 /// Rows per parallel task.
@@ -83,7 +83,7 @@ fn forward(x: &ArcArray<f32, IxDyn>) -> ArcArray<f32, IxDyn> {
     let data = x
         .as_slice()
         .unwrap_or_else(|| unreachable!("standard layout"));
-    let mut out = vec![0.0f32; data.len() / 2];
+    let mut out = zeros(data.len() / 2);
     if i > 0 {
         out.par_chunks_mut(i * ROWS)
             .zip(data.par_chunks(two_i * ROWS))
@@ -108,7 +108,7 @@ fn backward(x: &ArcArray<f32, IxDyn>, dy: &ArcArray<f32, IxDyn>) -> ArcArray<f32
     let dy = dy
         .as_slice()
         .unwrap_or_else(|| unreachable!("standard layout"));
-    let mut dx = vec![0.0f32; data.len()];
+    let mut dx = zeros(data.len());
     if i > 0 {
         dx.par_chunks_mut(two_i * ROWS)
             .zip(data.par_chunks(two_i * ROWS))
@@ -165,7 +165,7 @@ impl Backward<Cpu, 1> for SiluMulBackward {
         let dy = standard(grads.consume::<Cpu>(&ops.node));
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            grads.register::<Cpu>(node.id, NdArrayTensor::from(backward(&ops.state, &dy)));
+            add_grad!(grads, &node, NdArrayTensor::from(backward(&ops.state, &dy)));
         }
     }
 }

@@ -12,7 +12,7 @@ mod exp;
 pub mod flash;
 pub mod gemm;
 pub mod glu;
-mod host;
+pub mod host;
 pub mod kv_cache;
 pub mod layer_norm;
 pub mod linear;
@@ -32,7 +32,7 @@ pub(crate) fn same<T: 'static, U: Clone + 'static>(value: &T) -> Option<U> {
 
 /// `value` as type `U` when that is its type, moved rather than cloned (so a buffer it
 /// owns keeps a single handle); `Err(value)` otherwise.
-pub(crate) fn moved<T: 'static, U: 'static>(value: T) -> Result<U, T> {
+pub fn moved<T: 'static, U: 'static>(value: T) -> Result<U, T> {
     let boxed: Box<dyn std::any::Any> = Box::new(value);
     match boxed.downcast::<U>() {
         Ok(u) => Ok(*u),

@@ -18,7 +18,7 @@ use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{Shape, Tensor, TensorMetadata, TensorPrimitive};
 use ndarray::IxDyn;
 
-use crate::nn::host::Cpu;
+use crate::nn::host::{Cpu, add_grad};
 use crate::nn::same;
 
 /// `t` with the shape `dims` (the same number of elements), as Burn's `reshape`.
@@ -96,7 +96,7 @@ impl Backward<Cpu, 1> for ReshapeBackward {
         let grad = grads.consume::<Cpu>(&ops.node);
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            grads.register::<Cpu>(node.id, in_place(grad, &ops.state));
+            add_grad!(grads, &node, in_place(grad, &ops.state));
         }
     }
 }

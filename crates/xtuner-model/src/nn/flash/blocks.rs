@@ -17,6 +17,7 @@ use ndarray::{ArrayView, IxDyn};
 use rayon::prelude::*;
 
 use crate::nn::exp::exp_in_place;
+use crate::nn::host::zeros;
 
 /// Queries per block.
 const BLOCK: usize = 64;
@@ -251,14 +252,21 @@ pub(super) fn forward(dims: &Dims, rows: &impl Rows, starts: &[usize]) -> (Vec<f
                 .collect()
         })
         .collect();
-    let mut out = vec![0.0f32; dims.batch * t * dims.heads * d];
+    // Head h of row b: results[task of (b, h / group)][h % group].
+    let task =
+        |b: usize, h: usize| &results[b * dims.kv_heads + h / dims.group()][h % dims.group()];
+    let mut out = zeros(dims.batch * t * dims.heads * d);
+    out.par_chunks_mut(dims.heads * d)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (b, i) = (row / t, row % t);
+            for (h, out) in out.chunks_mut(d).enumerate() {
+                out.copy_from_slice(&task(b, h).0[i * d..][..d]);
+            }
+        });
     let mut lse = vec![0.0f32; dims.batch * dims.heads * t];
-    for (&(b, g), heads) in tasks.iter().zip(results) {
-        for (j, (o, l)) in heads.into_iter().enumerate() {
-            let h = g * dims.group() + j;
-            scatter(&mut out, &o, (b, h), dims.heads, dims);
-            lse[(b * dims.heads + h) * t..][..t].copy_from_slice(&l);
-        }
+    for (bh, lse) in lse.chunks_mut(t).enumerate() {
+        lse.copy_from_slice(&task(bh / dims.heads, bh % dims.heads).1);
     }
     (out, lse)
 }

@@ -28,9 +28,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 use ndarray::{ArcArray, ArrayView, IxDyn};
+use rayon::prelude::*;
 
 use super::blocks::{self, Dims, Rows, head_rows, sample_starts, scatter};
-use crate::nn::host::{Cpu, elements, standard};
+use crate::nn::host::{Cpu, add_grad, elements, standard, zeros};
 use crate::nn::same;
 
 /// Causal attention on the CPU backend or its autodiff wrapper in f32; `None` for any
@@ -366,8 +367,8 @@ impl Backward<Cpu, 3> for HeadsBackward {
         let dims = &saved.dims;
         let group_grads = saved.grads(grads.consume::<Cpu>(&ops.node));
         let (t, d) = (dims.seq, dims.head_dim);
-        let mut dq = vec![0.0f32; dims.batch * t * dims.heads * d];
-        let mut dk = vec![0.0f32; dims.batch * t * dims.kv_heads * d];
+        let mut dq = zeros(dims.batch * t * dims.heads * d);
+        let mut dk = zeros(dims.batch * t * dims.kv_heads * d);
         let mut dv = dk.clone();
         for g in group_grads {
             let (b, kv) = g.task;
@@ -384,7 +385,7 @@ impl Backward<Cpu, 3> for HeadsBackward {
         ];
         for (node, grad) in ops.parents.into_iter().zip(arrays) {
             if let Some(node) = node {
-                grads.register::<Cpu>(node.id, NdArrayTensor::from(grad));
+                add_grad!(grads, &node, NdArrayTensor::from(grad));
             }
         }
     }
@@ -413,31 +414,45 @@ impl Backward<Cpu, 1> for PackedBackward {
         let (cos, sin) = (elements(cos), elements(sin));
         let (t, d) = (dims.seq, dims.head_dim);
         let width = dims.heads + 2 * dims.kv_heads;
-        let mut dqkv = vec![0.0f32; dims.batch * t * width * d];
-        let mut put = |rows: &[f32], b: usize, column: usize, rotate: bool| {
-            for (i, row) in rows.chunks(d).enumerate() {
-                let dst = &mut dqkv[((b * t + i) * width + column) * d..][..d];
-                if rotate {
-                    let at = (b * t + i) * d;
-                    rotary_back(row, &cos[at..at + d], &sin[at..at + d], dst);
-                } else {
-                    dst.copy_from_slice(row);
-                }
+        // Column c of row b: its `[T, D]` gradient, and whether it was turned.
+        let column = |b: usize, c: usize| -> (&[f32], bool) {
+            let (heads, kv) = (dims.heads, dims.kv_heads);
+            let g = |kv_head: usize| &group_grads[b * kv + kv_head];
+            if c < heads {
+                (&g(c / dims.group()).dq[c % dims.group()], true)
+            } else if c < heads + kv {
+                (&g(c - heads).dk, true)
+            } else {
+                (&g(c - heads - kv).dv, false)
             }
         };
-        for g in group_grads {
-            let (b, kv) = g.task;
-            for (j, dq_h) in g.dq.iter().enumerate() {
-                put(dq_h, b, kv * dims.group() + j, true);
-            }
-            put(&g.dk, b, dims.heads + kv, true);
-            put(&g.dv, b, dims.heads + dims.kv_heads + kv, false);
-        }
+        debug_assert!(
+            group_grads
+                .iter()
+                .enumerate()
+                .all(|(i, g)| g.task == (i / dims.kv_heads, i % dims.kv_heads))
+        );
+        let mut dqkv = zeros(dims.batch * t * width * d);
+        dqkv.par_chunks_mut(width * d)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (b, i) = (row / t, row % t);
+                let at = row * d;
+                for (c, dst) in dst.chunks_mut(d).enumerate() {
+                    let (rows, rotate) = column(b, c);
+                    let src = &rows[i * d..][..d];
+                    if rotate {
+                        rotary_back(src, &cos[at..at + d], &sin[at..at + d], dst);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            });
         let dqkv = ArcArray::from_shape_vec(IxDyn(qkv.shape()), dqkv)
             .unwrap_or_else(|_| unreachable!("the input's shape"));
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            grads.register::<Cpu>(node.id, NdArrayTensor::from(dqkv));
+            add_grad!(grads, &node, NdArrayTensor::from(dqkv));
         }
     }
 }

@@ -30,7 +30,7 @@ use ndarray::{ArcArray, ArrayView, IxDyn};
 use rayon::prelude::*;
 
 use super::tracked::{Engine, one, tracked_gemm, transposed};
-use crate::nn::host::Cpu;
+use crate::nn::host::{Cpu, add_grad};
 use crate::nn::reshape::reshape;
 use crate::nn::{moved, same};
 
@@ -200,13 +200,13 @@ impl Backward<Cpu, 3> for AddProductBackward {
             })
         };
         if let (Some(node), Some(w)) = (x_node, w) {
-            grads.register::<Cpu>(node.id, scaled(dy.clone(), transposed::<Cpu>(w)));
+            add_grad!(grads, &node, scaled(dy.clone(), transposed::<Cpu>(w)));
         }
         if let (Some(node), Some(x)) = (w_node, x) {
-            grads.register::<Cpu>(node.id, scaled(transposed::<Cpu>(x), dy.clone()));
+            add_grad!(grads, &node, scaled(transposed::<Cpu>(x), dy.clone()));
         }
         if let Some(node) = c_node {
-            grads.register::<Cpu>(node.id, dy);
+            add_grad!(grads, &node, dy);
         }
     }
 }
@@ -453,6 +453,27 @@ mod tests {
         let y = matmul_add(plain(c.clone()), plain(x.clone()), &w, 0.75)
             .unwrap_or_else(|_| panic!("routed"));
         y.into_data().assert_approx_eq::<f32>(&theirs.0, tolerance);
+    }
+
+    /// An input that feeds two products (a LoRA adapter's and the base weight's) and a
+    /// third op: each product's reshape adds its gradient into the one the input has
+    /// already (`host::sum`), as Burn's sum of the three.
+    #[test]
+    fn an_input_of_two_products_sums_its_gradients() {
+        let device = Default::default();
+        let x = Tensor::<A, 2>::random([40, 24], Distribution::Default, &device).require_grad();
+        let w1 = Tensor::<A, 2>::random([24, 16], Distribution::Default, &device);
+        let w2 = Tensor::<A, 2>::random([24, 8], Distribution::Default, &device);
+        // A fresh graph per side; `h` also feeds the loss directly.
+        type Product<'a> = &'a dyn Fn(Tensor<A, 2>, &Tensor<A, 2>) -> Tensor<A, 2>;
+        let run = |product: Product| {
+            let h = x.clone() * 2.0;
+            let (a, b) = (product(h.clone(), &w1), product(h.clone(), &w2));
+            (a.sum() + (b * 3.0).sum() + h.sum()).backward()
+        };
+        let ours = run(&|h, w| matmul(h, w).unwrap_or_else(|_| panic!("routed")));
+        let theirs = run(&|h, w| h.matmul(w.clone()));
+        close(&x.grad(&ours).unwrap(), &x.grad(&theirs).unwrap());
     }
 
     /// The same bits on one thread and on several.

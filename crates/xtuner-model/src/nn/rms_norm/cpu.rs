@@ -18,7 +18,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
-use crate::nn::host::{Cpu, elements, standard};
+use crate::nn::host::{Cpu, add_grad, elements, standard, take_grad, zeros};
 use crate::nn::same;
 
 /// Rows per parallel task (and per partial sum of the weight's gradient).
@@ -84,7 +84,7 @@ fn forward(x: &ArcArray<f32, IxDyn>, w: &[f32], eps: f32) -> (ArcArray<f32, IxDy
     let c = w.len();
     let xs = elements(x);
     let rows = xs.len() / c.max(1);
-    let mut y = vec![0.0f32; xs.len()];
+    let mut y = zeros(xs.len());
     let mut r = vec![0.0f32; rows];
     if c > 0 {
         y.par_chunks_mut(c * ROWS)
@@ -104,16 +104,18 @@ fn forward(x: &ArcArray<f32, IxDyn>, w: &[f32], eps: f32) -> (ArcArray<f32, IxDy
     (y, r)
 }
 
-/// `(dx, dw)`.
+/// `(dx, dw)`, `dx` plus `earlier` (the gradient `x` already has from its other
+/// uses) when given.
 fn backward(
     x: &ArcArray<f32, IxDyn>,
     r: &[f32],
     w: &[f32],
     dy: &[f32],
+    earlier: Option<&[f32]>,
 ) -> (ArcArray<f32, IxDyn>, Vec<f32>) {
     let c = w.len();
     let xs = elements(x);
-    let mut dx = vec![0.0f32; xs.len()];
+    let mut dx = zeros(xs.len());
     let partials: Vec<Vec<f32>> = if c == 0 {
         Vec::new()
     } else {
@@ -121,7 +123,9 @@ fn backward(
             .zip(xs.par_chunks(c * ROWS))
             .zip(dy.par_chunks(c * ROWS))
             .zip(r.par_chunks(ROWS))
-            .map(|(((dx, xs), dy), r)| {
+            .enumerate()
+            .map(|(task, (((dx, xs), dy), r))| {
+                let earlier = earlier.map(|e| &e[task * c * ROWS..][..dx.len()]);
                 let mut dw = vec![0.0f32; c];
                 let mut g = vec![0.0f32; c];
                 for (((dx, x), dy), &r) in
@@ -136,6 +140,9 @@ fn backward(
                     for j in 0..c {
                         dx[j] = r * (g[j] - x[j] * k);
                     }
+                }
+                if let Some(earlier) = earlier {
+                    dx.iter_mut().zip(earlier).for_each(|(d, e)| *d += e);
                 }
                 dw
             })
@@ -164,16 +171,21 @@ impl Backward<Cpu, 2> for NormBackward {
         _checkpointer: &mut Checkpointer,
     ) {
         let (x, r, w) = &ops.state;
-        let dy = standard(grads.consume::<Cpu>(&ops.node));
-        let (dx, dw) = backward(x, r, w, elements(&dy));
+        let dy = grads.consume::<Cpu>(&ops.node);
         let [x_node, w_node] = ops.parents;
+        let earlier = x_node
+            .as_ref()
+            .and_then(|node| take_grad!(grads, node, &dy))
+            .map(standard);
+        let dy = standard(dy);
+        let (dx, dw) = backward(x, r, w, elements(&dy), earlier.as_ref().map(elements));
         if let Some(node) = x_node {
             grads.register::<Cpu>(node.id, NdArrayTensor::from(dx));
         }
         if let Some(node) = w_node {
             let dw = ArcArray::from_shape_vec(IxDyn(&[w.len()]), dw)
                 .unwrap_or_else(|_| unreachable!("sized"));
-            grads.register::<Cpu>(node.id, NdArrayTensor::from(dw));
+            add_grad!(grads, &node, NdArrayTensor::from(dw));
         }
     }
 }
@@ -187,7 +199,8 @@ mod tests {
     type A = Autodiff<Cpu>;
 
     /// Values and both gradients equal Burn's ops (`nn/rms_norm.rs`'s formula), with
-    /// and without Gemma's offset, over rows of several tasks.
+    /// and without Gemma's offset, over rows of several tasks, for an input that also
+    /// feeds another op.
     #[test]
     fn matches_burns_ops() {
         let device = Default::default();
@@ -203,15 +216,20 @@ mod tests {
                     Tensor::<A, 1>::from_data(w_data.clone(), &device).require_grad(),
                 )
             };
+            // The normalised tensor also feeds a residual, as in a decoder: the norm's
+            // gradient is added to the one the residual gave it first.
+            let loss = |y: Tensor<A, 3>, h: Tensor<A, 3>| (y * dy.clone() + h * 0.5).sum();
             let (x, w) = leaves();
-            let ours = rms_norm(&x, &w, 1e-6, offset).expect("served");
-            let g1 = (ours.clone() * dy.clone()).sum().backward();
+            let h = x.clone() * 1.5;
+            let ours = rms_norm(&h, &w, 1e-6, offset).expect("served");
+            let g1 = loss(ours.clone(), h).backward();
             let (x2, w2) = leaves();
-            let mean_square = x2.clone().powi_scalar(2).mean_dim(2);
-            let theirs = x2.clone()
+            let h2 = x2.clone() * 1.5;
+            let mean_square = h2.clone().powi_scalar(2).mean_dim(2);
+            let theirs = h2.clone()
                 * (mean_square + 1e-6).sqrt().recip()
                 * (w2.clone() + offset).unsqueeze::<3>();
-            let g2 = (theirs.clone() * dy.clone()).sum().backward();
+            let g2 = loss(theirs.clone(), h2).backward();
             let close = |a: burn::tensor::TensorData, b: burn::tensor::TensorData| {
                 a.assert_approx_eq::<f32>(&b, Tolerance::absolute(2e-5))
             };
