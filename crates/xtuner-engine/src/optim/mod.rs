@@ -5,28 +5,21 @@
 //! moments in f32 (as PyTorch's autocast and DeepSpeed's bf16 mode do), while the
 //! layers compute in bf16 ([`xtuner_model::nn::precision`]).
 
+mod adamw;
+mod cpu;
 pub mod zero;
 
+pub use adamw::{AdamW, adamw};
+
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
-use burn::optim::{AdamW, AdamWConfig, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use xtuner_model::checkpoint::Checkpoint;
+use xtuner_model::nn::moved;
 use xtuner_model::nn::precision::{in_dtype, scalar};
-
-use crate::config::OptimizerConfig;
-
-/// AdamW as `torch.optim.AdamW`: decoupled weight decay `θ ← θ(1 − lr·λ)`, bias-corrected
-/// moments, `ε` added to `√v̂`.
-pub fn adamw(config: &OptimizerConfig) -> AdamWConfig {
-    AdamWConfig::new()
-        .with_beta_1(config.betas[0] as f32)
-        .with_beta_2(config.betas[1] as f32)
-        .with_epsilon(config.eps as f32)
-        .with_weight_decay(config.weight_decay as f32)
-}
 
 /// The dtype trainable parameters and the optimizer's state are kept in.
 pub const MASTER_DTYPE: DType = DType::F32;
@@ -222,17 +215,26 @@ where
 
 struct NormVisitor<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
+    /// The sum of squares of the gradients on the CPU backend (summed in f64 there).
+    host: f64,
+    /// Of the others, as a tensor (read once, at the end).
     sum_squares: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let s = grad.square().sum();
-            self.sum_squares = Some(match self.sum_squares.take() {
-                Some(acc) => acc + s,
-                None => s,
-            });
+        let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        match cpu::on_cpu::<_, D>(grad) {
+            Ok(grad) => self.host += cpu::sum_squares(cpu::elements(&cpu::array(grad))),
+            Err(grad) => {
+                let s = grad.square().sum();
+                self.sum_squares = Some(match self.sum_squares.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
         }
     }
 }
@@ -244,10 +246,18 @@ struct ScaleVisitor<'a> {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleVisitor<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads
-                .register::<B::InnerBackend, D>(param.id, grad * self.factor);
-        }
+        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        let grad = match cpu::on_cpu::<_, D>(grad) {
+            Ok(grad) => {
+                let mut a = cpu::array(grad);
+                cpu::scale(cpu::elements_mut(&mut a), self.factor as f32);
+                moved(cpu::tensor::<D>(a)).unwrap_or_else(|_| unreachable!("moved from"))
+            }
+            Err(grad) => grad * self.factor,
+        };
+        self.grads.register::<B::InnerBackend, D>(param.id, grad);
     }
 }
 
@@ -258,10 +268,11 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
 ) -> f64 {
     let mut visitor = NormVisitor::<B> {
         grads,
+        host: 0.0,
         sum_squares: None,
     };
     model.visit(&mut visitor);
-    visitor.sum_squares.map_or(0.0, |s| scalar(s).sqrt())
+    (visitor.host + visitor.sum_squares.map_or(0.0, scalar)).sqrt()
 }
 
 /// Scales all gradients so their global norm is at most `max_norm` (factor

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use burn::module::ModuleMapper;
 use burn::module::{Param, ParamId};
-use burn::optim::AdamW;
 use burn::optim::record::AdaptorRecord;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::Tensor;
@@ -18,7 +17,7 @@ use crate::checkpoint;
 use crate::config::{RunMode, TrainConfig};
 use crate::export::DEFAULT_SHARD_SIZE;
 use crate::optim::{
-    MASTER_DTYPE, adamw_state_in, holds_adamw_moments, join_adamw_state, split_adamw_state,
+    AdamW, MASTER_DTYPE, adamw_state_in, holds_adamw_moments, join_adamw_state, split_adamw_state,
 };
 use crate::{Error, Result};
 
