@@ -38,8 +38,13 @@ type Package = (String, BTreeSet<String>);
 
 /// Runs every check, printing one line per check and every problem found.
 pub fn run() -> Result<()> {
+    run_in(Path::new("."))
+}
+
+/// The check of the workspace at `root`.
+fn run_in(root: &Path) -> Result<()> {
     let (mut cycles, mut long) = (Vec::new(), Vec::new());
-    for (krate, dir) in source_dirs()? {
+    for (krate, dir) in source_dirs(root)? {
         let files = read_sources(&dir)?;
         cycles.extend(module_cycles(&krate, &files));
         let path = |rel: &str| format!("{}/{rel}", dir.display());
@@ -50,7 +55,10 @@ pub fn run() -> Result<()> {
         );
     }
     let checks = [
-        ("crate graph as designed", dag_problems(&workspace_deps()?)),
+        (
+            "crate graph as designed",
+            dag_problems(&workspace_deps(root)?),
+        ),
         ("no module import cycles", cycles),
         ("no source file over 800 lines", long),
     ];
@@ -73,9 +81,10 @@ pub fn run() -> Result<()> {
 }
 
 /// Each workspace package with the workspace packages it depends on, from `cargo metadata`.
-fn workspace_deps() -> Result<Vec<Package>> {
+fn workspace_deps(root: &Path) -> Result<Vec<Package>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
+        .current_dir(root)
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .output()
         .context("running cargo metadata")?;
@@ -115,18 +124,18 @@ fn dag_problems(packages: &[Package]) -> Vec<String> {
 }
 
 /// The source folders to scan: (crate name, `crates/NAME/src`) and `xtask/src`.
-fn source_dirs() -> Result<Vec<(String, PathBuf)>> {
+fn source_dirs(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut dirs = Vec::new();
-    for entry in std::fs::read_dir("crates").context("listing crates/")? {
+    for entry in std::fs::read_dir(root.join("crates")).context("listing crates/")? {
         let path = entry?.path();
         if let Some(name) = path.file_name().and_then(|n| n.to_str())
             && path.join("src").is_dir()
         {
-            dirs.push((name.to_string(), Path::new("crates").join(name).join("src")));
+            dirs.push((name.to_string(), path.join("src")));
         }
     }
     dirs.sort();
-    dirs.push(("xtask".to_string(), PathBuf::from("xtask/src")));
+    dirs.push(("xtask".to_string(), root.join("xtask/src")));
     Ok(dirs)
 }
 
@@ -405,6 +414,13 @@ fn strongly_connected<'a>(graph: &BTreeMap<&'a str, BTreeSet<&'a str>>) -> Vec<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The repository itself passes: `cargo test --workspace` (CI's first step) checks
+    /// the layout with everything else.
+    #[test]
+    fn the_repository_passes() {
+        run_in(&Path::new(env!("CARGO_MANIFEST_DIR")).join("..")).unwrap();
+    }
 
     fn pkg(name: &str, deps: &[&str]) -> Package {
         let deps = deps.iter().map(|d| d.to_string());
