@@ -42,12 +42,38 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A Jinja chat template failed to compile or to render (`raise_exception` included).
+    #[error("chat template {origin}{}: {message}", line_text(.line))]
+    Jinja {
+        /// The template's file (or name).
+        origin: String,
+        /// The template line where it failed, with the line's text.
+        line: Option<(usize, String)>,
+        /// What failed (a raised exception's own message).
+        message: String,
+    },
+    /// A tokenizer file holding the chat template could not be read.
+    #[error("{}: {message}", path.display())]
+    TemplateFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn line_text(line: &Option<(usize, String)>) -> String {
+    match line {
+        Some((n, text)) if !text.is_empty() => format!(", line {n} (`{text}`)"),
+        Some((n, _)) => format!(", line {n}"),
+        None => String::new(),
+    }
 }
 
 impl Error {
     /// Whether the error is a mistake in what the user asked for (a template name or
     /// field), rather than in the data a template was applied to.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, Self::NoSystemField { .. })
+        !matches!(self, Self::NoSystemField { .. } | Self::Jinja { .. })
     }
 }
