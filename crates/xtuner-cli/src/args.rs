@@ -197,20 +197,28 @@ pub enum Show {
 /// `xtuner dataset ...`
 #[derive(Debug, Subcommand)]
 pub enum DatasetCommand {
-    /// Encode raw records into one `{"input_ids", "labels"}` JSON line per kept sample.
+    /// Encode raw records into one `{"input_ids", "labels"}` JSON line per kept sample
+    /// (preference data: one `{"chosen_ids", "chosen_labels", "rejected_ids",
+    /// "rejected_labels"}` line per pair).
     Encode {
         /// Model or tokenizer directory, or a tokenizer file.
         #[arg(long)]
         tokenizer: PathBuf,
-        /// Record format (see list-dataset-format).
+        /// Record format (see list-dataset-format), or a preference format:
+        /// intel_orca_dpo, orpo_dpo_mix_40k, preference.
         #[arg(long)]
         format: String,
-        /// Prompt template (none: turns are encoded as they are).
+        /// Prompt template (none: turns are encoded as they are). Preference data is
+        /// rendered with the tokenizer's own chat_template, or a .jinja file given here.
         #[arg(long)]
         template: Option<String>,
-        /// Samples are right-truncated to this many tokens.
+        /// Samples (each answer of a pair) are right-truncated to this many tokens.
         #[arg(long)]
         max_length: usize,
+        /// Preference data: the reward-model encoding, with this token appended
+        /// (InternLM2's `<|reward|>`).
+        #[arg(long)]
+        reward_token_id: Option<u32>,
         /// Output JSON Lines file.
         #[arg(long)]
         out: PathBuf,

@@ -73,6 +73,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             format,
             template,
             max_length,
+            reward_token_id,
             out,
             inputs,
         }) => commands::data::encode(
@@ -80,6 +81,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             &format,
             template.as_deref(),
             max_length,
+            reward_token_id,
             &out,
             &inputs,
         )?,

@@ -68,6 +68,22 @@ pub enum Error {
         /// What the template said.
         source: xtuner_template::Error,
     },
+    /// The tokenizer's Jinja chat template failed (on a record, or to load).
+    #[error("{source}")]
+    ChatTemplate {
+        /// What the template said.
+        source: xtuner_template::Error,
+    },
+    /// A preference record does not fit its format.
+    #[error("{}:{line}: {message}", path.display())]
+    BadPair {
+        /// The file holding the record.
+        path: PathBuf,
+        /// 1-based line where the record starts (row number for Parquet).
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
     /// No data file was found where the config points.
     #[error("no data files (.json, .jsonl, .parquet) found at {}", path.display())]
     NoDataFiles {

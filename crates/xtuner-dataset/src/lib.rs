@@ -7,8 +7,9 @@
 //! [`tokenizer`] loads `tokenizer.json` or SentencePiece `tokenizer.model`; [`pipeline`]
 //! runs the stages on every core (results in input order), [`cache`] keeps processed
 //! data sets so that a second run skips all of it, and [`sampler`] orders the rows of
-//! an epoch (seeded shuffle, XTuner's length-grouped sampler). [`error`] is the crate's
-//! error type.
+//! an epoch (seeded shuffle, XTuner's length-grouped sampler). [`preference`] is the
+//! same path for preference pairs (DPO, ORPO, reward models), rendered with the
+//! tokenizer's own Jinja chat template. [`error`] is the crate's error type.
 
 pub mod cache;
 pub mod collate;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod format;
 pub mod pack;
 pub mod pipeline;
+pub mod preference;
 pub mod reader;
 pub mod sampler;
 pub mod tokenizer;

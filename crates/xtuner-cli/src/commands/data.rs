@@ -10,11 +10,12 @@ use serde_json::json;
 use xtuner_dataset::format::DataFormat;
 use xtuner_dataset::pack::pack;
 use xtuner_dataset::pipeline::{DataSpec, encode_records, load_records, process, trace_record};
+use xtuner_dataset::preference::{PairOptions, PreferenceFormat, encode_pair_records};
 use xtuner_dataset::{
     CacheOutcome, EncodedSample, IGNORE_INDEX, PackedRow, Tokenizer, load_or_process,
 };
 use xtuner_engine::LoadedConfig;
-use xtuner_template::PromptTemplate;
+use xtuner_template::{JinjaTemplate, PromptTemplate};
 
 use crate::args::{ConfigArgs, Show};
 use crate::configs;
@@ -162,9 +163,23 @@ pub fn encode(
     format: &str,
     template: Option<&str>,
     max_length: usize,
+    reward_token_id: Option<u32>,
     out: &Path,
     inputs: &[PathBuf],
 ) -> Result<()> {
+    if let Ok(format) = format.parse::<PreferenceFormat>() {
+        let options = PairOptions {
+            max_length,
+            reward_token_id,
+        };
+        return encode_pairs(tokenizer, format, template, options, out, inputs);
+    }
+    if reward_token_id.is_some() {
+        bail!(
+            "--reward-token-id is for preference data (formats {})",
+            preference_formats()
+        );
+    }
     let spec = plain_spec(inputs, format, template, max_length)?;
     spec.validate()?;
     let tokenizer = Tokenizer::from_path(tokenizer)?;
@@ -182,6 +197,75 @@ pub fn encode(
         "{} records: {} written, {} dropped (empty conversation), {} dropped (nothing to train)",
         stats.records, stats.samples, stats.dropped_empty, stats.dropped_untrained
     );
+    Ok(())
+}
+
+fn preference_formats() -> String {
+    let names: Vec<&str> = PreferenceFormat::all().iter().map(|f| f.name()).collect();
+    names.join(", ")
+}
+
+/// The Jinja chat template preference data is rendered with: the tokenizer directory's
+/// own (no `--template`, or `--template chat_template`), or a `.jinja` file.
+pub fn jinja_template(tokenizer: &Path, template: Option<&str>) -> Result<JinjaTemplate> {
+    match template {
+        None | Some("chat_template") => {
+            JinjaTemplate::from_tokenizer_dir(tokenizer)?.with_context(|| {
+                format!(
+                    "the tokenizer at {} has no chat_template (tokenizer_config.json or \
+                     chat_template.jinja); give one with --template FILE.jinja",
+                    tokenizer.display()
+                )
+            })
+        }
+        Some(file) if file.ends_with(".jinja") => {
+            let source =
+                std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+            let tokens = JinjaTemplate::from_tokenizer_dir(tokenizer)
+                .ok()
+                .flatten()
+                .map(|t| {
+                    ["bos_token", "eos_token", "unk_token", "pad_token"]
+                        .iter()
+                        .filter_map(|k| Some((k.to_string(), t.special_token(k)?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(JinjaTemplate::new(&source, file)?.with_special_tokens(tokens))
+        }
+        Some(other) => bail!(
+            "preference data is rendered with a Jinja chat template: leave out --template \
+             (the tokenizer's own), or give `chat_template` or a .jinja file, not `{other}`"
+        ),
+    }
+}
+
+/// `xtuner dataset encode` for preference data: one `{"chosen_ids", "chosen_labels",
+/// "rejected_ids", "rejected_labels"}` line per pair.
+fn encode_pairs(
+    tokenizer_path: &Path,
+    format: PreferenceFormat,
+    template: Option<&str>,
+    options: PairOptions,
+    out: &Path,
+    inputs: &[PathBuf],
+) -> Result<()> {
+    if options.max_length == 0 {
+        bail!("--max-length must be positive");
+    }
+    let template = jinja_template(tokenizer_path, template)?;
+    let tokenizer = Tokenizer::from_path(tokenizer_path)?;
+    let records = xtuner_dataset::reader::read_records(inputs)?;
+    let pairs = encode_pair_records(&records, format, &template, &tokenizer, options)?;
+    let mut writer = create(out)?;
+    for pair in &pairs {
+        serde_json::to_writer(&mut writer, pair)?;
+        writer.write_all(b"\n")?;
+    }
+    writer
+        .flush()
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("{} records: {} pairs written", records.len(), pairs.len());
     Ok(())
 }
 
