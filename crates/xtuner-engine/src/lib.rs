@@ -16,6 +16,8 @@
 //! - [`step`]: batch → inputs, forward/backward, the optimizer step;
 //! - [`recompute`]: the decoder's forward and backward with activation checkpointing;
 //! - [`loss`]: the causal LM loss, a chunk of positions at a time;
+//! - [`preference`]: the objectives of preference training (DPO and its variants,
+//!   ORPO, reward models);
 //! - [`optim`]: AdamW, clipping, f32 master weights and moments;
 //! - [`schedule`]: warm-up + cosine; [`init`]: new weights drawn on the host;
 //! - [`lora`]: LoRA policy (targets, init, freezing, QLoRA's NF4 base, merge);
@@ -41,6 +43,7 @@ pub mod lora;
 pub mod loss;
 pub mod memory;
 pub mod optim;
+pub mod preference;
 pub mod recipe;
 pub mod recompute;
 pub mod run;

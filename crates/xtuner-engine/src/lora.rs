@@ -198,6 +198,21 @@ fn permute_out_rows(b: Vec<f32>, site: &LinearSite, r: usize) -> Vec<f32> {
     }
 }
 
+/// The model with every adapter switched off (PEFT's `disable_adapter()`): the base
+/// weights are shared, not copied (Burn's tensors are reference-counted). DPO's
+/// reference under LoRA.
+pub fn without_adapters<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M {
+    let bare: std::result::Result<_, std::convert::Infallible> =
+        model.map_linear_layers(config, |_, mut linear: Linear<B>| {
+            linear.lora = None;
+            Ok(linear)
+        });
+    match bare {
+        Ok(model) => model,
+        Err(never) => match never {},
+    }
+}
+
 /// Folds every adapter into its base weight (`W + scale·A·B`) and removes it.
 pub fn merge<B: Backend, M: LinearLayers<B>>(model: M, config: &M::Config) -> M {
     let merged: std::result::Result<_, std::convert::Infallible> =

@@ -1,0 +1,398 @@
+//! The objectives of preference training, as XTuner computes them (`xtuner/model/dpo.py`,
+//! `orpo.py`, `reward.py`).
+//!
+//! A batch holds pairs as rows chosen₀, rejected₀, chosen₁, rejected₁, ... A sequence's
+//! log-probability ([`sequence_logps`]) sums `log p(label)` over the positions whose
+//! label, shifted one left, is trained (neither -100 nor 0: XTuner turns -100 into 0 and
+//! masks 0); IPO and ORPO take the mean instead.
+//!
+//! - [`dpo_loss`]: DPO and its variants (`sigmoid`, `robust`, `hinge`, `ipo`,
+//!   `kto_pair`, `sppo_hard`, `nca_pair`) from the policy's and the reference's
+//!   log-probabilities; the loss is averaged over its terms (MMEngine's reduction).
+//! - [`orpo_loss`]: the chosen answers' language-modelling loss minus β × the mean
+//!   log-sigmoid of the log odds ratio; no reference model.
+//! - [`reward_loss`]: a reward model's scores (a value head read at the reward token)
+//!   ranked pairwise (`ranking`, or InternLM2's `focal`), plus a penalty keeping them in
+//!   range (`log_barrier`, `L2`, `none`).
+
+use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use xtuner_model::nn::cross_entropy::cross_entropy_sum;
+
+use crate::loss::causal_lm_loss;
+
+/// Each row's log-probability of its labels: `Σ log p(labels[t+1] | ..t)` over the
+/// trained positions (label not -100 and not 0), divided by their count when `average`.
+///
+/// # Shapes
+/// `logits`: `[B, T, V]`; `labels`: `[B, T]` (host values) → `[B]`.
+pub fn sequence_logps<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: &[i64],
+    average: bool,
+) -> Tensor<B, 1> {
+    let [b, t, v] = logits.dims();
+    let device = logits.device();
+    if t < 2 {
+        return Tensor::zeros([b], (&device, DType::F32));
+    }
+    let rows: Vec<Tensor<B, 1>> = (0..b)
+        .map(|row| {
+            let shifted = &labels[row * t + 1..(row + 1) * t];
+            let trained = |l: i64| l > 0 && (l as usize) < v;
+            let targets: Vec<i64> = shifted
+                .iter()
+                .map(|&l| if trained(l) { l } else { 0 })
+                .collect();
+            let weights: Vec<f32> = shifted
+                .iter()
+                .map(|&l| f32::from(u8::from(trained(l))))
+                .collect();
+            let count = weights.iter().filter(|&&w| w > 0.0).count();
+            let logits = logits.clone().slice([row..row + 1, 0..t - 1, 0..v]);
+            let logp = cross_entropy_sum(logits, &targets, &weights).neg();
+            if average {
+                // XTuner divides by the count even when it is 0 (a NaN it then skips).
+                logp.div_scalar(count as f64)
+            } else {
+                logp
+            }
+        })
+        .collect();
+    Tensor::cat(rows, 0)
+}
+
+/// The even rows (chosen) and the odd rows (rejected) of per-row values.
+pub fn split_pairs<B: Backend>(values: Tensor<B, 1>) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let n = values.dims()[0];
+    let device = values.device();
+    let index = |start: usize| {
+        let ids: Vec<i64> = (start..n).step_by(2).map(|i| i as i64).collect();
+        let len = ids.len();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [len]), &device)
+    };
+    (
+        values.clone().select(0, index(0)),
+        values.select(0, index(1)),
+    )
+}
+
+/// DPO's loss types (XTuner's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLossType {
+    /// `-log σ(β·h)`, with label smoothing ε: `(1-ε)·-log σ(β·h) + ε·-log σ(-β·h)`.
+    #[default]
+    Sigmoid,
+    /// Robust DPO: `((1-ε)·-log σ(β·h) + ε·log σ(-β·h)) / (1-2ε)`.
+    Robust,
+    /// `relu(1 - β·h)`.
+    Hinge,
+    /// IPO: `(h - 1/(2β))²` on mean log-probabilities.
+    Ipo,
+    /// KTO on pairs: `1 - σ(β·(chosen ratio - rejected KL))` and
+    /// `1 - σ(β·(chosen KL - rejected ratio))`.
+    KtoPair,
+    /// SPPO with hard probabilities: `(a - 1/(2β))² + (b + 1/(2β))²`.
+    SppoHard,
+    /// NCA on pairs: `-log σ(r_c) - ½ log σ(-r_c) - ½ log σ(-r_r)`.
+    NcaPair,
+}
+
+impl DpoLossType {
+    /// Every type, in XTuner's order.
+    pub const ALL: [DpoLossType; 7] = [
+        Self::Sigmoid,
+        Self::Robust,
+        Self::Hinge,
+        Self::Ipo,
+        Self::KtoPair,
+        Self::SppoHard,
+        Self::NcaPair,
+    ];
+
+    /// XTuner's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sigmoid => "sigmoid",
+            Self::Robust => "robust",
+            Self::Hinge => "hinge",
+            Self::Ipo => "ipo",
+            Self::KtoPair => "kto_pair",
+            Self::SppoHard => "sppo_hard",
+            Self::NcaPair => "nca_pair",
+        }
+    }
+
+    /// Whether sequences are scored by their mean log-probability (IPO).
+    pub fn averages_logps(self) -> bool {
+        self == Self::Ipo
+    }
+}
+
+/// DPO's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dpo {
+    /// The loss type.
+    pub loss_type: DpoLossType,
+    /// β: how far the policy may move from the reference.
+    pub beta: f64,
+    /// ε of `sigmoid` and `robust`.
+    pub label_smoothing: f64,
+}
+
+/// A preference objective's loss with what XTuner logs beside it.
+#[derive(Debug, Clone)]
+pub struct PreferenceLoss<B: Backend> {
+    /// The loss, `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// Mean reward of the chosen answers (DPO: `β·(policy - reference)`; ORPO:
+    /// `β·logp`; reward models: the mean score).
+    pub chosen_rewards: f64,
+    /// The same for the rejected answers.
+    pub rejected_rewards: f64,
+    /// Fraction of pairs whose chosen reward is the higher.
+    pub reward_acc: f64,
+    /// Mean of chosen minus rejected reward.
+    pub reward_margin: f64,
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f64::NAN)
+}
+
+fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .unwrap_or_default()
+}
+
+/// The logged rewards of `chosen` and `rejected` (per pair).
+fn rewards<B: Backend>(
+    loss: Tensor<B, 1>,
+    chosen: Tensor<B, 1>,
+    rejected: Tensor<B, 1>,
+) -> PreferenceLoss<B> {
+    let (c, r) = (values(chosen), values(rejected));
+    let n = c.len().max(1) as f64;
+    PreferenceLoss {
+        loss,
+        chosen_rewards: c.iter().sum::<f64>() / n,
+        rejected_rewards: r.iter().sum::<f64>() / n,
+        reward_acc: c.iter().zip(&r).filter(|(c, r)| c > r).count() as f64 / n,
+        reward_margin: c.iter().zip(&r).map(|(c, r)| c - r).sum::<f64>() / n,
+    }
+}
+
+/// XTuner's DPO loss from per-row log-probabilities of the policy and of the
+/// reference (the reference's carry no graph).
+///
+/// # Shapes
+/// `policy`, `reference`: `[2N]`, rows chosen₀, rejected₀, ...
+pub fn dpo_loss<B: Backend>(
+    policy: Tensor<B, 1>,
+    reference: Tensor<B, 1>,
+    dpo: &Dpo,
+) -> PreferenceLoss<B> {
+    let (pc, pr) = split_pairs(policy);
+    let (rc, rr) = split_pairs(reference);
+    let beta = dpo.beta;
+    let eps = dpo.label_smoothing;
+    let chosen_ratio = pc.clone() - rc.clone();
+    let rejected_ratio = pr.clone() - rr.clone();
+    let h = (pc - pr) - (rc - rr);
+    let loss = match dpo.loss_type {
+        DpoLossType::Sigmoid => {
+            log_sigmoid(h.clone().mul_scalar(beta)).mul_scalar(-(1.0 - eps))
+                - log_sigmoid(h.mul_scalar(-beta)).mul_scalar(eps)
+        }
+        DpoLossType::Robust => (log_sigmoid(h.clone().mul_scalar(beta)).mul_scalar(-(1.0 - eps))
+            + log_sigmoid(h.mul_scalar(-beta)).mul_scalar(eps))
+        .div_scalar(1.0 - 2.0 * eps),
+        DpoLossType::Hinge => relu(h.mul_scalar(-beta).add_scalar(1.0)),
+        DpoLossType::Ipo => h.sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2),
+        DpoLossType::KtoPair => {
+            let chosen_kl = chosen_ratio.clone().mean().clamp_min(0.0);
+            let rejected_kl = rejected_ratio.clone().mean().clamp_min(0.0);
+            let n = chosen_ratio.dims()[0];
+            let a = sigmoid((chosen_ratio.clone() - rejected_kl.expand([n])).mul_scalar(beta))
+                .neg()
+                .add_scalar(1.0);
+            let b = sigmoid((chosen_kl.expand([n]) - rejected_ratio.clone()).mul_scalar(beta))
+                .neg()
+                .add_scalar(1.0);
+            Tensor::cat(vec![a, b], 0)
+        }
+        DpoLossType::SppoHard => {
+            chosen_ratio.clone().sub_scalar(0.5 / beta).powi_scalar(2)
+                + rejected_ratio.clone().add_scalar(0.5 / beta).powi_scalar(2)
+        }
+        DpoLossType::NcaPair => {
+            let c = chosen_ratio.clone().mul_scalar(beta);
+            let r = rejected_ratio.clone().mul_scalar(beta);
+            log_sigmoid(c.clone()).neg()
+                - log_sigmoid(c.neg()).mul_scalar(0.5)
+                - log_sigmoid(r.neg()).mul_scalar(0.5)
+        }
+    };
+    rewards(
+        loss.mean(),
+        chosen_ratio.mul_scalar(beta),
+        rejected_ratio.mul_scalar(beta),
+    )
+}
+
+/// What ORPO logs besides [`PreferenceLoss`].
+#[derive(Debug, Clone)]
+pub struct OrpoTerms {
+    /// The chosen answers' language-modelling loss (token mean).
+    pub nll_loss: f64,
+    /// Mean log-sigmoid of the log odds ratio.
+    pub log_odds_ratio: f64,
+    /// Mean log odds ratio.
+    pub log_odds_chosen: f64,
+}
+
+/// XTuner's ORPO loss: `nll(chosen) - β·mean(log σ(log odds ratio))`, from the policy's
+/// logits of the whole batch.
+///
+/// # Shapes
+/// `logits`: `[2N, T, V]`; `labels`: `[2N, T]`.
+pub fn orpo_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: &[i64],
+    beta: f64,
+) -> (PreferenceLoss<B>, OrpoTerms) {
+    let [b, t, v] = logits.dims();
+    let device = logits.device();
+    let chosen_rows: Vec<i64> = (0..b).step_by(2).map(|r| r as i64).collect();
+    let n = chosen_rows.len();
+    let chosen_logits = logits.clone().select(
+        0,
+        Tensor::<B, 1, Int>::from_data(TensorData::new(chosen_rows, [n]), &device),
+    );
+    let chosen_labels: Vec<i64> = labels.chunks(t).step_by(2).flatten().copied().collect();
+    let nll = causal_lm_loss(chosen_logits, &chosen_labels).mean();
+    debug_assert_eq!(logits.dims()[2], v);
+    let logps = sequence_logps(logits, labels, true);
+    let (c, r) = split_pairs(logps);
+    // log(p/(1-p)) of chosen minus rejected: (c - r) - (log1p(-e^c) - log1p(-e^r)).
+    let log_odds =
+        (c.clone() - r.clone()) - (c.clone().exp().neg().log1p() - r.clone().exp().neg().log1p());
+    let ratio = log_sigmoid(log_odds.clone());
+    let terms = OrpoTerms {
+        nll_loss: scalar(nll.clone()),
+        log_odds_ratio: scalar(ratio.clone().mean()),
+        log_odds_chosen: scalar(log_odds.mean()),
+    };
+    let loss = nll - ratio.mean().mul_scalar(beta);
+    (rewards(loss, c.mul_scalar(beta), r.mul_scalar(beta)), terms)
+}
+
+/// How a reward model ranks a pair (XTuner's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RankingLoss {
+    /// `-log σ(chosen - rejected)`.
+    #[default]
+    Ranking,
+    /// InternLM2's focal ranking loss: the ranking loss × `(1 - 2·relu(σ(c - r) - ½))²`.
+    Focal,
+}
+
+/// The penalty that keeps reward scores in range (XTuner's `penalty_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RewardPenalty {
+    /// `-log(5 - s) - log(s + 5)`, scores clamped to (-5 + 1e-3, 5 - 1e-3).
+    #[default]
+    #[serde(rename = "log_barrier")]
+    LogBarrier,
+    /// `s²`.
+    #[serde(rename = "L2", alias = "l2")]
+    L2,
+    /// No penalty.
+    #[serde(rename = "none")]
+    None,
+}
+
+/// A reward model's loss settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RewardObjective {
+    /// How pairs are ranked.
+    pub loss_type: RankingLoss,
+    /// The range penalty.
+    pub penalty_type: RewardPenalty,
+    /// The penalty's weight.
+    pub penalty_weight: f64,
+}
+
+/// The scores a value head gives each row at its labelled position (label 0: the
+/// chosen answer's reward token, 1: the rejected one's), in row order.
+///
+/// # Shapes
+/// `values`: `[B, T]` (the head's output); `labels`: `[B, T]` → (`[N]`, `[N]`).
+pub fn reward_scores<B: Backend>(
+    values: Tensor<B, 2>,
+    labels: &[i64],
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [b, t] = values.dims();
+    let device = values.device();
+    let flat = values.reshape([b * t]);
+    let pick = |label: i64| {
+        let ids: Vec<i64> = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l == label)
+            .map(|(i, _)| i as i64)
+            .collect();
+        let n = ids.len();
+        flat.clone().select(
+            0,
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device),
+        )
+    };
+    (pick(0), pick(1))
+}
+
+/// XTuner's reward-model loss from the chosen and rejected scores (one per pair).
+pub fn reward_loss<B: Backend>(
+    chosen: Tensor<B, 1>,
+    rejected: Tensor<B, 1>,
+    objective: &RewardObjective,
+) -> PreferenceLoss<B> {
+    let n = chosen.dims()[0].max(1) as f64;
+    let diff = chosen.clone() - rejected.clone();
+    let rank = log_sigmoid(diff.clone()).neg();
+    let rank = match objective.loss_type {
+        RankingLoss::Ranking => rank,
+        RankingLoss::Focal => {
+            let p = relu(sigmoid(diff).sub_scalar(0.5)).mul_scalar(2.0);
+            rank * p.neg().add_scalar(1.0).powi_scalar(2)
+        }
+    };
+    let rank = rank.sum().div_scalar(n);
+    let scores = Tensor::cat(vec![chosen.clone(), rejected.clone()], 0).cast(DType::F32);
+    let penalty = match objective.penalty_type {
+        RewardPenalty::LogBarrier => {
+            let (lower, upper, eps) = (-5.0, 5.0, 1e-3);
+            let s = scores.clamp(lower + eps, upper - eps);
+            let p = s.clone().neg().add_scalar(upper).log().neg() - s.sub_scalar(lower).log();
+            Some(p.sum().div_scalar(n))
+        }
+        RewardPenalty::L2 => Some(scores.powi_scalar(2).sum().div_scalar(n)),
+        RewardPenalty::None => None,
+    };
+    let loss = match penalty {
+        Some(p) => rank + p.mul_scalar(objective.penalty_weight),
+        None => rank,
+    };
+    rewards(loss, chosen, rejected)
+}

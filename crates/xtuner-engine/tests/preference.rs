@@ -1,0 +1,316 @@
+//! Preference objectives against XTuner's own (`preference/golden.safetensors`): on one
+//! batch of two pairs, every DPO loss type's loss and gradient norm (policy
+//! `llama-tiny` + `llama-tiny/lora`, reference the same model with the adapter off),
+//! the sigmoid type's log-probabilities and rewards, ORPO's loss, gradient norm and
+//! terms, and a reward model's scores, losses and gradient norms (the same decoder
+//! without its head, every parameter trained, and a value head); then three AdamW
+//! steps of sigmoid DPO against the reference trajectory and adapter.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::optim::{GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData, Tolerance};
+use serde_json::Value;
+use xtuner_engine::config::OptimizerConfig;
+use xtuner_engine::export::peft::peft_tensors;
+use xtuner_engine::lora::{attach_peft, without_adapters};
+use xtuner_engine::optim::{adamw, clip_grad_norm};
+use xtuner_engine::preference::{
+    Dpo, DpoLossType, RankingLoss, RewardObjective, RewardPenalty, dpo_loss, orpo_loss,
+    reward_loss, reward_scores, sequence_logps,
+};
+use xtuner_model::checkpoint::Checkpoint;
+use xtuner_model::checkpoint::peft::PeftAdapter;
+use xtuner_model::decoder::{Decoder, DecoderConfig, DecoderInput};
+
+type B = Autodiff<NdArray<f32>>;
+
+mod common;
+
+use common::fixture;
+
+fn golden() -> Checkpoint {
+    Checkpoint::open(&fixture("preference/golden.safetensors")).unwrap()
+}
+
+fn floats(golden: &Checkpoint, key: &str) -> Vec<f32> {
+    golden
+        .float_data(key)
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+fn one(golden: &Checkpoint, key: &str) -> f64 {
+    f64::from(floats(golden, key)[0])
+}
+
+/// `input_ids` (as a tensor), `labels` (host values) and the batch shape of `prefix`.
+fn batch(golden: &Checkpoint, prefix: &str) -> (Tensor<B, 2, Int>, Vec<i64>, [usize; 2]) {
+    let data = golden.int_data(&format!("{prefix}input_ids")).unwrap();
+    let shape = [data.shape[0], data.shape[1]];
+    let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
+    let labels = golden
+        .int_data(&format!("{prefix}labels"))
+        .unwrap()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
+    let ids = Tensor::from_data(TensorData::new(ids, shape), &Default::default());
+    (ids, labels, shape)
+}
+
+fn assert_rel(got: f64, want: f64, what: &str) {
+    assert!(
+        ((got - want) / want.abs().max(1e-12)).abs() < 1e-4 || (got - want).abs() < 1e-4,
+        "{what}: {got} vs {want}"
+    );
+}
+
+fn policy() -> (Decoder<B>, DecoderConfig) {
+    let device = Default::default();
+    let (base, config) = Decoder::<B>::load(&fixture("llama-tiny"), None, &device).unwrap();
+    let adapter = PeftAdapter::open(&fixture("llama-tiny/lora")).unwrap();
+    (
+        attach_peft(base, &config, &adapter, 0.0, &device).unwrap(),
+        config,
+    )
+}
+
+/// The reference's log-probabilities: the policy with its adapter off, without a graph.
+fn reference_logps(
+    model: &Decoder<B>,
+    config: &DecoderConfig,
+    ids: &Tensor<B, 2, Int>,
+    labels: &[i64],
+    average: bool,
+) -> Tensor<B, 1> {
+    let reference = without_adapters(model.valid(), config);
+    let [b, t] = ids.dims();
+    let input = DecoderInput::causal(b, t, &Default::default());
+    let logits = reference.forward(ids.clone().inner(), &input, None);
+    Tensor::from_inner(sequence_logps(logits, labels, average))
+}
+
+/// Every parameter a fresh trained leaf.
+struct Trainable;
+
+impl<Bk: Backend> ModuleMapper<Bk> for Trainable {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
+        let (id, tensor, _) = param.consume();
+        let device = tensor.device();
+        Param::initialized(
+            id,
+            Tensor::from_data(tensor.into_data(), &device).require_grad(),
+        )
+    }
+}
+
+fn grad_norm(model: &Decoder<B>, loss: Tensor<B, 1>) -> f64 {
+    let mut grads = GradientsParams::from_grads(loss.backward(), model);
+    clip_grad_norm(model, &mut grads, f64::INFINITY)
+}
+
+#[test]
+fn every_dpo_loss_type_matches_xtuner() {
+    let golden = golden();
+    let (ids, labels, [b, t]) = batch(&golden, "");
+    let (model, config) = policy();
+    let input = DecoderInput::causal(b, t, &Default::default());
+    for loss_type in DpoLossType::ALL {
+        let name = loss_type.name();
+        let average = loss_type.averages_logps();
+        let dpo = Dpo {
+            loss_type,
+            beta: 0.1,
+            label_smoothing: if loss_type == DpoLossType::Robust {
+                0.1
+            } else {
+                0.0
+            },
+        };
+        let policy = sequence_logps(model.forward(ids.clone(), &input, None), &labels, average);
+        let reference = reference_logps(&model, &config, &ids, &labels, average);
+        if loss_type == DpoLossType::Sigmoid {
+            let want = floats(&golden, "dpo_policy_logps");
+            let got: Vec<f32> = policy.clone().into_data().to_vec().unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert_rel(f64::from(*g), f64::from(*w), "policy logp");
+            }
+            let want = floats(&golden, "dpo_reference_logps");
+            let got: Vec<f32> = reference.clone().into_data().to_vec().unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert_rel(f64::from(*g), f64::from(*w), "reference logp");
+            }
+        }
+        let out = dpo_loss(policy, reference, &dpo);
+        let loss: f64 = out.loss.clone().into_scalar().into();
+        assert_rel(loss, one(&golden, &format!("dpo_{name}_loss")), name);
+        if loss_type == DpoLossType::Sigmoid {
+            // Rewards are differences of log-probabilities near -90: absolute 1e-4.
+            for (got, key) in [
+                (out.chosen_rewards, "dpo_chosen_rewards"),
+                (out.rejected_rewards, "dpo_rejected_rewards"),
+                (out.reward_acc, "dpo_reward_acc"),
+                (out.reward_margin, "dpo_reward_margin"),
+            ] {
+                assert!((got - one(&golden, key)).abs() < 1e-4, "{key}: {got}");
+            }
+        }
+        let norm = grad_norm(&model, out.loss);
+        assert_rel(norm, one(&golden, &format!("dpo_{name}_grad_norm")), name);
+    }
+}
+
+#[test]
+fn orpo_matches_xtuner() {
+    let golden = golden();
+    let (ids, labels, [b, t]) = batch(&golden, "");
+    let (model, _) = policy();
+    let input = DecoderInput::causal(b, t, &Default::default());
+    let logits = model.forward(ids, &input, None);
+    let logps: Vec<f32> = sequence_logps(logits.clone().inner(), &labels, true)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    for (g, w) in logps.iter().zip(floats(&golden, "orpo_logps")) {
+        assert_rel(f64::from(*g), f64::from(w), "orpo logp");
+    }
+    let (out, terms) = orpo_loss(logits, &labels, 0.1);
+    assert_rel(
+        out.loss.clone().into_scalar().into(),
+        one(&golden, "orpo_loss"),
+        "loss",
+    );
+    assert_rel(terms.nll_loss, one(&golden, "orpo_nll_loss"), "nll");
+    assert_rel(
+        terms.log_odds_ratio,
+        one(&golden, "orpo_log_odds_ratio"),
+        "ratio",
+    );
+    assert_rel(
+        terms.log_odds_chosen,
+        one(&golden, "orpo_log_odds_chosen"),
+        "odds",
+    );
+    assert_rel(
+        grad_norm(&model, out.loss),
+        one(&golden, "orpo_grad_norm"),
+        "grad norm",
+    );
+}
+
+#[test]
+fn reward_model_scores_and_losses_match_xtuner() {
+    let golden = golden();
+    let (ids, labels, [b, t]) = batch(&golden, "reward_");
+    let device = Default::default();
+    // The reference's reward model: `llama-tiny` with `llama-tiny/lora` attached and
+    // every parameter trained (base weights and adapters), and a value head.
+    let decoder = policy().0.map(&mut Trainable);
+    let head = golden.float_data("reward_v_head_weight").unwrap();
+    let input = DecoderInput::causal(b, t, &device);
+    for (loss_type, penalty_type, key) in [
+        (
+            RankingLoss::Ranking,
+            RewardPenalty::LogBarrier,
+            "ranking_log_barrier",
+        ),
+        (
+            RankingLoss::Focal,
+            RewardPenalty::LogBarrier,
+            "focal_log_barrier",
+        ),
+        (RankingLoss::Ranking, RewardPenalty::L2, "ranking_l2"),
+    ] {
+        let v_head = Param::from_tensor(Tensor::<B, 2>::from_data(head.clone(), &device));
+        let hidden = decoder.hidden_states(decoder.embed(ids.clone()), &input, None);
+        let c = hidden.dims()[2];
+        let values = hidden
+            .reshape([b * t, c])
+            .matmul(v_head.val().transpose())
+            .reshape([b, t]);
+        let (chosen, rejected) = reward_scores(values, &labels);
+        for (scores, want) in [
+            (chosen.clone(), "reward_chosen_scores"),
+            (rejected.clone(), "reward_rejected_scores"),
+        ] {
+            let got: Vec<f32> = scores.into_data().to_vec().unwrap();
+            for (g, w) in got.iter().zip(floats(&golden, want)) {
+                assert_rel(f64::from(*g), f64::from(w), want);
+            }
+        }
+        let objective = RewardObjective {
+            loss_type,
+            penalty_type,
+            penalty_weight: 0.01,
+        };
+        let out = reward_loss(chosen, rejected, &objective);
+        let loss: f64 = out.loss.clone().into_scalar().into();
+        assert_rel(loss, one(&golden, &format!("reward_{key}_loss")), key);
+        let grads = out.loss.backward();
+        let head_grad = v_head.val().grad(&grads).unwrap();
+        let head_sq: f64 = f64::from(head_grad.powi_scalar(2).sum().into_scalar());
+        let mut params = GradientsParams::from_grads(grads, &decoder);
+        let decoder_norm = clip_grad_norm(&decoder, &mut params, f64::INFINITY);
+        let norm = (decoder_norm * decoder_norm + head_sq).sqrt();
+        assert_rel(norm, one(&golden, &format!("reward_{key}_grad_norm")), key);
+    }
+}
+
+#[test]
+fn three_sigmoid_dpo_steps_follow_the_reference_trajectory() {
+    let trajectory: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("preference/dpo_train/trajectory.json")).unwrap(),
+    )
+    .unwrap();
+    let opt = &trajectory["optimizer"];
+    let optimizer_config = OptimizerConfig {
+        lr: opt["lr"].as_f64().unwrap(),
+        betas: [
+            opt["betas"][0].as_f64().unwrap(),
+            opt["betas"][1].as_f64().unwrap(),
+        ],
+        eps: opt["eps"].as_f64().unwrap(),
+        weight_decay: opt["weight_decay"].as_f64().unwrap(),
+        max_norm: opt["clip_grad_max_norm"].as_f64().unwrap(),
+    };
+    let golden = golden();
+    let (ids, labels, [b, t]) = batch(&golden, "");
+    let (mut model, config) = policy();
+    let input = DecoderInput::causal(b, t, &Default::default());
+    let dpo = Dpo {
+        loss_type: DpoLossType::Sigmoid,
+        beta: 0.1,
+        label_smoothing: 0.0,
+    };
+    let mut optimizer = adamw(&optimizer_config).init::<B, Decoder<B>>();
+    for (step, expected) in trajectory["history"].as_array().unwrap().iter().enumerate() {
+        let policy = sequence_logps(model.forward(ids.clone(), &input, None), &labels, false);
+        let reference = reference_logps(&model, &config, &ids, &labels, false);
+        let out = dpo_loss(policy, reference, &dpo);
+        let loss: f64 = out.loss.clone().into_scalar().into();
+        assert_rel(
+            loss,
+            expected["loss"].as_f64().unwrap(),
+            &format!("step {step} loss"),
+        );
+        let mut grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        let norm = clip_grad_norm(&model, &mut grads, optimizer_config.max_norm);
+        let want = expected["grad_norm_before_clip"].as_f64().unwrap();
+        assert_rel(norm, want, &format!("step {step} grad norm"));
+        model = optimizer.step(expected["lr"].as_f64().unwrap(), model, grads);
+    }
+    let trained =
+        Checkpoint::open(&fixture("preference/dpo_train/adapter_model.safetensors")).unwrap();
+    let ours = peft_tensors(&model.valid(), &config).unwrap();
+    assert_eq!(ours.len(), trained.keys().len());
+    for (key, data) in ours {
+        let want = trained
+            .float_data(&key)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        data.assert_approx_eq::<f32>(&want, Tolerance::absolute(1e-4));
+    }
+}
