@@ -12,7 +12,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::pack::PackedRow;
+use xtuner_template::JinjaTemplate;
+
 use crate::pipeline::{DataSpec, DatasetStats, ProcessedDataset, process};
+use crate::preference::{PairSpec, process_pairs};
 use crate::reader::data_files;
 use crate::tokenizer::{self, Tokenizer};
 use crate::{Error, Result};
@@ -36,6 +39,16 @@ pub enum CacheOutcome {
 /// # Errors
 /// A data file that cannot be read.
 pub fn cache_key(spec: &DataSpec, tokenizer_fingerprint: &str) -> Result<String> {
+    key_of(spec, &spec.files, tokenizer_fingerprint)
+}
+
+/// The key of any spec: the version, the spec as JSON, the tokenizer's fingerprint and
+/// every data file's name and content.
+fn key_of<S: serde::Serialize>(
+    spec: &S,
+    files: &[PathBuf],
+    tokenizer_fingerprint: &str,
+) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     hasher.update(&CACHE_VERSION.to_le_bytes());
     let spec_json = serde_json::to_vec(spec).map_err(|e| Error::Cache {
@@ -44,7 +57,7 @@ pub fn cache_key(spec: &DataSpec, tokenizer_fingerprint: &str) -> Result<String>
     })?;
     hasher.update(&spec_json);
     hasher.update(tokenizer_fingerprint.as_bytes());
-    for file in data_files(&spec.files)? {
+    for file in data_files(files)? {
         hasher.update(file.to_string_lossy().as_bytes());
         // Memory-mapped and hashed on all cores: the whole cost of a cache hit is this.
         hasher
@@ -67,7 +80,47 @@ pub fn load_or_process(
 ) -> Result<(ProcessedDataset, CacheOutcome)> {
     spec.validate()?;
     let key = cache_key(spec, &tokenizer::fingerprint(tokenizer_path)?)?;
-    let path = cache_dir.join(format!("{key}.bin"));
+    load_or_build(&cache_dir.join(format!("{key}.bin")), || {
+        process(spec, &Tokenizer::from_path(tokenizer_path)?)
+    })
+}
+
+/// [`load_or_process`] for preference data: the pairs of `spec`, rendered with the
+/// tokenizer's own chat template (which its fingerprint covers).
+///
+/// # Errors
+/// Those of [`process_pairs`]; a tokenizer without a chat template; a cache directory
+/// that cannot be written.
+pub fn load_or_process_pairs(
+    spec: &PairSpec,
+    tokenizer_path: &Path,
+    cache_dir: &Path,
+) -> Result<(ProcessedDataset, CacheOutcome)> {
+    // "pairs" keeps these entries apart from supervised ones of the same files.
+    let key = key_of(
+        &("pairs", spec),
+        &spec.files,
+        &tokenizer::fingerprint(tokenizer_path)?,
+    )?;
+    load_or_build(&cache_dir.join(format!("{key}.bin")), || {
+        let template = JinjaTemplate::from_tokenizer_dir(tokenizer_path)
+            .map_err(|source| Error::ChatTemplate { source })?
+            .ok_or_else(|| Error::Tokenizer {
+                path: tokenizer_path.to_path_buf(),
+                message: "no chat_template (tokenizer_config.json or chat_template.jinja): \
+                          preference data is rendered with the tokenizer's own template"
+                    .into(),
+            })?;
+        process_pairs(spec, &template, &Tokenizer::from_path(tokenizer_path)?)
+    })
+}
+
+/// The entry at `path` if it is whole, else `build`'s result, stored there.
+fn load_or_build(
+    path: &Path,
+    build: impl FnOnce() -> Result<ProcessedDataset>,
+) -> Result<(ProcessedDataset, CacheOutcome)> {
+    let path = path.to_path_buf();
     match read_entry(&path) {
         Ok(Some(dataset)) => {
             tracing::info!(path = %path.display(), rows = dataset.rows.len(), "dataset cache hit");
@@ -76,7 +129,7 @@ pub fn load_or_process(
         Ok(None) => {}
         Err(e) => tracing::warn!("ignoring unreadable dataset cache entry: {e}"),
     }
-    let dataset = process(spec, &Tokenizer::from_path(tokenizer_path)?)?;
+    let dataset = build()?;
     write_entry(&path, &dataset)?;
     tracing::info!(path = %path.display(), "dataset cached");
     Ok((dataset, CacheOutcome::Built(path)))

@@ -23,7 +23,7 @@ pub mod reader;
 pub mod sampler;
 pub mod tokenizer;
 
-pub use cache::{CacheOutcome, load_or_process};
+pub use cache::{CacheOutcome, load_or_process, load_or_process_pairs};
 pub use encode::{EncodedSample, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 pub use error::{Error, Result};
 pub use pack::PackedRow;

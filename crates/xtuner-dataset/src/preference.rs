@@ -19,9 +19,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use xtuner_template::JinjaTemplate;
 
+use std::path::PathBuf;
+
 use crate::encode::IGNORE_INDEX;
+use crate::format::DataFormat;
 use crate::pack::PackedRow;
-use crate::reader::Record;
+use crate::pipeline::{DatasetStats, ProcessedDataset};
+use crate::reader::{Record, read_records};
+use crate::sampler::shuffled;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -358,6 +363,201 @@ pub fn pack_pairs(
         rows.push(row);
     }
     (rows, removed)
+}
+
+/// A data config's `format`: a supervised format (one of XTuner's map functions, onto
+/// conversations) or a preference format (onto pairs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordFormat {
+    /// Samples: conversations or pre-tokenized rows.
+    Sample(DataFormat),
+    /// Preference pairs.
+    Pair(PreferenceFormat),
+}
+
+impl std::str::FromStr for RecordFormat {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name.parse::<PreferenceFormat>() {
+            Ok(pair) => Ok(Self::Pair(pair)),
+            Err(_) => match name.parse::<DataFormat>() {
+                Ok(sample) => Ok(Self::Sample(sample)),
+                Err(Error::UnknownFormat { name, valid }) => Err(Error::UnknownFormat {
+                    name,
+                    valid: format!(
+                        "{valid}; preference formats: {}",
+                        PreferenceFormat::all()
+                            .iter()
+                            .map(|f| f.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }),
+                Err(other) => Err(other),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for RecordFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sample(format) => format.fmt(f),
+            Self::Pair(format) => format.fmt(f),
+        }
+    }
+}
+
+impl Serialize for RecordFormat {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Everything a processed preference data set depends on besides the files' content
+/// and the tokenizer (the cache key is made of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairSpec {
+    /// Data files or folders.
+    pub files: Vec<PathBuf>,
+    /// The records' format.
+    pub format: PreferenceFormat,
+    /// How each pair is encoded.
+    #[serde(with = "pair_options")]
+    pub options: PairOptions,
+    /// Pack pairs into varlen rows of at most this many tokens (XTuner's
+    /// `PackedDatasetWrapper` under `use_varlen_attn`); `None`: one pair per row.
+    pub max_packed_length: Option<usize>,
+    /// Shuffle pairs (seeded) before packing.
+    pub shuffle_before_pack: bool,
+    /// Seed of that shuffle and of `max_dataset_length`'s subset.
+    pub seed: u64,
+    /// Keep only this many records (a seeded random subset).
+    pub max_dataset_length: Option<usize>,
+}
+
+mod pair_options {
+    use super::PairOptions;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Options {
+        max_length: usize,
+        reward_token_id: Option<u32>,
+    }
+
+    pub fn serialize<S: Serializer>(o: &PairOptions, s: S) -> Result<S::Ok, S::Error> {
+        Options {
+            max_length: o.max_length,
+            reward_token_id: o.reward_token_id,
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PairOptions, D::Error> {
+        let o = Options::deserialize(d)?;
+        Ok(PairOptions {
+            max_length: o.max_length,
+            reward_token_id: o.reward_token_id,
+        })
+    }
+}
+
+/// The preference data set of `spec`: one training row per pair (chosen then rejected,
+/// each its own segment of `cumulative_len`), or pairs packed into varlen rows.
+///
+/// # Errors
+/// A bad setting, unreadable files, a record that does not fit its format or that the
+/// template fails on, or no pair at all.
+pub fn process_pairs(
+    spec: &PairSpec,
+    template: &JinjaTemplate,
+    tokenizer: &Tokenizer,
+) -> Result<ProcessedDataset> {
+    if spec.options.max_length == 0 {
+        return Err(Error::InvalidSetting {
+            key: "max_length",
+            message: "must be positive".into(),
+        });
+    }
+    let mut records = read_records(&spec.files)?;
+    if let Some(max) = spec.max_dataset_length
+        && max < records.len()
+    {
+        let mut keep = shuffled(records.len(), spec.seed);
+        keep.truncate(max);
+        keep.sort_unstable();
+        records = keep
+            .into_iter()
+            .filter_map(|i| records.get(i).cloned())
+            .collect();
+    }
+    let mut pairs = encode_pair_records(&records, spec.format, template, tokenizer, spec.options)?;
+    if pairs.is_empty() {
+        return Err(Error::EmptyDataset {
+            reason: format!("{} records read, no preference pair", records.len()),
+        });
+    }
+    let mut stats = DatasetStats {
+        records: records.len(),
+        samples: pairs.len(),
+        tokens: pairs.iter().map(EncodedPair::len).sum(),
+        trained_tokens: pairs
+            .iter()
+            .map(|p| {
+                p.chosen_labels
+                    .iter()
+                    .chain(&p.rejected_labels)
+                    .filter(|&&l| l >= 0)
+                    .count()
+            })
+            .sum(),
+        ..DatasetStats::default()
+    };
+    let rows = match spec.max_packed_length {
+        Some(max) => {
+            if spec.shuffle_before_pack {
+                let order = shuffled(pairs.len(), spec.seed);
+                let mut slots: Vec<Option<EncodedPair>> = pairs.into_iter().map(Some).collect();
+                pairs = order
+                    .into_iter()
+                    .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+                    .collect();
+            }
+            let (rows, removed) = pack_pairs(pairs, max);
+            if removed > 0 {
+                tracing::warn!(
+                    removed,
+                    max_packed_length = max,
+                    "pairs longer than a packed row left out"
+                );
+            }
+            rows
+        }
+        None => pairs
+            .into_iter()
+            .flat_map(|p| pack_pairs([p], usize::MAX).0)
+            .collect(),
+    };
+    stats.rows = rows.len();
+    Ok(ProcessedDataset {
+        rows,
+        stats,
+        ..ProcessedDataset::default()
+    })
 }
 
 #[cfg(test)]

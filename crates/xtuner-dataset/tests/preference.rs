@@ -98,3 +98,40 @@ fn a_pair_is_taken_as_it_is_and_bad_records_are_named() {
         .unwrap_err();
     assert!(err.contains("`extra`"), "{err}");
 }
+
+#[test]
+fn a_preference_data_set_is_a_row_per_pair_or_packed_and_cached() {
+    use xtuner_dataset::preference::PairSpec;
+    use xtuner_dataset::{CacheOutcome, load_or_process_pairs};
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = common::fixture("preference/tokenizer-internlm2");
+    let mut spec = PairSpec {
+        files: vec![common::fixture("preference/intel_orca.jsonl")],
+        format: PreferenceFormat::IntelOrcaDpo,
+        options: PairOptions {
+            max_length: 512,
+            reward_token_id: None,
+        },
+        max_packed_length: None,
+        shuffle_before_pack: false,
+        seed: 0,
+        max_dataset_length: None,
+    };
+    let (rows, outcome) = load_or_process_pairs(&spec, &tokenizer, dir.path()).unwrap();
+    assert!(matches!(outcome, CacheOutcome::Built(_)));
+    assert_eq!(rows.rows.len(), 4);
+    let text = std::fs::read_to_string(common::fixture("preference/encode_cases.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let chosen = first["chosen_ids"].as_array().unwrap().len();
+    let rejected = first["rejected_ids"].as_array().unwrap().len();
+    assert_eq!(rows.rows[0].cumulative_len, [0, chosen, chosen + rejected]);
+    let (again, outcome) = load_or_process_pairs(&spec, &tokenizer, dir.path()).unwrap();
+    assert!(matches!(outcome, CacheOutcome::Hit(_)));
+    assert_eq!(again, rows);
+    spec.max_packed_length = Some(300);
+    let (packed, outcome) = load_or_process_pairs(&spec, &tokenizer, dir.path()).unwrap();
+    assert!(matches!(outcome, CacheOutcome::Built(_)), "another key");
+    assert!(packed.rows.len() < 4 && packed.rows.iter().all(|r| r.len() <= 300));
+    let segments: usize = packed.rows.iter().map(|r| r.cumulative_len.len() - 1).sum();
+    assert_eq!(segments, 8, "every pair whole, two segments each");
+}
