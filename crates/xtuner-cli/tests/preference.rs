@@ -127,3 +127,147 @@ fn a_record_the_chat_template_rejects_is_named_with_the_template_line() {
     );
     assert!(failed(&out, 1).contains("has no chat_template"));
 }
+
+/// A run directory with a preference config on `llama-tiny` (whose vocabulary is the
+/// preference tokenizer's): `method` and the rest of the `[preference]` section.
+fn preference_run(preference: &str, lora: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = if lora {
+        "[lora]\nr = 8\nalpha = 16\ndropout = 0.0\n"
+    } else {
+        ""
+    };
+    fs::write(
+        dir.path().join("run.toml"),
+        format!(
+            "[model]\npath = {:?}\nactivation_checkpointing = false\n[tokenizer]\npath = {:?}\n\
+             [data]\nfiles = [{:?}]\nformat = \"intel_orca_dpo\"\nmax_length = 128\n\
+             {lora}[preference]\n{preference}\n[optimizer]\nlr = 1e-2\n\
+             [train]\nbatch_size = 2\naccumulative_counts = 1\nmax_iters = 6\nlog_interval = 1\n[checkpoint]\nsave_steps = 3\n",
+            fixtures().join("llama-tiny").to_str().unwrap(),
+            fixtures().join("preference/tokenizer-internlm2").to_str().unwrap(),
+            fixtures().join("preference/intel_orca.jsonl").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn dpo_trains_logs_its_rewards_resumes_and_exports() {
+    let dir = preference_run("method = \"dpo\"\nbeta = 0.1", true);
+    let d = dir.path();
+    ok(&xtuner(&["train", "run.toml"], d));
+    let work = d.join("work_dirs/run");
+    let steps = common::logged_steps(&work);
+    assert_eq!(steps.len(), 6);
+    for key in [
+        "chosen_rewards",
+        "rejected_rewards",
+        "reward_acc",
+        "reward_margin",
+    ] {
+        assert!(
+            steps.iter().all(|s| s[key].is_f64()),
+            "{key} logged: {:?}",
+            steps[0]
+        );
+    }
+    // The policy moves away from its reference towards the chosen answers.
+    let margin = |s: &Value| s["reward_margin"].as_f64().unwrap();
+    assert_eq!(margin(&steps[0]), 0.0, "the policy starts as the reference");
+    assert!(
+        margin(&steps[5]) > 0.0,
+        "{:?}",
+        steps.iter().map(margin).collect::<Vec<_>>()
+    );
+    // Resumed from the middle: the same last steps.
+    let resumed = d.join("resumed");
+    fs::create_dir_all(&resumed).unwrap();
+    let status = std::process::Command::new("cp")
+        .args([
+            "-r",
+            work.join("iter_3").to_str().unwrap(),
+            resumed.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    ok(&xtuner(
+        &["train", "run.toml", "--work-dir", "resumed", "--resume"],
+        d,
+    ));
+    assert_eq!(
+        common::losses(&resumed),
+        common::losses(&work)[3..].to_vec()
+    );
+    // The adapter exports as PEFT's.
+    ok(&xtuner(
+        &[
+            "convert",
+            "pth_to_hf",
+            "run.toml",
+            "work_dirs/run/iter_6",
+            "adapter",
+        ],
+        d,
+    ));
+    assert!(d.join("adapter/adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn full_dpo_and_orpo_train() {
+    let dir = preference_run("method = \"dpo\"\nloss_type = \"ipo\"", false);
+    ok(&xtuner(&["train", "run.toml"], dir.path()));
+    let steps = common::logged_steps(&dir.path().join("work_dirs/run"));
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["loss"].as_f64().unwrap().is_finite())
+    );
+    assert!(steps[5]["reward_margin"].as_f64().unwrap() > 0.0);
+
+    let dir = preference_run("method = \"orpo\"", true);
+    ok(&xtuner(&["train", "run.toml"], dir.path()));
+    let steps = common::logged_steps(&dir.path().join("work_dirs/run"));
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["nll_loss"].is_f64() && s["log_odds_ratio"].is_f64())
+    );
+    let loss = |s: &Value| s["loss"].as_f64().unwrap();
+    assert!(loss(&steps[5]) < loss(&steps[0]));
+
+    // Pairs packed into varlen rows (XTuner's PackedDatasetWrapper), a row at a time.
+    let dir = preference_run("method = \"dpo\"", true);
+    ok(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--cfg-options",
+            "data.use_varlen_attn=true",
+            "preference.max_packed_length=300",
+            "train.batch_size=1",
+        ],
+        dir.path(),
+    ));
+    let packed = common::logged_steps(&dir.path().join("work_dirs/run"));
+    assert!(packed.iter().all(|s| loss(s).is_finite()));
+    assert!(packed[5]["reward_margin"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn preference_configs_that_do_not_fit_are_errors_naming_the_key() {
+    for (preference, key) in [
+        (
+            "method = \"dpo\"\nloss_type = \"focal\"",
+            "preference.loss_type",
+        ),
+        ("method = \"reward\"", "preference.reward_token_id"),
+        ("method = \"dpo\"\nbeta = 0.0", "preference.beta"),
+    ] {
+        let dir = preference_run(preference, true);
+        let err = failed(&xtuner(&["train", "run.toml"], dir.path()), 2);
+        assert!(err.contains(key), "{preference}: {err}");
+    }
+}

@@ -12,7 +12,7 @@
 //! - [`config`]: the run configuration, [`config::RunMode`], [`config::ModelSource`];
 //! - [`run`]: the loop, its [`run::Recipe`] trait, events, the JSON Lines log, resume;
 //! - [`recipe`]: the shared set-up and the recipes ([`recipe::decoder`],
-//!   [`recipe::llava`]);
+//!   [`recipe::llava`], [`recipe::preference`]);
 //! - [`step`]: batch → inputs, forward/backward, the optimizer step;
 //! - [`recompute`]: the decoder's forward and backward with activation checkpointing;
 //! - [`loss`]: the causal LM loss, a chunk of positions at a time;
@@ -66,7 +66,8 @@ pub use run::{Progress, Resume, TrainEvent, TrainSummary};
 pub(crate) mod test_support;
 
 /// Runs (or resumes) the training a config describes, with the recipe of its
-/// [`RunMode`]: LLaVA when it has a `[llava]` section, the decoder alone otherwise;
+/// [`RunMode`]: preference training with a `[preference]` section, LLaVA with a
+/// `[llava]` section, the decoder alone otherwise;
 /// as one rank of a data-parallel run when `collective` has others
 /// ([`collective::Single`] for one device).
 ///
@@ -90,6 +91,9 @@ pub fn train<B: AutodiffBackend>(
         stop,
         collective,
     };
+    if loaded.config.preference.is_some() {
+        return recipe::preference::train(ctx, resume);
+    }
     match loaded.config.mode() {
         RunMode::Llava => recipe::llava::train(ctx, resume),
         RunMode::Lora | RunMode::Full => recipe::decoder::train(ctx, resume),

@@ -21,38 +21,60 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use xtuner_model::nn::cross_entropy::cross_entropy_sum;
 
-use crate::loss::causal_lm_loss;
+/// Where one sequence lies in a batch: its row and its positions `start..end`.
+pub type Segment = (usize, usize, usize);
 
-/// Each row's log-probability of its labels: `Σ log p(labels[t+1] | ..t)` over the
-/// trained positions (label not -100 and not 0), divided by their count when `average`.
+/// One segment per row, the whole row: XTuner's padded (not varlen) batches.
+pub fn row_segments(rows: usize, seq_len: usize) -> Vec<Segment> {
+    (0..rows).map(|r| (r, 0, seq_len)).collect()
+}
+
+/// `Σ log p(labels[i+1] | ..i)` over a segment's trained positions (label neither
+/// -100 nor 0, XTuner's mask), and their count.
+fn segment_logp<B: Backend>(
+    logits: &Tensor<B, 3>,
+    labels: &[i64],
+    seq_len: usize,
+    (row, start, end): Segment,
+) -> (Tensor<B, 1>, usize) {
+    let v = logits.dims()[2];
+    if end < start + 2 {
+        return (Tensor::zeros([1], (&logits.device(), DType::F32)), 0);
+    }
+    let shifted = &labels[row * seq_len + start + 1..row * seq_len + end];
+    let trained = |l: i64| l > 0 && (l as usize) < v;
+    let targets: Vec<i64> = shifted
+        .iter()
+        .map(|&l| if trained(l) { l } else { 0 })
+        .collect();
+    let weights: Vec<f32> = shifted
+        .iter()
+        .map(|&l| f32::from(u8::from(trained(l))))
+        .collect();
+    let count = weights.iter().filter(|&&w| w > 0.0).count();
+    let logits = logits.clone().slice([row..row + 1, start..end - 1, 0..v]);
+    (cross_entropy_sum(logits, &targets, &weights).neg(), count)
+}
+
+/// Each segment's log-probability of its labels (see the module docs), divided by the
+/// count of its trained positions when `average`.
 ///
 /// # Shapes
-/// `logits`: `[B, T, V]`; `labels`: `[B, T]` (host values) → `[B]`.
-pub fn sequence_logps<B: Backend>(
+/// `logits`: `[B, T, V]`; `labels`: `[B, T]` (host values) → `[segments]`.
+pub fn segment_logps<B: Backend>(
     logits: Tensor<B, 3>,
     labels: &[i64],
+    segments: &[Segment],
     average: bool,
 ) -> Tensor<B, 1> {
-    let [b, t, v] = logits.dims();
-    let device = logits.device();
-    if t < 2 {
-        return Tensor::zeros([b], (&device, DType::F32));
+    let t = logits.dims()[1];
+    if segments.is_empty() {
+        return Tensor::zeros([0], (&logits.device(), DType::F32));
     }
-    let rows: Vec<Tensor<B, 1>> = (0..b)
-        .map(|row| {
-            let shifted = &labels[row * t + 1..(row + 1) * t];
-            let trained = |l: i64| l > 0 && (l as usize) < v;
-            let targets: Vec<i64> = shifted
-                .iter()
-                .map(|&l| if trained(l) { l } else { 0 })
-                .collect();
-            let weights: Vec<f32> = shifted
-                .iter()
-                .map(|&l| f32::from(u8::from(trained(l))))
-                .collect();
-            let count = weights.iter().filter(|&&w| w > 0.0).count();
-            let logits = logits.clone().slice([row..row + 1, 0..t - 1, 0..v]);
-            let logp = cross_entropy_sum(logits, &targets, &weights).neg();
+    let values: Vec<Tensor<B, 1>> = segments
+        .iter()
+        .map(|&seg| {
+            let (logp, count) = segment_logp(&logits, labels, t, seg);
             if average {
                 // XTuner divides by the count even when it is 0 (a NaN it then skips).
                 logp.div_scalar(count as f64)
@@ -61,7 +83,17 @@ pub fn sequence_logps<B: Backend>(
             }
         })
         .collect();
-    Tensor::cat(rows, 0)
+    Tensor::cat(values, 0)
+}
+
+/// [`segment_logps`] of whole rows.
+pub fn sequence_logps<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: &[i64],
+    average: bool,
+) -> Tensor<B, 1> {
+    let [b, t, _] = logits.dims();
+    segment_logps(logits, labels, &row_segments(b, t), average)
 }
 
 /// The even rows (chosen) and the odd rows (rejected) of per-row values.
@@ -262,27 +294,45 @@ pub struct OrpoTerms {
 }
 
 /// XTuner's ORPO loss: `nll(chosen) - β·mean(log σ(log odds ratio))`, from the policy's
-/// logits of the whole batch.
+/// logits; `segments` alternate chosen and rejected.
 ///
 /// # Shapes
-/// `logits`: `[2N, T, V]`; `labels`: `[2N, T]`.
+/// `logits`: `[B, T, V]`; `labels`: `[B, T]`.
 pub fn orpo_loss<B: Backend>(
     logits: Tensor<B, 3>,
     labels: &[i64],
+    segments: &[Segment],
     beta: f64,
 ) -> (PreferenceLoss<B>, OrpoTerms) {
-    let [b, t, v] = logits.dims();
-    let device = logits.device();
-    let chosen_rows: Vec<i64> = (0..b).step_by(2).map(|r| r as i64).collect();
-    let n = chosen_rows.len();
-    let chosen_logits = logits.clone().select(
-        0,
-        Tensor::<B, 1, Int>::from_data(TensorData::new(chosen_rows, [n]), &device),
-    );
-    let chosen_labels: Vec<i64> = labels.chunks(t).step_by(2).flatten().copied().collect();
-    let nll = causal_lm_loss(chosen_logits, &chosen_labels).mean();
-    debug_assert_eq!(logits.dims()[2], v);
-    let logps = sequence_logps(logits, labels, true);
+    let t = logits.dims()[1];
+    // The chosen answers' token-mean language-modelling loss (labels -100 only are
+    // left out, as PyTorch's cross-entropy does).
+    let (mut nll, mut tokens) = (Vec::new(), 0usize);
+    for &(row, start, end) in segments.iter().step_by(2) {
+        if end < start + 2 {
+            continue;
+        }
+        let v = logits.dims()[2];
+        let shifted = &labels[row * t + start + 1..row * t + end];
+        let trained = |l: i64| l >= 0 && (l as usize) < v;
+        let targets: Vec<i64> = shifted
+            .iter()
+            .map(|&l| if trained(l) { l } else { 0 })
+            .collect();
+        let weights: Vec<f32> = shifted
+            .iter()
+            .map(|&l| f32::from(u8::from(trained(l))))
+            .collect();
+        tokens += weights.iter().filter(|&&w| w > 0.0).count();
+        let part = logits.clone().slice([row..row + 1, start..end - 1, 0..v]);
+        nll.push(cross_entropy_sum(part, &targets, &weights));
+    }
+    let nll = if nll.is_empty() {
+        Tensor::zeros([1], (&logits.device(), DType::F32))
+    } else {
+        Tensor::cat(nll, 0).sum().div_scalar(tokens.max(1) as f64)
+    };
+    let logps = segment_logps(logits, labels, segments, true);
     let (c, r) = split_pairs(logps);
     // log(p/(1-p)) of chosen minus rejected: (c - r) - (log1p(-e^c) - log1p(-e^r)).
     let log_odds =

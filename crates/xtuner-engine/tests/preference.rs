@@ -19,7 +19,7 @@ use xtuner_engine::lora::{attach_peft, without_adapters};
 use xtuner_engine::optim::{adamw, clip_grad_norm};
 use xtuner_engine::preference::{
     Dpo, DpoLossType, RankingLoss, RewardObjective, RewardPenalty, dpo_loss, orpo_loss,
-    reward_loss, reward_scores, sequence_logps,
+    reward_loss, reward_scores, row_segments, sequence_logps,
 };
 use xtuner_model::checkpoint::Checkpoint;
 use xtuner_model::checkpoint::peft::PeftAdapter;
@@ -164,6 +164,66 @@ fn every_dpo_loss_type_matches_xtuner() {
     }
 }
 
+/// The golden pairs as training rows: one pair a row (padded batches) and both pairs in
+/// one varlen row give the reference's log-probabilities.
+#[test]
+fn pairs_in_padded_and_in_varlen_batches_score_alike() {
+    use xtuner_dataset::PackedRow;
+    use xtuner_engine::preference::segment_logps;
+    use xtuner_engine::recipe::preference::pair_batch;
+    use xtuner_engine::step::batch_tensors;
+    let golden = golden();
+    let (ids, labels, [b, t]) = batch(&golden, "");
+    let ids: Vec<i64> = ids.into_data().to_vec().unwrap();
+    let mask = golden
+        .int_data("attention_mask")
+        .unwrap()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
+    let seq = |r: usize| {
+        let len = mask[r * t..(r + 1) * t].iter().filter(|&&m| m == 1).count();
+        (
+            ids[r * t..r * t + len].to_vec(),
+            labels[r * t..r * t + len].to_vec(),
+        )
+    };
+    let row = |seqs: &[usize]| {
+        let mut row = PackedRow {
+            cumulative_len: vec![0],
+            ..PackedRow::default()
+        };
+        for &r in seqs {
+            let (i, l) = seq(r);
+            row.input_ids.extend(i);
+            row.labels.extend(l);
+            row.cumulative_len.push(row.input_ids.len());
+        }
+        row
+    };
+    assert_eq!(b, 4);
+    let (model, _) = policy();
+    let want = floats(&golden, "dpo_policy_logps");
+    let one_pair_a_row = [row(&[0, 1]), row(&[2, 3])];
+    let packed = [row(&[0, 1, 2, 3])];
+    for (rows, varlen) in [(&one_pair_a_row[..], false), (&packed[..], true)] {
+        let refs: Vec<&PackedRow> = rows.iter().collect();
+        let (batch, segments) = pair_batch(&refs, varlen);
+        let (ids, input) = batch_tensors::<B>(&batch, &Default::default());
+        let logps = segment_logps(
+            model.forward(ids, &input, None),
+            &batch.labels,
+            &segments,
+            false,
+        );
+        let got: Vec<f32> = logps.into_data().to_vec().unwrap();
+        assert_eq!(got.len(), 4);
+        for (g, w) in got.iter().zip(&want) {
+            assert_rel(f64::from(*g), f64::from(*w), &format!("varlen {varlen}"));
+        }
+    }
+}
+
 #[test]
 fn orpo_matches_xtuner() {
     let golden = golden();
@@ -178,7 +238,7 @@ fn orpo_matches_xtuner() {
     for (g, w) in logps.iter().zip(floats(&golden, "orpo_logps")) {
         assert_rel(f64::from(*g), f64::from(w), "orpo logp");
     }
-    let (out, terms) = orpo_loss(logits, &labels, 0.1);
+    let (out, terms) = orpo_loss(logits, &labels, &row_segments(b, t), 0.1);
     assert_rel(
         out.loss.clone().into_scalar().into(),
         one(&golden, "orpo_loss"),

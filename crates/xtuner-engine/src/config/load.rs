@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use xtuner_dataset::DataSpec;
+use xtuner_dataset::preference::{PairOptions, PairSpec, RecordFormat};
 
 use super::{TemplateConfig, TrainConfig, needs_template};
 use crate::{Error, Result};
@@ -139,11 +140,34 @@ impl TrainConfig {
             "data.max_length",
             "must be at least 1",
         )?;
+        let pairs = matches!(self.data.format, RecordFormat::Pair(_));
         check(
-            !self.data.use_varlen_attn || self.data.pack_to_max_length,
+            pairs == self.preference.is_some(),
+            "preference",
+            if pairs {
+                "a preference data format needs a [preference] section (method = \"dpo\", \"orpo\" or \"reward\")"
+            } else {
+                "preference training needs a preference data format (data.format = \"intel_orca_dpo\", \"orpo_dpo_mix_40k\" or \"preference\")"
+            },
+        )?;
+        check(
+            !self.data.use_varlen_attn || self.data.pack_to_max_length || pairs,
             "data.use_varlen_attn",
             "needs data.pack_to_max_length = true",
         )?;
+        if let Some(p) = &self.preference {
+            p.objective()?;
+            check(
+                self.llava.is_none(),
+                "preference",
+                "preference training of LLaVA models is not built",
+            )?;
+            check(
+                p.max_packed_length > 0,
+                "preference.max_packed_length",
+                "must be at least 1",
+            )?;
+        }
         if let Some(t) = &self.template {
             let template = t.resolve().map_err(|e| match e {
                 Error::Setting { .. } => e,
@@ -158,7 +182,8 @@ impl TrainConfig {
             )?;
         }
         check(
-            self.template.is_some() || !needs_template(self.data.format),
+            self.template.is_some()
+                || !matches!(self.data.format, RecordFormat::Sample(f) if needs_template(f)),
             "template",
             "this data format needs a prompt template ([template] name = \"...\")",
         )?;
@@ -296,6 +321,12 @@ impl TrainConfig {
     /// # Errors
     /// A template section that does not resolve (already checked by `validate`).
     pub fn data_spec(&self) -> Result<DataSpec> {
+        let RecordFormat::Sample(format) = self.data.format else {
+            return Err(Error::setting(
+                "data.format",
+                "preference pairs are not samples: this run takes them through pair_spec",
+            ));
+        };
         let template = self
             .template
             .as_ref()
@@ -303,7 +334,7 @@ impl TrainConfig {
             .transpose()?;
         Ok(DataSpec {
             files: self.data.files.clone(),
-            format: self.data.format,
+            format,
             columns: self.data.columns.clone(),
             template,
             max_length: self.data.max_length,
@@ -312,6 +343,36 @@ impl TrainConfig {
             seed: self.train.seed,
             max_dataset_length: self.data.max_dataset_length,
             skip_bad_records: self.data.skip_bad_records,
+        })
+    }
+
+    /// The data-processing part of a preference config.
+    ///
+    /// # Errors
+    /// A config whose data are not preference pairs.
+    pub fn pair_spec(&self) -> Result<PairSpec> {
+        let (RecordFormat::Pair(format), Some(preference)) = (self.data.format, &self.preference)
+        else {
+            return Err(Error::setting(
+                "preference",
+                "this config has no preference data",
+            ));
+        };
+        let reward = preference.method == super::PreferenceMethod::Reward;
+        Ok(PairSpec {
+            files: self.data.files.clone(),
+            format,
+            options: PairOptions {
+                max_length: self.data.max_length,
+                reward_token_id: preference.reward_token_id.filter(|_| reward),
+            },
+            max_packed_length: self
+                .data
+                .use_varlen_attn
+                .then_some(preference.max_packed_length),
+            shuffle_before_pack: self.data.shuffle_before_pack,
+            seed: self.train.seed,
+            max_dataset_length: self.data.max_dataset_length,
         })
     }
 

@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use xtuner_dataset::format::{ColumnMap, DataFormat};
+use xtuner_dataset::preference::RecordFormat;
 use xtuner_template::{ChatTemplate, PromptTemplate, SystemTemplate};
 
 mod load;
+mod preference;
 
 pub use load::LoadedConfig;
+pub use preference::{Objective, PreferenceConfig, PreferenceMethod};
 
 use crate::{Error, Result};
 
@@ -61,6 +64,9 @@ pub struct TrainConfig {
     /// The vision parts of a LLaVA run.
     #[serde(default)]
     pub llava: Option<LlavaConfig>,
+    /// Training on preference pairs (DPO, ORPO, reward models).
+    #[serde(default)]
+    pub preference: Option<PreferenceConfig>,
 }
 
 /// Where the LLM comes from, and how its layers are run.
@@ -194,8 +200,10 @@ pub struct TokenizerConfig {
 pub struct DataConfig {
     /// Data files or folders (JSON, JSON Lines, Parquet).
     pub files: Vec<PathBuf>,
-    /// Record format: one of XTuner's map functions, `conversation` or `tokenized`.
-    pub format: DataFormat,
+    /// Record format: one of XTuner's map functions, `conversation` or `tokenized`; or
+    /// a preference format (`intel_orca_dpo`, `orpo_dpo_mix_40k`, `preference`) with a
+    /// `[preference]` section.
+    pub format: RecordFormat,
     /// Field renames for data with other column names: format field = "column".
     #[serde(default)]
     pub columns: ColumnMap,
@@ -760,7 +768,7 @@ name = "internlm2_chat"
         .config;
         assert_eq!(c.optimizer.lr, 1e-3);
         assert_eq!(c.train.max_epochs, 1);
-        assert_eq!(c.data.format, DataFormat::Openai);
+        assert_eq!(c.data.format, RecordFormat::Sample(DataFormat::Openai));
         assert_eq!(c.evaluation.inputs, vec!["hi".to_string()]);
         let err = load(MINIMAL, &["train.nope=1"]).unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");

@@ -138,6 +138,7 @@ impl<B: AutodiffBackend> Recipe<B> for DecoderRecipe<'_, B> {
             trained_tokens: batch.trained_tokens(),
             tokens: batch.tokens(),
             grads,
+            metrics: Vec::new(),
         })
     }
 

@@ -388,6 +388,7 @@ impl<B: AutodiffBackend> Recipe<B> for LlavaRecipe<'_, B> {
             trained_tokens: step.trained_tokens,
             tokens: step.tokens,
             grads: step.grads,
+            metrics: Vec::new(),
         })
     }
 

@@ -1,13 +1,15 @@
 //! The recipes of the one training loop, and the set-up they share.
 //!
 //! A recipe ([`crate::run::Recipe`]) is a kind of run: [`decoder`] (LoRA, QLoRA, full
-//! fine-tuning, incremental pre-training) and [`llava`] (XTuner's two LLaVA stages).
+//! fine-tuning, incremental pre-training), [`llava`] (XTuner's two LLaVA stages) and
+//! [`preference`] (DPO and ORPO on preference pairs).
 //! Every recipe starts the same way: [`prepare`] the data and tokenizer, build the
 //! [`base_model`], find the resume point, then give each part of the model its
 //! adapters, freezing or saved weights through one policy, [`attach_part`].
 
 pub mod decoder;
 pub mod llava;
+pub mod preference;
 
 use std::path::Path;
 

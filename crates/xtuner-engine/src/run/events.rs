@@ -65,6 +65,10 @@ pub struct StepStats {
     /// Device memory the allocator holds, in MiB (GPU runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<f64>,
+    /// The recipe's own numbers (DPO's `chosen_rewards`, `reward_acc`, ...), each a
+    /// key of the log line.
+    #[serde(flatten)]
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 /// Receives [`TrainEvent`]s (the CLI draws a progress bar from them).

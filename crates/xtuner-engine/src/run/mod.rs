@@ -20,6 +20,7 @@
 mod events;
 mod resume;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -105,6 +106,9 @@ pub struct MicroStep {
     pub tokens: usize,
     /// Gradients of the loss divided by the divisor.
     pub grads: GradientsParams,
+    /// What else the recipe logs (DPO's rewards, ...): averaged over the step's
+    /// micro-batches into the step's log line.
+    pub metrics: Vec<(&'static str, f64)>,
 }
 
 /// A run's model, and where it starts.
@@ -290,6 +294,7 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         interrupted: false,
     };
     let mut accumulator = GradientsAccumulator::<R::Model>::new();
+    let mut step_metrics: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
     let (mut step_loss, mut step_tokens, mut step_seen, mut micro) =
         (0.0f64, 0usize, 0usize, 0usize);
     // A rank whose loss is not finite says so at the step, so all ranks stop together.
@@ -330,6 +335,10 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
         match &mut zero {
             Some(z) if z.reduces_each_micro_batch() => z.reduce(&model, &step.grads, collective)?,
             _ => accumulator.accumulate(&model, step.grads),
+        }
+        for (name, value) in &step.metrics {
+            let slot = step_metrics.entry(*name).or_insert((0.0, 0));
+            *slot = (slot.0 + value, slot.1 + 1);
         }
         step_loss += step.loss * step.trained_tokens as f64;
         step_tokens += step.trained_tokens;
@@ -391,6 +400,10 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
                 tokens_per_s: tokens_seen as f64 / elapsed,
                 eta_s: per_iter * (total_iters - done) as f64,
                 memory_mib: xtuner_model::device::memory_reserved_mib::<B>(device),
+                metrics: std::mem::take(&mut step_metrics)
+                    .into_iter()
+                    .map(|(name, (sum, n))| (name.to_string(), sum / n.max(1) as f64))
+                    .collect(),
             };
             summary.first_loss.get_or_insert(loss);
             summary.last_loss = Some(loss);

@@ -61,6 +61,7 @@ impl Recipe<A> for Fake {
             trained_tokens: rows.len(),
             tokens: rows.len(),
             grads,
+            metrics: Vec::new(),
         })
     }
 
