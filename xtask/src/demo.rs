@@ -55,14 +55,14 @@ const MAX_CLAUSES: usize = 3;
 /// piece.
 const VOCAB_SIZE: usize = 600;
 
-const DEMO_DIR: &str = "configs/demo";
+pub const DEMO_DIR: &str = "configs/demo";
 const CONFIG: &str = "configs/demo_tiny_lora.toml";
 
 /// One demo record: its clauses (noun, adjective) and its label.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Review {
-    clauses: Vec<(&'static str, &'static str)>,
-    positive: bool,
+pub struct Review {
+    pub clauses: Vec<(&'static str, &'static str)>,
+    pub positive: bool,
 }
 
 /// Generates every demo file under the repository root (the working directory).
@@ -143,7 +143,7 @@ fn words() -> impl Iterator<Item = &'static str> {
 
 /// `n` distinct reviews of 1–3 clauses about distinct nouns, half of each label on
 /// average, in the order drawn.
-fn distinct_reviews(rng: &mut ChaCha8Rng, n: usize) -> Vec<Review> {
+pub fn distinct_reviews(rng: &mut ChaCha8Rng, n: usize) -> Vec<Review> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -164,7 +164,7 @@ fn distinct_reviews(rng: &mut ChaCha8Rng, n: usize) -> Vec<Review> {
 }
 
 /// "Is this review positive or negative? The soup was cold and the bread was stale."
-fn prompt(review: &Review) -> String {
+pub fn prompt(review: &Review) -> String {
     let clauses: Vec<String> = review
         .clauses
         .iter()
@@ -175,7 +175,7 @@ fn prompt(review: &Review) -> String {
     format!("{QUESTION} {text}.")
 }
 
-fn answer(review: &Review) -> &'static str {
+pub fn answer(review: &Review) -> &'static str {
     if review.positive {
         "positive"
     } else {

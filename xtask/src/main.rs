@@ -1,6 +1,7 @@
 //! `cargo xtask`: project chores that are not part of the `xtuner` binary.
 //!
 //! - `demo-data`: generate the demo data set, tokenizer and config under `configs/`;
+//! - `demo-dpo-data`: generate the preference (DPO) demo under `configs/demo_dpo/`;
 //! - `demo-llava-data`: generate the LLaVA demo (pictures, data, tokenizer, tower) under
 //!   `configs/demo_llava/`;
 //! - `bench data`: time the data pipeline through the release `xtuner` binary;
@@ -17,6 +18,7 @@ mod bench_train;
 mod check;
 mod corpus;
 mod demo;
+mod demo_dpo;
 mod demo_llava;
 mod tokenizer;
 
@@ -42,6 +44,9 @@ enum Task {
     DemoData,
     /// Generate configs/demo_llava/ (pictures, LLaVA data, tokenizer, a small CLIP tower).
     DemoLlavaData,
+    /// Generate configs/demo_dpo/ (preference pairs, a tokenizer with a chat template)
+    /// and configs/demo_tiny_dpo.toml (needs configs/demo/ from demo-data).
+    DemoDpoData,
     /// Run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -82,6 +87,7 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Task::DemoData => demo::run(),
         Task::DemoLlavaData => demo_llava::run(),
+        Task::DemoDpoData => demo_dpo::run(),
         Task::Bench {
             bench: Bench::Data(args),
         } => bench::data(args),

@@ -17,6 +17,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../configs/demo_llava_pretrain.toml"),
     ),
     (
+        "demo_tiny_dpo",
+        include_str!("../../../configs/demo_tiny_dpo.toml"),
+    ),
+    (
         "demo_tiny_lora",
         include_str!("../../../configs/demo_tiny_lora.toml"),
     ),
@@ -33,6 +37,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../configs/internlm2_1_8b_full_custom_pretrain_e1.toml"),
     ),
     (
+        "internlm2_chat_1_8b_dpo_full",
+        include_str!("../../../configs/internlm2_chat_1_8b_dpo_full.toml"),
+    ),
+    (
         "internlm2_chat_1_8b_full_alpaca_e3",
         include_str!("../../../configs/internlm2_chat_1_8b_full_alpaca_e3.toml"),
     ),
@@ -47,6 +55,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
     (
         "internlm2_chat_1_8b_qlora_custom_sft_e1",
         include_str!("../../../configs/internlm2_chat_1_8b_qlora_custom_sft_e1.toml"),
+    ),
+    (
+        "internlm2_chat_7b_dpo_qlora_varlenattn",
+        include_str!("../../../configs/internlm2_chat_7b_dpo_qlora_varlenattn.toml"),
     ),
     (
         "llama3_8b_instruct_qlora_alpaca_e3",

@@ -213,6 +213,53 @@ fn dpo_trains_logs_its_rewards_resumes_and_exports() {
         d,
     ));
     assert!(d.join("adapter/adapter_model.safetensors").is_file());
+
+    // Held-out pairs (here the training pairs): the model beside its tokenizer and
+    // chat template; the reference is the model without the adapter.
+    let model = d.join("model");
+    fs::create_dir_all(&model).unwrap();
+    for (dir, file) in [
+        ("llama-tiny", "config.json"),
+        ("llama-tiny", "model.safetensors"),
+        ("preference/tokenizer-internlm2", "tokenizer.json"),
+        ("preference/tokenizer-internlm2", "tokenizer_config.json"),
+    ] {
+        fs::copy(fixtures().join(dir).join(file), model.join(file)).unwrap();
+    }
+    let data = fixtures().join("preference/intel_orca.jsonl");
+    let eval = |adapter: bool| {
+        let mut args = vec![
+            "eval",
+            "model",
+            "--data",
+            data.to_str().unwrap(),
+            "--format",
+            "intel_orca_dpo",
+        ];
+        if adapter {
+            args.extend(["--adapter", "adapter"]);
+        }
+        ok(&xtuner(&args, d))
+    };
+    let trained = eval(true);
+    assert!(
+        trained.contains("4 pairs: the model prefers the chosen answer in")
+            && trained
+                .contains("rewards against the model without its adapter (beta 0.1): accuracy"),
+        "{trained}"
+    );
+    let percent = |text: &str, after: &str| -> f64 {
+        let rest = &text[text.find(after).unwrap() + after.len()..];
+        rest.trim_start()
+            .split('%')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(percent(&trained, "accuracy") > 50.0, "{trained}");
+    assert!(!eval(false).contains("rewards"), "no adapter, no reference");
 }
 
 #[test]

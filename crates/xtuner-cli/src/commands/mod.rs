@@ -4,5 +4,6 @@ pub mod cfg;
 pub mod chat;
 pub mod collective;
 pub mod data;
+pub mod preference;
 pub mod tokenize;
 pub mod train;

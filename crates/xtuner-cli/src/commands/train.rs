@@ -417,6 +417,11 @@ pub fn eval(
     template: Option<&str>,
     max_length: usize,
 ) -> Result<()> {
+    if let Ok(format) = format.parse::<xtuner_dataset::preference::PreferenceFormat>() {
+        return crate::commands::preference::eval_pairs(
+            model_dir, adapter, data, format, template, max_length,
+        );
+    }
     type B = backend::Cpu;
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
     let adapter = adapter.map(PeftAdapter::open).transpose()?;

@@ -13,11 +13,12 @@ use crate::Result;
 use crate::config::TrainConfig;
 
 /// The files a tokenizer is saved as, beside a model (`save_pretrained`'s).
-pub const TOKENIZER_FILES: [&str; 4] = [
+pub const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ];
 
 /// Writes the trainable weights of a decoder run in Hugging Face formats: a PEFT

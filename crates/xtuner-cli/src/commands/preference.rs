@@ -1,0 +1,93 @@
+//! Preference commands: `xtuner eval` on preference pairs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use xtuner_dataset::Tokenizer;
+use xtuner_dataset::preference::{PairOptions, PreferenceFormat, encode_pair_records, pack_pairs};
+use xtuner_engine::preference::segment_logps;
+use xtuner_engine::recipe::preference::pair_batch;
+use xtuner_engine::step::batch_tensors;
+use xtuner_model::checkpoint::peft::PeftAdapter;
+use xtuner_model::decoder::Decoder;
+
+use crate::backend;
+
+/// DPO's β for the implicit rewards `eval` reports (XTuner's default).
+const BETA: f64 = 0.1;
+
+/// `xtuner eval MODEL --adapter A --data PAIRS --format intel_orca_dpo|...`: how often
+/// the model prefers the chosen answer (higher log-probability), and DPO's implicit
+/// rewards against the model without its adapter (the reference of a LoRA run):
+/// accuracy and mean margin.
+pub fn eval_pairs(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    data: &[PathBuf],
+    format: PreferenceFormat,
+    template: Option<&str>,
+    max_length: usize,
+) -> Result<()> {
+    type B = backend::Cpu;
+    let device = Default::default();
+    let template = crate::commands::data::jinja_template(model_dir, template)?;
+    let tokenizer = Tokenizer::from_path(model_dir)?;
+    let records = xtuner_dataset::reader::read_records(data)?;
+    let options = PairOptions {
+        max_length,
+        reward_token_id: None,
+    };
+    let pairs = encode_pair_records(&records, format, &template, &tokenizer, options)?;
+    if pairs.is_empty() {
+        bail!("no preference pair in the data");
+    }
+    let peft = adapter.map(PeftAdapter::open).transpose()?;
+    let (policy, _) = Decoder::<B>::load(model_dir, peft.as_ref(), &device)?;
+    let reference = match peft {
+        Some(_) => Some(Decoder::<B>::load(model_dir, None, &device)?.0),
+        None => None,
+    };
+    let logps = |model: &Decoder<B>, rows: &[&xtuner_dataset::PackedRow]| -> Vec<f64> {
+        let (batch, segments) = pair_batch(rows, false);
+        let (ids, input) = batch_tensors::<B>(&batch, &device);
+        let logps = segment_logps(
+            model.forward(ids, &input, None),
+            &batch.labels,
+            &segments,
+            false,
+        );
+        logps
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .unwrap_or_default()
+    };
+    let (mut prefers, mut reward_wins, mut margin) = (0usize, 0usize, 0f64);
+    let n = pairs.len();
+    for pair in pairs {
+        let (rows, _) = pack_pairs([pair], usize::MAX);
+        let rows: Vec<_> = rows.iter().collect();
+        let p = logps(&policy, &rows);
+        let [chosen, rejected] = [p[0], p[1]];
+        prefers += usize::from(chosen > rejected);
+        if let Some(reference) = &reference {
+            let r = logps(reference, &rows);
+            let (rc, rr) = (BETA * (chosen - r[0]), BETA * (rejected - r[1]));
+            reward_wins += usize::from(rc > rr);
+            margin += rc - rr;
+        }
+    }
+    let pct = |k: usize| 100.0 * k as f64 / n as f64;
+    println!(
+        "{n} pairs: the model prefers the chosen answer in {:.1}% ({prefers}/{n})",
+        pct(prefers)
+    );
+    if reference.is_some() {
+        println!(
+            "rewards against the model without its adapter (beta {BETA}): accuracy {:.1}%, mean margin {:.4}",
+            pct(reward_wins),
+            margin / n as f64
+        );
+    }
+    Ok(())
+}
