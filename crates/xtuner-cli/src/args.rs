@@ -153,6 +153,28 @@ pub enum Command {
     },
     /// Chat with a model (one-shot with --prompt, else an interactive session).
     Chat(ChatCli),
+    /// Score answers with a reward model (as `convert pth_to_hf` writes it): one line per
+    /// answer.
+    Reward {
+        /// The reward model directory.
+        model: PathBuf,
+        /// The user's prompt.
+        #[arg(long)]
+        prompt: String,
+        /// An answer to score (repeat for several).
+        #[arg(long, required = true)]
+        answer: Vec<String>,
+        /// A system message before the prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// The reward token appended to the conversation (default: `reward_token_id` of
+        /// the model's config.json).
+        #[arg(long)]
+        reward_token_id: Option<u32>,
+        /// A .jinja chat template (default: the model's own).
+        #[arg(long)]
+        template: Option<String>,
+    },
     /// Print the ids and pieces of a text (encoded without special tokens).
     Tokenize {
         /// Model or tokenizer directory, or a tokenizer.json / tokenizer.model file.

@@ -213,6 +213,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             visual_select_layer: c.visual_select_layer,
             image: c.image,
         })?,
+        Command::Reward {
+            model,
+            prompt,
+            answer,
+            system,
+            reward_token_id,
+            template,
+        } => commands::preference::reward(
+            &model,
+            &prompt,
+            &answer,
+            system.as_deref(),
+            reward_token_id,
+            template.as_deref(),
+        )?,
         Command::Tokenize {
             tokenizer,
             json,

@@ -318,3 +318,134 @@ fn preference_configs_that_do_not_fit_are_errors_naming_the_key() {
         assert!(err.contains(key), "{preference}: {err}");
     }
 }
+
+/// The safetensors keys of a model directory's single weight file.
+fn weight_keys(dir: &std::path::Path) -> Vec<String> {
+    let bytes = fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut keys: Vec<String> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn a_reward_model_trains_resumes_exports_and_scores() {
+    for lora in [true, false] {
+        let dir = preference_run(
+            "method = \"reward\"\nreward_token_id = 4\nloss_type = \"ranking\"\npenalty_type = \"log_barrier\"",
+            lora,
+        );
+        let d = dir.path();
+        ok(&xtuner(&["train", "run.toml"], d));
+        let work = d.join("work_dirs/run");
+        let steps = common::logged_steps(&work);
+        assert_eq!(steps.len(), 6);
+        assert!(
+            steps
+                .iter()
+                .all(|s| s["reward_acc"].is_f64() && s["chosen_score_mean"].is_f64())
+        );
+        // The value head starts at zero: every score 0, the ranking loss log 2, and the
+        // log barrier -2·log 5 per score (4 scores over 2 pairs, weight 0.01).
+        let first = std::f64::consts::LN_2 - 0.01 * 4.0 * 5f64.ln();
+        assert!(
+            (steps[0]["loss"].as_f64().unwrap() - first).abs() < 1e-5,
+            "{:?}",
+            steps[0]
+        );
+        assert!(
+            steps[5]["reward_margin"].as_f64().unwrap() > 0.0,
+            "lora {lora}: {steps:?}"
+        );
+        if lora {
+            assert!(work.join("iter_3/v_head.safetensors").is_file());
+        }
+        // Resumed from the middle: the same last steps.
+        let resumed = d.join("resumed");
+        fs::create_dir_all(&resumed).unwrap();
+        let status = std::process::Command::new("cp")
+            .args([
+                "-r",
+                work.join("iter_3").to_str().unwrap(),
+                resumed.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        ok(&xtuner(
+            &["train", "run.toml", "--work-dir", "resumed", "--resume"],
+            d,
+        ));
+        assert_eq!(
+            common::losses(&resumed),
+            common::losses(&work)[3..].to_vec(),
+            "lora {lora}"
+        );
+
+        // XTuner's export for a Llama: LlamaForSequenceClassification, LoRA merged.
+        ok(&xtuner(
+            &[
+                "convert",
+                "pth_to_hf",
+                "run.toml",
+                "work_dirs/run/iter_6",
+                "rm",
+            ],
+            d,
+        ));
+        let rm = d.join("rm");
+        let config: Value =
+            serde_json::from_str(&fs::read_to_string(rm.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+        assert_eq!(config["id2label"]["0"], "LABEL_0");
+        let keys = weight_keys(&rm);
+        assert!(keys.contains(&"score.weight".to_string()));
+        assert!(
+            !keys
+                .iter()
+                .any(|k| k.starts_with("lm_head") || k.contains("lora")),
+            "{keys:?}"
+        );
+        assert!(
+            keys.iter()
+                .all(|k| k == "score.weight" || k.starts_with("model."))
+        );
+
+        // Scores: the first pair's chosen answer above its rejected one after training.
+        let scored = ok(&xtuner(
+            &[
+                "reward",
+                "rm",
+                "--system",
+                "to red birds",
+                "--prompt",
+                "the a while big sang",
+                "--answer",
+                "while and cat the",
+                "--answer",
+                "sang while big",
+                "--reward-token-id",
+                "4",
+            ],
+            d,
+        ));
+        let scores: Vec<f64> = scored
+            .lines()
+            .map(|l| l.split('\t').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(scores.len(), 2, "{scored}");
+        assert!(scores[0] > scores[1], "lora {lora}: {scored}");
+        let err = failed(
+            &xtuner(&["reward", "rm", "--prompt", "p", "--answer", "a"], d),
+            1,
+        );
+        assert!(err.contains("reward_token_id"), "{err}");
+    }
+}

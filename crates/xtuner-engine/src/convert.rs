@@ -12,12 +12,12 @@ use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::checkpoint::{SaveDtype, copy_side_files, save_safetensors};
 use xtuner_model::decoder::Decoder;
 
-use crate::config::{LoadedConfig, RunMode};
+use crate::config::{LoadedConfig, PreferenceMethod, RunMode};
 use crate::export::hf::{TOKENIZER_FILES, save_hf_model, write_decoder};
 use crate::export::llava::write_llava;
 use crate::export::{create_dir, write_toml};
 use crate::optim::zero::masters_from;
-use crate::recipe::{decoder, llava};
+use crate::recipe::{decoder, llava, reward};
 use crate::run::{StableIds, check_mode};
 use crate::{Result, checkpoint};
 
@@ -45,6 +45,25 @@ pub fn pth_to_hf<B: Backend>(
     check_mode(checkpoint, state.mode, config)?;
     // `out` is made once the checkpoint's model is built: a checkpoint that does not
     // fit leaves nothing behind.
+    if config
+        .preference
+        .as_ref()
+        .is_some_and(|p| p.method == PreferenceMethod::Reward)
+    {
+        let (model, decoder, tokenizer) = reward::restore::<B>(loaded, checkpoint, device)?;
+        let model = masters_from(model.map(&mut StableIds::new()), checkpoint)?;
+        create_dir(out)?;
+        reward::write_reward_model(
+            &model,
+            &decoder,
+            config,
+            &tokenizer,
+            out,
+            dtype,
+            max_shard_size,
+        )?;
+        return write_toml(&out.join(CONFIG_FILE), config);
+    }
     match config.mode() {
         RunMode::Llava => {
             let (model, decoder, tokenizer) = llava::restore::<B>(loaded, checkpoint, device)?;

@@ -12,7 +12,7 @@
 //! - [`config`]: the run configuration, [`config::RunMode`], [`config::ModelSource`];
 //! - [`run`]: the loop, its [`run::Recipe`] trait, events, the JSON Lines log, resume;
 //! - [`recipe`]: the shared set-up and the recipes ([`recipe::decoder`],
-//!   [`recipe::llava`], [`recipe::preference`]);
+//!   [`recipe::llava`], [`recipe::preference`], [`recipe::reward`]);
 //! - [`step`]: batch → inputs, forward/backward, the optimizer step;
 //! - [`recompute`]: the decoder's forward and backward with activation checkpointing;
 //! - [`loss`]: the causal LM loss, a chunk of positions at a time;
@@ -91,8 +91,11 @@ pub fn train<B: AutodiffBackend>(
         stop,
         collective,
     };
-    if loaded.config.preference.is_some() {
-        return recipe::preference::train(ctx, resume);
+    if let Some(preference) = &loaded.config.preference {
+        return match preference.method {
+            config::PreferenceMethod::Reward => recipe::reward::train(ctx, resume),
+            _ => recipe::preference::train(ctx, resume),
+        };
     }
     match loaded.config.mode() {
         RunMode::Llava => recipe::llava::train(ctx, resume),

@@ -9,6 +9,7 @@
 //! - [`clip_vit`], [`projector`], [`llava`] and [`image`]: the LLaVA parts (the CLIP
 //!   vision tower, XTuner's projector, the splice of image features into the text, CLIP
 //!   image preprocessing);
+//! - [`reward`]: a reward model (the decoder and a value head) and its export layouts;
 //! - [`generate`] and [`sampling`]: decoding with a KV cache;
 //! - [`device`]: device memory figures; [`error`]: the crate's error type.
 
@@ -22,6 +23,7 @@ pub mod image;
 pub mod llava;
 pub mod nn;
 pub mod projector;
+pub mod reward;
 pub mod sampling;
 
 pub use error::{Error, Result};

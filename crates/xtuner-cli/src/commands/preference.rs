@@ -1,8 +1,8 @@
-//! Preference commands: `xtuner eval` on preference pairs.
+//! Preference commands: `xtuner eval` on preference pairs, `xtuner reward`.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use xtuner_dataset::Tokenizer;
 use xtuner_dataset::preference::{PairOptions, PreferenceFormat, encode_pair_records, pack_pairs};
 use xtuner_engine::preference::segment_logps;
@@ -88,6 +88,67 @@ pub fn eval_pairs(
             pct(reward_wins),
             margin / n as f64
         );
+    }
+    Ok(())
+}
+
+/// `xtuner reward MODEL --prompt P --answer A...`: each answer's score, the value head
+/// read at the reward token that ends the conversation (rendered with the model's chat
+/// template, as the reward model was trained).
+pub fn reward(
+    model_dir: &Path,
+    prompt: &str,
+    answers: &[String],
+    system: Option<&str>,
+    reward_token_id: Option<u32>,
+    template: Option<&str>,
+) -> Result<()> {
+    type B = backend::Cpu;
+    let device = Default::default();
+    let config_path = model_dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", config_path.display()))?;
+    let token = reward_token_id
+        .or_else(|| config["reward_token_id"].as_u64().and_then(|t| u32::try_from(t).ok()))
+        .with_context(|| {
+            format!(
+                "{} has no reward_token_id: give the token the model was trained with, --reward-token-id N",
+                config_path.display()
+            )
+        })?;
+    let template = crate::commands::data::jinja_template(model_dir, template)?;
+    let tokenizer = Tokenizer::from_path(model_dir)?;
+    let (model, _) = xtuner_model::reward::RewardModel::<B>::load(model_dir, None, &device)?;
+    for answer in answers {
+        let mut messages = Vec::new();
+        if let Some(system) = system {
+            messages.push(serde_json::json!({"role": "system", "content": system}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": prompt}));
+        messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+        let text = template.render(&messages, false)?;
+        let mut ids: Vec<i64> = tokenizer
+            .encode(&text)?
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        ids.push(i64::from(token));
+        let n = ids.len();
+        let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(ids, [1, n]),
+            &device,
+        );
+        let input = xtuner_model::decoder::DecoderInput::causal(1, n, &device);
+        let values: Vec<f32> = model
+            .values(ids, &input)
+            .into_data()
+            .to_vec()
+            .unwrap_or_default();
+        let score = values.last().copied().unwrap_or(f32::NAN);
+        println!("{score:.4}\t{answer}");
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! A recipe ([`crate::run::Recipe`]) is a kind of run: [`decoder`] (LoRA, QLoRA, full
 //! fine-tuning, incremental pre-training), [`llava`] (XTuner's two LLaVA stages) and
-//! [`preference`] (DPO and ORPO on preference pairs).
+//! [`preference`] (DPO and ORPO on preference pairs) and [`reward`] (reward models).
 //! Every recipe starts the same way: [`prepare`] the data and tokenizer, build the
 //! [`base_model`], find the resume point, then give each part of the model its
 //! adapters, freezing or saved weights through one policy, [`attach_part`].
@@ -10,6 +10,7 @@
 pub mod decoder;
 pub mod llava;
 pub mod preference;
+pub mod reward;
 
 use std::path::Path;
 
