@@ -230,7 +230,8 @@ pub enum DatasetCommand {
         /// intel_orca_dpo, orpo_dpo_mix_40k, preference.
         #[arg(long)]
         format: String,
-        /// Prompt template (none: turns are encoded as they are). Preference data is
+        /// Prompt template (none: turns are encoded as they are), or `chat_template` (the
+        /// tokenizer's own Jinja template, labels on the answers). Preference data is
         /// rendered with the tokenizer's own chat_template, or a .jinja file given here.
         #[arg(long)]
         template: Option<String>,
@@ -287,7 +288,8 @@ pub struct ChatCli {
     /// A PEFT LoRA adapter directory, merged into the model at load.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Prompt template (without one, the input is the raw prompt).
+    /// Prompt template (without one, the input is the raw prompt), or `chat_template`:
+    /// the model's own Jinja template.
     #[arg(long)]
     pub prompt_template: Option<String>,
     /// System prompt text.

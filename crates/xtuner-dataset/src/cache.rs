@@ -344,6 +344,7 @@ mod tests {
             format: DataFormat::Alpaca,
             columns: Default::default(),
             template: Some(PromptTemplate::Internlm2Chat.template()),
+            chat_template: false,
             max_length: 64,
             pack_to_max_length: true,
             shuffle_before_pack: true,

@@ -111,6 +111,28 @@ pub fn encode(
     Ok(sample)
 }
 
+/// Encodes text pieces one by one (without special tokens: a template writes its own),
+/// each trained or not, right-truncated to `max_length`: the encoding of a conversation
+/// rendered by a Jinja chat template.
+///
+/// # Errors
+/// A tokenizer failure.
+pub fn encode_pieces(
+    tokenizer: &Tokenizer,
+    pieces: &[(String, bool)],
+    max_length: usize,
+) -> Result<EncodedSample> {
+    let mut sample = EncodedSample::default();
+    for (text, trained) in pieces {
+        if !text.is_empty() {
+            sample.push(&widen(&tokenizer.encode(text)?), *trained);
+        }
+    }
+    sample.input_ids.truncate(max_length);
+    sample.labels.truncate(max_length);
+    Ok(sample)
+}
+
 fn encode_input(
     tokenizer: &Tokenizer,
     input: &str,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use xtuner_template::{ChatTemplate, Conversation, Turn};
 
-use crate::encode::{EncodeOptions, EncodedSample, encode};
+use crate::encode::{EncodeOptions, EncodedSample, encode, encode_pieces};
 use crate::format::{ColumnMap, DataFormat, Sample};
 use crate::pack::{PackedRow, pack};
 use crate::reader::{Record, read_records};
@@ -29,6 +29,11 @@ pub struct DataSpec {
     pub columns: ColumnMap,
     /// The prompt template; `None` for pre-training text and pre-tokenized rows.
     pub template: Option<ChatTemplate>,
+    /// Render conversations with the tokenizer's own Jinja chat template instead
+    /// (`template` is then `None`): the answers trained, the rest not
+    /// ([`xtuner_template::JinjaTemplate::split_turns`]).
+    #[serde(default)]
+    pub chat_template: bool,
     /// Samples are truncated to this many tokens; packed rows have this length.
     pub max_length: usize,
     /// Concatenate samples into rows of `max_length` tokens.
@@ -165,6 +170,41 @@ pub fn trace_record<'t>(
                 conversation,
                 image,
             } => {
+                let tokenizer = tokenizer.ok_or_else(|| Error::NoTokenizer {
+                    path: record.path.to_path_buf(),
+                    line: record.line,
+                })?;
+                if spec.chat_template {
+                    let pieces = tokenizer
+                        .chat_template()?
+                        .split_turns(&conversation.conversation)
+                        .map_err(|source| Error::Template {
+                            path: record.path.to_path_buf(),
+                            line: record.line,
+                            source,
+                        })?;
+                    let encoded = encode_pieces(tokenizer, &pieces, spec.max_length)?;
+                    let templated = pieces
+                        .into_iter()
+                        .map(|(text, trained)| {
+                            let mut turn = Turn::new("", "");
+                            turn.need_eos_token = false;
+                            if trained {
+                                turn.output = text;
+                            } else {
+                                turn.input = text;
+                            }
+                            turn
+                        })
+                        .collect();
+                    return Ok(SampleTrace {
+                        record,
+                        conversation,
+                        templated,
+                        encoded,
+                        image,
+                    });
+                }
                 let templated = match &spec.template {
                     Some(t) => {
                         t.render(&conversation.conversation)
@@ -176,10 +216,6 @@ pub fn trace_record<'t>(
                     }
                     None => conversation.conversation.clone(),
                 };
-                let tokenizer = tokenizer.ok_or_else(|| Error::NoTokenizer {
-                    path: record.path.to_path_buf(),
-                    line: record.line,
-                })?;
                 let encoded = encode(tokenizer, &templated, spec.encode_options())?;
                 (conversation, image, encoded, templated)
             }
@@ -368,6 +404,7 @@ mod tests {
             format: DataFormat::Alpaca,
             columns: Default::default(),
             template: Some(PromptTemplate::Internlm2Chat.template()),
+            chat_template: false,
             max_length: 48,
             pack_to_max_length: true,
             shuffle_before_pack: true,

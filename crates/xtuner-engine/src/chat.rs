@@ -10,8 +10,8 @@ use xtuner_model::decoder::Decoder;
 use xtuner_model::generate::{GenerationConfig, StopReason, generate};
 use xtuner_model::llava::prepare_inputs_labels_for_multimodal;
 use xtuner_model::sampling::SamplingConfig;
-use xtuner_template::ChatTemplate;
 use xtuner_template::tokens::{IMAGE_TOKEN, IMAGE_TOKEN_INDEX};
+use xtuner_template::{ChatTemplate, JinjaTemplate};
 
 use crate::config::TrainConfig;
 use crate::{Error, Result};
@@ -84,6 +84,13 @@ pub fn evaluate_chat<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<(String, String)>> {
     let eval = &config.evaluation;
+    if config
+        .template
+        .as_ref()
+        .is_some_and(|t| t.is_chat_template())
+    {
+        return evaluate_with_chat_template(model, config, tokenizer, device);
+    }
     let template = config.template.as_ref().map(|t| t.resolve()).transpose()?;
     let system = eval.system_prompt();
     let mut answers = Vec::new();
@@ -126,6 +133,48 @@ pub fn evaluate_chat<B: Backend>(
     Ok(answers)
 }
 
+/// The hook with the tokenizer's own chat template: each input as a user message (after
+/// the system prompt, if any) with the generation prompt; generation stops at EOS or at
+/// the template's end of turn.
+fn evaluate_with_chat_template<B: Backend>(
+    model: &Decoder<B>,
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+) -> Result<Vec<(String, String)>> {
+    let eval = &config.evaluation;
+    let template = tokenizer.chat_template()?;
+    let system = eval.system_prompt();
+    let mut stop_ids = tokenizer.eos_ids().to_vec();
+    stop_ids.extend(
+        template
+            .end_of_turn()
+            .and_then(|t| tokenizer.token_to_id(&t)),
+    );
+    let mut answers = Vec::new();
+    for input in &eval.inputs {
+        let mut messages = Vec::new();
+        if !system.is_empty() {
+            messages.push(serde_json::json!({"role": "system", "content": system}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": input}));
+        let text = template.render(&messages, true)?;
+        let ids = encode_prompt(tokenizer, &text, 0)?;
+        let embeds = prompt_embeds(model, &ids, None, device)?;
+        let generation = GenerationConfig {
+            max_new_tokens: eval.max_new_tokens,
+            eos_token_ids: stop_ids.clone(),
+            sampling: SamplingConfig {
+                seed: config.train.seed,
+                ..SamplingConfig::default()
+            },
+        };
+        let (new, _) = generate(model, embeds, &token_ids(&ids), &generation, |_| true)?;
+        answers.push((input.clone(), tokenizer.decode(&new)?));
+    }
+    Ok(answers)
+}
+
 /// A conversation in progress, as XTuner's chat holds it: the first turn is
 /// `SYSTEM + INSTRUCTION` of the template (only INSTRUCTION later), encoded with BOS;
 /// each answer is followed by the template's SEP. History is kept as token ids and
@@ -143,6 +192,10 @@ pub struct ChatSession<'a, B: Backend> {
     device: B::Device,
     /// Projected image features `[1, P, C]` (LLaVA).
     image: Option<Tensor<B, 3>>,
+    /// The tokenizer's own template, when it renders the prompts instead of `template`.
+    jinja: Option<&'a JinjaTemplate>,
+    /// The conversation as messages (with `jinja`), rendered whole at each turn.
+    messages: Vec<serde_json::Value>,
 }
 
 impl<'a, B: Backend> ChatSession<'a, B> {
@@ -169,12 +222,22 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             history: Vec::new(),
             device,
             image,
+            jinja: None,
+            messages: Vec::new(),
         }
+    }
+
+    /// The same session with prompts rendered by a Jinja chat template (the tokenizer's
+    /// own): each turn renders the whole conversation with the generation prompt.
+    pub fn with_chat_template(mut self, template: &'a JinjaTemplate) -> Self {
+        self.jinja = Some(template);
+        self
     }
 
     /// Forgets the conversation (XTuner's `RESET`).
     pub fn reset(&mut self) {
         self.history.clear();
+        self.messages.clear();
     }
 
     /// Answers one user input; returns the answer text (stop word removed). `on_text`
@@ -188,32 +251,45 @@ impl<'a, B: Backend> ChatSession<'a, B> {
         input: &str,
         mut on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<String> {
+        if let Some(jinja) = self.jinja {
+            if self.messages.is_empty() && !self.system.is_empty() {
+                let system = serde_json::json!({"role": "system", "content": self.system});
+                self.messages.push(system);
+            }
+            self.messages
+                .push(serde_json::json!({"role": "user", "content": input}));
+            let text = jinja.render(&self.messages, true)?;
+            // The template writes the whole conversation, BOS included.
+            self.history = encode_prompt(self.tokenizer, &text, 0)?;
+        }
         let first = self.history.is_empty();
         // LLaVA: the image opens the first user message, as XTuner's chat puts it.
-        let with_image = first && self.image.is_some();
-        let input = if with_image {
-            format!("{IMAGE_TOKEN}\n{input}")
-        } else {
-            input.to_string()
-        };
-        let text = match self.template {
-            Some(t) => {
-                let system = if first { self.system.as_str() } else { "" };
-                t.prompt(system, &input, 1)?
+        if self.jinja.is_none() {
+            let with_image = first && self.image.is_some();
+            let input = if with_image {
+                format!("{IMAGE_TOKEN}\n{input}")
+            } else {
+                input.to_string()
+            };
+            let text = match self.template {
+                Some(t) => {
+                    let system = if first { self.system.as_str() } else { "" };
+                    t.prompt(system, &input, 1)?
+                }
+                None => input,
+            };
+            if first {
+                self.history
+                    .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
             }
-            None => input,
-        };
-        if first {
-            self.history
-                .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
+            // Only the `<image>` put before the first message marks the image (as XTuner's
+            // chat); one the user types is text.
+            self.history.extend(encode_prompt(
+                self.tokenizer,
+                &text,
+                usize::from(with_image),
+            )?);
         }
-        // Only the `<image>` put before the first message marks the image (as XTuner's
-        // chat); one the user types is text.
-        self.history.extend(encode_prompt(
-            self.tokenizer,
-            &text,
-            usize::from(with_image),
-        )?);
         let ids = self.history.clone();
         let embeds = prompt_embeds(self.model, &ids, self.image.as_ref(), &self.device)?;
         let mut printed = 0;
@@ -258,7 +334,14 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             self.history
                 .extend(self.tokenizer.eos_ids().iter().map(|&i| i64::from(i)));
         }
-        if reason == StopReason::Length {
+        if self.jinja.is_some() {
+            if reason == StopReason::Length {
+                self.messages.clear();
+            } else {
+                self.messages
+                    .push(serde_json::json!({"role": "assistant", "content": answer}));
+            }
+        } else if reason == StopReason::Length {
             self.history.clear();
         } else if let Some(t) = self.template {
             let sep = self.tokenizer.encode(&t.sep)?;

@@ -203,6 +203,72 @@ impl JinjaTemplate {
     }
 }
 
+impl JinjaTemplate {
+    /// What the template writes right after an answer, up to the first white space
+    /// (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...): where generation stops. `None`
+    /// when it writes nothing there, or fails on a plain exchange.
+    pub fn end_of_turn(&self) -> Option<String> {
+        const ANSWER: &str = "\u{1}answer\u{1}";
+        let messages = [
+            serde_json::json!({"role": "user", "content": "question"}),
+            serde_json::json!({"role": "assistant", "content": ANSWER}),
+        ];
+        let text = self.render(&messages, false).ok()?;
+        let after = &text[text.find(ANSWER)? + ANSWER.len()..];
+        let marker: String = after
+            .trim_start()
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .collect();
+        (!marker.is_empty()).then_some(marker)
+    }
+
+    /// A conversation in XTuner's standard format rendered with this template, cut into
+    /// pieces: `(text, trained)`. Each turn's system prompt (if any) and input become
+    /// `system` and `user` messages, its output an `assistant` message; the labels go
+    /// where the rendering with the answer extends the rendering with the generation
+    /// prompt (the way XTuner's preference `tokenize()` finds the prompt), trained when
+    /// the turn's `output_with_loss` is.
+    ///
+    /// # Errors
+    /// The template fails, or renders a turn's prompt that is not a prefix of the turn
+    /// with its answer (the answer's place cannot be found).
+    pub fn split_turns(&self, turns: &[crate::Turn]) -> Result<Vec<(String, bool)>> {
+        let message =
+            |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+        let mut messages = Vec::new();
+        let mut pieces = Vec::with_capacity(2 * turns.len());
+        let mut done = String::new();
+        for (i, turn) in turns.iter().enumerate() {
+            if let Some(system) = turn.system_text() {
+                messages.push(message("system", system));
+            }
+            messages.push(message("user", &turn.input));
+            let prompt = self.render(&messages, true)?;
+            messages.push(message("assistant", &turn.output));
+            let full = self.render(&messages, false)?;
+            let not_prefix = |what: &str| Error::Jinja {
+                origin: self.origin.clone(),
+                line: None,
+                message: format!(
+                    "turn {}: {what}, so the answer's labels cannot be placed",
+                    i + 1
+                ),
+            };
+            let before = prompt.strip_prefix(done.as_str()).ok_or_else(|| {
+                not_prefix("the prompt does not start with the turns before it as rendered")
+            })?;
+            let answer = full.strip_prefix(prompt.as_str()).ok_or_else(|| {
+                not_prefix("the rendering with the answer does not start with the prompt")
+            })?;
+            pieces.push((before.to_string(), false));
+            pieces.push((answer.to_string(), turn.output_with_loss));
+            done = full;
+        }
+        Ok(pieces)
+    }
+}
+
 /// `chat_template` as a string, or the `default` one of a list of named templates.
 fn template_of(value: &serde_json::Value) -> Option<String> {
     match value {
@@ -494,6 +560,41 @@ mod tests {
             out,
             "{\"z\": \"é\\n\\\"\", \"a\": [1, 2.5, null, true], \"e\": {}}|{\n  \"z\": \"é\\n\\\"\",\n  \"a\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n  \"e\": {}\n}|{\"a\": [1, 2.5, null, true], \"e\": {}, \"z\": \"é\\n\\\"\"}"
         );
+    }
+
+    #[test]
+    fn conversations_split_where_the_answers_go() {
+        let t = JinjaTemplate::new(
+            "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}</>\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "T",
+        )
+        .unwrap()
+        .with_special_tokens(vec![("bos_token".into(), "<s>".into())]);
+        let mut second = crate::Turn::new("b", "B");
+        second.output_with_loss = false;
+        let pieces = t
+            .split_turns(&[crate::Turn::new("a", "A").with_system("S"), second])
+            .unwrap();
+        assert_eq!(
+            pieces,
+            [
+                (
+                    "<s><system>S</>\n<user>a</>\n<assistant>".to_string(),
+                    false
+                ),
+                ("A</>\n".to_string(), true),
+                ("<user>b</>\n<assistant>".to_string(), false),
+                ("B</>\n".to_string(), false),
+            ]
+        );
+        assert_eq!(t.end_of_turn().as_deref(), Some("</>"));
+        // A template whose generation prompt is not where the answer goes.
+        let odd = JinjaTemplate::new(
+            "{% if add_generation_prompt %}X{% endif %}{{ messages | length }}",
+            "T",
+        )
+        .unwrap();
+        assert!(odd.split_turns(&[crate::Turn::new("a", "A")]).is_err());
     }
 
     #[test]

@@ -85,13 +85,23 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
 
 fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
     let tokenizer = Tokenizer::from_path(&args.model)?;
+    // `chat_template`: the model's own Jinja template renders the conversation.
+    let jinja = match args.prompt_template.as_deref() {
+        Some("chat_template") => Some(tokenizer.chat_template()?),
+        _ => None,
+    };
     let template = args
         .prompt_template
         .as_deref()
+        .filter(|_| jinja.is_none())
         .map(|name| name.parse::<PromptTemplate>().map(PromptTemplate::template))
         .transpose()?;
     let system = system_prompt(args)?;
-    if !system.is_empty() && template.as_ref().is_none_or(|t| t.system.is_none()) {
+    if jinja.is_some() && args.llava.is_some() {
+        bail!("--prompt-template chat_template is for text models, not with --llava");
+    }
+    if !system.is_empty() && jinja.is_none() && template.as_ref().is_none_or(|t| t.system.is_none())
+    {
         bail!("a system prompt needs a --prompt-template with a SYSTEM field");
     }
     let adapter_dir = match (&args.adapter, &args.llava) {
@@ -115,7 +125,8 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         .map(|t| t.stop_words.clone())
         .unwrap_or_default();
     stop_words.extend(args.stop_words.iter().cloned());
-    let mut session = ChatSession::new(
+    stop_words.extend(jinja.and_then(|t| t.end_of_turn()));
+    let session = ChatSession::new(
         &model,
         &tokenizer,
         template.as_ref(),
@@ -129,6 +140,10 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         image,
         device,
     );
+    let mut session = match jinja {
+        Some(t) => session.with_chat_template(t),
+        None => session,
+    };
     let stream = !args.no_streamer;
     if let Some(prompt) = &args.prompt {
         return answer(&mut session, prompt, stream);

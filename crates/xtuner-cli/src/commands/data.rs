@@ -278,7 +278,9 @@ pub fn plain_spec(
     max_length: usize,
 ) -> Result<DataSpec> {
     let format: DataFormat = format.parse()?;
+    let chat_template = template == Some("chat_template");
     let template = template
+        .filter(|_| !chat_template)
         .map(|t| t.parse::<PromptTemplate>().map(PromptTemplate::template))
         .transpose()?;
     Ok(DataSpec {
@@ -286,6 +288,7 @@ pub fn plain_spec(
         format,
         columns: Default::default(),
         template,
+        chat_template,
         max_length,
         pack_to_max_length: false,
         shuffle_before_pack: false,

@@ -11,6 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use xtuner_template::JinjaTemplate;
 
 use crate::{Error, Result};
 use sentencepiece::SentencePieceBpe;
@@ -32,6 +33,10 @@ pub struct Tokenizer {
     eos: Vec<u32>,
     fingerprint: String,
     source: PathBuf,
+    /// The directory's Jinja chat template (`None`: it has none); an error is kept for
+    /// when the template is asked for, so that a template this engine cannot compile
+    /// does not stop runs that never use it.
+    chat_template: std::result::Result<Option<JinjaTemplate>, xtuner_template::Error>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -72,6 +77,7 @@ impl Tokenizer {
             eos: Vec::new(),
             fingerprint: fingerprint_files(&bytes, &dir)?,
             source: file.clone(),
+            chat_template: JinjaTemplate::from_tokenizer_dir(&dir),
         };
         let class = tokenizer_config
             .as_ref()
@@ -225,6 +231,22 @@ impl Tokenizer {
         &self.source
     }
 
+    /// The tokenizer's own Jinja chat template (`chat_template.jinja` or
+    /// `tokenizer_config.json`'s `chat_template`).
+    ///
+    /// # Errors
+    /// The tokenizer has none, or it does not compile.
+    pub fn chat_template(&self) -> Result<&JinjaTemplate> {
+        match &self.chat_template {
+            Ok(Some(template)) => Ok(template),
+            Ok(None) => Err(Error::Tokenizer {
+                path: self.source.clone(),
+                message: "no chat_template (tokenizer_config.json or chat_template.jinja) beside this tokenizer".into(),
+            }),
+            Err(e) => Err(Error::ChatTemplate { source: e.clone() }),
+        }
+    }
+
     /// A hash of everything that decides how text is encoded (the tokenizer file and
     /// the configs that set the special ids); equal to [`fingerprint`] of its path.
     pub fn fingerprint(&self) -> &str {
@@ -247,7 +269,11 @@ pub fn fingerprint(path: &Path) -> Result<String> {
 fn fingerprint_files(tokenizer_bytes: &[u8], dir: &Path) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     hasher.update(tokenizer_bytes);
-    for name in ["tokenizer_config.json", "config.json"] {
+    for name in [
+        "tokenizer_config.json",
+        "config.json",
+        "chat_template.jinja",
+    ] {
         let path = dir.join(name);
         match fs::read(&path) {
             Ok(bytes) => {

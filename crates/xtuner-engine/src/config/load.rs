@@ -168,7 +168,14 @@ impl TrainConfig {
                 "must be at least 1",
             )?;
         }
-        if let Some(t) = &self.template {
+        if let Some(t) = self.template.as_ref().filter(|t| {
+            if t.is_chat_template() {
+                // Nothing to resolve: the template is the tokenizer's. Fields beside it
+                // would be ignored, so they are refused.
+                return false;
+            }
+            true
+        }) {
             let template = t.resolve().map_err(|e| match e {
                 Error::Setting { .. } => e,
                 other => Error::setting("template", other.to_string()),
@@ -179,6 +186,21 @@ impl TrainConfig {
                     || template.system.is_some(),
                 "evaluation.system",
                 "the template has no SYSTEM field to put a system prompt in",
+            )?;
+        }
+        if let Some(t) = self.template.as_ref().filter(|t| t.is_chat_template()) {
+            let fields = [
+                t.system.is_some(),
+                t.instruction.is_some(),
+                t.suffix.is_some(),
+                t.suffix_as_eos.is_some(),
+                t.sep.is_some(),
+                t.stop_words.is_some(),
+            ];
+            check(
+                !fields.contains(&true),
+                "template",
+                "`chat_template` is the tokenizer's Jinja template: it has no fields to set",
             )?;
         }
         check(
@@ -327,9 +349,14 @@ impl TrainConfig {
                 "preference pairs are not samples: this run takes them through pair_spec",
             ));
         };
+        let chat_template = self
+            .template
+            .as_ref()
+            .is_some_and(TemplateConfig::is_chat_template);
         let template = self
             .template
             .as_ref()
+            .filter(|t| !t.is_chat_template())
             .map(TemplateConfig::resolve)
             .transpose()?;
         Ok(DataSpec {
@@ -337,6 +364,7 @@ impl TrainConfig {
             format,
             columns: self.data.columns.clone(),
             template,
+            chat_template,
             max_length: self.data.max_length,
             pack_to_max_length: self.data.pack_to_max_length,
             shuffle_before_pack: self.data.shuffle_before_pack,

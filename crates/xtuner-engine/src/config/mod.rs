@@ -235,9 +235,10 @@ pub struct DataConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateConfig {
-    /// A built-in template (XTuner's name).
+    /// A built-in template (XTuner's name), or `chat_template`: the tokenizer's own
+    /// Jinja template.
     #[serde(default)]
-    pub name: Option<PromptTemplate>,
+    pub name: Option<TemplateName>,
     /// SYSTEM field.
     #[serde(default)]
     pub system: Option<String>,
@@ -258,7 +259,52 @@ pub struct TemplateConfig {
     pub stop_words: Option<Vec<String>>,
 }
 
+/// A `[template] name`: one of XTuner's templates, or the tokenizer's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateName {
+    /// A built-in template.
+    Builtin(PromptTemplate),
+    /// `chat_template`: the tokenizer's Jinja `chat_template`, labels on the answers.
+    ChatTemplate,
+}
+
+/// The name that picks the tokenizer's own template.
+pub const CHAT_TEMPLATE: &str = "chat_template";
+
+impl Serialize for TemplateName {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Builtin(t) => t.serialize(serializer),
+            Self::ChatTemplate => serializer.serialize_str(CHAT_TEMPLATE),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TemplateName {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        if name == CHAT_TEMPLATE {
+            return Ok(Self::ChatTemplate);
+        }
+        name.parse::<PromptTemplate>()
+            .map(Self::Builtin)
+            .map_err(|e| {
+                serde::de::Error::custom(format!("{e}, or `{CHAT_TEMPLATE}` (the tokenizer's own)"))
+            })
+    }
+}
+
 impl TemplateConfig {
+    /// Whether the section picks the tokenizer's own Jinja template.
+    pub fn is_chat_template(&self) -> bool {
+        self.name == Some(TemplateName::ChatTemplate)
+    }
+
     /// The template this section describes.
     ///
     /// # Errors
@@ -266,7 +312,13 @@ impl TemplateConfig {
     /// placeholder ([`Error::Template`]).
     pub fn resolve(&self) -> Result<ChatTemplate> {
         let mut template = match (self.name, &self.instruction) {
-            (Some(name), _) => name.template(),
+            (Some(TemplateName::ChatTemplate), _) => {
+                return Err(Error::setting(
+                    "template",
+                    "`chat_template` is the tokenizer's Jinja template: it has no fields to set",
+                ));
+            }
+            (Some(TemplateName::Builtin(name)), _) => name.template(),
             (None, Some(instruction)) => ChatTemplate {
                 name: "custom".into(),
                 system: None,
