@@ -49,6 +49,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../configs/internlm2_chat_1_8b_lora_alpaca_e3.toml"),
     ),
     (
+        "internlm2_chat_1_8b_orpo_full",
+        include_str!("../../../configs/internlm2_chat_1_8b_orpo_full.toml"),
+    ),
+    (
         "internlm2_chat_1_8b_qlora_alpaca_e3",
         include_str!("../../../configs/internlm2_chat_1_8b_qlora_alpaca_e3.toml"),
     ),

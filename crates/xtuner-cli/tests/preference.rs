@@ -285,6 +285,16 @@ fn full_dpo_and_orpo_train() {
     let loss = |s: &Value| s["loss"].as_f64().unwrap();
     assert!(loss(&steps[5]) < loss(&steps[0]));
 
+    // QLoRA: the reference is the NF4 base with the adapters off.
+    let dir = preference_run("method = \"dpo\"", true);
+    ok(&xtuner(
+        &["train", "run.toml", "--cfg-options", "quantization.bits=4"],
+        dir.path(),
+    ));
+    let steps = common::logged_steps(&dir.path().join("work_dirs/run"));
+    assert_eq!(steps[0]["reward_margin"].as_f64(), Some(0.0));
+    assert!(steps[5]["reward_margin"].as_f64().unwrap() > 0.0);
+
     // Pairs packed into varlen rows (XTuner's PackedDatasetWrapper), a row at a time.
     let dir = preference_run("method = \"dpo\"", true);
     ok(&xtuner(
@@ -448,4 +458,25 @@ fn a_reward_model_trains_resumes_exports_and_scores() {
         );
         assert!(err.contains("reward_token_id"), "{err}");
     }
+}
+
+#[test]
+fn the_data_tools_show_the_pairs() {
+    let dir = preference_run("method = \"dpo\"", true);
+    let d = dir.path();
+    let out = ok(&xtuner(&["check-custom-dataset", "run.toml"], d));
+    assert!(out.contains("OK: 4 records, 4 pairs"), "{out}");
+    assert!(
+        out.contains("<|im_start|>user\nthe a while big sang<|im_end|>"),
+        "{out}"
+    );
+    let out = ok(&xtuner(&["log-dataset", "run.toml", "--show", "all"], d));
+    assert!(out.contains("4 rows (4 pairs from 4 records"), "{out}");
+    assert!(out.contains("=== row 0, pair 0, rejected"), "{out}");
+    let out = ok(&xtuner(&["dataset", "build", "run.toml", "--json"], d));
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (report["pairs"].as_u64(), report["cache"].as_str()),
+        (Some(4), Some("hit"))
+    );
 }

@@ -24,7 +24,7 @@ fn load_config(args: &ConfigArgs) -> Result<LoadedConfig> {
     configs::load(&args.config, &args.cfg_options)
 }
 
-fn tokenizer_path(config: &LoadedConfig) -> Result<&Path> {
+pub fn tokenizer_path(config: &LoadedConfig) -> Result<&Path> {
     config
         .config
         .tokenizer_path()
@@ -39,6 +39,9 @@ fn tokenizer_of(config: &LoadedConfig) -> Result<Tokenizer> {
 /// check with its file and line. Then prints the first sample at every stage.
 pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
     let config = load_config(args)?;
+    if config.config.preference.is_some() {
+        return crate::commands::preference::check_pairs(&config);
+    }
     let spec = config.config.data_spec()?;
     let tokenizer = tokenizer_of(&config)?;
     let records = load_records(&spec)?;
@@ -84,6 +87,9 @@ pub fn check_custom_dataset(args: &ConfigArgs) -> Result<()> {
 /// Prints the first rows of the processed (cached) data set.
 pub fn log_dataset(args: &ConfigArgs, show: Show, num: usize) -> Result<()> {
     let config = load_config(args)?;
+    if config.config.preference.is_some() {
+        return crate::commands::preference::log_pairs(&config, show, num);
+    }
     let spec = config.config.data_spec()?;
     let (dataset, _) = load_or_process(
         &spec,
@@ -115,7 +121,7 @@ pub fn log_dataset(args: &ConfigArgs, show: Show, num: usize) -> Result<()> {
 }
 
 /// Decodes ids, writing `<image>` where an image goes.
-fn decode(tokenizer: &Tokenizer, ids: &[i64]) -> Result<String> {
+pub fn decode(tokenizer: &Tokenizer, ids: &[i64]) -> Result<String> {
     let mut out = String::new();
     for (is_image, run) in runs(ids, |&id| id < 0) {
         if is_image {
@@ -132,7 +138,7 @@ fn decode(tokenizer: &Tokenizer, ids: &[i64]) -> Result<String> {
 }
 
 /// Trained spans decoded, each untrained span shown as one `[-100]`.
-fn masked_text(tokenizer: &Tokenizer, labels: &[i64]) -> Result<String> {
+pub fn masked_text(tokenizer: &Tokenizer, labels: &[i64]) -> Result<String> {
     let mut out = String::new();
     for (ignored, run) in runs(labels, |&l| l == IGNORE_INDEX) {
         if ignored {
@@ -369,6 +375,9 @@ pub fn build(
     as_json: bool,
 ) -> Result<()> {
     let config = load_config(args)?;
+    if config.config.preference.is_some() {
+        return crate::commands::preference::build_pairs(&config, no_cache, as_json);
+    }
     let spec = config.config.data_spec()?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))

@@ -1,4 +1,5 @@
-//! Preference commands: `xtuner eval` on preference pairs, `xtuner reward`.
+//! Preference commands: `check-custom-dataset`, `log-dataset` and `dataset build` of a
+//! preference config, `xtuner eval` on preference pairs, `xtuner reward`.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,9 @@ use xtuner_engine::step::batch_tensors;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::decoder::Decoder;
 
+use crate::args::Show;
 use crate::backend;
+use crate::commands::data::{decode, masked_text, tokenizer_path};
 
 /// DPO's β for the implicit rewards `eval` reports (XTuner's default).
 const BETA: f64 = 0.1;
@@ -149,6 +152,138 @@ pub fn reward(
             .unwrap_or_default();
         let score = values.last().copied().unwrap_or(f32::NAN);
         println!("{score:.4}\t{answer}");
+    }
+    Ok(())
+}
+
+/// `check-custom-dataset` of a preference config: every record mapped and encoded (the
+/// first bad one stops the check with its file and line), then the first record at
+/// every stage.
+pub fn check_pairs(config: &xtuner_engine::LoadedConfig) -> Result<()> {
+    let spec = config.config.pair_spec()?;
+    let tokenizer = Tokenizer::from_path(tokenizer_path(config)?)?;
+    let template = tokenizer.chat_template()?;
+    let records = xtuner_dataset::reader::read_records(&spec.files)?;
+    let pairs = encode_pair_records(&records, spec.format, template, &tokenizer, spec.options)?;
+    if let (Some(first), Some(encoded)) = (records.first(), pairs.first()) {
+        let pair = spec.format.map(&first.value).map_err(anyhow::Error::msg)?;
+        println!(
+            "=== first record ({}:{}) ===",
+            first.path.display(),
+            first.line
+        );
+        println!("{}", serde_json::to_string_pretty(&first.value)?);
+        println!("=== after the `{}` format ===", spec.format);
+        println!("{}", serde_json::to_string_pretty(&pair)?);
+        println!("=== the prompt, rendered by {} ===", template.origin());
+        println!("{}", template.render(&pair.prompt, true)?);
+        println!("=== encoded ===");
+        println!("chosen_ids:      {:?}", encoded.chosen_ids);
+        println!("chosen_labels:   {:?}", encoded.chosen_labels);
+        println!("rejected_ids:    {:?}", encoded.rejected_ids);
+        println!("rejected_labels: {:?}", encoded.rejected_labels);
+    }
+    println!("OK: {} records, {} pairs", records.len(), pairs.len());
+    if pairs.is_empty() {
+        bail!("no preference pair: the data set is empty");
+    }
+    Ok(())
+}
+
+/// `log-dataset` of a preference config: the first rows of the processed (cached) data
+/// set, each pair's chosen and rejected sequence.
+pub fn log_pairs(config: &xtuner_engine::LoadedConfig, show: Show, num: usize) -> Result<()> {
+    let spec = config.config.pair_spec()?;
+    let (dataset, _) = xtuner_dataset::load_or_process_pairs(
+        &spec,
+        tokenizer_path(config)?,
+        &config.config.data.cache_dir,
+    )?;
+    let tokenizer = Tokenizer::from_path(tokenizer_path(config)?)?;
+    let s = &dataset.stats;
+    println!(
+        "{} rows ({} pairs from {} records, {} tokens, {} trained)",
+        s.rows, s.samples, s.records, s.tokens, s.trained_tokens
+    );
+    for (i, row) in dataset.rows.iter().take(num).enumerate() {
+        for (k, w) in row.cumulative_len.windows(2).enumerate() {
+            let side = if k % 2 == 0 { "chosen" } else { "rejected" };
+            let (ids, labels) = (&row.input_ids[w[0]..w[1]], &row.labels[w[0]..w[1]]);
+            println!(
+                "=== row {i}, pair {}, {side} ({} tokens) ===",
+                k / 2,
+                ids.len()
+            );
+            if matches!(show, Show::Text | Show::All) {
+                println!("[text]\n{}", decode(&tokenizer, ids)?);
+            }
+            if matches!(show, Show::MaskedText | Show::All) {
+                println!("[masked_text]\n{}", masked_text(&tokenizer, labels)?);
+            }
+            if matches!(show, Show::InputIds | Show::All) {
+                println!("[input_ids]\n{ids:?}");
+            }
+            if matches!(show, Show::Labels | Show::All) {
+                println!("[labels]\n{labels:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `dataset build` of a preference config: process (or load from the cache) and report.
+pub fn build_pairs(
+    config: &xtuner_engine::LoadedConfig,
+    no_cache: bool,
+    as_json: bool,
+) -> Result<()> {
+    let spec = config.config.pair_spec()?;
+    let started = std::time::Instant::now();
+    let path = tokenizer_path(config)?;
+    let (dataset, cache) = if no_cache {
+        let tokenizer = Tokenizer::from_path(path)?;
+        let template = tokenizer.chat_template()?;
+        (
+            xtuner_dataset::preference::process_pairs(&spec, template, &tokenizer)?,
+            "off",
+        )
+    } else {
+        let (d, outcome) =
+            xtuner_dataset::load_or_process_pairs(&spec, path, &config.config.data.cache_dir)?;
+        let cache = match outcome {
+            xtuner_dataset::CacheOutcome::Hit(_) => "hit",
+            xtuner_dataset::CacheOutcome::Built(_) => "built",
+        };
+        (d, cache)
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let s = &dataset.stats;
+    if as_json {
+        let report = serde_json::json!({
+            "config": config.name,
+            "cache": cache,
+            "seconds": seconds,
+            "records": s.records,
+            "pairs": s.samples,
+            "rows": s.rows,
+            "tokens": s.tokens,
+            "trained_tokens": s.trained_tokens,
+        });
+        println!("{report}");
+    } else {
+        println!("config      {}", config.name);
+        println!("records     {}", s.records);
+        println!("pairs       {}", s.samples);
+        println!("tokens      {} ({} trained)", s.tokens, s.trained_tokens);
+        match spec.max_packed_length {
+            Some(max) => println!(
+                "rows        {} (pairs packed into rows of at most {max} tokens)",
+                s.rows
+            ),
+            None => println!("rows        {} (one pair each)", s.rows),
+        }
+        println!("cache       {cache}");
+        println!("seconds     {seconds:.3}");
     }
     Ok(())
 }
