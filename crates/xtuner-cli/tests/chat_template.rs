@@ -4,27 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::path::Path;
 
 use serde_json::Value;
 
 mod common;
-use common::{fixtures, jsonl, ok, xtuner};
-
-/// `llama-tiny` beside the preference tokenizer, whose `chat_template` is InternLM2-chat's.
-fn model_dir(root: &Path) -> std::path::PathBuf {
-    let model = root.join("model");
-    fs::create_dir_all(&model).unwrap();
-    for (dir, file) in [
-        ("llama-tiny", "config.json"),
-        ("llama-tiny", "model.safetensors"),
-        ("preference/tokenizer-internlm2", "tokenizer.json"),
-        ("preference/tokenizer-internlm2", "tokenizer_config.json"),
-    ] {
-        fs::copy(fixtures().join(dir).join(file), model.join(file)).unwrap();
-    }
-    model
-}
+use common::{jsonl, ok, xtuner};
 
 /// InternLM2-chat's Jinja template gives XTuner's `internlm2_chat` ids (the template's
 /// `<s>` text is the BOS id), and trains the answer and its `<|im_end|>` as XTuner does;
@@ -34,7 +18,7 @@ fn model_dir(root: &Path) -> std::path::PathBuf {
 fn the_tokenizers_template_encodes_as_xtuners_internlm2_chat() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    model_dir(d);
+    common::llama_with_chat_template(d);
     let records = [
         r#"{"messages": [{"role": "system", "content": "to red birds"}, {"role": "user", "content": "the a while"}, {"role": "assistant", "content": "big sang"}]}"#,
         r#"{"messages": [{"role": "user", "content": "dog dog"}, {"role": "assistant", "content": "red sat"}, {"role": "user", "content": "on big"}, {"role": "assistant", "content": "the cat"}]}"#,
@@ -112,7 +96,7 @@ fn the_tokenizers_template_encodes_as_xtuners_internlm2_chat() {
 fn a_config_trains_with_it_and_chat_renders_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let model = model_dir(d);
+    let model = common::llama_with_chat_template(d);
     let records: Vec<String> = (0..8)
         .map(|i| format!(r#"{{"instruction": "dog {i}", "input": "", "output": "red sat {i}"}}"#))
         .collect();

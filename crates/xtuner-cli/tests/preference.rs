@@ -182,17 +182,7 @@ fn dpo_trains_logs_its_rewards_resumes_and_exports() {
         steps.iter().map(margin).collect::<Vec<_>>()
     );
     // Resumed from the middle: the same last steps.
-    let resumed = d.join("resumed");
-    fs::create_dir_all(&resumed).unwrap();
-    let status = std::process::Command::new("cp")
-        .args([
-            "-r",
-            work.join("iter_3").to_str().unwrap(),
-            resumed.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let resumed = common::work_dir_from(d, "resumed", &work.join("iter_3"));
     ok(&xtuner(
         &["train", "run.toml", "--work-dir", "resumed", "--resume"],
         d,
@@ -216,16 +206,7 @@ fn dpo_trains_logs_its_rewards_resumes_and_exports() {
 
     // Held-out pairs (here the training pairs): the model beside its tokenizer and
     // chat template; the reference is the model without the adapter.
-    let model = d.join("model");
-    fs::create_dir_all(&model).unwrap();
-    for (dir, file) in [
-        ("llama-tiny", "config.json"),
-        ("llama-tiny", "model.safetensors"),
-        ("preference/tokenizer-internlm2", "tokenizer.json"),
-        ("preference/tokenizer-internlm2", "tokenizer_config.json"),
-    ] {
-        fs::copy(fixtures().join(dir).join(file), model.join(file)).unwrap();
-    }
+    common::llama_with_chat_template(d);
     let data = fixtures().join("preference/intel_orca.jsonl");
     let eval = |adapter: bool| {
         let mut args = vec![
@@ -378,17 +359,7 @@ fn a_reward_model_trains_resumes_exports_and_scores() {
             assert!(work.join("iter_3/v_head.safetensors").is_file());
         }
         // Resumed from the middle: the same last steps.
-        let resumed = d.join("resumed");
-        fs::create_dir_all(&resumed).unwrap();
-        let status = std::process::Command::new("cp")
-            .args([
-                "-r",
-                work.join("iter_3").to_str().unwrap(),
-                resumed.to_str().unwrap(),
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let resumed = common::work_dir_from(d, "resumed", &work.join("iter_3"));
         ok(&xtuner(
             &["train", "run.toml", "--work-dir", "resumed", "--resume"],
             d,

@@ -118,6 +118,18 @@ pub struct ProcessedDataset {
     pub stats: DatasetStats,
 }
 
+impl ProcessedDataset {
+    /// Each row's length, in row order (what the length-grouped sampler orders).
+    pub fn lengths(&self) -> Vec<i64> {
+        self.rows.iter().map(|r| r.len() as i64).collect()
+    }
+
+    /// The rows at `indices` (indices past the end are skipped).
+    pub fn rows_at(&self, indices: &[usize]) -> Vec<&PackedRow> {
+        indices.iter().filter_map(|&i| self.rows.get(i)).collect()
+    }
+}
+
 /// One record through every stage, for inspection tools.
 #[derive(Debug, Clone)]
 pub struct SampleTrace {

@@ -114,23 +114,38 @@ pub fn evaluate_chat<B: Backend>(
         // As XTuner's hook: every `<image>` of the prompt marks the image.
         let images = if image.is_some() { usize::MAX } else { 0 };
         ids.extend(encode_prompt(tokenizer, &text, images)?);
-        let embeds = prompt_embeds(model, &ids, image, device)?;
         let mut stop_ids = tokenizer.eos_ids().to_vec();
         if let Some(t) = &template {
             stop_ids.extend(t.stop_words.iter().filter_map(|w| tokenizer.token_to_id(w)));
         }
-        let generation = GenerationConfig {
-            max_new_tokens: eval.max_new_tokens,
-            eos_token_ids: stop_ids,
-            sampling: SamplingConfig {
-                seed: config.train.seed,
-                ..SamplingConfig::default()
-            },
-        };
-        let (new, _) = generate(model, embeds, &token_ids(&ids), &generation, |_| true)?;
-        answers.push((input.clone(), tokenizer.decode(&new)?));
+        let answer = hook_answer(model, image, &ids, stop_ids, config, tokenizer, device)?;
+        answers.push((input.clone(), answer));
     }
     Ok(answers)
+}
+
+/// The hook's answer to a prompt's ids: sampled as XTuner's hook samples (seeded with
+/// the run's seed), up to `evaluation.max_new_tokens` or a stop id.
+fn hook_answer<B: Backend>(
+    model: &Decoder<B>,
+    image: Option<&Tensor<B, 3>>,
+    ids: &[i64],
+    stop_ids: Vec<u32>,
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+) -> Result<String> {
+    let embeds = prompt_embeds(model, ids, image, device)?;
+    let generation = GenerationConfig {
+        max_new_tokens: config.evaluation.max_new_tokens,
+        eos_token_ids: stop_ids,
+        sampling: SamplingConfig {
+            seed: config.train.seed,
+            ..SamplingConfig::default()
+        },
+    };
+    let (new, _) = generate(model, embeds, &token_ids(ids), &generation, |_| true)?;
+    Ok(tokenizer.decode(&new)?)
 }
 
 /// The hook with the tokenizer's own chat template: each input as a user message (after
@@ -160,17 +175,16 @@ fn evaluate_with_chat_template<B: Backend>(
         messages.push(serde_json::json!({"role": "user", "content": input}));
         let text = template.render(&messages, true)?;
         let ids = encode_prompt(tokenizer, &text, 0)?;
-        let embeds = prompt_embeds(model, &ids, None, device)?;
-        let generation = GenerationConfig {
-            max_new_tokens: eval.max_new_tokens,
-            eos_token_ids: stop_ids.clone(),
-            sampling: SamplingConfig {
-                seed: config.train.seed,
-                ..SamplingConfig::default()
-            },
-        };
-        let (new, _) = generate(model, embeds, &token_ids(&ids), &generation, |_| true)?;
-        answers.push((input.clone(), tokenizer.decode(&new)?));
+        let answer = hook_answer(
+            model,
+            None,
+            &ids,
+            stop_ids.clone(),
+            config,
+            tokenizer,
+            device,
+        )?;
+        answers.push((input.clone(), answer));
     }
     Ok(answers)
 }

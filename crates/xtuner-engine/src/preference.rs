@@ -20,6 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use xtuner_model::nn::cross_entropy::cross_entropy_sum;
+use xtuner_model::nn::precision::scalar;
 
 /// Where one sequence lies in a batch: its row and its positions `start..end`.
 pub type Segment = (usize, usize, usize);
@@ -37,12 +38,26 @@ fn segment_logp<B: Backend>(
     seq_len: usize,
     (row, start, end): Segment,
 ) -> (Tensor<B, 1>, usize) {
-    let v = logits.dims()[2];
     if end < start + 2 {
         return (Tensor::zeros([1], (&logits.device(), DType::F32)), 0);
     }
     let shifted = &labels[row * seq_len + start + 1..row * seq_len + end];
-    let trained = |l: i64| l > 0 && (l as usize) < v;
+    // XTuner turns -100 into 0 and masks 0.
+    let (sum, count) = shifted_nll(logits, shifted, (row, start, end), |l| l > 0);
+    (sum.neg(), count)
+}
+
+/// `Σ −log p(label)` of a segment's logits against its labels shifted one left, over
+/// the positions `trained` keeps (and whose label is an id of the vocabulary), and
+/// their count.
+fn shifted_nll<B: Backend>(
+    logits: &Tensor<B, 3>,
+    shifted: &[i64],
+    (row, start, end): Segment,
+    trained: impl Fn(i64) -> bool,
+) -> (Tensor<B, 1>, usize) {
+    let v = logits.dims()[2];
+    let trained = |l: i64| trained(l) && l >= 0 && (l as usize) < v;
     let targets: Vec<i64> = shifted
         .iter()
         .map(|&l| if trained(l) { l } else { 0 })
@@ -53,7 +68,7 @@ fn segment_logp<B: Backend>(
         .collect();
     let count = weights.iter().filter(|&&w| w > 0.0).count();
     let logits = logits.clone().slice([row..row + 1, start..end - 1, 0..v]);
-    (cross_entropy_sum(logits, &targets, &weights).neg(), count)
+    (cross_entropy_sum(logits, &targets, &weights), count)
 }
 
 /// Each segment's log-probability of its labels (see the module docs), divided by the
@@ -191,15 +206,6 @@ pub struct PreferenceLoss<B: Backend> {
     pub reward_margin: f64,
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f64::NAN)
-}
-
 fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
     t.into_data()
         .convert::<f64>()
@@ -312,20 +318,10 @@ pub fn orpo_loss<B: Backend>(
         if end < start + 2 {
             continue;
         }
-        let v = logits.dims()[2];
         let shifted = &labels[row * t + start + 1..row * t + end];
-        let trained = |l: i64| l >= 0 && (l as usize) < v;
-        let targets: Vec<i64> = shifted
-            .iter()
-            .map(|&l| if trained(l) { l } else { 0 })
-            .collect();
-        let weights: Vec<f32> = shifted
-            .iter()
-            .map(|&l| f32::from(u8::from(trained(l))))
-            .collect();
-        tokens += weights.iter().filter(|&&w| w > 0.0).count();
-        let part = logits.clone().slice([row..row + 1, start..end - 1, 0..v]);
-        nll.push(cross_entropy_sum(part, &targets, &weights));
+        let (sum, count) = shifted_nll(&logits, shifted, (row, start, end), |_| true);
+        tokens += count;
+        nll.push(sum);
     }
     let nll = if nll.is_empty() {
         Tensor::zeros([1], (&logits.device(), DType::F32))

@@ -77,3 +77,32 @@ pub fn losses(work_dir: &Path) -> Vec<(u64, f64)> {
         .map(|v| (v["iter"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
 }
+
+/// `llama-tiny` beside the preference tokenizer (whose `chat_template` is
+/// InternLM2-chat's), as `root/model`.
+pub fn llama_with_chat_template(root: &Path) -> PathBuf {
+    let model = root.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for (dir, file) in [
+        ("llama-tiny", "config.json"),
+        ("llama-tiny", "model.safetensors"),
+        ("preference/tokenizer-internlm2", "tokenizer.json"),
+        ("preference/tokenizer-internlm2", "tokenizer_config.json"),
+    ] {
+        std::fs::copy(fixtures().join(dir).join(file), model.join(file)).unwrap();
+    }
+    model
+}
+
+/// A copy of `checkpoint` in a new work dir `root/name`, to resume from (as if the run
+/// had been killed after it).
+pub fn work_dir_from(root: &Path, name: &str, checkpoint: &Path) -> PathBuf {
+    let work = root.join(name);
+    std::fs::create_dir_all(&work).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-r", checkpoint.to_str().unwrap(), work.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    work
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use xtuner_dataset::collate::collate;
-use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer};
+use xtuner_dataset::{ProcessedDataset, Tokenizer};
 use xtuner_model::checkpoint::SaveDtype;
 use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
@@ -108,7 +108,7 @@ impl<B: AutodiffBackend> Recipe<B> for DecoderRecipe<'_, B> {
     type Model = Decoder<B>;
 
     fn lengths(&self) -> Vec<i64> {
-        self.dataset.rows.iter().map(|r| r.len() as i64).collect()
+        self.dataset.lengths()
     }
 
     fn nf4_bytes(&self, model: &Decoder<B>) -> usize {
@@ -121,10 +121,7 @@ impl<B: AutodiffBackend> Recipe<B> for DecoderRecipe<'_, B> {
         rows: &[usize],
         accumulative_counts: usize,
     ) -> Result<MicroStep> {
-        let rows: Vec<&PackedRow> = rows
-            .iter()
-            .filter_map(|&i| self.dataset.rows.get(i))
-            .collect();
+        let rows = self.dataset.rows_at(rows);
         let batch = collate(&rows, self.config.data.use_varlen_attn);
         let (loss, grads) = forward_backward(
             model,

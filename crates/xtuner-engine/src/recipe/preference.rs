@@ -17,7 +17,7 @@ use std::path::Path;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use xtuner_dataset::collate::{Batch, collate};
 use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer, load_or_process_pairs};
 use xtuner_model::checkpoint::SaveDtype;
@@ -140,21 +140,11 @@ struct PreferenceRecipe<'a, B: AutodiffBackend> {
     device: &'a B::Device,
 }
 
-fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
-    t.clone()
-        .into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f64::NAN)
-}
-
 impl<B: AutodiffBackend> Recipe<B> for PreferenceRecipe<'_, B> {
     type Model = Decoder<B>;
 
     fn lengths(&self) -> Vec<i64> {
-        self.dataset.rows.iter().map(|r| r.len() as i64).collect()
+        self.dataset.lengths()
     }
 
     fn nf4_bytes(&self, model: &Decoder<B>) -> usize {
@@ -167,10 +157,7 @@ impl<B: AutodiffBackend> Recipe<B> for PreferenceRecipe<'_, B> {
         rows: &[usize],
         divisor: usize,
     ) -> Result<MicroStep> {
-        let rows: Vec<&PackedRow> = rows
-            .iter()
-            .filter_map(|&i| self.dataset.rows.get(i))
-            .collect();
+        let rows = self.dataset.rows_at(rows);
         let (batch, segments) = pair_batch(&rows, self.config.data.use_varlen_attn);
         let (ids, input) = batch_tensors::<B>(&batch, self.device);
         let logits = model.forward(ids, &input, None);
@@ -213,7 +200,7 @@ impl<B: AutodiffBackend> Recipe<B> for PreferenceRecipe<'_, B> {
             ("reward_acc", out.reward_acc),
             ("reward_margin", out.reward_margin),
         ]);
-        let loss = scalar(&out.loss);
+        let loss = xtuner_model::nn::precision::scalar(out.loss.clone());
         let grads =
             GradientsParams::from_grads(out.loss.div_scalar(divisor as f64).backward(), model);
         Ok(MicroStep {

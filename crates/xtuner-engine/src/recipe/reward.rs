@@ -13,7 +13,7 @@ use std::path::Path;
 use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer};
+use xtuner_dataset::{ProcessedDataset, Tokenizer};
 use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
 use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
@@ -182,7 +182,7 @@ impl<B: AutodiffBackend> Recipe<B> for RewardRecipe<'_, B> {
     type Model = RewardModel<B>;
 
     fn lengths(&self) -> Vec<i64> {
-        self.dataset.rows.iter().map(|r| r.len() as i64).collect()
+        self.dataset.lengths()
     }
 
     fn nf4_bytes(&self, model: &RewardModel<B>) -> usize {
@@ -195,10 +195,7 @@ impl<B: AutodiffBackend> Recipe<B> for RewardRecipe<'_, B> {
         rows: &[usize],
         divisor: usize,
     ) -> Result<MicroStep> {
-        let rows: Vec<&PackedRow> = rows
-            .iter()
-            .filter_map(|&i| self.dataset.rows.get(i))
-            .collect();
+        let rows = self.dataset.rows_at(rows);
         let (batch, segments) = pair_batch(&rows, self.config.data.use_varlen_attn);
         let (ids, input) = batch_tensors::<B>(&batch, self.device);
         let (chosen, rejected) = reward_scores(model.values(ids, &input), &batch.labels);
