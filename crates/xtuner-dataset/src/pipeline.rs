@@ -14,7 +14,7 @@ use crate::encode::{EncodeOptions, EncodedSample, encode, encode_pieces};
 use crate::format::{ColumnMap, DataFormat, Sample};
 use crate::pack::{PackedRow, pack};
 use crate::reader::{Record, read_records};
-use crate::sampler::shuffled;
+use crate::sampler::{shuffle, subset};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -322,19 +322,11 @@ pub fn encode_records<'t>(
 /// # Errors
 /// Unreadable or malformed files.
 pub fn load_records(spec: &DataSpec) -> Result<Vec<Record>> {
-    let mut records = read_records(&spec.files)?;
-    if let Some(max) = spec.max_dataset_length
-        && max < records.len()
-    {
-        let mut keep = shuffled(records.len(), spec.seed);
-        keep.truncate(max);
-        keep.sort_unstable();
-        records = keep
-            .into_iter()
-            .filter_map(|i| records.get(i).cloned())
-            .collect();
-    }
-    Ok(records)
+    Ok(subset(
+        read_records(&spec.files)?,
+        spec.max_dataset_length,
+        spec.seed,
+    ))
 }
 
 /// Runs the whole pipeline (no cache); `None` for a tokenizer serves pre-tokenized data.
@@ -360,12 +352,7 @@ pub fn process<'t>(
     }
     let dataset = if spec.pack_to_max_length {
         if spec.shuffle_before_pack {
-            let order = shuffled(kept.len(), spec.seed);
-            let mut slots: Vec<Option<KeptSample>> = kept.into_iter().map(Some).collect();
-            kept = order
-                .into_iter()
-                .filter_map(|i| slots.get_mut(i).and_then(Option::take))
-                .collect();
+            kept = shuffle(kept, spec.seed);
         }
         let rows = pack(kept.into_iter().map(|k| k.sample), spec.max_length);
         ProcessedDataset {

@@ -26,7 +26,7 @@ use crate::format::DataFormat;
 use crate::pack::PackedRow;
 use crate::pipeline::{DatasetStats, ProcessedDataset};
 use crate::reader::{Record, read_records};
-use crate::sampler::shuffled;
+use crate::sampler::{shuffle, subset};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -493,18 +493,11 @@ pub fn process_pairs(
             message: "must be positive".into(),
         });
     }
-    let mut records = read_records(&spec.files)?;
-    if let Some(max) = spec.max_dataset_length
-        && max < records.len()
-    {
-        let mut keep = shuffled(records.len(), spec.seed);
-        keep.truncate(max);
-        keep.sort_unstable();
-        records = keep
-            .into_iter()
-            .filter_map(|i| records.get(i).cloned())
-            .collect();
-    }
+    let records = subset(
+        read_records(&spec.files)?,
+        spec.max_dataset_length,
+        spec.seed,
+    );
     let mut pairs = encode_pair_records(&records, spec.format, template, tokenizer, spec.options)?;
     if pairs.is_empty() {
         return Err(Error::EmptyDataset {
@@ -530,12 +523,7 @@ pub fn process_pairs(
     let rows = match spec.max_packed_length {
         Some(max) => {
             if spec.shuffle_before_pack {
-                let order = shuffled(pairs.len(), spec.seed);
-                let mut slots: Vec<Option<EncodedPair>> = pairs.into_iter().map(Some).collect();
-                pairs = order
-                    .into_iter()
-                    .filter_map(|i| slots.get_mut(i).and_then(Option::take))
-                    .collect();
+                pairs = shuffle(pairs, spec.seed);
             }
             let (rows, removed) = pack_pairs(pairs, max);
             if removed > 0 {

@@ -14,6 +14,33 @@ pub fn shuffled(len: usize, seed: u64) -> Vec<usize> {
     order
 }
 
+/// `items` in the order of [`shuffled`] with `seed`.
+pub fn shuffle<T>(items: Vec<T>, seed: u64) -> Vec<T> {
+    let order = shuffled(items.len(), seed);
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+        .collect()
+}
+
+/// A seeded random subset of at most `max` items, in their order (XTuner's
+/// `max_dataset_length`).
+pub fn subset<T>(items: Vec<T>, max: Option<usize>, seed: u64) -> Vec<T> {
+    match max {
+        Some(max) if max < items.len() => {
+            let mut keep = shuffled(items.len(), seed);
+            keep.truncate(max);
+            keep.sort_unstable();
+            let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+            keep.into_iter()
+                .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+                .collect()
+        }
+        _ => items,
+    }
+}
+
 /// XTuner's length-grouped order.
 ///
 /// `lengths` are modality lengths (text-only samples negative; 0 is treated as text).
