@@ -61,6 +61,12 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../configs/internlm2_chat_1_8b_qlora_custom_sft_e1.toml"),
     ),
     (
+        "internlm2_chat_1_8b_reward_full_varlenattn_jsonl_dataset",
+        include_str!(
+            "../../../configs/internlm2_chat_1_8b_reward_full_varlenattn_jsonl_dataset.toml"
+        ),
+    ),
+    (
         "internlm2_chat_7b_dpo_qlora_varlenattn",
         include_str!("../../../configs/internlm2_chat_7b_dpo_qlora_varlenattn.toml"),
     ),
