@@ -191,6 +191,24 @@ fn dpo_trains_logs_its_rewards_resumes_and_exports() {
         common::losses(&resumed),
         common::losses(&work)[3..].to_vec()
     );
+    // With activation checkpointing (each layer run again in backward): the same steps.
+    ok(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--work-dir",
+            "recomputed",
+            "--cfg-options",
+            "model.activation_checkpointing=true",
+        ],
+        d,
+    ));
+    for ((_, a), (_, b)) in common::losses(&d.join("recomputed"))
+        .iter()
+        .zip(common::losses(&work))
+    {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
     // The adapter exports as PEFT's.
     ok(&xtuner(
         &[
@@ -370,6 +388,23 @@ fn a_reward_model_trains_resumes_exports_and_scores() {
             "lora {lora}"
         );
 
+        // With activation checkpointing: the same steps.
+        ok(&xtuner(
+            &[
+                "train",
+                "run.toml",
+                "--work-dir",
+                "recomputed",
+                "--cfg-options",
+                "model.activation_checkpointing=true",
+            ],
+            d,
+        ));
+        let recomputed = common::losses(&d.join("recomputed"));
+        assert_eq!(recomputed.len(), 6);
+        for ((_, a), (_, b)) in recomputed.iter().zip(common::losses(&work)) {
+            assert!((a - b).abs() < 1e-5, "lora {lora}: {a} vs {b}");
+        }
         // XTuner's export for a Llama: LlamaForSequenceClassification, LoRA merged.
         ok(&xtuner(
             &[

@@ -20,7 +20,7 @@
 //! each layer's generator is reseeded from one draw per step.
 
 use burn::module::{AutodiffModule, Module};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution, Tensor};
 use xtuner_model::decoder::{Decoder, DecoderInput};
@@ -56,58 +56,132 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
         return chunked_lm_loss_backward(model, hidden, head, labels, vocab, chunk, divisor);
     }
 
-    let device = embeds.device();
-    // Drawn in f32: a bf16 draw would take one of only a few hundred values.
-    let step_seed = scalar(Tensor::<B::InnerBackend, 1>::random(
-        [1],
-        Distribution::Uniform(0.0, 1.0),
-        (&device, DType::F32),
-    ));
-    let layer_seed = |i: usize| ((step_seed * f64::from(u32::MAX)) as u64).wrapping_add(i as u64);
-    let (cos, sin) = llm.rope.cos_sin(input.positions.clone());
-
-    // The embeddings as the first layer takes them (Gemma scales them), in the graph.
-    let embeds = llm.scale_embeds(embeds);
-
-    // 1. Forward without a graph, keeping each layer's input.
-    let mut saved: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(llm.layers.len());
-    let mut x = embeds.clone().detach();
-    for (i, layer) in llm.layers.iter().enumerate() {
-        saved.push(x.clone().inner());
-        B::seed(&device, layer_seed(i));
-        x = layer
-            .clone()
-            .no_grad()
-            .forward(x, &cos, &sin, &input.mask, None);
-    }
-
+    let replay = Replay::forward(llm, embeds, input);
     // 2. Norm, head and loss on the last output.
-    let top = x.detach().require_grad();
+    let top = replay.top.clone().require_grad();
     let hidden = llm.norm.forward(top.clone());
     let (loss_sum, tokens, mut accumulator, hidden_grad) =
         head_loss_backward(model, &hidden, head, labels, vocab, chunk, divisor);
     let Some(hidden_grad) = hidden_grad else {
         return (loss_sum, tokens, accumulator.grads());
     };
-    let (grads, mut grad) = backward_from(model, hidden, hidden_grad, Some(&top));
+    let (grads, grad) = backward_from(model, hidden, hidden_grad, Some(&top));
     accumulator.accumulate(model, grads);
-
-    // 3. Each layer again, with its graph, last to first.
-    for (i, layer) in llm.layers.iter().enumerate().rev() {
-        let Some(g) = grad.take() else { break };
-        let x = Tensor::<B, 3>::from_inner(saved[i].clone()).require_grad();
-        B::seed(&device, layer_seed(i));
-        let y = layer.forward(x.clone(), &cos, &sin, &input.mask, None);
-        let (grads, input_grad) = backward_from(model, y, g, Some(&x));
-        accumulator.accumulate(model, grads);
-        grad = input_grad;
-    }
-
-    // 4. Into the embeddings.
-    if let Some(g) = grad {
-        accumulator.accumulate(model, backward_from(model, embeds, g, None).0);
-    }
+    replay.backward(model, llm, input, grad, &mut accumulator);
     (loss_sum, tokens, accumulator.grads())
+}
+
+/// Forward and backward of the decoder `llm` (a part of `model`) from input
+/// embeddings, with the loss `top` computes from the final normed hidden states (its
+/// value is backpropagated as it is: divide it for accumulation first). With
+/// `recompute`, each layer is run again in backward ([the module docs](self)); the
+/// loss's own graph (the head, the objective) is kept whole either way. Returns `top`'s
+/// other output and the gradients.
+///
+/// # Shapes
+/// `embeds`: `[B, T, C]`; `top` gets `[B, T, C]` and returns a `[1]` loss.
+pub fn decoder_backward<B: AutodiffBackend, M: AutodiffModule<B>, T>(
+    model: &M,
+    llm: &Decoder<B>,
+    embeds: Tensor<B, 3>,
+    input: &DecoderInput<B>,
+    recompute: bool,
+    top: impl FnOnce(Tensor<B, 3>) -> (Tensor<B, 1>, T),
+) -> (T, GradientsParams) {
+    if !recompute {
+        let (loss, out) = top(llm.hidden_states(embeds, input, None));
+        return (out, GradientsParams::from_grads(loss.backward(), model));
+    }
+    let replay = Replay::forward(llm, embeds, input);
+    let cut = replay.top.clone().require_grad();
+    let (loss, out) = top(llm.norm.forward(cut.clone()));
+    let mut grads = loss.backward();
+    let grad = cut.grad_remove(&mut grads);
+    let mut accumulator = GradientsAccumulator::<M>::new();
+    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    replay.backward(model, llm, input, grad, &mut accumulator);
+    (out, accumulator.grads())
+}
+
+/// The checkpointed forward pass of the decoder's layers: each layer's input kept, the
+/// last output cut from any graph, and what the layers need to run again.
+struct Replay<B: AutodiffBackend> {
+    /// The embeddings as the first layer takes them, in their graph.
+    embeds: Tensor<B, 3>,
+    /// Each layer's input.
+    saved: Vec<Tensor<B::InnerBackend, 3>>,
+    /// The last layer's output, without a graph.
+    top: Tensor<B, 3>,
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
+    step_seed: f64,
+}
+
+impl<B: AutodiffBackend> Replay<B> {
+    /// Step 1: forward without a graph, keeping each layer's input.
+    fn forward(llm: &Decoder<B>, embeds: Tensor<B, 3>, input: &DecoderInput<B>) -> Self {
+        let device = embeds.device();
+        // Drawn in f32: a bf16 draw would take one of only a few hundred values.
+        let step_seed = scalar(Tensor::<B::InnerBackend, 1>::random(
+            [1],
+            Distribution::Uniform(0.0, 1.0),
+            (&device, DType::F32),
+        ));
+        let (cos, sin) = llm.rope.cos_sin(input.positions.clone());
+        // The embeddings as the first layer takes them (Gemma scales them), in the graph.
+        let embeds = llm.scale_embeds(embeds);
+        let mut replay = Self {
+            saved: Vec::with_capacity(llm.layers.len()),
+            top: embeds.clone().detach(),
+            embeds,
+            cos,
+            sin,
+            step_seed,
+        };
+        for (i, layer) in llm.layers.iter().enumerate() {
+            replay.saved.push(replay.top.clone().inner());
+            B::seed(&device, replay.layer_seed(i));
+            replay.top = layer.clone().no_grad().forward(
+                replay.top.clone(),
+                &replay.cos,
+                &replay.sin,
+                &input.mask,
+                None,
+            );
+        }
+        replay.top = replay.top.detach();
+        replay
+    }
+
+    /// Each layer's dropout seed, the same in both passes.
+    fn layer_seed(&self, i: usize) -> u64 {
+        ((self.step_seed * f64::from(u32::MAX)) as u64).wrapping_add(i as u64)
+    }
+
+    /// Steps 3 and 4: each layer again, with its graph, last to first, from the gradient
+    /// at the last output; then into the embeddings.
+    fn backward<M: AutodiffModule<B>>(
+        self,
+        model: &M,
+        llm: &Decoder<B>,
+        input: &DecoderInput<B>,
+        mut grad: Option<Tensor<B::InnerBackend, 3>>,
+        accumulator: &mut GradientsAccumulator<M>,
+    ) {
+        let device = self.embeds.device();
+        for (i, layer) in llm.layers.iter().enumerate().rev() {
+            let Some(g) = grad.take() else { break };
+            let x = Tensor::<B, 3>::from_inner(self.saved[i].clone()).require_grad();
+            B::seed(&device, self.layer_seed(i));
+            let y = layer.forward(x.clone(), &self.cos, &self.sin, &input.mask, None);
+            let (grads, input_grad) = backward_from(model, y, g, Some(&x));
+            accumulator.accumulate(model, grads);
+            grad = input_grad;
+        }
+        if let Some(g) = grad {
+            accumulator.accumulate(model, backward_from(model, self.embeds, g, None).0);
+        }
+    }
 }
 
 #[cfg(test)]

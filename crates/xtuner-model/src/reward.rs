@@ -55,7 +55,14 @@ impl<B: Backend> RewardModel<B> {
     /// # Shapes
     /// `ids`: `[B, T]` → `[B, T]`.
     pub fn values(&self, ids: Tensor<B, 2, Int>, input: &DecoderInput<B>) -> Tensor<B, 2> {
-        let hidden = self.model.hidden_states(self.model.embed(ids), input, None);
+        self.scores(self.model.hidden_states(self.model.embed(ids), input, None))
+    }
+
+    /// The value head on the decoder's final (normed) hidden states.
+    ///
+    /// # Shapes
+    /// `hidden`: `[B, T, C]` → `[B, T]`.
+    pub fn scores(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, t, c] = hidden.dims();
         let head = in_dtype(self.v_head.val(), hidden.dtype());
         hidden

@@ -15,7 +15,6 @@
 use std::path::Path;
 
 use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use xtuner_dataset::collate::{Batch, collate};
@@ -31,6 +30,7 @@ use crate::config::{LoadedConfig, Objective, TrainConfig};
 use crate::export::hf::write_decoder;
 use crate::lora::without_adapters;
 use crate::preference::{Segment, dpo_loss, orpo_loss, row_segments, segment_logps};
+use crate::recompute::decoder_backward;
 use crate::run::{MicroStep, Recipe, RunContext, TrainSummary};
 use crate::step::batch_tensors;
 use crate::{Error, Result, run};
@@ -160,11 +160,10 @@ impl<B: AutodiffBackend> Recipe<B> for PreferenceRecipe<'_, B> {
         let rows = self.dataset.rows_at(rows);
         let (batch, segments) = pair_batch(&rows, self.config.data.use_varlen_attn);
         let (ids, input) = batch_tensors::<B>(&batch, self.device);
-        let logits = model.forward(ids, &input, None);
-        let (out, mut metrics) = match self.objective {
+        // DPO's reference first, without a graph: the frozen copy, or (LoRA) the policy
+        // with its adapters off.
+        let reference = match self.objective {
             Objective::Dpo(dpo) => {
-                let average = dpo.loss_type.averages_logps();
-                let policy = segment_logps(logits, &batch.labels, &segments, average);
                 let (ids, input) = batch_tensors::<B::InnerBackend>(&batch, self.device);
                 let logits = match &self.reference {
                     Some(reference) => reference.forward(ids, &input, None),
@@ -172,37 +171,47 @@ impl<B: AutodiffBackend> Recipe<B> for PreferenceRecipe<'_, B> {
                         without_adapters(model.valid(), self.decoder).forward(ids, &input, None)
                     }
                 };
-                let reference = segment_logps(logits, &batch.labels, &segments, average);
-                (
-                    dpo_loss(policy, Tensor::from_inner(reference), &dpo),
-                    Vec::new(),
-                )
+                let average = dpo.loss_type.averages_logps();
+                Some(segment_logps(logits, &batch.labels, &segments, average))
             }
-            Objective::Orpo { beta } => {
-                let (out, terms) = orpo_loss(logits, &batch.labels, &segments, beta);
-                let metrics = vec![
-                    ("nll_loss", terms.nll_loss),
-                    ("log_odds_ratio", terms.log_odds_ratio),
-                    ("log_odds_chosen", terms.log_odds_chosen),
-                ];
-                (out, metrics)
-            }
-            Objective::Reward(_) => {
-                return Err(Error::setting(
-                    "preference.method",
-                    "a reward model is trained by its own recipe",
-                ));
-            }
+            _ => None,
         };
+        let embeds = model.embed(ids);
+        let checkpointing = self.config.model.activation_checkpointing;
+        let objective = self.objective;
+        let (out, grads) =
+            decoder_backward(model, model, embeds, &input, checkpointing, |hidden| {
+                let logits = model.lm_head(hidden);
+                let (out, metrics) = match (objective, reference) {
+                    (Objective::Dpo(dpo), Some(reference)) => {
+                        let average = dpo.loss_type.averages_logps();
+                        let policy = segment_logps(logits, &batch.labels, &segments, average);
+                        (
+                            dpo_loss(policy, Tensor::from_inner(reference), &dpo),
+                            Vec::new(),
+                        )
+                    }
+                    (Objective::Orpo { beta }, _) => {
+                        let (out, terms) = orpo_loss(logits, &batch.labels, &segments, beta);
+                        let metrics = vec![
+                            ("nll_loss", terms.nll_loss),
+                            ("log_odds_ratio", terms.log_odds_ratio),
+                            ("log_odds_chosen", terms.log_odds_chosen),
+                        ];
+                        (out, metrics)
+                    }
+                    _ => unreachable!("train() refuses reward models and DPO has its reference"),
+                };
+                (out.loss.clone().div_scalar(divisor as f64), (out, metrics))
+            });
+        let (out, mut metrics) = out;
         metrics.extend([
             ("chosen_rewards", out.chosen_rewards),
             ("rejected_rewards", out.rejected_rewards),
             ("reward_acc", out.reward_acc),
             ("reward_margin", out.reward_margin),
         ]);
-        let loss = xtuner_model::nn::precision::scalar(out.loss.clone());
-        let grads =
-            GradientsParams::from_grads(out.loss.div_scalar(divisor as f64).backward(), model);
+        let loss = xtuner_model::nn::precision::scalar(out.loss);
         Ok(MicroStep {
             loss,
             // The loss is a mean over pairs: each pair weighs the same in the step's.

@@ -11,7 +11,6 @@
 use std::path::Path;
 
 use burn::module::Param;
-use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use xtuner_dataset::{ProcessedDataset, Tokenizer};
 use xtuner_model::checkpoint::{Checkpoint, SaveDtype, save_safetensors};
@@ -26,6 +25,7 @@ use crate::export::hf::copy_tokenizer_files;
 use crate::export::{DEFAULT_SHARD_SIZE, peft, write_json};
 use crate::optim::MASTER_DTYPE;
 use crate::preference::{RewardObjective, reward_loss, reward_scores};
+use crate::recompute::decoder_backward;
 use crate::run::{MicroStep, Recipe, RunContext, TrainSummary};
 use crate::step::batch_tensors;
 use crate::{Error, Result, lora, run};
@@ -198,11 +198,21 @@ impl<B: AutodiffBackend> Recipe<B> for RewardRecipe<'_, B> {
         let rows = self.dataset.rows_at(rows);
         let (batch, segments) = pair_batch(&rows, self.config.data.use_varlen_attn);
         let (ids, input) = batch_tensors::<B>(&batch, self.device);
-        let (chosen, rejected) = reward_scores(model.values(ids, &input), &batch.labels);
-        let out = reward_loss(chosen, rejected, &self.objective);
-        let loss = xtuner_model::nn::precision::scalar(out.loss.clone());
-        let grads =
-            GradientsParams::from_grads(out.loss.div_scalar(divisor as f64).backward(), model);
+        let embeds = model.model.embed(ids);
+        let checkpointing = self.config.model.activation_checkpointing;
+        let (out, grads) = decoder_backward(
+            model,
+            &model.model,
+            embeds,
+            &input,
+            checkpointing,
+            |hidden| {
+                let (chosen, rejected) = reward_scores(model.scores(hidden), &batch.labels);
+                let out = reward_loss(chosen, rejected, &self.objective);
+                (out.loss.clone().div_scalar(divisor as f64), out)
+            },
+        );
+        let loss = xtuner_model::nn::precision::scalar(out.loss);
         Ok(MicroStep {
             loss,
             trained_tokens: segments.len() / 2,
