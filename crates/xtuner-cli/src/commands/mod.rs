@@ -6,4 +6,5 @@ pub mod collective;
 pub mod data;
 pub mod preference;
 pub mod tokenize;
+pub mod tokens;
 pub mod train;

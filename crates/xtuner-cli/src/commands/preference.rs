@@ -14,7 +14,7 @@ use xtuner_model::decoder::Decoder;
 
 use crate::args::Show;
 use crate::backend;
-use crate::commands::data::{decode, masked_text, tokenizer_path};
+use crate::commands::tokens::{decode, jinja_template, masked_text, tokenizer_path};
 
 /// DPO's β for the implicit rewards `eval` reports (XTuner's default).
 const BETA: f64 = 0.1;
@@ -33,7 +33,7 @@ pub fn eval_pairs(
 ) -> Result<()> {
     type B = backend::Cpu;
     let device = Default::default();
-    let template = crate::commands::data::jinja_template(model_dir, template)?;
+    let template = jinja_template(model_dir, template)?;
     let tokenizer = Tokenizer::from_path(model_dir)?;
     let records = xtuner_dataset::reader::read_records(data)?;
     let options = PairOptions {
@@ -122,7 +122,7 @@ pub fn reward(
                 config_path.display()
             )
         })?;
-    let template = crate::commands::data::jinja_template(model_dir, template)?;
+    let template = jinja_template(model_dir, template)?;
     let tokenizer = Tokenizer::from_path(model_dir)?;
     let (model, _) = xtuner_model::reward::RewardModel::<B>::load(model_dir, None, &device)?;
     for answer in answers {
