@@ -135,6 +135,19 @@ fn load_or_build(
     Ok((dataset, CacheOutcome::Built(path)))
 }
 
+/// A temporary file beside the entry, readable as any file the user creates is (mode
+/// 0666 less the umask, 0644 usually: a cache a team shares on one machine), where
+/// `tempfile` would make it private to its writer.
+fn shared_temp_file(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(fs::Permissions::from_mode(0o666));
+    }
+    builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))
+}
+
 fn cache_error(path: &Path, message: impl Into<String>) -> Error {
     Error::Cache {
         path: path.to_path_buf(),
@@ -187,7 +200,7 @@ fn write_entry(path: &Path, dataset: &ProcessedDataset) -> Result<()> {
 
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = shared_temp_file(dir)?;
     let mut header = Vec::with_capacity(52);
     header.extend(MAGIC);
     header.extend(CACHE_VERSION.to_le_bytes());
@@ -403,6 +416,28 @@ mod tests {
         text = text.replacen("Add 0", "Add 00", 1);
         fs::write(&base.files[0], text).unwrap();
         assert_ne!(cache_key(&base, &tok).unwrap(), key);
+    }
+
+    /// An entry is as readable as a file the user creates (0644 with the usual umask),
+    /// not private to its writer.
+    #[cfg(unix)]
+    #[test]
+    fn entries_are_readable_as_other_files_are() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, outcome) = load_or_process(
+            &spec(dir.path()),
+            &tokenizer_path(),
+            &dir.path().join("cache"),
+        )
+        .unwrap();
+        let CacheOutcome::Built(entry) = outcome else {
+            panic!("a first run builds")
+        };
+        let plain = dir.path().join("plain");
+        fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&entry), mode(&plain));
     }
 
     #[test]
