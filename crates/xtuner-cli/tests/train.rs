@@ -851,3 +851,67 @@ fn a_llava_run_resumes_exactly() {
     ok(&xtuner(&args, &repo));
     assert_eq!(losses(&work), uninterrupted[2..].to_vec());
 }
+
+/// TensorBoard's event file beside the JSON log: every record's length and checksums
+/// valid, one scalar event per logged step with the same values; `[visualizer]
+/// tensorboard = false` writes none.
+#[test]
+fn the_run_writes_tensorboard_events_equal_to_its_log() {
+    use xtuner_engine::run::tensorboard::read_events;
+    let dir = setup(true);
+    let d = dir.path();
+    ok(&xtuner(&["train", "run.toml"], d));
+    let work = d.join("work_dirs/run");
+    let files: Vec<_> = fs::read_dir(work.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("events.out.tfevents.")
+    );
+    let events = read_events(&files[0]).unwrap();
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    let steps = common::logged_steps(&work);
+    let scalars: Vec<_> = events.iter().filter(|e| e.summary.is_some()).collect();
+    assert_eq!(scalars.len(), steps.len());
+    for (event, step) in scalars.iter().zip(&steps) {
+        assert_eq!(event.step, step["iter"].as_i64().unwrap());
+        let values = &event.summary.as_ref().unwrap().value;
+        for (tag, key) in [
+            ("train/loss", "loss"),
+            ("train/lr", "lr"),
+            ("train/grad_norm", "grad_norm"),
+        ] {
+            let v = values
+                .iter()
+                .find(|v| v.tag == tag)
+                .unwrap()
+                .simple_value
+                .unwrap();
+            assert_eq!(
+                v,
+                step[key].as_f64().unwrap() as f32,
+                "{tag} at {}",
+                event.step
+            );
+        }
+    }
+    ok(&xtuner(
+        &[
+            "train",
+            "run.toml",
+            "--work-dir",
+            "quiet",
+            "--cfg-options",
+            "visualizer.tensorboard=false",
+        ],
+        d,
+    ));
+    assert!(!d.join("quiet/tensorboard").exists());
+}

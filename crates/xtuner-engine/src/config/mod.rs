@@ -67,6 +67,26 @@ pub struct TrainConfig {
     /// Training on preference pairs (DPO, ORPO, reward models).
     #[serde(default)]
     pub preference: Option<PreferenceConfig>,
+    /// What the run writes for dashboards.
+    #[serde(default)]
+    pub visualizer: VisualizerConfig,
+}
+
+/// `[visualizer]`: what the run writes for dashboards besides `train_log.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisualizerConfig {
+    /// TensorBoard event files in `work_dir/tensorboard/` (`tensorboard --logdir
+    /// work_dirs`): loss, learning rate, gradient norm, tokens/s, memory, the recipe's
+    /// numbers, and the evaluate-chat answers as text.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+}
+
+impl Default for VisualizerConfig {
+    fn default() -> Self {
+        Self { tensorboard: true }
+    }
 }
 
 /// Where the LLM comes from, and how its layers are run.

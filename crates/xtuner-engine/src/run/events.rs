@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::tensorboard::EventWriter;
 use crate::memory::ModelMemory;
 use crate::{Error, Result};
 
@@ -78,10 +79,11 @@ pub trait Progress {
 }
 
 /// The JSON Lines log in the work dir (one object per step and evaluation), appended
-/// to across resumes.
+/// to across resumes; and, when on, the same steps and answers as TensorBoard events.
 pub(crate) struct JsonLog {
     path: PathBuf,
     file: std::fs::File,
+    tensorboard: Option<EventWriter>,
 }
 
 impl JsonLog {
@@ -89,7 +91,7 @@ impl JsonLog {
     ///
     /// # Errors
     /// An unwritable work dir.
-    pub(crate) fn open(path: &Path) -> Result<Self> {
+    pub(crate) fn open(path: &Path, tensorboard: Option<&Path>) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -98,6 +100,7 @@ impl JsonLog {
         Ok(Self {
             path: path.to_path_buf(),
             file,
+            tensorboard: tensorboard.map(EventWriter::create).transpose()?,
         })
     }
 
@@ -110,6 +113,31 @@ impl JsonLog {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
-        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
+        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        if let Some(tb) = &mut self.tensorboard {
+            match event {
+                TrainEvent::Step(s) => {
+                    let mut values = vec![
+                        ("train/loss".to_string(), s.loss),
+                        ("train/lr".to_string(), s.lr),
+                        ("train/grad_norm".to_string(), s.grad_norm),
+                        ("train/tokens_per_s".to_string(), s.tokens_per_s),
+                    ];
+                    values.extend(s.memory_mib.map(|m| ("train/memory_mib".to_string(), m)));
+                    values.extend(s.metrics.iter().map(|(k, v)| (format!("train/{k}"), *v)));
+                    tb.scalars(s.iter, &values)?;
+                }
+                TrainEvent::Eval { iter, answers } => {
+                    let text: Vec<String> = answers
+                        .iter()
+                        .map(|(prompt, answer)| format!("**{prompt}**\n\n{answer}"))
+                        .collect();
+                    tb.text(*iter, "eval/answers", &text.join("\n\n---\n\n"))?;
+                }
+                TrainEvent::Started { .. } | TrainEvent::Saved { .. } => return Ok(()),
+            }
+            tb.flush()?;
+        }
+        Ok(())
     }
 }

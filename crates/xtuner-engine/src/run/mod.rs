@@ -19,6 +19,7 @@
 
 mod events;
 mod resume;
+pub mod tensorboard;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -280,7 +281,14 @@ pub fn run<B: AutodiffBackend, R: Recipe<B>>(
     });
     let mut log = None;
     if lead {
-        let log = log.insert(JsonLog::open(&work_dir.join("train_log.jsonl"))?);
+        let tensorboard = config
+            .visualizer
+            .tensorboard
+            .then(|| work_dir.join("tensorboard"));
+        let log = log.insert(JsonLog::open(
+            &work_dir.join("train_log.jsonl"),
+            tensorboard.as_deref(),
+        )?);
         if start_iter == 0 {
             evaluate(recipe, &model.valid(), 0, progress, log)?;
         }
