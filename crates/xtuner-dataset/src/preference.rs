@@ -17,36 +17,18 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use xtuner_template::JinjaTemplate;
+use xtuner_template::{JinjaTemplate, Message};
 
 use std::path::PathBuf;
 
 use crate::encode::IGNORE_INDEX;
-use crate::format::DataFormat;
+use crate::format::{DataFormat, type_name};
 use crate::pack::PackedRow;
 use crate::pipeline::{DatasetStats, ProcessedDataset};
 use crate::reader::{Record, read_records};
 use crate::sampler::{shuffle, subset};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
-
-impl Message {
-    fn new(role: &str, content: impl Into<String>) -> Self {
-        Self {
-            role: role.to_string(),
-            content: content.into(),
-        }
-    }
-}
 
 /// A preference pair: the prompt's messages and the two answers' messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +62,12 @@ impl PreferenceFormat {
         &[Self::IntelOrcaDpo, Self::OrpoDpoMix40k, Self::Preference]
     }
 
+    /// Every format's name, comma separated (for error messages).
+    pub fn names() -> String {
+        let names: Vec<&str> = Self::all().iter().map(|f| f.name()).collect();
+        names.join(", ")
+    }
+
     /// The format's name (XTuner's map function without `_map_fn`).
     pub fn name(self) -> &'static str {
         match self {
@@ -98,7 +86,7 @@ impl PreferenceFormat {
         let Value::Object(fields) = record else {
             return Err(err(format!(
                 "the record is {}, not a JSON object",
-                kind(record)
+                type_name(record)
             )));
         };
         let text = |key: &str| -> std::result::Result<String, String> {
@@ -107,7 +95,7 @@ impl PreferenceFormat {
                 Some(Value::Null) | None => Err(err(format!("missing field `{key}`"))),
                 Some(v) => Err(err(format!(
                     "field `{key}` should be a string but is {}",
-                    kind(v)
+                    type_name(v)
                 ))),
             }
         };
@@ -173,11 +161,7 @@ impl std::str::FromStr for PreferenceFormat {
             .find(|f| f.name() == name)
             .ok_or_else(|| Error::UnknownFormat {
                 name: name.to_string(),
-                valid: Self::all()
-                    .iter()
-                    .map(|f| f.name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                valid: Self::names(),
             })
     }
 }
@@ -185,17 +169,6 @@ impl std::str::FromStr for PreferenceFormat {
 impl std::fmt::Display for PreferenceFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -222,10 +195,34 @@ impl EncodedPair {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The pair as a training row of its own: chosen, then rejected, each a segment.
+    pub fn into_row(self) -> PackedRow {
+        let mut row = PackedRow {
+            cumulative_len: vec![0],
+            ..PackedRow::default()
+        };
+        row.push_pair(self);
+        row
+    }
+}
+
+impl PackedRow {
+    /// Appends a pair's two sequences, each as a segment.
+    fn push_pair(&mut self, pair: EncodedPair) {
+        for (ids, labels) in [
+            (pair.chosen_ids, pair.chosen_labels),
+            (pair.rejected_ids, pair.rejected_labels),
+        ] {
+            self.input_ids.extend(ids);
+            self.labels.extend(labels);
+            self.cumulative_len.push(self.input_ids.len());
+        }
+    }
 }
 
 /// How pairs are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PairOptions {
     /// Each sequence is cut to this many tokens (before the reward token).
     pub max_length: usize,
@@ -310,7 +307,7 @@ pub fn encode_pair_records(
         line: record.line,
         message,
     };
-    records
+    let encoded: Vec<Result<EncodedPair>> = records
         .par_iter()
         .map(|record| {
             let pair = format.map(&record.value).map_err(|m| bad(record, m))?;
@@ -319,7 +316,10 @@ pub fn encode_pair_records(
                 other => other,
             })
         })
-        .collect()
+        .collect();
+    // Sequential: the first bad record in file order is the one reported (rayon's
+    // collect into a `Result` would report any).
+    encoded.into_iter().collect()
 }
 
 /// XTuner's `PackedDatasetWrapper`: pairs, in the given order, fill rows of at most
@@ -330,37 +330,17 @@ pub fn pack_pairs(
     pairs: impl IntoIterator<Item = EncodedPair>,
     max_packed_length: usize,
 ) -> (Vec<PackedRow>, usize) {
-    let mut rows = Vec::new();
+    let mut rows: Vec<PackedRow> = Vec::new();
     let mut removed = 0;
-    let mut row = PackedRow {
-        cumulative_len: vec![0],
-        ..PackedRow::default()
-    };
     for pair in pairs {
         if pair.len() > max_packed_length {
             removed += 1;
             continue;
         }
-        if row.len() + pair.len() > max_packed_length && !row.is_empty() {
-            rows.push(std::mem::replace(
-                &mut row,
-                PackedRow {
-                    cumulative_len: vec![0],
-                    ..PackedRow::default()
-                },
-            ));
+        match rows.last_mut() {
+            Some(row) if row.len() + pair.len() <= max_packed_length => row.push_pair(pair),
+            _ => rows.push(pair.into_row()),
         }
-        for (ids, labels) in [
-            (pair.chosen_ids, pair.chosen_labels),
-            (pair.rejected_ids, pair.rejected_labels),
-        ] {
-            row.input_ids.extend(ids);
-            row.labels.extend(labels);
-            row.cumulative_len.push(row.input_ids.len());
-        }
-    }
-    if !row.is_empty() {
-        rows.push(row);
     }
     (rows, removed)
 }
@@ -385,14 +365,7 @@ impl std::str::FromStr for RecordFormat {
                 Ok(sample) => Ok(Self::Sample(sample)),
                 Err(Error::UnknownFormat { name, valid }) => Err(Error::UnknownFormat {
                     name,
-                    valid: format!(
-                        "{valid}; preference formats: {}",
-                        PreferenceFormat::all()
-                            .iter()
-                            .map(|f| f.name())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
+                    valid: format!("{valid}; preference formats: {}", PreferenceFormat::names()),
                 }),
                 Err(other) => Err(other),
             },
@@ -436,7 +409,6 @@ pub struct PairSpec {
     /// The records' format.
     pub format: PreferenceFormat,
     /// How each pair is encoded.
-    #[serde(with = "pair_options")]
     pub options: PairOptions,
     /// Pack pairs into varlen rows of at most this many tokens (XTuner's
     /// `PackedDatasetWrapper` under `use_varlen_attn`); `None`: one pair per row.
@@ -447,33 +419,6 @@ pub struct PairSpec {
     pub seed: u64,
     /// Keep only this many records (a seeded random subset).
     pub max_dataset_length: Option<usize>,
-}
-
-mod pair_options {
-    use super::PairOptions;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    #[derive(Serialize, Deserialize)]
-    struct Options {
-        max_length: usize,
-        reward_token_id: Option<u32>,
-    }
-
-    pub fn serialize<S: Serializer>(o: &PairOptions, s: S) -> Result<S::Ok, S::Error> {
-        Options {
-            max_length: o.max_length,
-            reward_token_id: o.reward_token_id,
-        }
-        .serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PairOptions, D::Error> {
-        let o = Options::deserialize(d)?;
-        Ok(PairOptions {
-            max_length: o.max_length,
-            reward_token_id: o.reward_token_id,
-        })
-    }
 }
 
 /// The preference data set of `spec`: one training row per pair (chosen then rejected,
@@ -535,10 +480,7 @@ pub fn process_pairs(
             }
             rows
         }
-        None => pairs
-            .into_iter()
-            .flat_map(|p| pack_pairs([p], usize::MAX).0)
-            .collect(),
+        None => pairs.into_iter().map(EncodedPair::into_row).collect(),
     };
     stats.rows = rows.len();
     Ok(ProcessedDataset {

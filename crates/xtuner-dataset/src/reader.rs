@@ -215,14 +215,7 @@ fn record(path: &Arc<Path>, line: usize, value: Value) -> Result<Record> {
             value,
         })
     } else {
-        let found = match value {
-            Value::Null => "null",
-            Value::Bool(_) => "a boolean",
-            Value::Number(_) => "a number",
-            Value::String(_) => "a string",
-            Value::Array(_) => "an array",
-            Value::Object(_) => "an object",
-        };
+        let found = crate::format::type_name(&value);
         Err(Error::BadRecord {
             path: path.to_path_buf(),
             line,

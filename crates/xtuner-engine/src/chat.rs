@@ -11,7 +11,7 @@ use xtuner_model::generate::{GenerationConfig, StopReason, generate};
 use xtuner_model::llava::prepare_inputs_labels_for_multimodal;
 use xtuner_model::sampling::SamplingConfig;
 use xtuner_template::tokens::{IMAGE_TOKEN, IMAGE_TOKEN_INDEX};
-use xtuner_template::{ChatTemplate, JinjaTemplate};
+use xtuner_template::{ChatTemplate, JinjaTemplate, Message};
 
 use crate::config::TrainConfig;
 use crate::{Error, Result};
@@ -170,9 +170,9 @@ fn evaluate_with_chat_template<B: Backend>(
     for input in &eval.inputs {
         let mut messages = Vec::new();
         if !system.is_empty() {
-            messages.push(serde_json::json!({"role": "system", "content": system}));
+            messages.push(Message::new("system", system.as_str()));
         }
-        messages.push(serde_json::json!({"role": "user", "content": input}));
+        messages.push(Message::new("user", input.as_str()));
         let text = template.render(&messages, true)?;
         let ids = encode_prompt(tokenizer, &text, 0)?;
         let answer = hook_answer(
@@ -209,7 +209,7 @@ pub struct ChatSession<'a, B: Backend> {
     /// The tokenizer's own template, when it renders the prompts instead of `template`.
     jinja: Option<&'a JinjaTemplate>,
     /// The conversation as messages (with `jinja`), rendered whole at each turn.
-    messages: Vec<serde_json::Value>,
+    messages: Vec<Message>,
 }
 
 impl<'a, B: Backend> ChatSession<'a, B> {
@@ -254,6 +254,49 @@ impl<'a, B: Backend> ChatSession<'a, B> {
         self.messages.clear();
     }
 
+    /// Adds the user's input to the conversation's ids.
+    fn extend_prompt(&mut self, input: &str) -> Result<()> {
+        if let Some(jinja) = self.jinja {
+            if self.messages.is_empty() && !self.system.is_empty() {
+                let system = Message::new("system", self.system.as_str());
+                self.messages.push(system);
+            }
+            let user = Message::new("user", input);
+            self.messages.push(user);
+            // The template writes the whole conversation, BOS included.
+            let text = jinja.render(&self.messages, true)?;
+            self.history = encode_prompt(self.tokenizer, &text, 0)?;
+            return Ok(());
+        }
+        let first = self.history.is_empty();
+        // LLaVA: the image opens the first user message, as XTuner's chat puts it.
+        let with_image = first && self.image.is_some();
+        let input = if with_image {
+            format!("{IMAGE_TOKEN}\n{input}")
+        } else {
+            input.to_string()
+        };
+        let text = match self.template {
+            Some(t) => {
+                let system = if first { self.system.as_str() } else { "" };
+                t.prompt(system, &input, 1)?
+            }
+            None => input,
+        };
+        if first {
+            self.history
+                .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
+        }
+        // Only the `<image>` put before the first message marks the image (as XTuner's
+        // chat); one the user types is text.
+        self.history.extend(encode_prompt(
+            self.tokenizer,
+            &text,
+            usize::from(with_image),
+        )?);
+        Ok(())
+    }
+
     /// Answers one user input; returns the answer text (stop word removed). `on_text`
     /// receives the answer as it grows, a piece at a time, once it decodes to whole
     /// characters; an error it returns stops generation and is returned.
@@ -265,45 +308,7 @@ impl<'a, B: Backend> ChatSession<'a, B> {
         input: &str,
         mut on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<String> {
-        if let Some(jinja) = self.jinja {
-            if self.messages.is_empty() && !self.system.is_empty() {
-                let system = serde_json::json!({"role": "system", "content": self.system});
-                self.messages.push(system);
-            }
-            self.messages
-                .push(serde_json::json!({"role": "user", "content": input}));
-            let text = jinja.render(&self.messages, true)?;
-            // The template writes the whole conversation, BOS included.
-            self.history = encode_prompt(self.tokenizer, &text, 0)?;
-        }
-        let first = self.history.is_empty();
-        // LLaVA: the image opens the first user message, as XTuner's chat puts it.
-        if self.jinja.is_none() {
-            let with_image = first && self.image.is_some();
-            let input = if with_image {
-                format!("{IMAGE_TOKEN}\n{input}")
-            } else {
-                input.to_string()
-            };
-            let text = match self.template {
-                Some(t) => {
-                    let system = if first { self.system.as_str() } else { "" };
-                    t.prompt(system, &input, 1)?
-                }
-                None => input,
-            };
-            if first {
-                self.history
-                    .extend(self.tokenizer.bos_ids().iter().map(|&i| i64::from(i)));
-            }
-            // Only the `<image>` put before the first message marks the image (as XTuner's
-            // chat); one the user types is text.
-            self.history.extend(encode_prompt(
-                self.tokenizer,
-                &text,
-                usize::from(with_image),
-            )?);
-        }
+        self.extend_prompt(input)?;
         let ids = self.history.clone();
         let embeds = prompt_embeds(self.model, &ids, self.image.as_ref(), &self.device)?;
         let mut printed = 0;
@@ -353,7 +358,7 @@ impl<'a, B: Backend> ChatSession<'a, B> {
                 self.messages.clear();
             } else {
                 self.messages
-                    .push(serde_json::json!({"role": "assistant", "content": answer}));
+                    .push(Message::new("assistant", answer.as_str()));
             }
         } else if reason == StopReason::Length {
             self.history.clear();

@@ -22,7 +22,7 @@ use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
 
-use crate::{Error, Result};
+use crate::{Error, Message, Result};
 
 /// The template's name inside its environment (what minijinja's messages call it).
 const NAME: &str = "chat_template";
@@ -210,8 +210,8 @@ impl JinjaTemplate {
     pub fn end_of_turn(&self) -> Option<String> {
         const ANSWER: &str = "\u{1}answer\u{1}";
         let messages = [
-            serde_json::json!({"role": "user", "content": "question"}),
-            serde_json::json!({"role": "assistant", "content": ANSWER}),
+            Message::new("user", "question"),
+            Message::new("assistant", ANSWER),
         ];
         let text = self.render(&messages, false).ok()?;
         let after = &text[text.find(ANSWER)? + ANSWER.len()..];
@@ -234,18 +234,16 @@ impl JinjaTemplate {
     /// The template fails, or renders a turn's prompt that is not a prefix of the turn
     /// with its answer (the answer's place cannot be found).
     pub fn split_turns(&self, turns: &[crate::Turn]) -> Result<Vec<(String, bool)>> {
-        let message =
-            |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
         let mut messages = Vec::new();
         let mut pieces = Vec::with_capacity(2 * turns.len());
         let mut done = String::new();
         for (i, turn) in turns.iter().enumerate() {
             if let Some(system) = turn.system_text() {
-                messages.push(message("system", system));
+                messages.push(Message::new("system", system));
             }
-            messages.push(message("user", &turn.input));
+            messages.push(Message::new("user", turn.input.as_str()));
             let prompt = self.render(&messages, true)?;
-            messages.push(message("assistant", &turn.output));
+            messages.push(Message::new("assistant", turn.output.as_str()));
             let full = self.render(&messages, false)?;
             let not_prefix = |what: &str| Error::Jinja {
                 origin: self.origin.clone(),

@@ -18,5 +18,5 @@ pub mod tokens;
 pub use builtin::{PromptTemplate, SystemTemplate};
 pub use error::{Error, Result};
 pub use jinja::JinjaTemplate;
-pub use message::{Conversation, Turn};
+pub use message::{Conversation, Message, Turn};
 pub use template::ChatTemplate;

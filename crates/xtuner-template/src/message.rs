@@ -56,6 +56,26 @@ impl Turn {
     }
 }
 
+/// One chat message as chat templates (Jinja's `messages`) and preference data take
+/// it: `{"role": "system" | "user" | "assistant", "content": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message of `role`.
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_string(),
+            content: content.into(),
+        }
+    }
+}
+
 /// A whole sample in the standard format: `{"conversation": [turn, ...]}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

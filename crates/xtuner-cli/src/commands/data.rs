@@ -132,7 +132,7 @@ pub fn encode(
     if reward_token_id.is_some() {
         bail!(
             "--reward-token-id is for preference data (formats {})",
-            preference_formats()
+            PreferenceFormat::names()
         );
     }
     let spec = plain_spec(inputs, format, template, max_length)?;
@@ -153,11 +153,6 @@ pub fn encode(
         stats.records, stats.samples, stats.dropped_empty, stats.dropped_untrained
     );
     Ok(())
-}
-
-fn preference_formats() -> String {
-    let names: Vec<&str> = PreferenceFormat::all().iter().map(|f| f.name()).collect();
-    names.join(", ")
 }
 
 /// `xtuner dataset encode` for preference data: one `{"chosen_ids", "chosen_labels",

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use xtuner_dataset::Tokenizer;
-use xtuner_dataset::preference::{PairOptions, PreferenceFormat, encode_pair_records, pack_pairs};
+use xtuner_dataset::preference::{PairOptions, PreferenceFormat, encode_pair_records};
 use xtuner_engine::preference::segment_logps;
 use xtuner_engine::recipe::preference::pair_batch;
 use xtuner_engine::step::batch_tensors;
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::decoder::Decoder;
+use xtuner_template::Message;
 
 use crate::args::Show;
 use crate::backend;
@@ -68,8 +69,8 @@ pub fn eval_pairs(
     let (mut prefers, mut reward_wins, mut margin) = (0usize, 0usize, 0f64);
     let n = pairs.len();
     for pair in pairs {
-        let (rows, _) = pack_pairs([pair], usize::MAX);
-        let rows: Vec<_> = rows.iter().collect();
+        let row = pair.into_row();
+        let rows = [&row];
         let p = logps(&policy, &rows);
         let [chosen, rejected] = [p[0], p[1]];
         prefers += usize::from(chosen > rejected);
@@ -128,10 +129,10 @@ pub fn reward(
     for answer in answers {
         let mut messages = Vec::new();
         if let Some(system) = system {
-            messages.push(serde_json::json!({"role": "system", "content": system}));
+            messages.push(Message::new("system", system));
         }
-        messages.push(serde_json::json!({"role": "user", "content": prompt}));
-        messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+        messages.push(Message::new("user", prompt));
+        messages.push(Message::new("assistant", answer.as_str()));
         let text = template.render(&messages, false)?;
         let mut ids: Vec<i64> = tokenizer
             .encode(&text)?

@@ -194,7 +194,7 @@ fn element_path(field: &'static str, column: &str, index: usize, key: Option<&st
 }
 
 /// How a JSON value's type reads in an error message.
-pub(super) fn type_name(value: &Value) -> &'static str {
+pub(crate) fn type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -28,6 +28,7 @@ use serde_json::Value;
 use xtuner_template::Conversation;
 
 use fields::Fields;
+pub(crate) use fields::type_name;
 
 /// Renames a format's fields for data whose columns are named differently:
 /// format field → column in the data.
