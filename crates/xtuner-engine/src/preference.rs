@@ -127,11 +127,9 @@ pub fn split_pairs<B: Backend>(values: Tensor<B, 1>) -> (Tensor<B, 1>, Tensor<B,
 }
 
 /// DPO's loss types (XTuner's `loss_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DpoLossType {
     /// `-log σ(β·h)`, with label smoothing ε: `(1-ε)·-log σ(β·h) + ε·-log σ(-β·h)`.
-    #[default]
     Sigmoid,
     /// Robust DPO: `((1-ε)·-log σ(β·h) + ε·log σ(-β·h)) / (1-2ε)`.
     Robust,
@@ -207,10 +205,7 @@ pub struct PreferenceLoss<B: Backend> {
 }
 
 fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
-    t.into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .unwrap_or_default()
+    t.into_data().iter::<f64>().collect()
 }
 
 /// The logged rewards of `chosen` and `rejected` (per pair).
@@ -344,11 +339,9 @@ pub fn orpo_loss<B: Backend>(
 }
 
 /// How a reward model ranks a pair (XTuner's `loss_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RankingLoss {
     /// `-log σ(chosen - rejected)`.
-    #[default]
     Ranking,
     /// InternLM2's focal ranking loss: the ranking loss × `(1 - 2·relu(σ(c - r) - ½))²`.
     Focal,

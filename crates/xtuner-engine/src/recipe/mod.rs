@@ -16,7 +16,8 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use xtuner_dataset::{ProcessedDataset, Tokenizer, load_or_process};
+use xtuner_dataset::preference::RecordFormat;
+use xtuner_dataset::{ProcessedDataset, Tokenizer, load_or_process, load_or_process_pairs};
 use xtuner_model::checkpoint::peft::PeftAdapter;
 use xtuner_model::checkpoint::{Checkpoint, SaveDtype};
 use xtuner_model::decoder::{Decoder, DecoderConfig};
@@ -61,9 +62,12 @@ pub fn rank_zero_first<T>(
 /// Bad data, a missing tokenizer, an unwritable work dir.
 pub fn prepare(loaded: &LoadedConfig, work_dir: &Path) -> Result<(ProcessedDataset, Tokenizer)> {
     let config = &loaded.config;
-    let spec = config.data_spec()?;
     let tokenizer = tokenizer_path(loaded)?;
-    let (dataset, _) = load_or_process(&spec, tokenizer, &config.data.cache_dir)?;
+    let cache = &config.data.cache_dir;
+    let (dataset, _) = match config.data.format {
+        RecordFormat::Sample(_) => load_or_process(&config.data_spec()?, tokenizer, cache)?,
+        RecordFormat::Pair(_) => load_or_process_pairs(&config.pair_spec()?, tokenizer, cache)?,
+    };
     let tokenizer = Tokenizer::from_path(tokenizer)?;
     std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
     Ok((dataset, tokenizer))

@@ -18,15 +18,15 @@ use burn::module::AutodiffModule;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use xtuner_dataset::collate::{Batch, collate};
-use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer, load_or_process_pairs};
+use xtuner_dataset::{PackedRow, ProcessedDataset, Tokenizer};
 use xtuner_model::checkpoint::SaveDtype;
 use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
 
 use super::decoder::ready;
-use super::{base_model, rank_zero_first, start, tokenizer_path};
+use super::{base_model, prepare, rank_zero_first, start};
 use crate::chat::evaluate_chat;
-use crate::config::{LoadedConfig, Objective, TrainConfig};
+use crate::config::{Objective, TrainConfig};
 use crate::export::hf::write_decoder;
 use crate::lora::without_adapters;
 use crate::preference::{Segment, dpo_loss, orpo_loss, row_segments, segment_logps};
@@ -34,23 +34,6 @@ use crate::recompute::decoder_backward;
 use crate::run::{MicroStep, Recipe, RunContext, TrainSummary};
 use crate::step::batch_tensors;
 use crate::{Error, Result, run};
-
-/// The preference data set and tokenizer a config names, and the work dir created.
-///
-/// # Errors
-/// Bad data, a tokenizer without a chat template, an unwritable work dir.
-pub fn prepare_pairs(
-    loaded: &LoadedConfig,
-    work_dir: &Path,
-) -> Result<(ProcessedDataset, Tokenizer)> {
-    let config = &loaded.config;
-    let spec = config.pair_spec()?;
-    let tokenizer = tokenizer_path(loaded)?;
-    let (dataset, _) = load_or_process_pairs(&spec, tokenizer, &config.data.cache_dir)?;
-    let tokenizer = Tokenizer::from_path(tokenizer)?;
-    std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
-    Ok((dataset, tokenizer))
-}
 
 /// Runs (or resumes) a DPO or ORPO config.
 ///
@@ -62,28 +45,22 @@ pub fn train<B: AutodiffBackend>(
 ) -> Result<TrainSummary> {
     let (loaded, work_dir, device) = (ctx.loaded, ctx.work_dir, ctx.device);
     let config = &loaded.config;
-    let objective = config
+    let preference = config
         .preference
         .as_ref()
-        .ok_or_else(|| Error::setting("preference", "missing"))?
-        .objective()?;
+        .ok_or_else(|| Error::setting("preference", "missing"))?;
+    let objective = preference.objective()?;
     let (dataset, tokenizer, base, decoder) = rank_zero_first(ctx.collective, |reuse| {
-        let (dataset, tokenizer) = prepare_pairs(loaded, work_dir)?;
+        let (dataset, tokenizer) = prepare(loaded, work_dir)?;
         let (base, decoder) = base_model::<B>(config, &tokenizer, work_dir, reuse, device)?;
         Ok((dataset, tokenizer, base, decoder))
     })?;
     // Full DPO: a frozen reference, the starting weights unless another is named.
     let reference = match (objective, &config.lora) {
-        (Objective::Dpo(_), None) => Some(
-            match config
-                .preference
-                .as_ref()
-                .and_then(|p| p.ref_model.as_ref())
-            {
-                Some(path) => Decoder::<B::InnerBackend>::load(path, None, device)?.0,
-                None => base.valid(),
-            },
-        ),
+        (Objective::Dpo(_), None) => Some(match &preference.ref_model {
+            Some(path) => Decoder::<B::InnerBackend>::load(path, None, device)?.0,
+            None => base.valid(),
+        }),
         _ => None,
     };
     let start = start::<B, _>(config, work_dir, resume, device, |checkpoint| {

@@ -18,8 +18,8 @@ use xtuner_model::decoder::{Decoder, DecoderConfig};
 use xtuner_model::nn::linear::LinearLayers;
 use xtuner_model::reward::{RewardModel, head_key};
 
-use super::preference::{pair_batch, prepare_pairs};
-use super::{Saved, attach_part, base_model, init_seed, rank_zero_first, start};
+use super::preference::pair_batch;
+use super::{Saved, attach_part, base_model, init_seed, prepare, rank_zero_first, start};
 use crate::config::{LoadedConfig, Objective, TrainConfig};
 use crate::export::hf::copy_tokenizer_files;
 use crate::export::{DEFAULT_SHARD_SIZE, peft, write_json};
@@ -33,22 +33,6 @@ use crate::{Error, Result, lora, run};
 /// The file of a LoRA checkpoint that holds the value head.
 const V_HEAD_FILE: &str = "v_head.safetensors";
 
-/// The reward-model objective of a config.
-///
-/// # Errors
-/// A config that does not train a reward model.
-pub fn objective(config: &TrainConfig) -> Result<RewardObjective> {
-    match config
-        .preference
-        .as_ref()
-        .map(|p| p.objective())
-        .transpose()?
-    {
-        Some(Objective::Reward(objective)) => Ok(objective),
-        _ => Err(Error::setting("preference.method", "not a reward model")),
-    }
-}
-
 /// Runs (or resumes) a reward-model config.
 ///
 /// # Errors
@@ -59,9 +43,16 @@ pub fn train<B: AutodiffBackend>(
 ) -> Result<TrainSummary> {
     let (loaded, work_dir, device) = (ctx.loaded, ctx.work_dir, ctx.device);
     let config = &loaded.config;
-    let objective = objective(config)?;
+    let Some(Objective::Reward(objective)) = config
+        .preference
+        .as_ref()
+        .map(|p| p.objective())
+        .transpose()?
+    else {
+        return Err(Error::setting("preference.method", "not a reward model"));
+    };
     let (dataset, tokenizer, base, decoder) = rank_zero_first(ctx.collective, |reuse| {
-        let (dataset, tokenizer) = prepare_pairs(loaded, work_dir)?;
+        let (dataset, tokenizer) = prepare(loaded, work_dir)?;
         let (base, decoder) = base_model::<B>(config, &tokenizer, work_dir, reuse, device)?;
         Ok((dataset, tokenizer, base, decoder))
     })?;
