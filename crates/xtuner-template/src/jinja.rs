@@ -98,22 +98,40 @@ impl JinjaTemplate {
     /// # Errors
     /// An unreadable or malformed file, or a template that does not compile.
     pub fn from_tokenizer_dir(path: &Path) -> Result<Option<Self>> {
-        let dir = if path.is_file() {
-            path.parent().unwrap_or(Path::new(".")).to_path_buf()
-        } else {
-            path.to_path_buf()
-        };
+        let dir = dir_of(path);
+        Self::from_tokenizer_config(&dir, tokenizer_config(&dir)?.as_ref())
+    }
+
+    /// A template file of one's own (`FILE.jinja`), rendered with the special tokens of
+    /// the tokenizer in `tokenizer_dir`.
+    ///
+    /// # Errors
+    /// An unreadable file or `tokenizer_config.json`, or a template that does not compile.
+    pub fn from_file(file: &Path, tokenizer_dir: &Path) -> Result<Self> {
+        let source = std::fs::read_to_string(file).map_err(|e| file_error(file, e))?;
+        let tokens = tokenizer_config(&dir_of(tokenizer_dir))?
+            .as_ref()
+            .map(special_tokens)
+            .unwrap_or_default();
+        Ok(Self::new(&source, &file.display().to_string())?.with_special_tokens(tokens))
+    }
+
+    /// [`Self::from_tokenizer_dir`] with the directory's `tokenizer_config.json` already
+    /// read (`None`: it has none), as a tokenizer loading it for its special tokens has.
+    ///
+    /// # Errors
+    /// An unreadable `chat_template.jinja`, a malformed `chat_template`, or a template
+    /// that does not compile.
+    pub fn from_tokenizer_config(
+        dir: &Path,
+        config: Option<&serde_json::Value>,
+    ) -> Result<Option<Self>> {
         let config_path = dir.join("tokenizer_config.json");
-        let config: Option<serde_json::Value> = match std::fs::read_to_string(&config_path) {
-            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| file_error(&config_path, e))?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(file_error(&config_path, e)),
-        };
         let jinja_path = dir.join("chat_template.jinja");
         let (source, origin) = match std::fs::read_to_string(&jinja_path) {
             Ok(text) => (text, jinja_path.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match config.as_ref().and_then(|c| c.get("chat_template")) {
+                match config.and_then(|c| c.get("chat_template")) {
                     Some(value) => (
                         template_of(value).ok_or_else(|| {
                             file_error(
@@ -129,7 +147,7 @@ impl JinjaTemplate {
             }
             Err(e) => return Err(file_error(&jinja_path, e)),
         };
-        let tokens = config.as_ref().map(special_tokens).unwrap_or_default();
+        let tokens = config.map(special_tokens).unwrap_or_default();
         Ok(Some(
             Self::new(&source, &origin)?.with_special_tokens(tokens),
         ))
@@ -143,14 +161,6 @@ impl JinjaTemplate {
     /// The template's text.
     pub fn source(&self) -> &str {
         &self.source
-    }
-
-    /// A special token's text (`"bos_token"`, `"eos_token"`, ...), if the tokenizer has it.
-    pub fn special_token(&self, name: &str) -> Option<&str> {
-        self.special_tokens
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.as_str())
     }
 
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`:
@@ -264,6 +274,27 @@ impl JinjaTemplate {
             done = full;
         }
         Ok(pieces)
+    }
+}
+
+/// A tokenizer's directory: `path`, or the folder of a tokenizer file given directly.
+fn dir_of(path: &Path) -> PathBuf {
+    if path.is_file() {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// The directory's `tokenizer_config.json`, `None` when it has none.
+fn tokenizer_config(dir: &Path) -> Result<Option<serde_json::Value>> {
+    let path = dir.join("tokenizer_config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).map_err(|e| file_error(&path, e))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(file_error(&path, e)),
     }
 }
 
@@ -621,6 +652,22 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        // A template file of one's own takes the tokenizer's special tokens, whether or
+        // not the tokenizer has a template.
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<s>"}"#,
+        )
+        .unwrap();
+        assert!(
+            JinjaTemplate::from_tokenizer_dir(dir.path())
+                .unwrap()
+                .is_none()
+        );
+        let own = dir.path().join("own.jinja");
+        std::fs::write(&own, "{{ bos_token }}C").unwrap();
+        let t = JinjaTemplate::from_file(&own, dir.path()).unwrap();
+        assert_eq!(t.render(&Vec::<()>::new(), false).unwrap(), "<s>C");
         std::fs::write(
             dir.path().join("tokenizer_config.json"),
             r#"{"bos_token": {"content": "<s>"}, "chat_template": [{"name": "default", "template": "{{ bos_token }}A"}]}"#,

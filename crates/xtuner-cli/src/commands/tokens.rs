@@ -30,19 +30,7 @@ pub fn jinja_template(tokenizer: &Path, template: Option<&str>) -> Result<JinjaT
             })
         }
         Some(file) if file.ends_with(".jinja") => {
-            let source =
-                std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
-            let tokens = JinjaTemplate::from_tokenizer_dir(tokenizer)
-                .ok()
-                .flatten()
-                .map(|t| {
-                    ["bos_token", "eos_token", "unk_token", "pad_token"]
-                        .iter()
-                        .filter_map(|k| Some((k.to_string(), t.special_token(k)?.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(JinjaTemplate::new(&source, file)?.with_special_tokens(tokens))
+            Ok(JinjaTemplate::from_file(Path::new(file), tokenizer)?)
         }
         Some(other) => bail!(
             "preference data is rendered with a Jinja chat template: leave out --template \

@@ -77,7 +77,7 @@ impl Tokenizer {
             eos: Vec::new(),
             fingerprint: fingerprint_files(&bytes, &dir)?,
             source: file.clone(),
-            chat_template: JinjaTemplate::from_tokenizer_dir(&dir),
+            chat_template: JinjaTemplate::from_tokenizer_config(&dir, tokenizer_config.as_ref()),
         };
         let class = tokenizer_config
             .as_ref()
