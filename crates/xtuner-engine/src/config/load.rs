@@ -168,40 +168,38 @@ impl TrainConfig {
                 "must be at least 1",
             )?;
         }
-        if let Some(t) = self.template.as_ref().filter(|t| {
-            if t.is_chat_template() {
-                // Nothing to resolve: the template is the tokenizer's. Fields beside it
-                // would be ignored, so they are refused.
-                return false;
+        match &self.template {
+            // The tokenizer's own template: fields beside it would be ignored, so they
+            // are refused.
+            Some(t) if t.is_chat_template() => {
+                let fields = [
+                    t.system.is_some(),
+                    t.instruction.is_some(),
+                    t.suffix.is_some(),
+                    t.suffix_as_eos.is_some(),
+                    t.sep.is_some(),
+                    t.stop_words.is_some(),
+                ];
+                check(
+                    !fields.contains(&true),
+                    "template",
+                    "`chat_template` is the tokenizer's Jinja template: it has no fields to set",
+                )?;
             }
-            true
-        }) {
-            let template = t.resolve().map_err(|e| match e {
-                Error::Setting { .. } => e,
-                other => Error::setting("template", other.to_string()),
-            })?;
-            check(
-                self.evaluation.inputs.is_empty()
-                    || self.evaluation.system_prompt().is_empty()
-                    || template.system.is_some(),
-                "evaluation.system",
-                "the template has no SYSTEM field to put a system prompt in",
-            )?;
-        }
-        if let Some(t) = self.template.as_ref().filter(|t| t.is_chat_template()) {
-            let fields = [
-                t.system.is_some(),
-                t.instruction.is_some(),
-                t.suffix.is_some(),
-                t.suffix_as_eos.is_some(),
-                t.sep.is_some(),
-                t.stop_words.is_some(),
-            ];
-            check(
-                !fields.contains(&true),
-                "template",
-                "`chat_template` is the tokenizer's Jinja template: it has no fields to set",
-            )?;
+            Some(t) => {
+                let template = t.resolve().map_err(|e| match e {
+                    Error::Setting { .. } => e,
+                    other => Error::setting("template", other.to_string()),
+                })?;
+                check(
+                    self.evaluation.inputs.is_empty()
+                        || self.evaluation.system_prompt().is_empty()
+                        || template.system.is_some(),
+                    "evaluation.system",
+                    "the template has no SYSTEM field to put a system prompt in",
+                )?;
+            }
+            None => {}
         }
         check(
             self.template.is_some()
