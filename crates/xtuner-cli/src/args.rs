@@ -128,6 +128,17 @@ pub enum Command {
         #[arg(long, default_value_t = 8)]
         nproc: usize,
     },
+    /// Draw the loss curves of one or several runs on one chart (PNG or SVG): loss
+    /// against step, smoothed, with the learning rate on a second axis.
+    Plot {
+        /// Work dirs of runs (each holds the `train_log.jsonl` of its run).
+        #[arg(required = true, num_args = 1..)]
+        work_dirs: Vec<PathBuf>,
+        /// The picture, `.png` or `.svg` (default: `loss_curve.png` in the work dir
+        /// for one run, `loss_curves.png` here for several).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// Convert checkpoints to Hugging Face formats.
     #[command(subcommand)]
     Convert(ConvertCommand),

@@ -6,7 +6,7 @@ mod backend;
 mod commands;
 mod configs;
 mod launch;
-mod report;
+mod plot;
 
 use std::process::ExitCode;
 
@@ -189,6 +189,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             template.as_deref(),
             max_length,
         )?,
+        Command::Plot { work_dirs, out } => {
+            let out = out.unwrap_or_else(|| match work_dirs.as_slice() {
+                [one] => one.join("loss_curve.png"),
+                _ => "loss_curves.png".into(),
+            });
+            plot::plot(&work_dirs, &out)?;
+            println!("{}", out.display());
+        }
         Command::Chat(c) => commands::chat::chat(&commands::chat::ChatArgs {
             model: c.model,
             adapter: c.adapter,

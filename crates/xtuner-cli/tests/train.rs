@@ -80,6 +80,15 @@ fn lora_training_resumes_exactly_and_exports() {
         full[2..].to_vec(),
         "resumed losses equal the uninterrupted run's, exactly"
     );
+    // Both runs' curves on one chart.
+    assert!(work.join("loss_curve.svg").is_file() && resumed.join("loss_curve.png").is_file());
+    let out = ok(&xtuner(
+        &["plot", "work_dirs/run", "resumed", "--out", "both.svg"],
+        d,
+    ));
+    assert_eq!(out.trim(), "both.svg");
+    let svg = fs::read_to_string(d.join("both.svg")).unwrap();
+    assert!(svg.contains("resumed") && svg.contains("run") && svg.contains("learning rate"));
 
     // Export: a PEFT adapter that our loader reads back; merge it into the base.
     ok(&xtuner(

@@ -24,6 +24,8 @@ use crate::launch::Launch;
 /// Draws a progress bar on a terminal, plain lines otherwise.
 struct CliProgress {
     bar: Option<ProgressBar>,
+    /// Where the loss curve is drawn at each checkpoint.
+    work_dir: PathBuf,
 }
 
 impl Progress for CliProgress {
@@ -82,7 +84,12 @@ impl Progress for CliProgress {
                 }
             }
             TrainEvent::Saved { iter, path } => {
-                self.println(&format!("saved iteration {iter} to {}", path.display()))
+                self.println(&format!("saved iteration {iter} to {}", path.display()));
+                // The picture is a view of the log: a failure to draw it (a full disk
+                // the next checkpoint reports anyway) does not stop the run.
+                if let Err(e) = crate::plot::loss_curve(&self.work_dir) {
+                    self.println(&format!("warning: no loss curve: {e:#}"));
+                }
             }
         }
     }
@@ -323,7 +330,10 @@ fn train_on<B: AutodiffBackend>(
     device_kind: Device,
 ) -> Result<()> {
     let started = std::time::Instant::now();
-    let mut progress = CliProgress { bar: None };
+    let mut progress = CliProgress {
+        bar: None,
+        work_dir: work_dir.to_path_buf(),
+    };
     let Some(summary) = train_ranks::<B>(
         loaded,
         work_dir,
@@ -340,7 +350,7 @@ fn train_on<B: AutodiffBackend>(
     if let Some(bar) = &progress.bar {
         bar.finish();
     }
-    if let Some(png) = crate::report::loss_curve(work_dir)? {
+    if let Some(png) = crate::plot::loss_curve(work_dir)? {
         eprintln!("loss curve: {}", png.display());
     }
     println!(
