@@ -16,6 +16,7 @@
 pub mod clip;
 pub mod decoder;
 pub mod keys;
+pub mod llava;
 pub mod peft;
 mod safetensors;
 mod save;
@@ -50,6 +51,9 @@ pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     /// Tensor key -> index into `files`.
     keys: BTreeMap<String, usize>,
+    /// Key -> the key as the file stores it, for the keys a [`Checkpoint::renamed`]
+    /// view gives another name.
+    stored: BTreeMap<String, String>,
     /// Keys loaded so far; a mutex so that loading takes `&self` and the checkpoint stays `Sync`.
     used: Mutex<BTreeSet<String>>,
     /// The dtype float tensors are created in ([`Checkpoint::with_dtype`]); `None` is the
@@ -117,7 +121,42 @@ impl Checkpoint {
             keys,
             used: Mutex::new(BTreeSet::new()),
             dtype: None,
+            stored: BTreeMap::new(),
         })
+    }
+
+    /// A view of the checkpoint under other names: `rename` gives each stored key the
+    /// name a loader asks for, or `None` to leave it out of the view. One file can so
+    /// hold several models' weights under prefixes (a transformers LLaVA holds
+    /// `language_model.model.*`, `vision_tower.*` and `multi_modal_projector.*`), each
+    /// read by its own loader, whose [`Checkpoint::unused_keys`] sees only its part.
+    pub fn renamed(self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        let mut keys = BTreeMap::new();
+        let mut stored = BTreeMap::new();
+        for (key, file) in self.keys {
+            let original = self
+                .stored
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| key.clone());
+            if let Some(name) = rename(&key) {
+                if name != original {
+                    stored.insert(name.clone(), original);
+                }
+                keys.insert(name, file);
+            }
+        }
+        Self {
+            keys,
+            stored,
+            used: Mutex::new(BTreeSet::new()),
+            ..self
+        }
+    }
+
+    /// The key as the file stores it.
+    fn stored<'a>(&'a self, key: &'a str) -> &'a str {
+        self.stored.get(key).map_or(key, String::as_str)
     }
 
     /// Float tensors loaded from this checkpoint are created in `dtype` rather than the
@@ -156,7 +195,7 @@ impl Checkpoint {
     pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
         self.file(key)
             .ok()?
-            .info(key)
+            .info(self.stored(key))
             .map(|info| info.shape.clone())
     }
 
@@ -168,7 +207,7 @@ impl Checkpoint {
     /// [`Error::MissingTensor`]; [`Error::UnsupportedDtype`] for integer or other dtypes (read
     /// those with [`Checkpoint::int_data`]).
     pub fn float_data(&self, key: &str) -> Result<TensorData> {
-        self.file(key)?.float_data(key)
+        self.file(key)?.float_data(self.stored(key))
     }
 
     /// The tensor as i64 data, converted from I64, I32, I16, I8, U32, U16, U8 or BOOL on disk
@@ -179,7 +218,7 @@ impl Checkpoint {
     /// # Errors
     /// [`Error::MissingTensor`]; [`Error::UnsupportedDtype`] for floating-point and other dtypes.
     pub fn int_data(&self, key: &str) -> Result<TensorData> {
-        self.file(key)?.int_data(key)
+        self.file(key)?.int_data(self.stored(key))
     }
 
     /// Loads `key` as a float tensor of shape `shape` and records it as used.
@@ -220,7 +259,7 @@ impl Checkpoint {
     ) -> Result<Tensor<B, 2>> {
         self.check_shape(key, &[out_features, in_features])?;
         let file = self.file(key)?;
-        let (values, _) = file.f32_values(key)?;
+        let (values, _) = file.f32_values(self.stored(key))?;
         // [out, in] -> [in, out]
         let transposed =
             transpose(&values, out_features, in_features).ok_or_else(|| Error::Safetensors {

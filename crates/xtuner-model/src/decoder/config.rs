@@ -236,27 +236,7 @@ impl DecoderConfig {
         if let Some(source) = &self.source {
             return source.clone();
         }
-        let scaling = match self.rope.scaling {
-            Some(RopeScaling::Linear { factor }) => {
-                serde_json::json!({"type": "linear", "factor": factor})
-            }
-            Some(RopeScaling::Dynamic { factor }) => {
-                serde_json::json!({"type": "dynamic", "factor": factor})
-            }
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original,
-            }) => serde_json::json!({
-                "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original,
-            }),
-            None => Value::Null,
-        };
+        let scaling = self.rope_scaling_json();
         serde_json::json!({
             "architectures": [self.family.architecture()],
             "model_type": self.family.model_type(),
@@ -279,6 +259,31 @@ impl DecoderConfig {
             "eos_token_id": eos,
             "torch_dtype": "float32",
         })
+    }
+
+    /// The RoPE scaling as `config.json`'s `rope_scaling` gives it (`null` for none).
+    pub fn rope_scaling_json(&self) -> Value {
+        match self.rope.scaling {
+            Some(RopeScaling::Linear { factor }) => {
+                serde_json::json!({"type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Dynamic { factor }) => {
+                serde_json::json!({"type": "dynamic", "factor": factor})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original,
+            }) => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original,
+            }),
+            None => Value::Null,
+        }
     }
 }
 
