@@ -375,6 +375,11 @@ pub enum ConvertCommand {
         /// Largest shard of a full model.
         #[arg(long, default_value = "2GB")]
         max_shard_size: String,
+        /// A LLaVA's layout: XTuner's, transformers' `LlavaForConditionalGeneration`
+        /// (with its processor; a Llama-form LLM, adapters merged), or the original
+        /// LLaVA repository's.
+        #[arg(long, value_enum, default_value_t = SaveFormatArg::Xtuner)]
+        save_format: SaveFormatArg,
         /// Override config keys.
         #[arg(long = "cfg-options", num_args = 1..)]
         cfg_options: Vec<String>,
@@ -405,4 +410,25 @@ pub enum BenchModeArg {
     Lora,
     /// LoRA on an NF4 base.
     Qlora,
+}
+
+/// `convert pth_to_hf --save-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaveFormatArg {
+    /// XTuner's LLaVA layout.
+    Xtuner,
+    /// transformers' LlavaForConditionalGeneration + LlavaProcessor.
+    Huggingface,
+    /// The original LLaVA repository's LlavaLlamaForCausalLM.
+    Official,
+}
+
+impl From<SaveFormatArg> for xtuner_engine::convert::SaveFormat {
+    fn from(arg: SaveFormatArg) -> Self {
+        match arg {
+            SaveFormatArg::Xtuner => Self::Xtuner,
+            SaveFormatArg::Huggingface => Self::Huggingface,
+            SaveFormatArg::Official => Self::Official,
+        }
+    }
 }

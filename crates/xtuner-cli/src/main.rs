@@ -158,6 +158,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             out,
             fp32,
             max_shard_size,
+            save_format,
             cfg_options,
         }) => commands::train::pth_to_hf(
             &config,
@@ -166,6 +167,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             &out,
             fp32,
             &max_shard_size,
+            save_format.into(),
         )?,
         Command::Convert(ConvertCommand::Merge {
             base,

@@ -109,6 +109,24 @@ fn lora_training_resumes_exactly_and_exports() {
         (config["r"].as_u64(), config["peft_type"].as_str()),
         (Some(4), Some("LORA"))
     );
+    // transformers' LLaVA layout is for LLaVA runs only.
+    let err = failed(
+        &xtuner(
+            &[
+                "convert",
+                "pth_to_hf",
+                "run.toml",
+                work.join("iter_8").to_str().unwrap(),
+                "hf_llava",
+                "--save-format",
+                "huggingface",
+            ],
+            d,
+        ),
+        2,
+    );
+    assert!(err.contains("LLaVA layouts"), "{err}");
+    assert!(!d.join("hf_llava").exists());
     let model = fixtures().join("internlm2-tiny");
     let model = model.to_str().unwrap();
     ok(&xtuner(
@@ -713,6 +731,7 @@ fn llava_demo_pretrains_finetunes_and_answers_about_held_out_pictures() {
         "configs/demo_llava_finetune.toml",
         ckpt.to_str().unwrap(),
         out.to_str().unwrap(),
+        "--fp32",
     ];
     args.extend(fine_opts);
     ok(&xtuner(&args, &repo));
@@ -725,13 +744,32 @@ fn llava_demo_pretrains_finetunes_and_answers_about_held_out_pictures() {
         assert!(out.join(file).is_file(), "{file}");
     }
 
+    // transformers' layout and the original LLaVA's, from the same checkpoint.
+    let hf = dir.path().join("llava_hf");
+    let official = dir.path().join("llava_official");
+    for (format, to) in [("huggingface", &hf), ("official", &official)] {
+        let mut args = vec![
+            "convert",
+            "pth_to_hf",
+            "configs/demo_llava_finetune.toml",
+            ckpt.to_str().unwrap(),
+            to.to_str().unwrap(),
+            "--fp32",
+            "--save-format",
+            format,
+        ];
+        args.extend(fine_opts);
+        ok(&xtuner(&args, &repo));
+    }
+    let base = fine.join("base_model");
+    llava_exports_give_the_same_logits(&repo, &base, &out, &hf, &official);
+
     let eval: Vec<Value> = serde_json::from_str(
         &fs::read_to_string(repo.join("configs/demo_llava/eval.json")).unwrap(),
     )
     .unwrap();
-    let base = fine.join("base_model");
     let mut right = 0;
-    for record in &eval {
+    for (index, record) in eval.iter().enumerate() {
         let image = repo
             .join("configs/demo_llava")
             .join(record["image"].as_str().unwrap());
@@ -757,12 +795,154 @@ fn llava_demo_pretrains_finetunes_and_answers_about_held_out_pictures() {
         let answer = ok(&xtuner(&args, &repo));
         right +=
             usize::from(answer.trim() == record["conversations"][1]["value"].as_str().unwrap());
+        // The transformers export is a chat model of its own, with the same answers.
+        if index < 4 {
+            let mut args = args.to_vec();
+            args.splice(1..6, [hf.to_str().unwrap()]);
+            assert_eq!(ok(&xtuner(&args, &repo)), answer, "{}", image.display());
+        }
     }
     assert!(
         right >= 20,
         "{right} of {} held-out colours right (chance: a quarter)",
         eval.len()
     );
+}
+
+/// The transformers export (`--save-format huggingface`) read back by our loader gives
+/// the logits of the XTuner-layout export (base LLM, its adapter, the tower and its
+/// adapter, the projector) on an image prompt, over the original vocabulary; its
+/// layout and config are transformers' `LlavaForConditionalGeneration`'s, with
+/// `<image>` and `<pad>` in the tokenizer and the embeddings grown to a multiple of 64.
+/// The official export has the original LLaVA's keys and settings.
+fn llava_exports_give_the_same_logits(
+    repo: &Path,
+    base: &Path,
+    xtuner_dir: &Path,
+    hf: &Path,
+    official: &Path,
+) {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use xtuner_engine::lora;
+    use xtuner_model::checkpoint::Checkpoint;
+    use xtuner_model::checkpoint::peft::PeftAdapter;
+    use xtuner_model::clip_vit::ClipVisionTower;
+    use xtuner_model::decoder::{Decoder, DecoderInput};
+    use xtuner_model::image::ImageProcessor;
+    use xtuner_model::llava::Llava;
+    use xtuner_model::projector::Projector;
+    type B = burn::backend::NdArray<f32>;
+    let device = Default::default();
+
+    let adapter = PeftAdapter::open(&xtuner_dir.join("llm_adapter")).unwrap();
+    let (llm, llm_config) = Decoder::<B>::load(base, Some(&adapter), &device).unwrap();
+    let (tower, _) =
+        ClipVisionTower::<B>::load(&repo.join("configs/demo_llava/clip"), &device).unwrap();
+    let tower_adapter = PeftAdapter::open(&xtuner_dir.join("visual_encoder_adapter")).unwrap();
+    let tower = lora::merge(
+        lora::attach_peft(tower, &(), &tower_adapter, 0.0, &device).unwrap(),
+        &(),
+    );
+    let (projector, _) =
+        Projector::<B>::load(&xtuner_dir.join("projector"), None, &device).unwrap();
+    let before = Llava {
+        llm,
+        visual_encoder: tower,
+        projector,
+    };
+    let (after, config) = Llava::<B>::load_hf(hf, &device).unwrap();
+
+    let processor = ImageProcessor::from_file(
+        repo.join("configs/demo_llava/clip/preprocessor_config.json"),
+        true,
+    )
+    .unwrap();
+    let pixels = processor
+        .preprocess_file::<B>(
+            &repo.join("configs/demo_llava/images/eval_0003.png"),
+            &device,
+        )
+        .unwrap()
+        .unsqueeze::<4>();
+    let ids = [1i64, 3, 20, 30, -200, 40, 50, 4, 3, 60];
+    let logits = |model: &Llava<B>| -> Vec<f32> {
+        let input =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device);
+        let spliced = model
+            .prepare_inputs(input, None, None, pixels.clone(), config.select_layer)
+            .unwrap();
+        let [_, t, _] = spliced.inputs_embeds.dims();
+        let logits = model.llm.forward_embeds(
+            spliced.inputs_embeds,
+            &DecoderInput::causal(1, t, &device),
+            None,
+        );
+        let [_, _, v] = logits.dims();
+        logits
+            .slice([0..1, 0..t, 0..v.min(llm_config.vocab_size)])
+            .into_data()
+            .to_vec()
+            .unwrap()
+    };
+    let (want, got) = (logits(&before), logits(&after));
+    assert_eq!(want.len(), got.len());
+    let worst = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "logits differ by up to {worst}");
+
+    // The layout and settings transformers reads.
+    let json = |path: &Path| -> Value {
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let c = json(&hf.join("config.json"));
+    assert_eq!(c["architectures"][0], "LlavaForConditionalGeneration");
+    assert_eq!(c["text_config"]["model_type"], "llama");
+    assert_eq!(c["vision_config"]["model_type"], "clip_vision_model");
+    assert_eq!(c["vision_feature_layer"], -2);
+    let vocab = c["text_config"]["vocab_size"].as_u64().unwrap() as usize;
+    assert!(vocab > llm_config.vocab_size && vocab.is_multiple_of(64), "{vocab}");
+    let tokenizer = xtuner_dataset::Tokenizer::from_path(hf).unwrap();
+    assert_eq!(
+        tokenizer.token_to_id("<image>").map(u64::from),
+        c["image_token_index"].as_u64()
+    );
+    assert_eq!(
+        tokenizer.token_to_id("<pad>").map(u64::from),
+        c["pad_token_id"].as_u64()
+    );
+    assert_eq!(
+        json(&hf.join("tokenizer_config.json"))["pad_token"],
+        "<pad>"
+    );
+    assert_eq!(json(&hf.join("processor_config.json"))["patch_size"], 8);
+    let keys = Checkpoint::open(hf).unwrap().keys();
+    for key in [
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+        "language_model.model.layers.0.mlp.gate_proj.weight",
+        "language_model.lm_head.weight",
+        "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        "multi_modal_projector.linear_1.weight",
+        "multi_modal_projector.linear_2.bias",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "no {key}");
+    }
+    let c = json(&official.join("config.json"));
+    assert_eq!(c["architectures"][0], "LlavaLlamaForCausalLM");
+    assert_eq!(c["mm_projector_type"], "mlp2x_gelu");
+    assert_eq!(c["mm_vision_select_feature"], "patch");
+    let keys = Checkpoint::open(official).unwrap().keys();
+    for key in [
+        "model.embed_tokens.weight",
+        "model.mm_projector.0.weight",
+        "model.mm_projector.2.weight",
+        "model.vision_tower.vision_tower.vision_model.post_layernorm.weight",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "no {key}");
+    }
 }
 
 /// A LLaVA record whose image is missing stops the run before the first step, naming

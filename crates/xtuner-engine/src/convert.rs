@@ -15,6 +15,7 @@ use xtuner_model::decoder::Decoder;
 use crate::config::{LoadedConfig, PreferenceMethod, RunMode};
 use crate::export::hf::{TOKENIZER_FILES, save_hf_model, write_decoder};
 use crate::export::llava::write_llava;
+use crate::export::llava_hf;
 use crate::export::{create_dir, write_toml};
 use crate::optim::zero::masters_from;
 use crate::recipe::{decoder, llava, reward};
@@ -24,23 +25,43 @@ use crate::{Result, checkpoint};
 /// The file beside an export that records the config it was made with.
 pub const CONFIG_FILE: &str = "xtuner_config.toml";
 
+/// The layout of a LLaVA export (XTuner's `--save-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaveFormat {
+    /// XTuner's: `projector/`, `llm_adapter/`, `visual_encoder_adapter/`, ...
+    #[default]
+    Xtuner,
+    /// transformers' `LlavaForConditionalGeneration` with its processor.
+    Huggingface,
+    /// The original LLaVA repository's `LlavaLlamaForCausalLM`.
+    Official,
+}
+
 /// `convert pth_to_hf`: the weights of `checkpoint` (written by a run of `loaded`)
 /// in `out`: a PEFT adapter for LoRA, a model directory (sharded above
-/// `max_shard_size` bytes) for a full fine-tune, XTuner's layout for LLaVA; and the
-/// config beside them.
+/// `max_shard_size` bytes) for a full fine-tune, a LLaVA in the layout `format` names;
+/// and the config beside them.
 ///
 /// # Errors
-/// A checkpoint of another kind of run, or one that does not fit the config; an
-/// unwritable `out`.
+/// A checkpoint of another kind of run, or one that does not fit the config; a
+/// `format` other than XTuner's for a model that is not a LLaVA; an unwritable `out`.
 pub fn pth_to_hf<B: Backend>(
     loaded: &LoadedConfig,
     checkpoint: &Path,
     out: &Path,
     dtype: SaveDtype,
     max_shard_size: u64,
+    format: SaveFormat,
     device: &B::Device,
 ) -> Result<()> {
     let config = &loaded.config;
+    if format != SaveFormat::Xtuner && config.mode() != RunMode::Llava {
+        return Err(crate::Error::Setting {
+            key: "save_format".into(),
+            message: "`huggingface` and `official` are LLaVA layouts; this config trains no LLaVA"
+                .into(),
+        });
+    }
     let state = checkpoint::read_state(checkpoint)?;
     check_mode(checkpoint, state.mode, config)?;
     // `out` is made once the checkpoint's model is built: a checkpoint that does not
@@ -70,7 +91,30 @@ pub fn pth_to_hf<B: Backend>(
             let model = masters_from(model.map(&mut StableIds::new()), checkpoint)?;
             let section = llava::llava_section(config)?;
             create_dir(out)?;
-            write_llava(&model, config, section, &decoder, &tokenizer, out, dtype)?;
+            match format {
+                SaveFormat::Xtuner => {
+                    write_llava(&model, config, section, &decoder, &tokenizer, out, dtype)?;
+                }
+                SaveFormat::Huggingface => llava_hf::write_huggingface(
+                    &model,
+                    config,
+                    section,
+                    &decoder,
+                    &tokenizer,
+                    out,
+                    dtype,
+                    max_shard_size,
+                )?,
+                SaveFormat::Official => llava_hf::write_official(
+                    &model,
+                    section,
+                    &decoder,
+                    &tokenizer,
+                    out,
+                    dtype,
+                    max_shard_size,
+                )?,
+            }
         }
         RunMode::Lora => {
             let (model, decoder, tokenizer) = decoder::restore::<B>(loaded, checkpoint, device)?;

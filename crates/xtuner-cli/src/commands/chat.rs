@@ -11,7 +11,9 @@
 //! wants) goes through the vision tower (`DIR/visual_encoder` or `--visual-encoder`)
 //! and `DIR/projector`; `<image>\n` opens the first user message and its features are
 //! spliced in at that token. `DIR/llm_adapter` and `DIR/visual_encoder_adapter` are
-//! merged into the LLM and the tower when present.
+//! merged into the LLM and the tower when present. A transformers LLaVA (`convert
+//! pth_to_hf --save-format huggingface`) is a model directory of its own: `xtuner chat
+//! DIR --image FILE` reads the LLM, tower, projector and image settings from it.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -27,7 +29,7 @@ use xtuner_model::clip_vit::ClipVisionTower;
 use xtuner_model::decoder::Decoder;
 use xtuner_model::generate::GenerationConfig;
 use xtuner_model::image::ImageProcessor;
-use xtuner_model::llava::image_features;
+use xtuner_model::llava::{Llava, image_features};
 use xtuner_model::projector::Projector;
 use xtuner_model::sampling::SamplingConfig;
 use xtuner_template::{PromptTemplate, SystemTemplate};
@@ -104,6 +106,13 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
     {
         bail!("a system prompt needs a --prompt-template with a SYSTEM field");
     }
+    if is_hf_llava(&args.model) && (args.adapter.is_some() || args.llava.is_some()) {
+        bail!(
+            "{} is a transformers LLaVA (adapters merged, projector and tower inside): \
+             give it alone, with --image",
+            args.model.display()
+        );
+    }
     let adapter_dir = match (&args.adapter, &args.llava) {
         (Some(_), Some(_)) => {
             bail!("--adapter and --llava are exclusive (a LLaVA dir brings its llm_adapter/)")
@@ -113,12 +122,33 @@ fn run<B: Backend>(args: &ChatArgs, device: B::Device) -> Result<()> {
         (None, None) => None,
     };
     let adapter = adapter_dir.as_deref().map(PeftAdapter::open).transpose()?;
-    let (model, _) = Decoder::<B>::load(&args.model, adapter.as_ref(), &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let image = match &args.llava {
-        Some(llava) => Some(load_image_features::<B>(args, llava, &device)?),
-        None if args.image.is_some() => bail!("--image needs --llava DIR (the projector)"),
-        None => None,
+    let (model, image) = if is_hf_llava(&args.model) {
+        let (llava, config) = Llava::<B>::load_hf(&args.model, &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let image = match &args.image {
+            Some(file) => {
+                let processor =
+                    ImageProcessor::from_file(args.model.join("preprocessor_config.json"), true)?;
+                let pixels = processor.preprocess_file::<B>(file, &device)?;
+                Some(image_features(
+                    &llava.visual_encoder,
+                    &llava.projector,
+                    pixels.unsqueeze::<4>(),
+                    config.select_layer,
+                )?)
+            }
+            None => None,
+        };
+        (llava.llm, image)
+    } else {
+        let (model, _) = Decoder::<B>::load(&args.model, adapter.as_ref(), &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let image = match &args.llava {
+            Some(llava) => Some(load_image_features::<B>(args, llava, &device)?),
+            None if args.image.is_some() => bail!("--image needs --llava DIR (the projector)"),
+            None => None,
+        };
+        (model, image)
     };
     let mut stop_words: Vec<String> = template
         .as_ref()
@@ -244,6 +274,15 @@ fn load_image_features<B: Backend>(
         pixels.unsqueeze::<4>(),
         args.visual_select_layer,
     )?)
+}
+
+/// Whether `dir` holds a transformers LLaVA (`convert pth_to_hf --save-format
+/// huggingface`): its `config.json` says `model_type: llava`.
+fn is_hf_llava(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|config| config["model_type"] == "llava")
 }
 
 fn system_prompt(args: &ChatArgs) -> Result<String> {

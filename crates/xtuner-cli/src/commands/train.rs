@@ -381,6 +381,7 @@ pub fn pth_to_hf(
     out: &Path,
     fp32: bool,
     max_shard_size: &str,
+    format: xtuner_engine::convert::SaveFormat,
 ) -> Result<()> {
     let loaded = configs::load(config, overrides)?;
     let dtype = if fp32 { SaveDtype::F32 } else { SaveDtype::F16 };
@@ -390,6 +391,7 @@ pub fn pth_to_hf(
         out,
         dtype,
         parse_size(max_shard_size)?,
+        format,
         &Default::default(),
     )?;
     println!("saved to {}", out.display());

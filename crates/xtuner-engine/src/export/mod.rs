@@ -1,9 +1,10 @@
 //! What a run writes for the Hugging Face world, in the layouts transformers, PEFT and
 //! XTuner write: a model directory ([`hf`]), a PEFT adapter ([`peft`]) and XTuner's
-//! LLaVA layout ([`llava`]). Checkpoints and `convert` both write through here.
+//! LLaVA layout ([`llava`]) and its transformers and original-LLaVA layouts ([`llava_hf`]). Checkpoints and `convert` both write through here.
 
 pub mod hf;
 pub mod llava;
+pub mod llava_hf;
 pub mod peft;
 
 use std::path::Path;
