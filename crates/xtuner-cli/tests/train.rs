@@ -903,7 +903,10 @@ fn llava_exports_give_the_same_logits(
     assert_eq!(c["vision_config"]["model_type"], "clip_vision_model");
     assert_eq!(c["vision_feature_layer"], -2);
     let vocab = c["text_config"]["vocab_size"].as_u64().unwrap() as usize;
-    assert!(vocab > llm_config.vocab_size && vocab.is_multiple_of(64), "{vocab}");
+    assert!(
+        vocab > llm_config.vocab_size && vocab.is_multiple_of(64),
+        "{vocab}"
+    );
     let tokenizer = xtuner_dataset::Tokenizer::from_path(hf).unwrap();
     assert_eq!(
         tokenizer.token_to_id("<image>").map(u64::from),

@@ -91,29 +91,19 @@ pub fn pth_to_hf<B: Backend>(
             let model = masters_from(model.map(&mut StableIds::new()), checkpoint)?;
             let section = llava::llava_section(config)?;
             create_dir(out)?;
+            let export = llava_hf::LlavaExport {
+                model: &model,
+                config,
+                llava: section,
+                decoder: &decoder,
+                tokenizer: &tokenizer,
+            };
             match format {
                 SaveFormat::Xtuner => {
                     write_llava(&model, config, section, &decoder, &tokenizer, out, dtype)?;
                 }
-                SaveFormat::Huggingface => llava_hf::write_huggingface(
-                    &model,
-                    config,
-                    section,
-                    &decoder,
-                    &tokenizer,
-                    out,
-                    dtype,
-                    max_shard_size,
-                )?,
-                SaveFormat::Official => llava_hf::write_official(
-                    &model,
-                    section,
-                    &decoder,
-                    &tokenizer,
-                    out,
-                    dtype,
-                    max_shard_size,
-                )?,
+                SaveFormat::Huggingface => export.huggingface(out, dtype, max_shard_size)?,
+                SaveFormat::Official => export.official(out, dtype, max_shard_size)?,
             }
         }
         RunMode::Lora => {

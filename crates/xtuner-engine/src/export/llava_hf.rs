@@ -48,181 +48,193 @@ fn merged<B: Backend>(model: &Llava<B>, decoder: &DecoderConfig) -> Llava<B> {
     }
 }
 
-/// `convert pth_to_hf --save-format huggingface`: see the module's doc.
-///
-/// # Errors
-/// An LLM that is not a Llama in another form ([`as_llama`]), a projector that is not
-/// two layers, an unreadable tokenizer or vision-tower config, an unwritable `dir`.
-#[allow(clippy::too_many_arguments)] // the export's inputs, each a different thing
-pub fn write_huggingface<B: Backend>(
-    model: &Llava<B>,
-    config: &TrainConfig,
-    llava: &LlavaConfig,
-    decoder: &DecoderConfig,
-    tokenizer: &Tokenizer,
-    dir: &Path,
-    dtype: SaveDtype,
-    max_shard_size: u64,
-) -> Result<()> {
-    let llama = as_llama(decoder).map_err(|e| setting("llava.save_format", e))?;
-    if model.projector.model.len() != 2 {
-        return Err(Error::Setting {
-            key: "llava.projector_depth".into(),
-            message: format!(
-                "{}: transformers' LLaVA projector has two layers",
-                model.projector.model.len()
-            ),
-        });
-    }
-    let model = merged(model, decoder);
-    let (image_id, pad_id) = write_tokenizer(tokenizer, dir)?;
-
-    // The LLM, its vocabulary grown to hold the new tokens.
-    let needed = (image_id.max(pad_id) as usize + 1).max(llama.vocab_size);
-    let vocab = if needed > llama.vocab_size {
-        needed.div_ceil(PAD_ROWS_TO) * PAD_ROWS_TO
-    } else {
-        llama.vocab_size
-    };
-    let mut tensors = model.llm.to_hf_tensors(&llama)?;
-    if vocab > llama.vocab_size {
-        grow_vocabulary::<B>(&mut tensors, llama.vocab_size, vocab, config.train.seed)?;
-    }
-    let mut text = llama.clone();
-    text.vocab_size = vocab;
-    let mut all: Vec<(String, TensorData)> =
-        tensors.into_iter().map(|(k, v)| (llm_key(&k), v)).collect();
-    all.extend(
-        model
-            .visual_encoder
-            .to_hf_tensors()
-            .into_iter()
-            .map(|(k, v)| (tower_key(&k), v)),
-    );
-    for (key, value) in model.projector.to_hf_tensors() {
-        let key = projector_key(&key).ok_or_else(|| Error::Setting {
-            key: "llava.projector_depth".into(),
-            message: format!("no transformers name for the projector's `{key}`"),
-        })?;
-        all.push((key, value));
-    }
-
-    let bos = tokenizer.bos_ids().first().copied();
-    let eos = tokenizer.eos_ids().first().copied();
-    let tower = tower_config(&llava.visual_encoder)?;
-    let patches = {
-        let image = tower["image_size"].as_u64().unwrap_or(224);
-        let patch = tower["patch_size"].as_u64().unwrap_or(32).max(1);
-        (image / patch) * (image / patch)
-    };
-    write_json(
-        &dir.join("config.json"),
-        &json!({
-            "architectures": [ARCHITECTURE],
-            "model_type": "llava",
-            "text_config": llama_json(&text, bos, eos, Some(pad_id)),
-            "vision_config": tower,
-            "image_token_index": image_id,
-            "image_seq_length": patches,
-            "pad_token_id": pad_id,
-            "projector_hidden_act": model.projector.activation,
-            "multimodal_projector_bias": model.projector.model[0].bias.is_some(),
-            "vision_feature_layer": llava.visual_select_layer,
-            "vision_feature_select_strategy": "default",
-            "tie_word_embeddings": text.tie_word_embeddings,
-            "dtype": dtype_name(dtype),
-        }),
-    )?;
-    write_json(
-        &dir.join("generation_config.json"),
-        &json!({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad_id}),
-    )?;
-    save_safetensors(dir, "model", all, dtype, Some(max_shard_size))?;
-
-    // The processor: the image processor's settings, and how prompts are expanded
-    // (one `<image>` becomes one token per patch: CLIP's CLS token is dropped).
-    let processor = image_processor(&llava.visual_encoder)?;
-    write_json(&dir.join("preprocessor_config.json"), &processor)?;
-    write_json(
-        &dir.join("processor_config.json"),
-        &json!({
-            "processor_class": "LlavaProcessor",
-            "image_processor": processor,
-            "image_token": IMAGE_TOKEN,
-            "patch_size": tower["patch_size"],
-            "num_additional_image_tokens": 1,
-            "vision_feature_select_strategy": "default",
-        }),
-    )
+/// A LLaVA run's model and what describes it, to export.
+pub struct LlavaExport<'a, B: Backend> {
+    /// The model as trained (adapters attached).
+    pub model: &'a Llava<B>,
+    /// The run's config.
+    pub config: &'a TrainConfig,
+    /// Its `[llava]` section.
+    pub llava: &'a LlavaConfig,
+    /// The LLM's architecture.
+    pub decoder: &'a DecoderConfig,
+    /// The LLM's tokenizer.
+    pub tokenizer: &'a Tokenizer,
 }
 
-/// `convert pth_to_hf --save-format official`: see the module's doc.
-///
-/// # Errors
-/// As [`write_huggingface`].
-pub fn write_official<B: Backend>(
-    model: &Llava<B>,
-    llava: &LlavaConfig,
-    decoder: &DecoderConfig,
-    tokenizer: &Tokenizer,
-    dir: &Path,
-    dtype: SaveDtype,
-    max_shard_size: u64,
-) -> Result<()> {
-    let llama = as_llama(decoder).map_err(|e| setting("llava.save_format", e))?;
-    let model = merged(model, decoder);
-    let mut all = model.llm.to_hf_tensors(&llama)?;
-    for (key, value) in model.projector.to_hf_tensors() {
-        all.push((
-            format!("model.mm_projector.{}", &key["model.".len()..]),
-            value,
-        ));
-    }
-    let tower_trained = llava.visual_encoder_lora.is_some() || !llava.freeze_visual_encoder;
-    if tower_trained {
+impl<B: Backend> LlavaExport<'_, B> {
+    /// `convert pth_to_hf --save-format huggingface`: see the module's doc.
+    ///
+    /// # Errors
+    /// An LLM that is not a Llama in another form ([`as_llama`]), a projector that is not
+    /// two layers, an unreadable tokenizer or vision-tower config, an unwritable `dir`.
+    pub fn huggingface(&self, dir: &Path, dtype: SaveDtype, max_shard_size: u64) -> Result<()> {
+        let Self {
+            model,
+            config,
+            llava,
+            decoder,
+            tokenizer,
+        } = *self;
+        let llama = as_llama(decoder).map_err(|e| setting("llava.save_format", e))?;
+        if model.projector.model.len() != 2 {
+            return Err(Error::Setting {
+                key: "llava.projector_depth".into(),
+                message: format!(
+                    "{}: transformers' LLaVA projector has two layers",
+                    model.projector.model.len()
+                ),
+            });
+        }
+        let model = merged(model, decoder);
+        let (image_id, pad_id) = write_tokenizer(tokenizer, dir)?;
+
+        // The LLM, its vocabulary grown to hold the new tokens.
+        let needed = (image_id.max(pad_id) as usize + 1).max(llama.vocab_size);
+        let vocab = if needed > llama.vocab_size {
+            needed.div_ceil(PAD_ROWS_TO) * PAD_ROWS_TO
+        } else {
+            llama.vocab_size
+        };
+        let mut tensors = model.llm.to_hf_tensors(&llama)?;
+        if vocab > llama.vocab_size {
+            grow_vocabulary::<B>(&mut tensors, llama.vocab_size, vocab, config.train.seed)?;
+        }
+        let mut text = llama.clone();
+        text.vocab_size = vocab;
+        let mut all: Vec<(String, TensorData)> =
+            tensors.into_iter().map(|(k, v)| (llm_key(&k), v)).collect();
         all.extend(
             model
                 .visual_encoder
                 .to_hf_tensors()
                 .into_iter()
-                .map(|(k, v)| (format!("model.vision_tower.vision_tower.{k}"), v)),
+                .map(|(k, v)| (tower_key(&k), v)),
         );
-    }
-    let bos = tokenizer.bos_ids().first().copied();
-    let eos = tokenizer.eos_ids().first().copied();
-    let mut config = llama_json(&llama, bos, eos, None);
-    let tower = tower_config(&llava.visual_encoder)?;
-    if let Some(fields) = config.as_object_mut() {
-        let depth = model.projector.model.len();
-        for (key, value) in [
-            ("architectures", json!(["LlavaLlamaForCausalLM"])),
-            ("model_type", json!("llava")),
-            ("image_aspect_ratio", json!("pad")),
-            ("mm_hidden_size", tower["hidden_size"].clone()),
-            ("mm_projector_type", json!(format!("mlp{depth}x_gelu"))),
-            ("mm_use_im_patch_token", json!(false)),
-            ("mm_use_im_start_end", json!(false)),
-            ("mm_vision_select_feature", json!("patch")),
-            ("mm_vision_select_layer", json!(llava.visual_select_layer)),
-            (
-                "mm_vision_tower",
-                json!(llava.visual_encoder.display().to_string()),
-            ),
-            ("unfreeze_mm_vision_tower", json!(tower_trained)),
-            ("use_mm_proj", json!(true)),
-            ("dtype", json!(dtype_name(dtype))),
-        ] {
-            fields.insert(key.to_string(), value);
+        for (key, value) in model.projector.to_hf_tensors() {
+            let key = projector_key(&key).ok_or_else(|| Error::Setting {
+                key: "llava.projector_depth".into(),
+                message: format!("no transformers name for the projector's `{key}`"),
+            })?;
+            all.push((key, value));
         }
+
+        let bos = tokenizer.bos_ids().first().copied();
+        let eos = tokenizer.eos_ids().first().copied();
+        let tower = tower_config(&llava.visual_encoder)?;
+        let patches = {
+            let image = tower["image_size"].as_u64().unwrap_or(224);
+            let patch = tower["patch_size"].as_u64().unwrap_or(32).max(1);
+            (image / patch) * (image / patch)
+        };
+        write_json(
+            &dir.join("config.json"),
+            &json!({
+                "architectures": [ARCHITECTURE],
+                "model_type": "llava",
+                "text_config": llama_json(&text, bos, eos, Some(pad_id)),
+                "vision_config": tower,
+                "image_token_index": image_id,
+                "image_seq_length": patches,
+                "pad_token_id": pad_id,
+                "projector_hidden_act": model.projector.activation,
+                "multimodal_projector_bias": model.projector.model[0].bias.is_some(),
+                "vision_feature_layer": llava.visual_select_layer,
+                "vision_feature_select_strategy": "default",
+                "tie_word_embeddings": text.tie_word_embeddings,
+                "dtype": dtype_name(dtype),
+            }),
+        )?;
+        write_json(
+            &dir.join("generation_config.json"),
+            &json!({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad_id}),
+        )?;
+        save_safetensors(dir, "model", all, dtype, Some(max_shard_size))?;
+
+        // The processor: the image processor's settings, and how prompts are expanded
+        // (one `<image>` becomes one token per patch: CLIP's CLS token is dropped).
+        let processor = image_processor(&llava.visual_encoder)?;
+        write_json(&dir.join("preprocessor_config.json"), &processor)?;
+        write_json(
+            &dir.join("processor_config.json"),
+            &json!({
+                "processor_class": "LlavaProcessor",
+                "image_processor": processor,
+                "image_token": IMAGE_TOKEN,
+                "patch_size": tower["patch_size"],
+                "num_additional_image_tokens": 1,
+                "vision_feature_select_strategy": "default",
+            }),
+        )
     }
-    write_json(&dir.join("config.json"), &config)?;
-    save_safetensors(dir, "model", all, dtype, Some(max_shard_size))?;
-    write_json(
-        &dir.join("preprocessor_config.json"),
-        &image_processor(&llava.visual_encoder)?,
-    )?;
-    let source = tokenizer.source().parent().unwrap_or(Path::new("."));
-    Ok(copy_side_files(source, &TOKENIZER_FILES, dir)?)
+
+    /// `convert pth_to_hf --save-format official`: see the module's doc.
+    ///
+    /// # Errors
+    /// As [`LlavaExport::huggingface`].
+    pub fn official(&self, dir: &Path, dtype: SaveDtype, max_shard_size: u64) -> Result<()> {
+        let Self {
+            model,
+            llava,
+            decoder,
+            tokenizer,
+            ..
+        } = *self;
+        let llama = as_llama(decoder).map_err(|e| setting("llava.save_format", e))?;
+        let model = merged(model, decoder);
+        let mut all = model.llm.to_hf_tensors(&llama)?;
+        for (key, value) in model.projector.to_hf_tensors() {
+            all.push((
+                format!("model.mm_projector.{}", &key["model.".len()..]),
+                value,
+            ));
+        }
+        let tower_trained = llava.visual_encoder_lora.is_some() || !llava.freeze_visual_encoder;
+        if tower_trained {
+            all.extend(
+                model
+                    .visual_encoder
+                    .to_hf_tensors()
+                    .into_iter()
+                    .map(|(k, v)| (format!("model.vision_tower.vision_tower.{k}"), v)),
+            );
+        }
+        let bos = tokenizer.bos_ids().first().copied();
+        let eos = tokenizer.eos_ids().first().copied();
+        let mut config = llama_json(&llama, bos, eos, None);
+        let tower = tower_config(&llava.visual_encoder)?;
+        if let Some(fields) = config.as_object_mut() {
+            let depth = model.projector.model.len();
+            for (key, value) in [
+                ("architectures", json!(["LlavaLlamaForCausalLM"])),
+                ("model_type", json!("llava")),
+                ("image_aspect_ratio", json!("pad")),
+                ("mm_hidden_size", tower["hidden_size"].clone()),
+                ("mm_projector_type", json!(format!("mlp{depth}x_gelu"))),
+                ("mm_use_im_patch_token", json!(false)),
+                ("mm_use_im_start_end", json!(false)),
+                ("mm_vision_select_feature", json!("patch")),
+                ("mm_vision_select_layer", json!(llava.visual_select_layer)),
+                (
+                    "mm_vision_tower",
+                    json!(llava.visual_encoder.display().to_string()),
+                ),
+                ("unfreeze_mm_vision_tower", json!(tower_trained)),
+                ("use_mm_proj", json!(true)),
+                ("dtype", json!(dtype_name(dtype))),
+            ] {
+                fields.insert(key.to_string(), value);
+            }
+        }
+        write_json(&dir.join("config.json"), &config)?;
+        save_safetensors(dir, "model", all, dtype, Some(max_shard_size))?;
+        write_json(
+            &dir.join("preprocessor_config.json"),
+            &image_processor(&llava.visual_encoder)?,
+        )?;
+        let source = tokenizer.source().parent().unwrap_or(Path::new("."));
+        Ok(copy_side_files(source, &TOKENIZER_FILES, dir)?)
+    }
 }
 
 /// The config's name for a weight dtype.
