@@ -336,6 +336,20 @@ fn write_tokenizer(tokenizer: &Tokenizer, dir: &Path) -> Result<(u32, u32)> {
     if let Some(fields) = config.as_object_mut() {
         fields.insert("pad_token".into(), PAD_TOKEN.into());
         fields.insert("processor_class".into(), "LlavaProcessor".into());
+        // The LLM is a Llama now, and the export carries no remote code: a tokenizer
+        // class of the checkpoint's own (InternLM2's, through `auto_map`) becomes
+        // Llama's, which reads the same tokenizer.model or tokenizer.json (XTuner
+        // loads it as LlamaTokenizerFast for this export).
+        let remote = fields
+            .remove("auto_map")
+            .is_some_and(|m| m.get("AutoTokenizer").is_some());
+        let own_class = fields
+            .get("tokenizer_class")
+            .and_then(Value::as_str)
+            .is_some_and(|c| c.starts_with("InternLM"));
+        if remote || own_class {
+            fields.insert("tokenizer_class".into(), "LlamaTokenizer".into());
+        }
         // Without tokenizer.json, the added tokens live here (as a slow tokenizer
         // saves them); with it, they are kept here too where the file lists them.
         if !has_fast || fields.contains_key("added_tokens_decoder") {
@@ -408,6 +422,29 @@ mod tests {
     use super::*;
 
     type B = burn::backend::NdArray<f32>;
+
+    /// InternLM2's SentencePiece tokenizer (no tokenizer.json): the added tokens go to
+    /// `added_tokens_decoder` after the vocabulary, and the class becomes Llama's
+    /// (transformers 5 then reads `<image>` = 600 and `<pad>` = 601 from these files).
+    #[test]
+    fn a_sentencepiece_tokenizer_gets_its_tokens_in_its_config() {
+        let tokenizer =
+            Tokenizer::from_path(&crate::test_support::fixture("spm-bpe-tiny")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (image, pad) = write_tokenizer(&tokenizer, dir.path()).unwrap();
+        assert_eq!((image, pad), (600, 601));
+        assert!(dir.path().join("tokenizer.model").is_file());
+        assert!(!dir.path().join("tokenizer.json").exists());
+        let config = read_json(&dir.path().join("tokenizer_config.json")).unwrap();
+        assert_eq!(config["tokenizer_class"], "LlamaTokenizer");
+        assert_eq!(config["pad_token"], PAD_TOKEN);
+        assert_eq!(
+            config["added_tokens_decoder"]["600"]["content"],
+            IMAGE_TOKEN
+        );
+        assert_eq!(config["added_tokens_decoder"]["601"]["content"], PAD_TOKEN);
+        assert_eq!(config["added_tokens_decoder"]["601"]["special"], true);
+    }
 
     /// New rows sit at the old rows' mean, spread by 1e-5 of their covariance: drawn
     /// (no two alike), seeded, the old rows kept.
