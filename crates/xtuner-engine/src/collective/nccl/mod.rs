@@ -1,12 +1,12 @@
 //! NCCL: the collectives between GPUs (one process per GPU), through the library
-//! [`find::library`] finds and [`ffi`] loads.
+//! [`find::library`] finds and `ffi` loads (with the `cuda` feature).
 //!
 //! The group meets first over TCP ([`super::tcp::Tcp`], the rendezvous at `ADDR:PORT`
 //! every launch uses): rank 0 makes NCCL's unique id and hands its 128 bytes to the
 //! others through that group, then every rank joins the NCCL communicator on its GPU.
 //! The TCP group stays for barriers.
 //!
-//! The [`Collective`] interface works on host buckets, so each operation stages its
+//! The [`Collective`](super::Collective) interface works on host buckets, so each operation stages its
 //! bucket in a device buffer, runs NCCL's operation on a stream of its own, waits (no
 //! longer than the group's timeout: a rank that died or hangs aborts the communicator
 //! and fails the operation) and copies the result back. Reduce-scatter and all-gather
