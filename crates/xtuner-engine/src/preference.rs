@@ -15,12 +15,16 @@
 //!   ranked pairwise (`ranking`, or InternLM2's `focal`), plus a penalty keeping them in
 //!   range (`log_barrier`, `L2`, `none`).
 
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use xtuner_model::nn::cross_entropy::cross_entropy_sum;
+use xtuner_model::nn::cross_entropy::{cross_entropy_sum, label_log_probs};
 use xtuner_model::nn::precision::scalar;
+
+use crate::recompute::TopBackward;
 
 /// Where one sequence lies in a batch: its row and its positions `start..end`.
 pub type Segment = (usize, usize, usize);
@@ -83,13 +87,135 @@ pub fn segment_logps<B: Backend>(
     average: bool,
 ) -> Tensor<B, 1> {
     let t = logits.dims()[1];
+    per_segment(segments, &logits.device(), average, |seg| {
+        segment_logp(&logits, labels, t, seg)
+    })
+}
+
+/// Each position's log-probability of its label, without a graph: entry `(b, p)` is
+/// `log p(labels[b, p] | ..p - 1)`, 0 at `p = 0` and where the label is no id of the
+/// vocabulary. Every preference objective depends on the logits only through these, so
+/// training computes them from the LM head a chunk of positions at a time
+/// ([`head_objective_backward`]) and differentiates the objective with respect to them.
+#[derive(Debug, Clone)]
+pub struct TokenLogps<B: Backend> {
+    /// `[B, T]`, f32.
+    pub values: Tensor<B, 2>,
+    /// The vocabulary's size.
+    pub vocab: usize,
+}
+
+impl<B: Backend> TokenLogps<B> {
+    /// From the final hidden states, through `lm_head` a chunk of `chunk` positions at
+    /// a time (the policy's values, or a reference model's).
+    ///
+    /// # Shapes
+    /// `hidden`: `[B, T, C]`; `lm_head`: `[B, n, C]` → `[B, n, V]`.
+    pub fn chunked(
+        hidden: Tensor<B, 3>,
+        lm_head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+        labels: &[i64],
+        vocab: usize,
+        chunk: usize,
+    ) -> Self {
+        let [b, t, c] = hidden.dims();
+        let device = hidden.device();
+        let mut parts = vec![Tensor::zeros([b, 1.min(t)], (&device, DType::F32))];
+        let positions = t.saturating_sub(1);
+        for from in (0..positions).step_by(chunk.max(1)) {
+            let to = (from + chunk.max(1)).min(positions);
+            let logits = lm_head(hidden.clone().slice([0..b, from..to, 0..c]));
+            let (targets, known) = chunk_targets(labels, b, t, from, to - from, vocab);
+            let n = to - from;
+            let known =
+                Tensor::<B, 2>::from_data(TensorData::new(known, [b, n]), (&device, DType::F32));
+            parts.push(label_log_probs(logits, &targets) * known);
+        }
+        Self {
+            values: Tensor::cat(parts, 1),
+            vocab,
+        }
+    }
+
+    /// `Σ` of a segment's values at the positions after its first whose label
+    /// `trained` keeps (and is an id of the vocabulary), and their count.
+    fn segment_sum(
+        &self,
+        labels: &[i64],
+        (row, start, end): Segment,
+        trained: impl Fn(i64) -> bool,
+    ) -> (Tensor<B, 1>, usize) {
+        let t = self.values.dims()[1];
+        let device = self.values.device();
+        if end < start + 2 {
+            return (Tensor::zeros([1], (&device, DType::F32)), 0);
+        }
+        let weights: Vec<f32> = labels[row * t + start + 1..row * t + end]
+            .iter()
+            .map(|&l| f32::from(u8::from(trained(l) && l >= 0 && (l as usize) < self.vocab)))
+            .collect();
+        let count = weights.iter().filter(|&&w| w > 0.0).count();
+        let n = weights.len();
+        let weights =
+            Tensor::<B, 2>::from_data(TensorData::new(weights, [1, n]), (&device, DType::F32));
+        let values = self.values.clone().slice([row..row + 1, start + 1..end]);
+        ((values * weights).sum(), count)
+    }
+
+    /// Each segment's log-probability of its labels (see the module docs), divided by
+    /// the count of its trained positions when `average`: `[segments]`.
+    pub fn segment_logps(
+        &self,
+        labels: &[i64],
+        segments: &[Segment],
+        average: bool,
+    ) -> Tensor<B, 1> {
+        per_segment(segments, &self.values.device(), average, |seg| {
+            // XTuner turns -100 into 0 and masks 0.
+            self.segment_sum(labels, seg, |l| l > 0)
+        })
+    }
+}
+
+/// The targets of the logits at positions `from..from + n` of rows of `seq_len` (the
+/// labels one position later; 0 where a label is no id of the vocabulary) and whether
+/// each is known.
+fn chunk_targets(
+    labels: &[i64],
+    rows: usize,
+    seq_len: usize,
+    from: usize,
+    n: usize,
+    vocab: usize,
+) -> (Vec<i64>, Vec<f32>) {
+    let mut targets = Vec::with_capacity(rows * n);
+    let mut known = Vec::with_capacity(rows * n);
+    for row in 0..rows {
+        for pos in from + 1..from + 1 + n {
+            let label = labels.get(row * seq_len + pos).copied().unwrap_or(-100);
+            let ok = label >= 0 && (label as usize) < vocab;
+            targets.push(if ok { label } else { 0 });
+            known.push(f32::from(u8::from(ok)));
+        }
+    }
+    (targets, known)
+}
+
+/// One value per segment from `segment` (a sum and its count), each divided by its
+/// count when `average`.
+fn per_segment<B: Backend>(
+    segments: &[Segment],
+    device: &B::Device,
+    average: bool,
+    segment: impl Fn(Segment) -> (Tensor<B, 1>, usize),
+) -> Tensor<B, 1> {
     if segments.is_empty() {
-        return Tensor::zeros([0], (&logits.device(), DType::F32));
+        return Tensor::zeros([0], (device, DType::F32));
     }
     let values: Vec<Tensor<B, 1>> = segments
         .iter()
         .map(|&seg| {
-            let (logp, count) = segment_logp(&logits, labels, t, seg);
+            let (logp, count) = segment(seg);
             if average {
                 // XTuner divides by the count even when it is 0 (a NaN it then skips).
                 logp.div_scalar(count as f64)
@@ -99,6 +225,72 @@ pub fn segment_logps<B: Backend>(
         })
         .collect();
     Tensor::cat(values, 0)
+}
+
+/// Forward and backward of a preference objective on the final hidden states, with the
+/// LM head applied a chunk of `chunk` positions at a time, so only one chunk's
+/// `[B, chunk, V]` logits exist at once (the whole of a long row's are the biggest
+/// tensor of the step with InternLM2's 92,544-token vocabulary):
+/// 1. every label's log-probability, without a graph (`lm_head_values` is the head on
+///    the inner backend);
+/// 2. the objective on them, and its gradient with respect to each;
+/// 3. each chunk again with its graph, `Σ logps ∘ gradient` backpropagated into the
+///    head's parameters and the hidden states.
+///
+/// The gradients are those of the objective on whole logits. Returns the objective's
+/// output, the head's gradients and the gradient at `hidden`, for
+/// [`crate::recompute::decoder_head_backward`].
+#[allow(clippy::too_many_arguments)] // the head twice, the labels, the chunking, the objective
+pub fn head_objective_backward<B: AutodiffBackend, M: AutodiffModule<B>, T>(
+    model: &M,
+    hidden: &Tensor<B, 3>,
+    lm_head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+    lm_head_values: impl Fn(Tensor<B::InnerBackend, 3>) -> Tensor<B::InnerBackend, 3>,
+    labels: &[i64],
+    vocab: usize,
+    chunk: usize,
+    objective: impl FnOnce(&TokenLogps<B>) -> (Tensor<B, 1>, T),
+) -> TopBackward<B, M, T> {
+    let [b, t, c] = hidden.dims();
+    let values = TokenLogps::chunked(hidden.clone().inner(), lm_head_values, labels, vocab, chunk);
+    let leaf = Tensor::<B, 2>::from_inner(values.values).require_grad();
+    let (loss, out) = objective(&TokenLogps {
+        values: leaf.clone(),
+        vocab,
+    });
+    let mut grads = loss.backward();
+    let mut accumulator = GradientsAccumulator::<M>::new();
+    let Some(upstream) = leaf.grad_remove(&mut grads) else {
+        return (out, accumulator, None);
+    };
+    let Ok(upstream) = upstream.into_data().convert::<f32>().into_vec::<f32>() else {
+        unreachable!("f32 host data")
+    };
+    let cut = hidden.clone().detach().require_grad();
+    let mut hidden_grad: Option<Tensor<B::InnerBackend, 3>> = None;
+    let positions = t.saturating_sub(1);
+    for from in (0..positions).step_by(chunk.max(1)) {
+        let to = (from + chunk.max(1)).min(positions);
+        let n = to - from;
+        let logits = lm_head(cut.clone().slice([0..b, from..to, 0..c]));
+        let (targets, known) = chunk_targets(labels, b, t, from, n, vocab);
+        // Σ logps ∘ upstream is the cross-entropy sum weighted by −upstream.
+        let weights: Vec<f32> = upstream[..]
+            .chunks(t)
+            .flat_map(|row| &row[from + 1..to + 1])
+            .zip(&known)
+            .map(|(g, k)| -g * k)
+            .collect();
+        let mut grads = cross_entropy_sum(logits, &targets, &weights).backward();
+        if let Some(g) = cut.grad_remove(&mut grads) {
+            hidden_grad = Some(match hidden_grad.take() {
+                Some(acc) => acc + g,
+                None => g,
+            });
+        }
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    (out, accumulator, hidden_grad)
 }
 
 /// [`segment_logps`] of whole rows.
@@ -306,24 +498,59 @@ pub fn orpo_loss<B: Backend>(
     beta: f64,
 ) -> (PreferenceLoss<B>, OrpoTerms) {
     let t = logits.dims()[1];
-    // The chosen answers' token-mean language-modelling loss (labels -100 only are
-    // left out, as PyTorch's cross-entropy does).
+    // The chosen answers' language-modelling loss (labels -100 only are left out, as
+    // PyTorch's cross-entropy does).
+    let chosen = segments
+        .iter()
+        .step_by(2)
+        .filter(|s| s.2 >= s.1 + 2)
+        .map(|&(row, start, end)| {
+            let shifted = &labels[row * t + start + 1..row * t + end];
+            shifted_nll(&logits, shifted, (row, start, end), |_| true)
+        });
+    let nll = token_mean(chosen, &logits.device());
+    orpo_terms(nll, segment_logps(logits, labels, segments, true), beta)
+}
+
+/// [`orpo_loss`] from the policy's label log-probabilities.
+pub fn orpo_loss_of<B: Backend>(
+    logps: &TokenLogps<B>,
+    labels: &[i64],
+    segments: &[Segment],
+    beta: f64,
+) -> (PreferenceLoss<B>, OrpoTerms) {
+    let chosen = segments.iter().step_by(2).map(|&segment| {
+        let (sum, count) = logps.segment_sum(labels, segment, |_| true);
+        (sum.neg(), count)
+    });
+    let nll = token_mean(chosen, &logps.values.device());
+    orpo_terms(nll, logps.segment_logps(labels, segments, true), beta)
+}
+
+/// The token mean of segments' summed losses (and counts); empty segments (fewer than
+/// two positions) count for nothing.
+fn token_mean<B: Backend>(
+    sums: impl Iterator<Item = (Tensor<B, 1>, usize)>,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let (mut nll, mut tokens) = (Vec::new(), 0usize);
-    for &(row, start, end) in segments.iter().step_by(2) {
-        if end < start + 2 {
-            continue;
-        }
-        let shifted = &labels[row * t + start + 1..row * t + end];
-        let (sum, count) = shifted_nll(&logits, shifted, (row, start, end), |_| true);
+    for (sum, count) in sums {
         tokens += count;
         nll.push(sum);
     }
-    let nll = if nll.is_empty() {
-        Tensor::zeros([1], (&logits.device(), DType::F32))
+    if nll.is_empty() {
+        Tensor::zeros([1], (device, DType::F32))
     } else {
         Tensor::cat(nll, 0).sum().div_scalar(tokens.max(1) as f64)
-    };
-    let logps = segment_logps(logits, labels, segments, true);
+    }
+}
+
+/// ORPO from the chosen answers' token-mean NLL and every segment's mean log-probability.
+fn orpo_terms<B: Backend>(
+    nll: Tensor<B, 1>,
+    logps: Tensor<B, 1>,
+    beta: f64,
+) -> (PreferenceLoss<B>, OrpoTerms) {
     let (c, r) = split_pairs(logps);
     // log(p/(1-p)) of chosen minus rejected: (c - r) - (log1p(-e^c) - log1p(-e^r)).
     let log_odds =

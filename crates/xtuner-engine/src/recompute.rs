@@ -2,7 +2,7 @@
 //! (XTuner turns it on by default: `gradient_checkpointing_enable`).
 //!
 //! Without it, the decoder runs once with its graph, and the chunked LM loss
-//! ([`chunked_lm_loss_backward`]) backpropagates through all of it: every layer's
+//! ([`crate::loss::chunked_lm_loss_backward`]) backpropagates through all of it: every layer's
 //! activations stay alive until the backward pass.
 //!
 //! With it, only each layer's input is kept:
@@ -26,7 +26,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use xtuner_model::decoder::{Decoder, DecoderInput};
 use xtuner_model::nn::precision::scalar;
 
-use crate::loss::{backward_from, chunked_lm_loss_backward, head_loss_backward};
+use crate::loss::{backward_from, head_loss_backward};
 
 /// Logits computed at once by the training step's loss (128 MiB in f32).
 pub const LOGITS_PER_CHUNK: usize = 1 << 25;
@@ -50,25 +50,68 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     let [b, _, _] = embeds.dims();
     let vocab = llm.vocab_size();
     let chunk = (LOGITS_PER_CHUNK / (b * vocab).max(1)).max(1);
-    let head = |h| llm.lm_head(h);
+    let ((loss_sum, tokens), grads) =
+        decoder_head_backward(model, llm, embeds, input, recompute, |hidden| {
+            let (sum, tokens, accumulator, grad) = head_loss_backward(
+                model,
+                hidden,
+                |h| llm.lm_head(h),
+                labels,
+                vocab,
+                chunk,
+                divisor,
+            );
+            ((sum, tokens), accumulator, grad)
+        });
+    (loss_sum, tokens, grads)
+}
+
+/// What a top that backpropagates itself returns: its output, the gradients it
+/// collected, and the gradient at the hidden states it was given (`None`: nothing
+/// below them is trained by it).
+pub type TopBackward<B, M, T> = (
+    T,
+    GradientsAccumulator<M>,
+    Option<Tensor<<B as AutodiffBackend>::InnerBackend, 3>>,
+);
+
+/// Forward and backward of the decoder `llm` (a part of `model`) from input
+/// embeddings, with a `top` that runs its own backward passes on the final normed
+/// hidden states (the LM head and a loss a chunk of positions at a time, so the whole
+/// `[B, T, V]` logits never exist at once) and hands back the gradient at them, which
+/// is carried down through the decoder: with `recompute`, each layer run again in
+/// backward ([the module docs](self)). Returns `top`'s output and the gradients.
+///
+/// # Shapes
+/// `embeds`: `[B, T, C]`; `top` gets `[B, T, C]`.
+pub fn decoder_head_backward<B: AutodiffBackend, M: AutodiffModule<B>, T>(
+    model: &M,
+    llm: &Decoder<B>,
+    embeds: Tensor<B, 3>,
+    input: &DecoderInput<B>,
+    recompute: bool,
+    top: impl FnOnce(&Tensor<B, 3>) -> TopBackward<B, M, T>,
+) -> (T, GradientsParams) {
     if !recompute {
         let hidden = llm.hidden_states(embeds, input, None);
-        return chunked_lm_loss_backward(model, hidden, head, labels, vocab, chunk, divisor);
+        let (out, mut accumulator, grad) = top(&hidden);
+        if let Some(grad) = grad {
+            accumulator.accumulate(model, backward_from(model, hidden, grad, None).0);
+        }
+        return (out, accumulator.grads());
     }
-
     let replay = Replay::forward(llm, embeds, input);
-    // 2. Norm, head and loss on the last output.
-    let top = replay.top.clone().require_grad();
-    let hidden = llm.norm.forward(top.clone());
-    let (loss_sum, tokens, mut accumulator, hidden_grad) =
-        head_loss_backward(model, &hidden, head, labels, vocab, chunk, divisor);
+    // The final norm, the head and the loss on the last output.
+    let last = replay.top.clone().require_grad();
+    let hidden = llm.norm.forward(last.clone());
+    let (out, mut accumulator, hidden_grad) = top(&hidden);
     let Some(hidden_grad) = hidden_grad else {
-        return (loss_sum, tokens, accumulator.grads());
+        return (out, accumulator.grads());
     };
-    let (grads, grad) = backward_from(model, hidden, hidden_grad, Some(&top));
+    let (grads, grad) = backward_from(model, hidden, hidden_grad, Some(&last));
     accumulator.accumulate(model, grads);
     replay.backward(model, llm, input, grad, &mut accumulator);
-    (loss_sum, tokens, accumulator.grads())
+    (out, accumulator.grads())
 }
 
 /// Forward and backward of the decoder `llm` (a part of `model`) from input

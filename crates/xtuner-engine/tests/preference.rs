@@ -164,6 +164,88 @@ fn every_dpo_loss_type_matches_xtuner() {
     }
 }
 
+/// The objectives computed as training computes them: the LM head a chunk of positions
+/// at a time (`head_objective_backward`), with and without layers recomputed in
+/// backward, give XTuner's losses and gradient norms for any chunk size.
+#[test]
+fn chunked_objectives_give_the_whole_logits_gradients() {
+    use xtuner_engine::preference::{TokenLogps, head_objective_backward, orpo_loss_of};
+    use xtuner_engine::recompute::decoder_head_backward;
+    let golden = golden();
+    let (ids, labels, [b, t]) = batch(&golden, "");
+    let (model, config) = policy();
+    let input = DecoderInput::causal(b, t, &Default::default());
+    let segments = row_segments(b, t);
+    let vocab = config.vocab_size;
+    let values = model.valid();
+    let sigmoid = Dpo {
+        loss_type: DpoLossType::Sigmoid,
+        beta: 0.1,
+        label_smoothing: 0.0,
+    };
+    let reference = reference_logps(&model, &config, &ids, &labels, false);
+    // The reference's values through the chunked head equal the whole logits'.
+    let bare = without_adapters(model.valid(), &config);
+    let hidden = bare.hidden_states(bare.embed(ids.clone().inner()), &input_inner(b, t), None);
+    let chunked = TokenLogps::chunked(hidden, |h| bare.lm_head(h), &labels, vocab, 3)
+        .segment_logps(&labels, &segments, false);
+    chunked.into_data().assert_approx_eq::<f32>(
+        &reference.clone().inner().into_data(),
+        Tolerance::absolute(1e-4),
+    );
+    for chunk in [1, 5, 1000] {
+        for recompute in [false, true] {
+            let what = format!("chunk {chunk}, recompute {recompute}");
+            let embeds = model.embed(ids.clone());
+            let (loss, mut grads) =
+                decoder_head_backward(&model, &model, embeds, &input, recompute, |hidden| {
+                    head_objective_backward(
+                        &model,
+                        hidden,
+                        |h| model.lm_head(h),
+                        |h| values.lm_head(h),
+                        &labels,
+                        vocab,
+                        chunk,
+                        |logps| {
+                            let policy = logps.segment_logps(&labels, &segments, false);
+                            let out = dpo_loss(policy, reference.clone(), &sigmoid);
+                            (out.loss.clone(), f64::from(out.loss.into_scalar()))
+                        },
+                    )
+                });
+            assert_rel(loss, one(&golden, "dpo_sigmoid_loss"), &what);
+            let norm = clip_grad_norm(&model, &mut grads, f64::INFINITY);
+            assert_rel(norm, one(&golden, "dpo_sigmoid_grad_norm"), &what);
+
+            let embeds = model.embed(ids.clone());
+            let (loss, mut grads) =
+                decoder_head_backward(&model, &model, embeds, &input, recompute, |hidden| {
+                    head_objective_backward(
+                        &model,
+                        hidden,
+                        |h| model.lm_head(h),
+                        |h| values.lm_head(h),
+                        &labels,
+                        vocab,
+                        chunk,
+                        |logps| {
+                            let (out, _) = orpo_loss_of(logps, &labels, &segments, 0.1);
+                            (out.loss.clone(), f64::from(out.loss.into_scalar()))
+                        },
+                    )
+                });
+            assert_rel(loss, one(&golden, "orpo_loss"), &what);
+            let norm = clip_grad_norm(&model, &mut grads, f64::INFINITY);
+            assert_rel(norm, one(&golden, "orpo_grad_norm"), &what);
+        }
+    }
+}
+
+fn input_inner(b: usize, t: usize) -> DecoderInput<NdArray<f32>> {
+    DecoderInput::causal(b, t, &Default::default())
+}
+
 /// The golden pairs as training rows: one pair a row (padded batches) and both pairs in
 /// one varlen row give the reference's log-probabilities.
 #[test]

@@ -29,8 +29,10 @@ use crate::chat::evaluate_chat;
 use crate::config::{Objective, TrainConfig};
 use crate::export::hf::write_decoder;
 use crate::lora::without_adapters;
-use crate::preference::{Segment, dpo_loss, orpo_loss, row_segments, segment_logps};
-use crate::recompute::decoder_backward;
+use crate::preference::{
+    Segment, TokenLogps, dpo_loss, head_objective_backward, orpo_loss_of, row_segments,
+};
+use crate::recompute::{LOGITS_PER_CHUNK, decoder_head_backward};
 use crate::run::{MicroStep, Recipe, RunContext, TrainSummary};
 use crate::step::batch_tensors;
 use crate::{Error, Result, run};
@@ -139,47 +141,70 @@ impl<B: AutodiffBackend> Recipe<B> for PreferenceRecipe<'_, B> {
         let (ids, input) = batch_tensors::<B>(&batch, self.device);
         // DPO's reference first, without a graph: the frozen copy, or (LoRA) the policy
         // with its adapters off.
+        let vocab = self.decoder.vocab_size;
+        let chunk = (LOGITS_PER_CHUNK / (batch.batch_size * vocab).max(1)).max(1);
+        let labels = &batch.labels;
+        // DPO's reference first, without a graph: the frozen copy, or (LoRA) the policy
+        // with its adapters off.
         let reference = match self.objective {
             Objective::Dpo(dpo) => {
                 let (ids, input) = batch_tensors::<B::InnerBackend>(&batch, self.device);
-                let logits = match &self.reference {
-                    Some(reference) => reference.forward(ids, &input, None),
+                let bare;
+                let reference = match &self.reference {
+                    Some(reference) => reference,
                     None => {
-                        without_adapters(model.valid(), self.decoder).forward(ids, &input, None)
+                        bare = without_adapters(model.valid(), self.decoder);
+                        &bare
                     }
                 };
+                let hidden = reference.hidden_states(reference.embed(ids), &input, None);
+                let logps =
+                    TokenLogps::chunked(hidden, |h| reference.lm_head(h), labels, vocab, chunk);
                 let average = dpo.loss_type.averages_logps();
-                Some(segment_logps(logits, &batch.labels, &segments, average))
+                Some(logps.segment_logps(labels, &segments, average))
             }
             _ => None,
         };
         let embeds = model.embed(ids);
         let checkpointing = self.config.model.activation_checkpointing;
         let objective = self.objective;
+        let values = model.valid();
         let (out, grads) =
-            decoder_backward(model, model, embeds, &input, checkpointing, |hidden| {
-                let logits = model.lm_head(hidden);
-                let (out, metrics) = match (objective, reference) {
-                    (Objective::Dpo(dpo), Some(reference)) => {
-                        let average = dpo.loss_type.averages_logps();
-                        let policy = segment_logps(logits, &batch.labels, &segments, average);
-                        (
-                            dpo_loss(policy, Tensor::from_inner(reference), &dpo),
-                            Vec::new(),
-                        )
-                    }
-                    (Objective::Orpo { beta }, _) => {
-                        let (out, terms) = orpo_loss(logits, &batch.labels, &segments, beta);
-                        let metrics = vec![
-                            ("nll_loss", terms.nll_loss),
-                            ("log_odds_ratio", terms.log_odds_ratio),
-                            ("log_odds_chosen", terms.log_odds_chosen),
-                        ];
-                        (out, metrics)
-                    }
-                    _ => unreachable!("train() refuses reward models and DPO has its reference"),
-                };
-                (out.loss.clone().div_scalar(divisor as f64), (out, metrics))
+            decoder_head_backward(model, model, embeds, &input, checkpointing, |hidden| {
+                head_objective_backward(
+                    model,
+                    hidden,
+                    |h| model.lm_head(h),
+                    |h| values.lm_head(h),
+                    labels,
+                    vocab,
+                    chunk,
+                    |logps| {
+                        let (out, metrics) = match (objective, reference) {
+                            (Objective::Dpo(dpo), Some(reference)) => {
+                                let average = dpo.loss_type.averages_logps();
+                                let policy = logps.segment_logps(labels, &segments, average);
+                                (
+                                    dpo_loss(policy, Tensor::from_inner(reference), &dpo),
+                                    Vec::new(),
+                                )
+                            }
+                            (Objective::Orpo { beta }, _) => {
+                                let (out, terms) = orpo_loss_of(logps, labels, &segments, beta);
+                                let metrics = vec![
+                                    ("nll_loss", terms.nll_loss),
+                                    ("log_odds_ratio", terms.log_odds_ratio),
+                                    ("log_odds_chosen", terms.log_odds_chosen),
+                                ];
+                                (out, metrics)
+                            }
+                            _ => unreachable!(
+                                "train() refuses reward models and DPO has its reference"
+                            ),
+                        };
+                        (out.loss.clone().div_scalar(divisor as f64), (out, metrics))
+                    },
+                )
             });
         let (out, mut metrics) = out;
         metrics.extend([

@@ -63,6 +63,41 @@ pub fn cross_entropy_sum<B: Backend, const D: usize>(
     (log_probs * weights).sum().neg().reshape([1])
 }
 
+/// `log softmax(logits[i])[targets[i]]` of each row, `[B, n]` for `[B, n, V]` logits,
+/// in f32: the values only (a preference objective's per-token log-probabilities,
+/// computed without a graph). On the CPU backend, each row's log-sum-exp as
+/// [`cross_entropy_sum`] computes it (the same bits on any number of threads).
+///
+/// # Shapes
+/// `logits`: `[B, n, V]`; `targets`: `B·n` ids of the vocabulary → `[B, n]`.
+pub fn label_log_probs<B: Backend>(logits: Tensor<B, 3>, targets: &[i64]) -> Tensor<B, 2> {
+    let [b, n, v] = logits.dims();
+    let device = logits.device();
+    if logits.dtype() == DType::F32
+        && targets.len() == b * n
+        && targets.iter().all(|&t| t >= 0 && (t as usize) < v)
+        && let Some(plain) = same::<_, Tensor<Cpu, 3>>(&logits)
+    {
+        let rows = standard(plain.into_primitive().tensor());
+        let (_, lse) = forward(&rows, targets, &vec![0.0; targets.len()]);
+        let values: Vec<f32> = elements(&rows)
+            .chunks(v.max(1))
+            .zip(targets)
+            .zip(&lse)
+            .map(|((row, &t), lse)| row[t as usize] - lse)
+            .collect();
+        let out = Tensor::<Cpu, 2>::from_data(TensorData::new(values, [b, n]), &Default::default());
+        if let Some(out) = same(&out) {
+            return out;
+        }
+    }
+    let targets =
+        Tensor::<B, 3, Int>::from_data(TensorData::new(targets.to_vec(), [b, n, 1]), &device);
+    log_softmax(logits.cast(DType::F32), 2)
+        .gather(2, targets)
+        .reshape([b, n])
+}
+
 fn on_cpu<B: Backend, const D: usize>(
     logits: &Tensor<B, D>,
     targets: &[i64],
