@@ -193,50 +193,41 @@ fn chunked_objectives_give_the_whole_logits_gradients() {
         &reference.clone().inner().into_data(),
         Tolerance::absolute(1e-4),
     );
+    // The loss and the gradient norm of `objective` trained as the recipe trains it.
+    let train =
+        |chunk: usize, recompute: bool, objective: &dyn Fn(&TokenLogps<B>) -> Tensor<B, 1>| {
+            let embeds = model.embed(ids.clone());
+            let (loss, mut grads) =
+                decoder_head_backward(&model, &model, embeds, &input, recompute, |hidden| {
+                    head_objective_backward(
+                        &model,
+                        hidden,
+                        |h| model.lm_head(h),
+                        |h| values.lm_head(h),
+                        &labels,
+                        vocab,
+                        chunk,
+                        |logps| {
+                            let loss = objective(logps);
+                            (loss.clone(), f64::from(loss.into_scalar()))
+                        },
+                    )
+                });
+            (loss, clip_grad_norm(&model, &mut grads, f64::INFINITY))
+        };
+    let dpo = |logps: &TokenLogps<B>| {
+        let policy = logps.segment_logps(&labels, &segments, false);
+        dpo_loss(policy, reference.clone(), &sigmoid).loss
+    };
+    let orpo = |logps: &TokenLogps<B>| orpo_loss_of(logps, &labels, &segments, 0.1).0.loss;
     for chunk in [1, 5, 1000] {
         for recompute in [false, true] {
             let what = format!("chunk {chunk}, recompute {recompute}");
-            let embeds = model.embed(ids.clone());
-            let (loss, mut grads) =
-                decoder_head_backward(&model, &model, embeds, &input, recompute, |hidden| {
-                    head_objective_backward(
-                        &model,
-                        hidden,
-                        |h| model.lm_head(h),
-                        |h| values.lm_head(h),
-                        &labels,
-                        vocab,
-                        chunk,
-                        |logps| {
-                            let policy = logps.segment_logps(&labels, &segments, false);
-                            let out = dpo_loss(policy, reference.clone(), &sigmoid);
-                            (out.loss.clone(), f64::from(out.loss.into_scalar()))
-                        },
-                    )
-                });
+            let (loss, norm) = train(chunk, recompute, &dpo);
             assert_rel(loss, one(&golden, "dpo_sigmoid_loss"), &what);
-            let norm = clip_grad_norm(&model, &mut grads, f64::INFINITY);
             assert_rel(norm, one(&golden, "dpo_sigmoid_grad_norm"), &what);
-
-            let embeds = model.embed(ids.clone());
-            let (loss, mut grads) =
-                decoder_head_backward(&model, &model, embeds, &input, recompute, |hidden| {
-                    head_objective_backward(
-                        &model,
-                        hidden,
-                        |h| model.lm_head(h),
-                        |h| values.lm_head(h),
-                        &labels,
-                        vocab,
-                        chunk,
-                        |logps| {
-                            let (out, _) = orpo_loss_of(logps, &labels, &segments, 0.1);
-                            (out.loss.clone(), f64::from(out.loss.into_scalar()))
-                        },
-                    )
-                });
+            let (loss, norm) = train(chunk, recompute, &orpo);
             assert_rel(loss, one(&golden, "orpo_loss"), &what);
-            let norm = clip_grad_norm(&model, &mut grads, f64::INFINITY);
             assert_rel(norm, one(&golden, "orpo_grad_norm"), &what);
         }
     }
