@@ -66,22 +66,50 @@ fn shifted_loss<B: Backend>(
 ) -> LossSum<B> {
     let [b, n, v] = logits.dims();
     let logits = logits.cast(DType::F32);
-    let mut targets = Vec::with_capacity(b * n);
-    let mut weights = Vec::with_capacity(b * n);
-    for row in 0..b {
+    let (targets, weights) = shifted_targets(labels, b, seq_len, from, n, v);
+    let tokens = weights.iter().filter(|&&w| w > 0.0).count();
+    let sum = cross_entropy_sum(logits, &targets, &weights);
+    LossSum { sum, tokens }
+}
+
+/// The targets of the logits at positions `from..from + n` of `rows` rows of `seq_len`
+/// (each the label one position later; 0 where it is no id of the vocabulary) and their
+/// weights (1 for an id of the vocabulary, else 0).
+pub(crate) fn shifted_targets(
+    labels: &[i64],
+    rows: usize,
+    seq_len: usize,
+    from: usize,
+    n: usize,
+    vocab: usize,
+) -> (Vec<i64>, Vec<f32>) {
+    let mut targets = Vec::with_capacity(rows * n);
+    let mut weights = Vec::with_capacity(rows * n);
+    for row in 0..rows {
         for pos in from + 1..from + 1 + n {
             let label = labels
                 .get(row * seq_len + pos)
                 .copied()
                 .unwrap_or(IGNORE_INDEX);
-            let trained = label >= 0 && (label as usize) < v;
+            let trained = label >= 0 && (label as usize) < vocab;
             targets.push(if trained { label } else { 0 });
-            weights.push(if trained { 1.0f32 } else { 0.0 });
+            weights.push(f32::from(u8::from(trained)));
         }
     }
-    let tokens = weights.iter().filter(|&&w| w > 0.0).count();
-    let sum = cross_entropy_sum(logits, &targets, &weights);
-    LossSum { sum, tokens }
+    (targets, weights)
+}
+
+/// The chunks of `chunk` positions (the last shorter) that cover the `seq_len - 1`
+/// positions whose logits predict a label.
+pub(crate) fn position_chunks(
+    seq_len: usize,
+    chunk: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let positions = seq_len.saturating_sub(1);
+    let chunk = chunk.max(1);
+    (0..positions)
+        .step_by(chunk)
+        .map(move |from| from..(from + chunk).min(positions))
 }
 
 /// Forward and backward of the causal LM loss with the LM head applied `chunk`
@@ -141,10 +169,9 @@ pub(crate) fn head_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut hidden_grad: Option<Tensor<B::InnerBackend, 3>> = None;
     let mut loss_sum = 0.0;
-    let positions = t.saturating_sub(1);
-    for from in (0..positions).step_by(chunk.max(1)) {
-        let to = (from + chunk.max(1)).min(positions);
-        let logits = lm_head(cut.clone().slice([0..b, from..to, 0..c]));
+    for range in position_chunks(t, chunk) {
+        let from = range.start;
+        let logits = lm_head(cut.clone().slice([0..b, range, 0..c]));
         let loss = shifted_loss(logits, labels, t, from);
         loss_sum += scalar(loss.sum.clone());
         let mut grads = (loss.sum * scale).backward();

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use xtuner_model::nn::cross_entropy::{cross_entropy_sum, label_log_probs};
 use xtuner_model::nn::precision::scalar;
 
+use crate::loss::{position_chunks, shifted_targets};
 use crate::recompute::TopBackward;
 
 /// Where one sequence lies in a batch: its row and its positions `start..end`.
@@ -120,13 +121,12 @@ impl<B: Backend> TokenLogps<B> {
     ) -> Self {
         let [b, t, c] = hidden.dims();
         let device = hidden.device();
-        let mut parts = vec![Tensor::zeros([b, 1.min(t)], (&device, DType::F32))];
-        let positions = t.saturating_sub(1);
-        for from in (0..positions).step_by(chunk.max(1)) {
-            let to = (from + chunk.max(1)).min(positions);
-            let logits = lm_head(hidden.clone().slice([0..b, from..to, 0..c]));
-            let (targets, known) = chunk_targets(labels, b, t, from, to - from, vocab);
-            let n = to - from;
+        // Position 0 predicts nothing.
+        let mut parts = vec![Tensor::zeros([b, t.min(1)], (&device, DType::F32))];
+        for range in position_chunks(t, chunk) {
+            let (from, n) = (range.start, range.len());
+            let logits = lm_head(hidden.clone().slice([0..b, range, 0..c]));
+            let (targets, known) = shifted_targets(labels, b, t, from, n, vocab);
             let known =
                 Tensor::<B, 2>::from_data(TensorData::new(known, [b, n]), (&device, DType::F32));
             parts.push(label_log_probs(logits, &targets) * known);
@@ -175,30 +175,6 @@ impl<B: Backend> TokenLogps<B> {
             self.segment_sum(labels, seg, |l| l > 0)
         })
     }
-}
-
-/// The targets of the logits at positions `from..from + n` of rows of `seq_len` (the
-/// labels one position later; 0 where a label is no id of the vocabulary) and whether
-/// each is known.
-fn chunk_targets(
-    labels: &[i64],
-    rows: usize,
-    seq_len: usize,
-    from: usize,
-    n: usize,
-    vocab: usize,
-) -> (Vec<i64>, Vec<f32>) {
-    let mut targets = Vec::with_capacity(rows * n);
-    let mut known = Vec::with_capacity(rows * n);
-    for row in 0..rows {
-        for pos in from + 1..from + 1 + n {
-            let label = labels.get(row * seq_len + pos).copied().unwrap_or(-100);
-            let ok = label >= 0 && (label as usize) < vocab;
-            targets.push(if ok { label } else { 0 });
-            known.push(f32::from(u8::from(ok)));
-        }
-    }
-    (targets, known)
 }
 
 /// One value per segment from `segment` (a sum and its count), each divided by its
@@ -268,12 +244,10 @@ pub fn head_objective_backward<B: AutodiffBackend, M: AutodiffModule<B>, T>(
     };
     let cut = hidden.clone().detach().require_grad();
     let mut hidden_grad: Option<Tensor<B::InnerBackend, 3>> = None;
-    let positions = t.saturating_sub(1);
-    for from in (0..positions).step_by(chunk.max(1)) {
-        let to = (from + chunk.max(1)).min(positions);
-        let n = to - from;
-        let logits = lm_head(cut.clone().slice([0..b, from..to, 0..c]));
-        let (targets, known) = chunk_targets(labels, b, t, from, n, vocab);
+    for range in position_chunks(t, chunk) {
+        let (from, to) = (range.start, range.end);
+        let logits = lm_head(cut.clone().slice([0..b, range, 0..c]));
+        let (targets, known) = shifted_targets(labels, b, t, from, to - from, vocab);
         // Σ logps ∘ upstream is the cross-entropy sum weighted by −upstream.
         let weights: Vec<f32> = upstream[..]
             .chunks(t)

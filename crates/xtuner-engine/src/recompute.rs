@@ -31,6 +31,12 @@ use crate::loss::{backward_from, head_loss_backward};
 /// Logits computed at once by the training step's loss (128 MiB in f32).
 pub const LOGITS_PER_CHUNK: usize = 1 << 25;
 
+/// Positions of `rows` rows whose `[rows, n, vocab]` logits fit [`LOGITS_PER_CHUNK`]
+/// (at least one).
+pub fn positions_per_chunk(rows: usize, vocab: usize) -> usize {
+    (LOGITS_PER_CHUNK / (rows * vocab).max(1)).max(1)
+}
+
 /// Forward and backward of the decoder `llm` (a part of `model`, whose parameters the
 /// gradients are collected for) from input embeddings, with the token-mean loss
 /// divided by `divisor`. Returns the summed loss, the trained tokens and the gradients.
@@ -49,7 +55,7 @@ pub fn decoder_loss_backward<B: AutodiffBackend, M: AutodiffModule<B>>(
 ) -> (f64, usize, GradientsParams) {
     let [b, _, _] = embeds.dims();
     let vocab = llm.vocab_size();
-    let chunk = (LOGITS_PER_CHUNK / (b * vocab).max(1)).max(1);
+    let chunk = positions_per_chunk(b, vocab);
     let ((loss_sum, tokens), grads) =
         decoder_head_backward(model, llm, embeds, input, recompute, |hidden| {
             let (sum, tokens, accumulator, grad) = head_loss_backward(

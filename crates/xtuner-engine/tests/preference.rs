@@ -7,92 +7,26 @@
 //! steps of sigmoid DPO against the reference trajectory and adapter.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData, Tolerance};
+use burn::tensor::{Tensor, Tolerance};
 use serde_json::Value;
 use xtuner_engine::config::OptimizerConfig;
 use xtuner_engine::export::peft::peft_tensors;
-use xtuner_engine::lora::{attach_peft, without_adapters};
 use xtuner_engine::optim::{adamw, clip_grad_norm};
 use xtuner_engine::preference::{
     Dpo, DpoLossType, RankingLoss, RewardObjective, RewardPenalty, dpo_loss, orpo_loss,
     reward_loss, reward_scores, row_segments, sequence_logps,
 };
 use xtuner_model::checkpoint::Checkpoint;
-use xtuner_model::checkpoint::peft::PeftAdapter;
-use xtuner_model::decoder::{Decoder, DecoderConfig, DecoderInput};
-
-type B = Autodiff<NdArray<f32>>;
+use xtuner_model::decoder::{Decoder, DecoderInput};
 
 mod common;
+mod pairs;
 
 use common::fixture;
-
-fn golden() -> Checkpoint {
-    Checkpoint::open(&fixture("preference/golden.safetensors")).unwrap()
-}
-
-fn floats(golden: &Checkpoint, key: &str) -> Vec<f32> {
-    golden
-        .float_data(key)
-        .unwrap_or_else(|e| panic!("{key}: {e}"))
-        .to_vec::<f32>()
-        .unwrap()
-}
-
-fn one(golden: &Checkpoint, key: &str) -> f64 {
-    f64::from(floats(golden, key)[0])
-}
-
-/// `input_ids` (as a tensor), `labels` (host values) and the batch shape of `prefix`.
-fn batch(golden: &Checkpoint, prefix: &str) -> (Tensor<B, 2, Int>, Vec<i64>, [usize; 2]) {
-    let data = golden.int_data(&format!("{prefix}input_ids")).unwrap();
-    let shape = [data.shape[0], data.shape[1]];
-    let ids = data.convert::<i64>().to_vec::<i64>().unwrap();
-    let labels = golden
-        .int_data(&format!("{prefix}labels"))
-        .unwrap()
-        .convert::<i64>()
-        .to_vec::<i64>()
-        .unwrap();
-    let ids = Tensor::from_data(TensorData::new(ids, shape), &Default::default());
-    (ids, labels, shape)
-}
-
-fn assert_rel(got: f64, want: f64, what: &str) {
-    assert!(
-        ((got - want) / want.abs().max(1e-12)).abs() < 1e-4 || (got - want).abs() < 1e-4,
-        "{what}: {got} vs {want}"
-    );
-}
-
-fn policy() -> (Decoder<B>, DecoderConfig) {
-    let device = Default::default();
-    let (base, config) = Decoder::<B>::load(&fixture("llama-tiny"), None, &device).unwrap();
-    let adapter = PeftAdapter::open(&fixture("llama-tiny/lora")).unwrap();
-    (
-        attach_peft(base, &config, &adapter, 0.0, &device).unwrap(),
-        config,
-    )
-}
-
-/// The reference's log-probabilities: the policy with its adapter off, without a graph.
-fn reference_logps(
-    model: &Decoder<B>,
-    config: &DecoderConfig,
-    ids: &Tensor<B, 2, Int>,
-    labels: &[i64],
-    average: bool,
-) -> Tensor<B, 1> {
-    let reference = without_adapters(model.valid(), config);
-    let [b, t] = ids.dims();
-    let input = DecoderInput::causal(b, t, &Default::default());
-    let logits = reference.forward(ids.clone().inner(), &input, None);
-    Tensor::from_inner(sequence_logps(logits, labels, average))
-}
+use pairs::{B, assert_rel, batch, floats, golden, one, policy, reference_logps};
 
 /// Every parameter a fresh trained leaf.
 struct Trainable;

@@ -32,7 +32,7 @@ use crate::lora::without_adapters;
 use crate::preference::{
     Segment, TokenLogps, dpo_loss, head_objective_backward, orpo_loss_of, row_segments,
 };
-use crate::recompute::{LOGITS_PER_CHUNK, decoder_head_backward};
+use crate::recompute::{decoder_head_backward, positions_per_chunk};
 use crate::run::{MicroStep, Recipe, RunContext, TrainSummary};
 use crate::step::batch_tensors;
 use crate::{Error, Result, run};
@@ -142,7 +142,7 @@ impl<B: AutodiffBackend> Recipe<B> for PreferenceRecipe<'_, B> {
         // DPO's reference first, without a graph: the frozen copy, or (LoRA) the policy
         // with its adapters off.
         let vocab = self.decoder.vocab_size;
-        let chunk = (LOGITS_PER_CHUNK / (batch.batch_size * vocab).max(1)).max(1);
+        let chunk = positions_per_chunk(batch.batch_size, vocab);
         let labels = &batch.labels;
         // DPO's reference first, without a graph: the frozen copy, or (LoRA) the policy
         // with its adapters off.

@@ -232,7 +232,8 @@ impl<B: Backend> Llava<B> {
         let view = |prefix: &'static str| -> Result<Checkpoint> {
             Ok(Checkpoint::open(dir)?.renamed(|key| key.strip_prefix(prefix).map(str::to_string)))
         };
-        let strays: Vec<String> = Checkpoint::open(dir)?
+        let whole = Checkpoint::open(dir)?;
+        let strays: Vec<String> = whole
             .keys()
             .into_iter()
             .filter(|k| {
@@ -247,7 +248,7 @@ impl<B: Backend> Llava<B> {
         let llm = Decoder::load_from(&view("language_model.")?, &config.text, None, device)?;
         let visual_encoder =
             ClipVisionTower::load_from(&view("vision_tower.")?, &config.vision, device)?;
-        let projector_ckpt = Checkpoint::open(dir)?.renamed(|key| {
+        let projector_ckpt = whole.renamed(|key| {
             let rest = key.strip_prefix("multi_modal_projector.")?;
             let (linear, field) = rest.split_once('.')?;
             let layer = match linear {
